@@ -1,0 +1,10 @@
+"""ONNX passes: plain functions ``ModelProto -> ModelProto``, one per file.
+
+Each pass's docstring says what it matches and what it guarantees. Tests run ``onnx.checker`` and
+shape inference after each. To write one: take a ModelProto, never mutate the caller's copy unless
+the docstring says so, return the new model.
+"""
+
+from edgegate.export.passes.attach_functions import attach_functions
+
+__all__ = ["attach_functions"]

@@ -1,0 +1,43 @@
+"""Pass: carry every ``edgegate`` op used by a graph as a model-local function.
+
+Matches: nodes of domain ``edgegate`` anywhere in the model, subgraphs of ``If``/``Loop``/``Scan``
+included. Guarantees: each such op type has exactly one FunctionProto in ``model.functions`` and
+the model imports the ``edgegate`` opset at the catalog version, so any ONNX runtime can run it.
+Unknown op types of the domain raise ``ExportError``.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from edgegate.errors import ExportError
+from edgegate.export.ops import CATALOG, DOMAIN, DOMAIN_VERSION, function_proto
+
+
+def iter_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs, depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_nodes(g)
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    used = sorted({n.op_type for n in iter_nodes(out.graph) if n.domain == DOMAIN})
+    unknown = [t for t in used if t not in CATALOG]
+    if unknown:
+        raise ExportError(f"ONNX graph uses unknown {DOMAIN} ops {unknown}; known: {sorted(CATALOG)}")
+    have = {(f.domain, f.name) for f in out.functions}
+    for op_type in used:
+        if (DOMAIN, op_type) not in have:
+            out.functions.append(function_proto(op_type))
+    imports = {o.domain: o for o in out.opset_import}
+    if used and DOMAIN not in imports:
+        out.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return out

@@ -1,0 +1,116 @@
+"""Each custom op: numpy reference == torch forward == ONNX function under ORT and the reference evaluator."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from edgegate.export import ops
+from edgegate.export.ops import CATALOG, DOMAIN, function_proto, reference
+
+
+def _cases() -> dict[str, tuple[list[np.ndarray], dict[str, int]]]:
+    rng = np.random.default_rng(0)
+
+    def f(*shape, s=1.0):
+        return (rng.normal(size=shape) * s).astype(np.float32)
+
+    w = rng.integers(-1, 2, size=(6, 10)).astype(np.int8)
+    return {
+        "SigmoidGate": ([f(3, 4), f(3, 4)], {}),
+        "ThresholdGate": ([f(3, 4), f(4, s=0.3), f(4)], {}),
+        "ChannelGate": ([f(2, 3, 4, 4), f(2, 3, 1, 1)], {}),
+        "TopKGate": ([f(5, 6)], {"k": 2}),
+        "ExitDecision": ([f(64, 4, s=3.0), np.array(0.7, np.float32)], {}),
+        "LearnedExitDecision": ([f(64), np.array(0.5, np.float32)], {}),
+        "TernaryMatMul": ([f(3, 10), ops.pack_ternary(w), rng.random(6).astype(np.float32)], {"in_features": 10}),
+        "LowRankCorrection": ([f(3, 10), f(2, 10), f(6, 2), np.array(0.3, np.float32)], {}),
+    }
+
+
+CASES = _cases()
+
+
+def _single_op_model(op_type: str, inputs: list[np.ndarray], attrs: dict, outputs) -> onnx.ModelProto:
+    op = CATALOG[op_type]
+    to_dtype = helper.np_dtype_to_tensor_dtype
+    ins = [helper.make_tensor_value_info(n, to_dtype(x.dtype), x.shape) for (n, _), x in zip(op.inputs, inputs)]
+    outs = [helper.make_tensor_value_info(n, to_dtype(y.dtype), y.shape) for (n, _), y in zip(op.outputs, outputs)]
+    node = helper.make_node(op_type, [n for n, _ in op.inputs], [n for n, _ in op.outputs], domain=DOMAIN, **attrs)
+    graph = helper.make_graph([node], op_type, ins, outs)
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[function_proto(op_type)])
+
+
+def test_catalog_covers_the_design_ops():
+    assert set(CATALOG) >= {"TopKGate", "ExitDecision", "SigmoidGate", "ThresholdGate", "ChannelGate",
+                            "TernaryMatMul", "LowRankCorrection"}
+    assert set(CASES) == set(CATALOG)
+
+
+@pytest.mark.parametrize("op_type", sorted(CASES))
+def test_reference_torch_ort_and_onnx_reference_agree(op_type):
+    inputs, attrs = CASES[op_type]
+    ref = reference(op_type, *inputs, **attrs)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    got_torch = ops.call(op_type, *[torch.from_numpy(np.array(x)) for x in inputs], **attrs)
+    got_torch = got_torch if isinstance(got_torch, tuple) else (got_torch,)
+
+    model = _single_op_model(op_type, inputs, attrs, ref)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = {n: x for (n, _), x in zip(CATALOG[op_type].inputs, inputs)}
+    got_ort = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got_ref_eval = ReferenceEvaluator(model).run(None, feeds)
+
+    for r, t, o, e in zip(ref, got_torch, got_ort, got_ref_eval, strict=True):
+        assert r.dtype == o.dtype == e.dtype
+        assert r.shape == o.shape == tuple(t.shape)
+        np.testing.assert_allclose(t.numpy(), r, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(e, r, rtol=1e-5, atol=1e-6)
+
+
+def test_decision_ops_take_both_outcomes_in_the_test_data():
+    # Guards the agreement test against a trivially constant decision.
+    for op_type in ("ExitDecision", "LearnedExitDecision"):
+        out = reference(op_type, *CASES[op_type][0])
+        assert 0 < out.sum() < out.size
+
+
+def test_topk_gate_semantics():
+    logits = np.array([[0.0, 2.0, 1.0, -1.0]], np.float32)
+    w, idx = reference("TopKGate", logits, k=2)
+    assert idx.tolist() == [[1, 2]]
+    p = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(w, [[p[0, 1] / (p[0, 1] + p[0, 2]), p[0, 2] / (p[0, 1] + p[0, 2])]], rtol=1e-6)
+
+
+def test_training_path_is_differentiable_and_matches_the_op():
+    x = torch.randn(3, 4, requires_grad=True)
+    g = torch.randn(3, 4, requires_grad=True)
+    y = ops.sigmoid_gate(x, g)
+    y.sum().backward()
+    assert x.grad is not None and g.grad is not None
+    with torch.no_grad():
+        np.testing.assert_allclose(ops.sigmoid_gate(x, g).numpy(), y.detach().numpy(), rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 23), st.integers(0, 2**31 - 1))
+def test_ternary_pack_roundtrip(n, k, seed):
+    w = np.random.default_rng(seed).integers(-1, 2, size=(n, k)).astype(np.int8)
+    packed = ops.pack_ternary(w)
+    assert packed.dtype == np.uint8 and packed.shape == (n, (k + 3) // 4)
+    np.testing.assert_array_equal(ops.unpack_ternary(packed, k), w)
+
+
+def test_pack_ternary_rejects_non_ternary():
+    with pytest.raises(ValueError, match="values in"):
+        ops.pack_ternary(np.array([[0, 2]]))
