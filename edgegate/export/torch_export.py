@@ -21,7 +21,7 @@ import torch
 from edgegate.errors import ExportError
 from edgegate.export.early_exit import CondEarlyExit
 from edgegate.export.ops import onnx_translation_table, register_onnx_schemas
-from edgegate.export.passes import attach_functions
+from edgegate.export.passes import attach_functions, strip_debug_metadata
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def export_onnx(
     except Exception as e:  # the exporter raises many types; keep the first line, chain the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {first}") from e
-    proto = attach_functions(program.model_proto)
+    proto = strip_debug_metadata(attach_functions(program.model_proto))
     proto.producer_name = "edgegate"
     try:
         onnx.checker.check_model(proto, full_check=True)

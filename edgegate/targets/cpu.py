@@ -1,0 +1,289 @@
+"""Stage 6, target ``cpu``: an ONNX model -> a bundle that ONNX Runtime runs on the host CPU.
+
+compile: ``onnx.ModelProto`` (with its ``edgegate`` model-local functions) -> `Artifact` holding
+``model.onnx`` (one file, no external data), after the ONNX checker (full_check) and a trial
+onnxruntime session. load: a bundle dir, `Bundle` or `Artifact` -> `CpuRunner`.
+Only `compile`/`check` need onnx; `load` and `CpuRunner` need numpy + onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgegate.errors import TargetError
+from edgegate.targets import Artifact, CheckIssue, TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgegate.bundle import Bundle
+
+MODEL_FILE = "model.onnx"
+# Option value -> name in onnxruntime.GraphOptimizationLevel (looked up lazily: ORT imports late).
+GRAPH_OPTIMIZATION = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int16)": np.int16,
+    "tensor(uint16)": np.uint16,
+    "tensor(int32)": np.int32,
+    "tensor(uint32)": np.uint32,
+    "tensor(int64)": np.int64,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuOptions:
+    """Session options, recorded in the manifest as ``target_options``."""
+
+    intra_op_threads: int = 0  # 0 lets onnxruntime pick (one per physical core)
+    graph_optimization: str = "all"  # disable | basic | extended | all
+
+    def __post_init__(self) -> None:
+        t = self.intra_op_threads
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise TargetError(f"cpu option intra_op_threads={t!r} must be an int >= 0 (0 = automatic)")
+        if self.graph_optimization not in GRAPH_OPTIMIZATION:
+            raise TargetError(
+                f"cpu option graph_optimization={self.graph_optimization!r} must be one of "
+                f"{', '.join(GRAPH_OPTIMIZATION)}"
+            )
+
+    @classmethod
+    def from_manifest(cls, options: Mapping[str, Any]) -> CpuOptions:
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TargetError(f"cpu target_options has unknown keys {unknown}; re-export with this edgegate")
+        return cls(**options)
+
+
+class CpuTarget:
+    name = "cpu"
+    description = "ONNX Runtime on the host CPU (CPUExecutionProvider)"
+    options_type = CpuOptions
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            return (
+                False,
+                f"onnxruntime is not importable ({e}); pip install onnxruntime (an edgegate dependency)",
+            )
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return False, "this onnxruntime build has no CPUExecutionProvider; pip install onnxruntime"
+        return True, f"onnxruntime {ort.__version__}"
+
+    def check(self, model: onnx.ModelProto) -> list[CheckIssue]:
+        """One issue per node whose op has no ORT CPU kernel, no ONNX function body, no local function."""
+        local = {(f.domain, f.name) for f in model.functions}
+        issues = []
+        for where, node in _walk_nodes(model):
+            key = (_norm_domain(node.domain), node.op_type)
+            if (node.domain, node.op_type) in local or _ort_runs(*key):
+                continue
+            issues.append(
+                CheckIssue(
+                    node=node.name or f"<unnamed node in {where}>",
+                    op_type=node.op_type,
+                    message=f"op {key[0] or 'ai.onnx'}::{key[1]} (in {where}) has no onnxruntime CPU kernel "
+                    "and no model-local function",
+                    hint="attach the op's FunctionProto to model.functions (edgegate ops do this on export) "
+                    "or use standard ONNX ops",
+                )
+            )
+        return issues
+
+    def compile(self, model: onnx.ModelProto, options: CpuOptions | None, workdir: Path) -> Artifact:
+        """Validate `model` and package it as ``model.onnx``; the cpu target needs no scratch files."""
+        options = CpuOptions() if options is None else options
+        if not isinstance(options, CpuOptions):
+            raise TargetError(f"cpu compile options must be CpuOptions, not {type(options).__name__}")
+        try:
+            import onnx
+        except ImportError as e:
+            raise TargetError("compiling for cpu needs onnx; pip install 'edgegate[compile]'") from e
+        if not isinstance(model, onnx.ModelProto):
+            raise TargetError(f"cpu compile takes an onnx.ModelProto, not {type(model).__name__}")
+        from edgegate.bundle import external_data_locations
+
+        data = model.SerializeToString()
+        external = external_data_locations(data, "model")
+        if external:
+            raise TargetError(
+                f"model keeps tensor {external[0][0]} in external data {external[0][1]!r}; load it with "
+                "onnx.load(..., load_external_data=True) so model.onnx is one file"
+            )
+        issues = self.check(model)
+        if issues:
+            shown = "; ".join(f"{i.node}: {i.message}" for i in issues[:3])
+            more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
+            raise TargetError(f"cpu cannot run {len(issues)} node(s): {shown}{more}; {issues[0].hint}")
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
+        _session(data, options, "the compiled model")  # ORT must accept it now, not on the device
+        return Artifact(target=self.name, files={MODEL_FILE: data}, options=dataclasses.asdict(options))
+
+    def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> CpuRunner:
+        """A runner for a bundle (dir or `Bundle`) or an in-memory `Artifact`; needs only onnxruntime."""
+        x = bundle_or_artifact
+        if isinstance(x, Artifact):
+            if x.target != self.name or MODEL_FILE not in x.files:
+                raise TargetError(
+                    f"artifact for target {x.target!r} has no cpu {MODEL_FILE}; compile for cpu"
+                )
+            options = CpuOptions.from_manifest(x.options)
+            return CpuRunner(_session(x.files[MODEL_FILE], options, "the artifact's model"), options)
+        from edgegate.bundle import Bundle, check_onnx_external_data, read_bundle
+
+        bundle = x if isinstance(x, Bundle) else read_bundle(x)
+        if bundle.target != self.name:
+            raise TargetError(
+                f"bundle {bundle.path} is for target {bundle.target!r}, not cpu; load it with that target"
+            )
+        model_path = bundle.file(MODEL_FILE)
+        check_onnx_external_data(model_path, bundle.path)  # again: a Bundle may be built by hand
+        options = CpuOptions.from_manifest(bundle.target_options)
+        return CpuRunner(_session(str(model_path), options, str(model_path)), options)
+
+
+class CpuRunner:
+    """Runs one onnxruntime session; `latencies_ms` gets the wall time of each `run` call."""
+
+    def __init__(self, session: Any, options: CpuOptions) -> None:
+        self._session = session
+        self.options = options
+        self.input_specs = tuple(
+            TensorSpec(
+                name=i.name,
+                shape=tuple(d if isinstance(d, int) else (d or None) for d in i.shape),
+                dtype=np.dtype(_ORT_DTYPES[i.type]) if i.type in _ORT_DTYPES else None,
+            )
+            for i in session.get_inputs()
+        )
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        self.latencies_ms: list[float] = []
+
+    def __enter__(self) -> CpuRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._session = None  # drops ORT's session and its memory arena
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise TargetError("cpu runner is closed; load the bundle again")
+        expected = [s.name for s in self.input_specs]
+        missing = [n for n in expected if n not in feeds]
+        extra = sorted(set(feeds) - set(expected))
+        if missing or extra:
+            raise TargetError(f"inputs missing {missing}, unexpected {extra}; the model takes {expected}")
+        arrays = {}
+        for spec in self.input_specs:
+            a = np.asarray(feeds[spec.name])
+            if spec.dtype is not None and a.dtype != spec.dtype:
+                raise TargetError(
+                    f"input {spec.name} has dtype {a.dtype}, the model wants {spec.dtype}; cast it"
+                )
+            if a.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape, strict=True)
+            ):
+                raise TargetError(f"input {spec.name} has shape {a.shape}, the model wants {spec.shape}")
+            arrays[spec.name] = a
+        start = time.perf_counter()
+        try:
+            outputs = self._session.run(None, arrays)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException
+            raise TargetError(f"onnxruntime failed to run the model: {_one_line(e)}") from e
+        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+def _session(source: bytes | str, options: CpuOptions, what: str) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise TargetError("the cpu target needs onnxruntime; pip install onnxruntime") from e
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[options.graph_optimization]
+    )
+    so.log_severity_level = 3  # errors only: library code does not write warnings to the terminal
+    try:
+        return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises Fail/InvalidGraph/NotImplemented, all one-line-able
+        raise TargetError(f"onnxruntime cannot load {what}: {_one_line(e)}") from e
+
+
+def _walk_nodes(model: onnx.ModelProto):
+    """(where, node) for every node: main graph, subgraphs of If/Loop/Scan, and function bodies."""
+    stack = [("graph", model.graph.node)] + [
+        (f"function {f.domain}::{f.name}", f.node) for f in model.functions
+    ]
+    while stack:
+        where, nodes = stack.pop(0)  # breadth-first: main-graph issues are reported first
+        for node in nodes:
+            yield where, node
+            for a in node.attribute:
+                for g in [*a.graphs, *([a.g] if a.HasField("g") else [])]:
+                    stack.append((f"subgraph of {node.op_type} {node.name}", g.node))
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_cpu_kernels() -> frozenset[tuple[str, str]] | None:
+    try:  # a private but long-standing onnxruntime API; without it we trust the ONNX schemas
+        from onnxruntime.capi._pybind_state import get_all_opkernel_def
+    except ImportError:
+        return None
+    return frozenset(
+        (k.domain, k.op_name) for k in get_all_opkernel_def() if k.provider == "CPUExecutionProvider"
+    )
+
+
+@functools.cache
+def _ort_runs(domain: str, op_type: str) -> bool:
+    import onnx
+
+    kernels = _ort_cpu_kernels()
+    if kernels is not None and (domain, op_type) in kernels:
+        return True
+    if not onnx.defs.has(op_type, domain):
+        return False
+    if kernels is None:
+        return True
+    # ORT expands standard ops defined by an ONNX function body (no kernel of their own).
+    schema = onnx.defs.get_schema(op_type, domain)
+    return schema.has_function or schema.has_context_dependent_function
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
