@@ -80,6 +80,7 @@ def export_onnx(
     register_onnx_schemas()
     # The exporter logs a warning per missing optional torchvision op; not ours to report.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "ambiguous empty attribute" notes from the exporter
     sink = io.StringIO()
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):

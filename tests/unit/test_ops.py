@@ -41,8 +41,10 @@ CASES = _cases()
 def _single_op_model(op_type: str, inputs: list[np.ndarray], attrs: dict, outputs) -> onnx.ModelProto:
     op = CATALOG[op_type]
     to_dtype = helper.np_dtype_to_tensor_dtype
-    ins = [helper.make_tensor_value_info(n, to_dtype(x.dtype), x.shape) for (n, _), x in zip(op.inputs, inputs)]
-    outs = [helper.make_tensor_value_info(n, to_dtype(y.dtype), y.shape) for (n, _), y in zip(op.outputs, outputs)]
+    ins = [helper.make_tensor_value_info(n, to_dtype(x.dtype), x.shape)
+           for (n, _), x in zip(op.inputs, inputs, strict=True)]
+    outs = [helper.make_tensor_value_info(n, to_dtype(y.dtype), y.shape)
+            for (n, _), y in zip(op.outputs, outputs, strict=True)]
     node = helper.make_node(op_type, [n for n, _ in op.inputs], [n for n, _ in op.outputs], domain=DOMAIN, **attrs)
     graph = helper.make_graph([node], op_type, ins, outs)
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)]
@@ -65,7 +67,7 @@ def test_reference_torch_ort_and_onnx_reference_agree(op_type):
 
     model = _single_op_model(op_type, inputs, attrs, ref)
     onnx.checker.check_model(model, full_check=True)
-    feeds = {n: x for (n, _), x in zip(CATALOG[op_type].inputs, inputs)}
+    feeds = {n: x for (n, _), x in zip(CATALOG[op_type].inputs, inputs, strict=True)}
     got_ort = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     got_ref_eval = ReferenceEvaluator(model).run(None, feeds)
 

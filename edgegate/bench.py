@@ -1,0 +1,483 @@
+"""Stage 8, bench: a bundle directory -> a `BenchReport` of on-device latency (DESIGN.md §9).
+
+Input: a bundle written by ``edgegate export`` and a `BenchConfig`. Steps: read and verify the bundle
+(sha256), load its target's runner, run ``golden_io.npz`` through it and compare with the recorded
+outputs (a bundle that no longer reproduces its export is not worth timing), warm up, then time each
+run. Output: a `BenchReport` with trtexec-style latency statistics, throughput, peak memory, host
+info and, for gated models, exit/route histograms; `BenchReport.to_dict` is the versioned JSON form
+(``"format": "edgegate.bench"``) and `render_text` the terminal block.
+
+Runtime side: numpy + onnxruntime (or the bundle target's runtime) only; torch and onnx are never
+imported here, so ``edgegate bench`` runs on a device that has only the runtime installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgegate.errors import EdgegateError
+
+FORMAT = "edgegate.bench"
+FORMAT_VERSION = 1
+GOLDEN_FILE = "golden_io.npz"
+EXIT_OUTPUT = "exit_index"
+CV_WARN = 0.1  # above this the run-to-run spread is too large to compare two reports
+MIN_RUNS = 30  # below this p95/p99 are set by one or two runs
+DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
+# Option fields through which a target takes a thread count, in order of preference.
+THREAD_OPTIONS = ("intra_op_threads", "threads", "num_threads")
+Arrays = dict[str, np.ndarray]
+Progress = Callable[[int, int], None]
+ROUTE_NOTE = "route counts need a model output with the expert indices (named *route* or *indices*)"
+
+
+class BenchError(EdgegateError):
+    """The bundle fails its golden check, or cannot be benchmarked with the given config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    runs: int = 200
+    warmup: int = 20
+    threads: int | None = None  # None: as recorded in the bundle; 0: the runtime picks
+    batch: int | None = None  # None: the bundle's static batch, or 1 when the batch is dynamic
+    seed: int = 0  # order in which the golden samples are fed
+    max_seconds: float | None = None  # stop the timed runs once they took this long (>= 1 run)
+
+    def __post_init__(self) -> None:
+        for name, low in (("runs", 1), ("warmup", 0), ("threads", 0), ("batch", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if v is None and name in ("threads", "batch"):
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise BenchError(f"bench {name}={v!r} must be an int >= {low}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise BenchError(f"bench max_seconds={self.max_seconds!r} must be > 0 (or None for no cap)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Per-run wall time in ms; ``cv`` = population std / mean (coefficient of variation)."""
+
+    min_ms: float
+    mean_ms: float
+    median_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    std_ms: float
+    cv: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GoldenCheck:
+    """Max |runner - golden| per output over ``samples`` inputs; integer/bool outputs must be 0."""
+
+    samples: int
+    atol: float
+    max_abs_err: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStats:
+    """Process peak RSS (``getrusage`` ru_maxrss: a high-water mark, not current use), in MiB.
+
+    "before" is taken once the runtime is imported and the bundle verified, just before the model is
+    loaded; "after" once the timed runs are done. The delta is how much loading the model and running
+    it *raised* the peak: 0 when the process had peaked higher earlier (a test process that imported
+    torch), so read it in a fresh process such as ``edgegate bench``. None where ``resource`` is
+    missing (Windows).
+    """
+
+    peak_rss_before_mib: float | None
+    peak_rss_after_mib: float | None
+    delta_mib: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Counts per exit (``kind="exit"``) or per expert (``kind="route"``) over the timed feeds.
+
+    ``mean`` is the mean exit depth for exits (exit_index + 1: stages run), None for routes. When the
+    model has no output to count, ``output`` is None, counts are empty and ``note`` says why.
+    """
+
+    kind: str
+    gate: str | None
+    output: str | None
+    counts: tuple[int, ...]
+    fractions: tuple[float, ...]
+    mean: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchReport:
+    bundle: str
+    target: str
+    target_options: dict[str, Any]
+    batch: int
+    warmup: int
+    runs: int  # timed runs done (fewer than requested_runs when max_seconds stopped them)
+    requested_runs: int
+    seed: int
+    golden: GoldenCheck
+    latency: LatencyStats
+    throughput: float  # samples/s = batch / mean latency
+    timed_s: float  # wall time of the timed loop
+    unstable: bool  # latency.cv > CV_WARN
+    memory: MemoryStats
+    host: dict[str, Any]
+    exits: Histogram | None
+    routes: tuple[Histogram, ...]
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists, not tuples), versioned so readers can refuse what they do not know."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, **_plain(dataclasses.asdict(self))}
+
+
+# --------------------------------------------------------------------------------------------- bench
+
+
+def bench(
+    bundle_path: str | os.PathLike[str],
+    config: BenchConfig | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Check and time the bundle at `bundle_path`.
+
+    `progress(done, total)` is called after every warm-up and timed run, total = warmup + runs (a
+    `max_seconds` cap may end the runs before done reaches total).
+    """
+    from edgegate import targets
+    from edgegate.bundle import read_bundle
+
+    config = config or BenchConfig()
+    bundle = read_bundle(bundle_path)  # verify=True: every file's sha256 before anything runs
+    name, manifest = str(bundle.path), bundle.manifest
+    target = targets.get(bundle.target)
+    ok, why = target.is_available()
+    if not ok:
+        raise BenchError(f"bundle {name} is for target {target.name}, which cannot run here: {why}")
+    options = _target_options(target, bundle.target_options, config.threads, name)
+    golden_in, golden_out = _read_golden(bundle.file(GOLDEN_FILE), name)
+    atol = float((manifest.get("golden") or {}).get("atol", DEFAULT_ATOL))
+
+    rss_before = _peak_rss_mib()
+    # The target rebuilds its options from the manifest, so threads travel in a patched copy; the
+    # files were verified above, and passing a Bundle (not a path) keeps load from reading them again.
+    run_bundle = dataclasses.replace(bundle, manifest={**manifest, "target_options": options})
+    with target.load(run_bundle) as runner:
+        static = _static_batch(manifest, runner)
+        if static is not None and config.batch not in (None, static):
+            raise BenchError(
+                f"bundle {name} has a static batch of {static}; it cannot run batch {config.batch} "
+                "(leave out --batch, or re-export with that --batch)"
+            )
+        batch = static or config.batch or 1
+        golden = _check_golden(runner, golden_in, golden_out, static, atol, name)
+        gate_outputs = _gate_outputs(manifest, runner.output_names)
+        counted = {o for _, _, o in gate_outputs if o is not None}
+        timed = _time_runs(runner, _feed_cycle(golden_in, batch, config.seed), config, counted, progress)
+    latencies_ns, seen, timed_s = timed
+    rss_after = _peak_rss_mib()
+
+    latency = summarize_latencies(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
+    runs = len(latencies_ns)
+    notes = [
+        (runs < config.runs, f"stopped after {runs} of {config.runs} runs: max_seconds reached"),
+        (runs < MIN_RUNS, f"only {runs} timed runs (< {MIN_RUNS}): p95/p99 rest on one or two runs"),
+        (latency.cv > CV_WARN, f"latency CV {latency.cv:.2f} > {CV_WARN}: noisy (other load? CPU scaling?)"),
+    ]
+    hists = [_histogram(kind, g, o, seen.get(o) if o else None) for kind, g, o in gate_outputs]
+    delta = None if rss_before is None or rss_after is None else round(rss_after - rss_before, 3)
+    return BenchReport(
+        bundle=name,
+        target=target.name,
+        target_options=options,
+        batch=batch,
+        warmup=config.warmup,
+        runs=runs,
+        requested_runs=config.runs,
+        seed=config.seed,
+        golden=golden,
+        latency=latency,
+        throughput=batch / (latency.mean_ms / 1e3) if latency.mean_ms > 0 else 0.0,
+        timed_s=timed_s,
+        unstable=latency.cv > CV_WARN,
+        memory=MemoryStats(rss_before, rss_after, delta),
+        host=host_info(),
+        exits=next((h for h in hists if h.kind == "exit"), None),
+        routes=tuple(h for h in hists if h.kind == "route"),
+        warnings=tuple(text for flagged, text in notes if flagged),
+    )
+
+
+def _time_runs(
+    runner: Any, feeds: list[Arrays], config: BenchConfig, counted: set[str], progress: Progress | None
+) -> tuple[list[int], dict[str, list[np.ndarray]], float]:
+    """Warm up, then time each `runner.run`; keep the counted gate outputs. Returns ns, outputs, s."""
+    total = config.warmup + config.runs
+    for i in range(config.warmup):
+        runner.run(feeds[i % len(feeds)])
+        if progress:
+            progress(i + 1, total)
+    latencies_ns: list[int] = []
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in counted}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collector pause is Python's latency, not the model's
+    try:
+        start = time.perf_counter_ns()
+        deadline = None if config.max_seconds is None else start + int(config.max_seconds * 1e9)
+        for i in range(config.runs):
+            feed = feeds[i % len(feeds)]
+            t0 = time.perf_counter_ns()
+            out = runner.run(feed)
+            t1 = time.perf_counter_ns()
+            latencies_ns.append(t1 - t0)
+            for n in counted:  # only the small gate outputs are kept, not the logits
+                seen[n].append(out[n])
+            if progress:
+                progress(config.warmup + i + 1, total)
+            if deadline is not None and t1 >= deadline:
+                break
+        timed_s = (time.perf_counter_ns() - start) / 1e9
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return latencies_ns, seen, timed_s
+
+
+def summarize_latencies(ms: Sequence[float] | np.ndarray) -> LatencyStats:
+    """min/mean/median/p90/p95/p99/max (linear-interpolated percentiles), std and CV of `ms`."""
+    a = np.asarray(ms, dtype=np.float64)
+    if a.size == 0:
+        raise BenchError("no latencies to summarize; run at least once")
+    p50, p90, p95, p99 = (float(v) for v in np.percentile(a, [50, 90, 95, 99], method="linear"))
+    mean, std = float(a.mean()), float(a.std())
+    return LatencyStats(
+        float(a.min()), mean, p50, p90, p95, p99, float(a.max()), std, std / mean if mean > 0 else 0.0
+    )
+
+
+def host_info() -> dict[str, Any]:
+    """What the numbers depend on: CPUs (all, and usable by this process), machine, runtime versions."""
+    import edgegate
+
+    try:
+        import onnxruntime as ort
+
+        ort_version, providers = ort.__version__, list(ort.get_available_providers())
+    except ImportError:  # a device with another runtime (e.g. TensorRT only)
+        ort_version, providers = None, []
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort_version,
+        "providers": providers,
+        "edgegate": edgegate.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _target_options(target: Any, recorded: dict[str, Any], threads: int | None, name: str) -> dict[str, Any]:
+    if threads is None:
+        return recorded
+    fields = getattr(target.options_type, "__dataclass_fields__", {})  # options are frozen dataclasses
+    key = next((k for k in THREAD_OPTIONS if k in fields), None)
+    if key is None:
+        raise BenchError(f"bundle {name}: target {target.name} takes no thread count; leave out --threads")
+    return {**recorded, key: threads}
+
+
+def _read_golden(path: Path, name: str) -> tuple[Arrays, Arrays]:
+    try:
+        with np.load(path, allow_pickle=False) as z:  # no pickles: the file may come from anywhere
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise BenchError(f"bundle {name}: cannot read {GOLDEN_FILE} ({e}); re-export the bundle") from e
+    inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input.")}
+    outputs = {k[7:]: v for k, v in arrays.items() if k.startswith("output.")}
+    sizes = {v.shape[0] if v.ndim else None for v in inputs.values()}
+    if not inputs or not outputs or len(sizes) != 1 or not next(iter(sizes)):
+        raise BenchError(f"bundle {name}: {GOLDEN_FILE} needs input.*/output.* of one length; re-export")
+    return inputs, outputs
+
+
+def _static_batch(manifest: Mapping[str, Any], runner: Any) -> int | None:
+    batch = (manifest.get("export") or {}).get("batch")  # pipeline.py: None means a dynamic batch
+    dim = runner.input_specs[0].shape[0] if runner.input_specs and runner.input_specs[0].shape else None
+    return batch if batch is not None else dim if isinstance(dim, int) else None  # other tools' bundles
+
+
+def _check_golden(
+    runner: Any, inputs: Arrays, expected: Arrays, static: int | None, atol: float, name: str
+) -> GoldenCheck:
+    n = next(iter(inputs.values())).shape[0]
+    step = static or n  # a dynamic-batch golden set was made in one call, a static one per batch
+    if n % step:
+        raise BenchError(f"bundle {name}: {n} golden samples do not split into batches of {step}; re-export")
+    missing = sorted(set(expected) - set(runner.output_names))
+    if missing:
+        raise BenchError(f"bundle {name}: golden check failed: no output {missing[0]}; re-export it")
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in expected}
+    for i in range(0, n, step):
+        out = runner.run({k: v[i : i + step] for k, v in inputs.items()})
+        for k in expected:
+            chunks[k].append(np.asarray(out[k]))
+    errors = {}
+    for k, want in expected.items():
+        got = np.concatenate(chunks[k]) if want.ndim else chunks[k][-1]
+        if got.shape != want.shape:
+            raise BenchError(
+                f"bundle {name}: golden check failed: output {k} has shape {got.shape}, "
+                f"golden {want.shape}; re-export the bundle"
+            )
+        exact = want.dtype.kind in "biu"
+        err = _max_abs_err(got, want)
+        errors[k] = err
+        failed = err > 0 if exact else not err <= atol  # `not <=`: a NaN error fails too
+        if failed:
+            limit = "exact match" if exact else f"atol {atol:g}"
+            raise BenchError(
+                f"bundle {name}: golden check failed: output {k} max |error| {err:.4g} "
+                f"(needs {limit}) on {n} golden samples; the runtime here does not reproduce "
+                "the export: check runtime versions or re-export the bundle"
+            )
+    return GoldenCheck(samples=n, atol=atol, max_abs_err=errors)
+
+
+def _max_abs_err(got: np.ndarray, want: np.ndarray) -> float:
+    if got.size == 0:
+        return 0.0
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    both_nan = np.isnan(g) & np.isnan(w)  # NaN where golden has NaN is a match; elsewhere inf
+    diff = np.where(both_nan, 0.0, np.abs(g - w))
+    return float(np.max(np.nan_to_num(diff, nan=np.inf)))
+
+
+def _feed_cycle(inputs: Arrays, batch: int, seed: int) -> list[Arrays]:
+    """Batches cut from the golden samples (shuffled by `seed`, wrapping round), built before timing.
+
+    Real samples make gated models take realistic paths. After len(cycle) batches the sequence
+    repeats, and every golden sample has then been fed equally often (lcm(n, batch) / n times).
+    """
+    n = next(iter(inputs.values())).shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    period = n // math.gcd(n, batch)
+    return [
+        {k: np.ascontiguousarray(v[order[(np.arange(batch) + j * batch) % n]]) for k, v in inputs.items()}
+        for j in range(period)
+    ]
+
+
+def _gate_outputs(manifest: Mapping[str, Any], outputs: Sequence[str]) -> list[tuple[str, dict, str | None]]:
+    """(kind, manifest gate, output to count or None): the exit output, and each router's indices."""
+    gates = (manifest.get("gates") or {}).get("gates", [])
+    exits = [g for g in gates if g.get("kind") == "exit"] or [{"name": None}]
+    found = [("exit", exits[0], EXIT_OUTPUT)] if EXIT_OUTPUT in outputs else []
+    routers = [g for g in gates if g.get("kind") == "router"]
+    candidates = [o for o in outputs if "route" in o.lower() or o.lower().endswith("indices")]
+    for g in routers:
+        r = str(g.get("name") or "")
+        named = [o for o in candidates if r and (r in o or r.replace(".", "_") in o)]
+        if not named and len(routers) == 1 and len(candidates) == 1:
+            named = candidates  # one router, one index output: they belong together
+        found.append(("route", g, named[0] if named else None))
+    return found
+
+
+def _histogram(kind: str, gate: dict, output: str | None, seen: list[np.ndarray] | None) -> Histogram:
+    name = gate.get("name")
+    if output is None or not seen:
+        # The expert choice lives inside the graph: counting it needs an output, never a guess.
+        return Histogram(kind, name, None, (), (), note=ROUTE_NOTE)
+    values = np.concatenate([np.asarray(v).reshape(-1) for v in seen]).astype(np.int64)
+    values = values[values >= 0]  # a negative index means "no expert" (padding): not a route
+    size = int((gate.get("details") or {}).get("n_exits" if kind == "exit" else "n_experts", 0))
+    counts = np.bincount(values, minlength=size)
+    total = max(int(counts.sum()), 1)
+    mean = float(values.mean() + 1) if kind == "exit" and values.size else None
+    fractions = tuple(float(c) / total for c in counts)
+    return Histogram(kind, name, output, tuple(int(c) for c in counts), fractions, mean)
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 3)  # bytes on macOS, KiB on Linux
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# -------------------------------------------------------------------------------------------- render
+
+
+def render_text(report: BenchReport) -> str:
+    """A compact trtexec-like block; plain text, so it works without rich."""
+    r, lat, mem, h = report, report.latency, report.memory, report.host
+    threads = next(
+        (f"{v}" if v else "auto" for k, v in r.target_options.items() if k in THREAD_OPTIONS), "n/a"
+    )
+    errs = ", ".join(f"{k} {v:.3g}" for k, v in r.golden.max_abs_err.items())
+    lines = [
+        f"=== edgegate bench: {r.bundle} (target {r.target}) ===",
+        f"Golden check : passed on {r.golden.samples} samples (max |err|: {errs}; atol {r.golden.atol:g})",
+        f"Setup        : batch {r.batch}, warm-up {r.warmup}, runs {r.runs}"
+        + (f" of {r.requested_runs}" if r.runs != r.requested_runs else "")
+        + f", threads {threads}",
+        f"Latency (ms) : min {lat.min_ms:.4f}  mean {lat.mean_ms:.4f}  median {lat.median_ms:.4f}  "
+        f"p90 {lat.p90_ms:.4f}  p95 {lat.p95_ms:.4f}  p99 {lat.p99_ms:.4f}  max {lat.max_ms:.4f}",
+        f"Spread       : std {lat.std_ms:.4f} ms, CV {lat.cv:.3f}" + ("  [UNSTABLE]" if r.unstable else ""),
+        f"Throughput   : {r.throughput:.1f} samples/s (batch / mean latency); timed {r.timed_s:.3f} s",
+    ]
+    if mem.peak_rss_after_mib is not None:
+        lines.append(
+            f"Peak RSS     : {mem.peak_rss_before_mib:.1f} MiB before load, "
+            f"{mem.peak_rss_after_mib:.1f} MiB after runs (+{mem.delta_mib:.1f} MiB)"
+        )
+    for hist in (r.exits, *r.routes):
+        if hist is None:
+            continue
+        pairs = zip(hist.counts, hist.fractions, strict=True)
+        per = "  ".join(f"{i}: {c} ({f:.1%})" for i, (c, f) in enumerate(pairs))
+        depth = f"; mean depth {hist.mean:.2f}" if hist.mean is not None else ""
+        label = "Exits" if hist.kind == "exit" else f"Routes {hist.gate}"
+        lines.append(f"{label:<13}: " + (f"{per}{depth} [{hist.output}]" if hist.output else hist.note))
+    lines.append(
+        f"Host         : {h.get('cpus_usable')}/{h.get('cpu_count')} CPUs, {h.get('machine')}, "
+        f"Python {h.get('python')}, onnxruntime {h.get('onnxruntime')} "
+        f"[{', '.join(h.get('providers') or [])}]"
+    )
+    lines.extend(f"Warning      : {w}" for w in r.warnings)
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""Command line: thin subcommands over the library (export, inspect, targets, zoo).
+
+Errors the user can fix (``EdgegateError``) print as one line on stderr and exit with code 2;
+``--debug`` shows the traceback. An interrupted run exits 130 and leaves no partial bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from edgegate.errors import EdgegateError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgegate.pipeline import ExportConfig, run_export
+
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
+    config = ExportConfig(target=args.target, quant=args.quant, batch=args.batch, exit_form=args.exit_form,
+                          trust_model=args.trust_model, model_class=args.model_class,
+                          overwrite=args.overwrite, keep_intermediate=args.keep_intermediate)
+    console = _console()
+    with console.status("exporting") as status:
+        path = run_export(args.model, out, config, on_step=lambda s: status.update(f"export: {s}"))
+    from edgegate.bundle import read_bundle
+
+    m = read_bundle(path).manifest
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in m["timings_s"].items())
+    gates = m["gates"].get("gates", [])
+    console.print(f"wrote [bold]{path}[/] for target {m['target']} ({len(gates)} gates; {steps})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgegate.inspection import describe, to_json
+
+    info = describe(args.path, trust_model=args.trust_model, model_class=args.model_class)
+    if args.json:
+        print(to_json(info))
+        return 0
+    _render_info(info)
+    return 0
+
+
+def _render_info(info: dict) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{info['path']}[/] ({info['kind']})")
+    for key in ("format", "class", "target", "quant", "parameters", "sha256"):
+        if info.get(key) is not None:
+            console.print(f"  {key}: {info[key]}")
+    gates = (info.get("gates") or {}).get("gates", [])
+    if gates:
+        table = Table("gate", "kind", "module", "details", title="gates")
+        for g in gates:
+            table.add_row(g["name"], g["kind"], g["module"], ", ".join(f"{k}={v}" for k, v in g["details"].items()))
+        console.print(table)
+    onnx_info = info.get("onnx") or (info if info["kind"] == "onnx" else None)
+    if onnx_info:
+        console.print(f"  opsets: {onnx_info['opsets']}  functions: {', '.join(onnx_info['functions']) or '-'}")
+        table = Table("op", "count", title=f"ONNX ops ({onnx_info['nodes']} nodes, subgraphs included)")
+        for op, n in onnx_info["op_counts"].items():
+            table.add_row(op, str(n))
+        console.print(table)
+    if info.get("files"):
+        console.print("  files: " + ", ".join(f"{k} ({v} B)" for k, v in info["files"].items()))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from edgegate.bench import BenchConfig, bench, render_text
+
+    config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
+                         seed=args.seed, max_seconds=args.max_seconds)
+    bar, progress = None, None
+    if sys.stdout.isatty():
+        try:  # rich comes with the compile extra; a runtime-only device simply gets no bar
+            from rich.progress import Progress
+
+            bar = Progress(transient=True)
+            bar.start()
+            task = bar.add_task("bench", total=args.warmup + args.runs)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done)
+        except ImportError:
+            pass
+    try:
+        report = bench(args.bundle, config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    print(render_text(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from edgegate import targets
+
+    table = Table("target", "available", "description / what to do")
+    for t in targets.all_targets():
+        ok, why = t.is_available()
+        table.add_row(t.name, "yes" if ok else "no", t.description if ok else why)
+    _console().print(table)
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from edgegate import zoo
+
+    table = Table("name", "family", "dataset", "description")
+    for e in zoo.list_models():
+        table.add_row(e.name, e.family, e.dataset, e.description)
+    _console().print(table)
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from edgegate import zoo
+
+    console = _console()
+    with console.status(f"training {args.name}"):
+        path = zoo.train_and_save(args.name, args.output, seed=args.seed)
+    from edgegate.loading import load
+
+    metrics = (load(path).spec.get("meta") or {}).get("metrics", {})
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    console.print(f"wrote [bold]{path}[/] ({shown})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgegate", description="Deploy conditional-computation networks to edge targets.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def trust(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--trust-model", action="store_true",
+                        help="allow model formats that run code when loaded (full pickles, TorchScript, .pt2)")
+        sp.add_argument("--model", dest="model_class", metavar="CLASS_PATH",
+                        help="module.path:Class that rebuilds a plain state_dict or a non-edgegate checkpoint")
+
+    e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory")
+    e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
+    e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
+    e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
+    e.add_argument("--quant", default="fp32", choices=["fp32"], help="numeric format")
+    e.add_argument("--batch", type=int, default=None, help="static batch size (default: dynamic)")
+    e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
+                   help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    e.add_argument("--keep-intermediate", action="store_true", help="keep each step's output in OUTPUT.steps/")
+    trust(e)
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="show gates, ops and metadata of a model, ONNX file or bundle")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    trust(i)
+    i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="check a bundle against its golden I/O, then time it on this device")
+    b.add_argument("bundle", help="bundle directory written by `edgegate export`")
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=20)
+    b.add_argument("--threads", type=int, default=None, help="intra-op threads (0: the runtime picks)")
+    b.add_argument("--batch", type=int, default=None, help="batch per run (default: bundle batch, else 1)")
+    b.add_argument("--seed", type=int, default=0, help="order of the golden samples fed")
+    b.add_argument("--max-seconds", type=float, default=None, help="cap on the timed runs")
+    b.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("targets", help="list targets and whether each can run here")
+    t.set_defaults(func=cmd_targets)
+
+    z = sub.add_parser("zoo", help="tiny reference models of each gated family")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zl = zsub.add_parser("list", help="list zoo models")
+    zl.set_defaults(func=cmd_zoo_list)
+    zt = zsub.add_parser("train", help="train a zoo model deterministically and save it")
+    zt.add_argument("name")
+    zt.add_argument("-o", "--output", required=True, help="checkpoint path to write, e.g. model.pt")
+    zt.add_argument("--seed", type=int, default=0)
+    zt.set_defaults(func=cmd_zoo_train)
+    return p
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM unwinds like Ctrl-C, so temp directories are removed and no partial bundle is left.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return args.func(args)
+    except EdgegateError as e:
+        if args.debug:
+            raise
+        print(f"edgegate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("edgegate: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

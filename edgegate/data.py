@@ -1,0 +1,280 @@
+"""Calibration and evaluation data: built-in datasets, npz files keyed by input name, validation.
+
+Stage: data feeding calibrate / compare / bench. Input: a built-in dataset name (``digits``,
+``clusters``, ``markov``) or an ``.npz`` file with one array per model input (optional ``labels``).
+Output: a :class:`Dataset` (arrays keyed by model input name, labels, deterministic train/val/test
+splits). Torch-free (numpy; scikit-learn only to build ``digits``/``clusters``) so the runtime side
+can use it. Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (no batch dimension).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgegate.errors import DataError
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+LABELS_KEY = "labels"
+
+# Built-in generators are fixed (not user seeds) so every run and every machine sees the same data.
+MARKOV_VOCAB, MARKOV_CONTEXT, MARKOV_CHAINS, MARKOV_STEPS, MARKOV_ALPHA = 16, 8, 64, 1000, 0.12
+CLUSTERS_KW = {"n_samples": 4000, "n_features": 16, "n_informative": 8, "n_redundant": 2,
+               "n_classes": 4, "n_clusters_per_class": 3, "class_sep": 2.0, "flip_y": 0.0,
+               "random_state": 7}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input: name, per-sample shape (``None`` = any size), numpy dtype name."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples keyed by model input name (each [N, ...]), labels [N] (or None) and split row indices."""
+
+    name: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. n_classes, vocab_size
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def subset(self, rows: np.ndarray, name: str | None = None) -> Dataset:
+        rows = np.asarray(rows, dtype=np.int64)
+        return Dataset(name or self.name, {k: v[rows] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[rows], {}, dict(self.info))
+
+    def split(self, which: str) -> Dataset:
+        """The ``train`` / ``val`` / ``test`` part (or ``all``) as its own Dataset."""
+        if which == "all":
+            return self
+        if which not in self.splits:
+            raise DataError(f"dataset {self.name} has no split {which!r}; use one of {sorted(self.splits)}")
+        return self.subset(self.splits[which], f"{self.name}:{which}")
+
+    def input(self) -> np.ndarray:
+        """The only input array (for single-input models)."""
+        if len(self.inputs) != 1:
+            raise DataError(f"dataset {self.name} has {len(self.inputs)} inputs "
+                            f"({', '.join(self.inputs)}); pick one by name from .inputs")
+        return next(iter(self.inputs.values()))
+
+    def train_inputs(self) -> np.ndarray:
+        return self.split("train").input()
+
+    def val_inputs(self) -> np.ndarray:
+        return self.split("val").input()
+
+    def test_inputs(self) -> np.ndarray:
+        return self.split("test").input()
+
+
+# ------------------------------------------------------------------------------------------- built-ins
+
+
+def _sklearn():
+    try:
+        import sklearn.datasets
+    except ImportError as e:
+        raise DataError("built-in datasets digits/clusters need scikit-learn: "
+                        "pip install 'edgegate[compile]'") from e
+    return sklearn.datasets
+
+
+@cache
+def _digits() -> tuple[np.ndarray, np.ndarray, dict]:
+    d = _sklearn().load_digits()
+    x = (d.data / 16.0).astype(np.float32)  # pixel values 0..16 -> [0, 1]
+    return x, d.target.astype(np.int64), {"n_classes": 10, "image_shape": [8, 8]}
+
+
+@cache
+def _clusters() -> tuple[np.ndarray, np.ndarray, dict]:
+    # Several clusters per class at moderate separation: most points are easy (an early head is
+    # confident), points near class borders need the deeper stages -- the regime where exits pay.
+    x, y = _sklearn().make_classification(**CLUSTERS_KW)
+    x = (x - x.mean(0)) / x.std(0)
+    return x.astype(np.float32), y.astype(np.int64), {"n_classes": CLUSTERS_KW["n_classes"]}
+
+
+def markov_transitions(vocab: int = MARKOV_VOCAB, alpha: float = MARKOV_ALPHA,
+                       seed: int = 1234) -> np.ndarray:
+    """P[a, b, c] = P(next = c | previous two tokens a, b): sparse-ish Dirichlet rows."""
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.full(vocab, alpha), size=(vocab, vocab))
+
+
+@cache
+def _markov() -> tuple[np.ndarray, np.ndarray, dict]:
+    p = markov_transitions()
+    cdf = np.cumsum(p, axis=-1)
+    rng = np.random.default_rng(4321)
+    # Independent chains sampled in parallel (one numpy step per position, vectorized over chains).
+    seq = np.empty((MARKOV_CHAINS, MARKOV_STEPS), dtype=np.int64)
+    seq[:, :2] = rng.integers(0, MARKOV_VOCAB, size=(MARKOV_CHAINS, 2))
+    for t in range(2, MARKOV_STEPS):
+        u = rng.random(MARKOV_CHAINS)[:, None]
+        seq[:, t] = np.minimum((u > cdf[seq[:, t - 2], seq[:, t - 1]]).sum(-1), MARKOV_VOCAB - 1)
+    n_win = MARKOV_STEPS - MARKOV_CONTEXT
+    idx = np.arange(n_win)[:, None] + np.arange(MARKOV_CONTEXT)[None, :]
+    x = seq[:, idx].reshape(-1, MARKOV_CONTEXT)  # [chains * n_win, ctx], chain-major
+    y = seq[:, MARKOV_CONTEXT:].reshape(-1)
+    # Entropy rate of the chain = the best achievable next-token loss (for reference in reports).
+    h = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1).mean()
+    return x, y, {"vocab_size": MARKOV_VOCAB, "context": MARKOV_CONTEXT, "n_classes": MARKOV_VOCAB,
+                  "chains": MARKOV_CHAINS, "entropy_rate_nats": float(h)}
+
+
+BUILTINS = {"digits": _digits, "clusters": _clusters, "markov": _markov}
+
+
+def builtin_names() -> list[str]:
+    return sorted(BUILTINS)
+
+
+def _random_splits(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    a, b = int(n * SPLIT_FRACTIONS[0]), int(n * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
+    return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
+
+
+def _chain_splits(n: int, chains: int) -> dict[str, np.ndarray]:
+    # Markov windows overlap within a chain: split by whole chains so no window leaks across splits.
+    per = n // chains
+    a, b = int(chains * SPLIT_FRACTIONS[0]), int(chains * (SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]))
+    rows = np.arange(n)
+    return {"train": rows[: a * per], "val": rows[a * per: b * per], "test": rows[b * per:]}
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def load_data(name_or_path: str | Path, input_names: Sequence[str] | None = None,
+              input_shapes: Mapping[str, Sequence[int]] | None = None) -> Dataset:
+    """A built-in dataset by name, or an ``.npz`` keyed by input name (plus optional ``labels``).
+
+    ``input_names``: the model's input names (built-ins have one input, named ``input`` by default).
+    ``input_shapes``: per-sample shapes; built-in samples are reshaped to them (e.g. digits as
+    [1, 8, 8]), npz arrays must already have them.
+    """
+    key = str(name_or_path)
+    if key in BUILTINS and not Path(key).is_file():
+        return _load_builtin(key, input_names, input_shapes)
+    return _load_npz(Path(key), input_names, input_shapes)
+
+
+load_dataset = load_data  # the name the pipeline uses
+
+
+def _load_builtin(name: str, input_names: Sequence[str] | None,
+                  input_shapes: Mapping[str, Sequence[int]] | None) -> Dataset:
+    names = list(input_names or ["input"])
+    if len(names) != 1:
+        raise DataError(f"built-in dataset {name} has one input, the model names {len(names)} "
+                        f"({', '.join(names)}); provide an .npz keyed by input name instead")
+    x, y, info = BUILTINS[name]()
+    x, y = x.copy(), y.copy()  # the generators are cached; callers own their arrays
+    shape = (input_shapes or {}).get(names[0])
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if int(np.prod(shape)) != int(np.prod(x.shape[1:])):
+            raise DataError(f"built-in dataset {name} has samples of shape {list(x.shape[1:])}, which cannot "
+                            f"be reshaped to the model input {names[0]!r} of shape {list(shape)}")
+        x = x.reshape(len(x), *shape)
+    splits = _chain_splits(len(x), info["chains"]) if name == "markov" else _random_splits(len(x))
+    return Dataset(name, {names[0]: x}, y, splits, info)
+
+
+def _load_npz(path: Path, input_names: Sequence[str] | None,
+              input_shapes: Mapping[str, Sequence[int]] | None) -> Dataset:
+    if not path.is_file():
+        raise DataError(f"data {path} is neither a built-in dataset ({', '.join(builtin_names())}) "
+                        "nor an existing .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:  # not a zip / object arrays (pickles are refused)
+        raise DataError(f"data {path} is not a readable .npz of plain arrays ({e}); "
+                        "write it with numpy.savez(path, **{input_name: array})") from e
+    labels = arrays.pop(LABELS_KEY, None)
+    names = list(input_names) if input_names is not None else sorted(arrays)
+    # The file's own dtypes are taken as given; shapes are checked when the caller knows them.
+    specs = [_spec_of(n, arrays.get(n), (input_shapes or {}).get(n)) for n in names]
+    validate_inputs(arrays, specs, source=str(path))
+    n = len(arrays[names[0]])
+    if labels is not None and len(labels) != n:
+        raise DataError(f"data {path}: 'labels' has {len(labels)} rows but the inputs have {n}")
+    return Dataset(path.stem, {k: arrays[k] for k in names}, labels, _random_splits(n), {})
+
+
+def _spec_of(name: str, array: np.ndarray | None, shape: Sequence[int] | None) -> TensorSpec:
+    if array is None:  # missing: validate_inputs reports it before looking at shape or dtype
+        return TensorSpec(name, (), "float32")
+    return TensorSpec(name, tuple(array.shape[1:] if shape is None else shape), str(array.dtype))
+
+
+# -------------------------------------------------------------------------------------------- validate
+
+
+def validate_inputs(arrays: Mapping[str, Any], specs: Sequence[TensorSpec] | Mapping[str, TensorSpec],
+                    source: str = "inputs") -> None:
+    """Raise :class:`DataError` (one line naming the tensor) unless ``arrays`` fit the model's ``specs``.
+
+    Checks: missing / unexpected names, empty arrays, dtype, shape (per-sample, batch first),
+    NaN/Inf values, and that every input has the same number of samples.
+    """
+    spec_list = list(specs.values()) if isinstance(specs, Mapping) else list(specs)
+    expected = [s.name for s in spec_list]
+    missing = [n for n in expected if n not in arrays]
+    if missing:
+        got = ", ".join(map(repr, arrays)) or "none"
+        raise DataError(f"{source}: missing input {missing[0]!r} (got {got}); "
+                        f"provide one array per model input: {', '.join(expected)}")
+    extra = [n for n in arrays if n not in expected]
+    if extra:
+        raise DataError(f"{source}: unexpected input {extra[0]!r}; the model takes {', '.join(expected)}")
+    counts = {}
+    for spec in spec_list:
+        a = np.asarray(arrays[spec.name])
+        want_shape = "(N, " + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
+        if a.ndim == 0 or a.size == 0:
+            raise DataError(f"{source}: input {spec.name!r} is empty (shape {a.shape}); "
+                            "provide at least one sample")
+        if a.dtype != np.dtype(spec.dtype):
+            raise DataError(f"{source}: input {spec.name!r} has dtype {a.dtype}, the model expects "
+                            f"{spec.dtype}; cast it (array.astype('{spec.dtype}'))")
+        fits = a.ndim == len(spec.shape) + 1 and all(
+            d is None or int(d) == s for d, s in zip(spec.shape, a.shape[1:], strict=True))
+        if not fits:
+            raise DataError(f"{source}: input {spec.name!r} has shape {tuple(a.shape)}, the model expects "
+                            f"{want_shape} with the batch first")
+        if a.dtype.kind in "fc":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                raise DataError(f"{source}: input {spec.name!r} has {bad} NaN/Inf values; "
+                                "clean or drop those samples")
+        counts[spec.name] = a.shape[0]
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{k}={v}" for k, v in counts.items())
+        raise DataError(f"{source}: inputs have different sample counts ({shown}); "
+                        "give every input the same N")

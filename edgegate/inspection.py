@@ -1,0 +1,91 @@
+"""What is in a model file, an ONNX model or a bundle: gates, op counts, edgegate functions.
+
+Input: a path. Output: a plain dict (rendered by ``edgegate inspect``, or ``--json``). A bundle and
+an ONNX file are described without torch; a model file needs the compile extra.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from edgegate.errors import EdgegateError, ModelFormatError
+
+
+def describe(path: str | Path, *, trust_model: bool = False, model_class: str | None = None) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise EdgegateError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return describe_bundle(path)
+    head = path.read_bytes()[:4096]
+    if _looks_like_onnx(path, head):
+        return {"kind": "onnx", "path": str(path), **describe_onnx(path.read_bytes())}
+    return describe_model(path, trust_model=trust_model, model_class=model_class)
+
+
+def describe_bundle(path: Path) -> dict:
+    from edgegate.bundle import read_bundle
+
+    bundle = read_bundle(path)
+    m = bundle.manifest
+    out = {"kind": "bundle", "path": str(path), "target": m.get("target"), "quant": m.get("quant"),
+           "source": m.get("source"), "gates": m.get("gates"), "export": m.get("export"),
+           "versions": m.get("versions"), "timings_s": m.get("timings_s"),
+           "files": {k: v["bytes"] for k, v in m.get("files", {}).items()}}
+    onnx_file = path / "model.onnx"
+    if onnx_file.exists():
+        out["onnx"] = describe_onnx(onnx_file.read_bytes())
+    return out
+
+
+def describe_onnx(data: bytes) -> dict:
+    """Op counts (subgraphs included), edgegate functions, opsets, inputs and outputs."""
+    import onnx
+
+    from edgegate.export.passes.attach_functions import iter_nodes
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:
+        raise ModelFormatError(f"not a readable ONNX model: {e}") from e
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in iter_nodes(model.graph))
+
+    def io(values) -> list[dict]:
+        return [{"name": v.name, "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return {"opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+            "functions": [f"{f.domain}::{f.name}" for f in model.functions],
+            "op_counts": dict(sorted(ops.items())), "nodes": sum(ops.values()),
+            "inputs": io(model.graph.input), "outputs": io(model.graph.output)}
+
+
+def describe_model(path: Path, *, trust_model: bool, model_class: str | None) -> dict:
+    from edgegate.gates import find_gates
+    from edgegate.loading import detect_format, load
+
+    fmt = detect_format(path)
+    loaded = load(path, trust_model=trust_model, model_class=model_class)
+    params = sum(p.numel() for p in loaded.module.parameters())
+    return {"kind": "model", "path": str(path), "format": str(fmt), "sha256": loaded.sha256,
+            "class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
+            "meta": loaded.spec.get("meta"), "parameters": params, "gates": find_gates(loaded.module).to_dict()}
+
+
+def _looks_like_onnx(path: Path, head: bytes) -> bool:
+    # By content: an ONNX ModelProto starts with field 1 (ir_version, varint) -> byte 0x08.
+    if not head.startswith(b"\x08"):
+        return False
+    try:
+        import onnx
+
+        onnx.load_model_from_string(path.read_bytes())
+        return True
+    except Exception:
+        return False
+
+
+def to_json(info: dict) -> str:
+    return json.dumps(info, indent=2, sort_keys=False, default=str)

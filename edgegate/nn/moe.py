@@ -1,0 +1,146 @@
+"""Mixture of experts: Mixtral top-k routing and MoE++ zero / copy / constant experts.
+
+Stage: model family (``edgegate.nn``). Input: tokens as rows, ``x`` [T, d_model] (any leading dims
+are flattened to rows and restored). Output: ``sum_j w_j * E_{i_j}(x)`` over the k routed slots, same
+shape as ``x``. Routing goes through the ``TopKGate`` custom op (softmax in fp32 over every slot,
+top-k, renormalize), so the exported graph keeps the router by name.
+
+Slot order of the router: ``n_experts`` FFN experts, then ``n_zero`` zero experts (output 0), then
+``n_copy`` copy experts (output x), then ``n_const`` constant experts (MoE++: ``a1*x + a2*v`` with
+``[a1, a2] = softmax(W_c x)`` and a learned vector ``v``). Zero-computation experts cost (almost)
+nothing, so tokens the router sends there skip FFN compute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegate.errors import EdgegateError
+from edgegate.export import ops
+from edgegate.nn._record import exporting, record
+
+
+class TopKRouter(nn.Module):
+    """Linear router -> ``TopKGate``. Returns ``(weights fp32 [T, k], indices int64 [T, k])``.
+
+    After each forward: ``aux_loss`` (Switch-Transformer load balancing ``E * sum_e f_e * P_e``, with
+    gradients in training), and in eval ``last_decision`` (indices), ``last_weights`` and ``last_load``
+    (fraction of the T*k routed slots that went to each expert; sums to 1).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, k: int) -> None:
+        super().__init__()
+        if not 1 <= k <= n_experts:
+            raise EdgegateError(f"TopKRouter: k={k} must be between 1 and n_experts={n_experts}")
+        self.d_model, self.n_experts, self.k = d_model, n_experts, k
+        self.proj = nn.Linear(d_model, n_experts, bias=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_decision: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "n_experts": self.n_experts, "k": self.k}
+
+    def train(self, mode: bool = True) -> TopKRouter:
+        # The training aux loss holds an autograd graph; drop it so eval models deep-copy and pickle.
+        self.aux_loss = None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.proj(x)
+        weights, indices = ops.topk_gate(logits, self.k)
+        if self.training or not exporting():
+            probs = torch.softmax(logits.float(), dim=-1)
+            load = F.one_hot(indices, self.n_experts).sum(1).float().mean(0) / self.k
+            aux = self.n_experts * (load * probs.mean(0)).sum()
+            if self.training:
+                self.aux_loss = aux  # keeps its graph: the trainer adds it to the loss
+            else:
+                record(self, aux_loss=aux, last_decision=indices, last_weights=weights, last_load=load)
+        return weights, indices
+
+
+class Expert(nn.Module):
+    """Mixtral FFN expert: ``w2(silu(w1 x) * w3 x)`` (SwiGLU, no biases)."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.d_model, self.d_hidden = d_model, d_hidden
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "d_hidden": self.d_hidden}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k mixture over FFN experts plus optional MoE++ zero-computation experts.
+
+    ``last_decision`` (eval) = routed slot indices [T, k]; ``last_load`` = fraction of routed slots per
+    slot [n_slots]; ``last_ffn_per_token`` = mean number of FFN experts each token used.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int,
+                 n_zero: int = 0, n_copy: int = 0, n_const: int = 0) -> None:
+        super().__init__()
+        if n_experts < 1 or min(n_zero, n_copy, n_const) < 0:
+            raise EdgegateError(f"MoE: needs n_experts >= 1 and non-negative MoE++ counts, got "
+                                f"{n_experts=}, {n_zero=}, {n_copy=}, {n_const=}")
+        self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, k
+        self.n_zero, self.n_copy, self.n_const = n_zero, n_copy, n_const
+        self.n_slots = n_experts + n_zero + n_copy + n_const
+        self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
+        if n_const:
+            self.const_vectors = nn.Parameter(torch.randn(n_const, d_model) * 0.02)
+            self.const_mix = nn.Linear(d_model, 2 * n_const)
+        self.router = TopKRouter(d_model, self.n_slots, k)
+        self.last_decision: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.last_ffn_per_token: float | None = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "d_hidden": self.d_hidden, "n_experts": self.n_experts, "k": self.k,
+                "n_zero": self.n_zero, "n_copy": self.n_copy, "n_const": self.n_const}
+
+    def slot_kinds(self) -> list[str]:
+        """Kind of each router slot, in slot order: "ffn", "zero", "copy", "const"."""
+        return (["ffn"] * self.n_experts + ["zero"] * self.n_zero + ["copy"] * self.n_copy
+                + ["const"] * self.n_const)
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.router.aux_loss
+
+    def slot_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every slot's output for every token, [T, n_slots, d]. Dense on purpose: static shapes export."""
+        t, d = x.shape
+        parts = [torch.stack([e(x) for e in self.experts], dim=1)]
+        if self.n_zero:
+            parts.append(x.new_zeros(t, self.n_zero, d))
+        if self.n_copy:
+            parts.append(x.unsqueeze(1).expand(t, self.n_copy, d))
+        if self.n_const:
+            alpha = torch.softmax(self.const_mix(x).reshape(t, self.n_const, 2), dim=-1)
+            parts.append(alpha[..., :1] * x.unsqueeze(1) + alpha[..., 1:] * self.const_vectors.unsqueeze(0))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)
+        weights, indices = self.router(x)
+        outs = self.slot_outputs(x)
+        picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
+        y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
+        if not self.training and not exporting():
+            record(self, last_decision=indices, last_load=self.router.last_load,
+                   last_ffn_per_token=float((indices < self.n_experts).sum(1).float().mean()))
+        return y.reshape(shape)

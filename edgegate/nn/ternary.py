@@ -1,0 +1,139 @@
+"""Ternary linear layers: BitNet b1.58 ``TernaryLinear`` and Hybrid Gated Flow ``HGFLinear``.
+
+Stage: model family (``edgegate.nn``). Input: ``x`` [..., in_features]. Output: [..., out_features].
+
+BitNet b1.58: weights are absmean-ternarized, ``W_t = clip(round(W / mean|W|), -1, 1) * mean|W|``;
+activations are fake-quantized to 8 bits per token (absmax); training uses straight-through
+estimators. In eval the layer calls the ``TernaryMatMul`` custom op on the packed 2-bit weights
+(4 per byte) and a per-row scale, both computed once from the weight and cached as plain tensor
+attributes, so ``torch.export`` captures them as constants. The cache is refreshed by ``eval()``,
+dropped by ``train()`` / ``load_state_dict`` and checked against the weight's version counter.
+
+HGF adds a gated low-rank full-precision correction ``g * B(A x)`` (``LowRankCorrection`` op) with
+B zero-initialised, so training starts from the pure ternary layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegate.errors import ExportError
+from edgegate.export import ops
+from edgegate.nn._record import exporting, record
+
+ACT_BITS = 8
+_QMAX = 2 ** (ACT_BITS - 1) - 1
+_EPS = 1e-5
+
+
+def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarization: (codes in {-1, 0, 1} as w's dtype, per-tensor scale mean|W| [0-d])."""
+    gamma = w.abs().mean().clamp_min(_EPS)
+    return (w / gamma).round().clamp(-1, 1), gamma
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """Per-token (last dim) absmax 8-bit fake quantization: round(x * 127 / max|x|) * max|x| / 127."""
+    scale = _QMAX / x.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS)
+    return (x * scale).round().clamp(-_QMAX - 1, _QMAX) / scale
+
+
+def _invalidate_after_load(module: TernaryLinear, _incompatible_keys: object) -> None:
+    # A module-level function, not a lambda, so modules stay picklable.
+    module.invalidate_cache()
+
+
+class TernaryLinear(nn.Module):
+    """BitNet b1.58 linear layer (``last_decision`` stays None: it has no data-dependent gate)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init
+        self._packed: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
+        self._cache_key: tuple[int, int] | None = None
+        self.last_decision: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
+    # ------------------------------------------------------------------ packed-weight cache (eval path)
+
+    def invalidate_cache(self) -> None:
+        self._packed = self._scale = self._cache_key = None
+
+    def _key(self) -> tuple[int, int]:
+        return (self.weight._version, self.weight.data_ptr())
+
+    def ternary_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed uint8 [N, ceil(K/4)], per-row scale fp32 [N]) for ``ops.ternary_matmul``."""
+        if exporting():
+            if self._packed is None:
+                raise ExportError(f"{type(self).__name__}: no packed ternary weights; call model.eval() "
+                                  "before exporting")
+            return self._packed, self._scale
+        if self._cache_key != self._key():
+            with torch.no_grad():
+                codes, gamma = ternarize(self.weight.detach())
+                packed = ops.pack_ternary(codes.to(torch.int8).cpu().numpy())
+                self._packed = torch.from_numpy(packed).to(self.weight.device)
+                # The op takes a per-row scale; BitNet's is per tensor, so repeat it.
+                self._scale = gamma.float().expand(self.out_features).clone()
+            self._cache_key = self._key()
+        return self._packed, self._scale
+
+    def train(self, mode: bool = True) -> TernaryLinear:
+        super().train(mode)
+        if mode:
+            self.invalidate_cache()
+        elif self.weight.device.type != "meta":
+            self.ternary_weights()
+        return self
+
+    # --------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            # Straight-through estimators: quantized forward, identity gradient.
+            xq = x + (quantize_activations(x) - x).detach()
+            codes, gamma = ternarize(self.weight)
+            wq = self.weight + (codes * gamma - self.weight).detach()
+            return F.linear(xq, wq, self.bias)
+        packed, scale = self.ternary_weights()
+        y = ops.ternary_matmul(quantize_activations(x), packed, scale, in_features=self.in_features)
+        return y if self.bias is None else y + self.bias
+
+
+class HGFLinear(TernaryLinear):
+    """Hybrid Gated Flow: ternary path + ``g * B(A x)`` on the full-precision input.
+
+    ``A`` [rank, in], ``B`` [out, rank] (zero-initialised), ``g`` a learnable scalar gate.
+    ``last_decision`` (eval) = g.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 gate_init: float = 1.0) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.rank, self.gate_init = rank, gate_init
+        self.lr_a = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.lr_b = nn.Parameter(torch.zeros(out_features, rank))
+        self.g = nn.Parameter(torch.tensor(float(gate_init)))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rank": self.rank, "gate_init": self.gate_init}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x) + ops.lowrank_correction(x, self.lr_a, self.lr_b, self.g)
+        if not self.training and not exporting():
+            record(self, last_decision=self.g)
+        return y

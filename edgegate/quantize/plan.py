@@ -1,0 +1,64 @@
+"""The quantization plan: what calibration decided for each layer, in plain arrays.
+
+Produced by gate-aware calibration (``edgegate.calibration``) from the brevitas quantizers it
+drove; consumed by the ONNX lowering passes (``edgegate.export.passes.insert_qdq``) that put
+QuantizeLinear/DequantizeLinear into the float export. Keeping the hand-off as numpy arrays keyed
+by module path means the exporter never has to trace a brevitas module: the ONNX initializer of a
+layer's weight is named ``<module path>.weight`` by the dynamo exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+
+class Flavor(StrEnum):
+    """How the canonical QDQ graph is lowered for a target (DESIGN §5)."""
+
+    CPU = "cpu"  # uint8 asymmetric activations, int8 symmetric per-channel weights (ORT x86 fuses these)
+    TRT = "trt"  # int8 symmetric activations with zero point 0, int8 per-channel weights
+
+
+class LayerKind(StrEnum):
+    LINEAR = "linear"
+    CONV = "conv"
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """One quantized Linear/Conv: activation (input) quantizer, integer weight, float bias."""
+
+    name: str  # module path in the model
+    kind: LayerKind
+    act_scale: float
+    act_zero_point: int  # integer domain of the activation type: uint8 0..255, int8 zero point is 0
+    act_signed: bool
+    weight_int: np.ndarray  # int8, same shape as the float weight
+    weight_scale: np.ndarray  # float32 [out_channels]
+    bias: np.ndarray | None  # float32; lowered to int32 at scale act_scale * weight_scale[c]
+    samples: int  # calibration rows (tokens/samples) that reached the layer
+
+    def dequantized_weight(self) -> np.ndarray:
+        shape = (-1,) + (1,) * (self.weight_int.ndim - 1)
+        return self.weight_int.astype(np.float32) * self.weight_scale.reshape(shape).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    flavor: Flavor
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    float_layers: tuple[str, ...] = ()  # Linear/Conv kept in float by the gate precision policy
+
+    def to_dict(self) -> dict:
+        """Summary for the manifest (no arrays)."""
+        return {
+            "flavor": str(self.flavor),
+            "layers": {n: {"kind": str(q.kind), "act_scale": q.act_scale, "act_zero_point": q.act_zero_point,
+                           "act_signed": q.act_signed, "samples": q.samples,
+                           "weight_scale_range": [float(q.weight_scale.min()), float(q.weight_scale.max())]}
+                       for n, q in sorted(self.layers.items())},
+            "float_layers": list(self.float_layers),
+        }

@@ -1,0 +1,103 @@
+"""The CLI as a user runs it: README's main job, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgegate import zoo
+from edgegate.loading import save
+
+
+def edgegate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """`edgegate zoo train early_exit -o model.pt`, as in the README."""
+    work = tmp_path_factory.mktemp("cli")
+    r = edgegate("zoo", "train", "early_exit", "-o", "model.pt", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "wrote model.pt" in r.stdout
+    return work
+
+
+def test_readme_main_job_export_inspect_bench(trained):
+    work = trained
+    r = edgegate("export", "model.pt", "--target", "cpu", "-o", "model.edgegate", cwd=work)
+    assert r.returncode == 0, r.stderr
+    bundle = work / "model.edgegate"
+    assert sorted(p.name for p in bundle.iterdir()) == ["golden_io.npz", "manifest.json", "model.onnx"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["target"] == "cpu" and manifest["gates"]["gates"][0]["kind"] == "exit"
+    assert manifest["export"]["functions"] == ["ExitDecision"]
+    assert manifest["golden"]["max_abs_err_vs_torch"] < 1e-4
+
+    r = edgegate("inspect", "model.edgegate", "--json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["onnx"]["op_counts"]["edgegate::ExitDecision"] == 2
+
+    r = edgegate("bench", "model.edgegate", "--runs", "30", "--warmup", "3", "--json", "bench.json", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "Golden check : passed" in r.stdout
+    report = json.loads((work / "bench.json").read_text())
+    assert report["format"] == "edgegate.bench" and report["runs"] == 30
+
+
+def test_batch1_if_export(trained):
+    r = edgegate("export", "model.pt", "--batch", "1", "--exit-form", "if", "-o", "if.edgegate", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(edgegate("inspect", "if.edgegate", "--json", cwd=trained).stdout)
+    assert info["onnx"]["op_counts"]["If"] == 2
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("edgegate: error: ") and "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_full_pickle_is_refused_without_trust(tmp_path):
+    model = zoo.build("threshold_gate")
+    torch.save(model, tmp_path / "pickled.pt")  # a full pickle: loading it runs code
+    r = edgegate("export", "pickled.pt", "-o", "out.edgegate", cwd=tmp_path)
+    _assert_one_line_error(r, "pickled.pt", "--trust-model")
+    assert not (tmp_path / "out.edgegate").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pickled.pt"]
+
+
+def test_existing_bundle_unknown_target_and_corrupt_file(trained, tmp_path):
+    r = edgegate("export", "model.pt", "--target", "nosuch", "-o", "x.edgegate", cwd=trained)
+    _assert_one_line_error(r, "nosuch", "cpu")
+    (tmp_path / "exists.edgegate").mkdir()
+    save(zoo.build("threshold_gate"), tmp_path / "m.pt", meta=zoo.checkpoint_meta("threshold_gate", {}, 0))
+    r = edgegate("export", "m.pt", "-o", "exists.edgegate", cwd=tmp_path)
+    _assert_one_line_error(r, "exists.edgegate", "--overwrite")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:300])
+    r = edgegate("export", "trunc.pt", cwd=tmp_path)
+    _assert_one_line_error(r, "trunc.pt")
+    assert not (tmp_path / "trunc.edgegate").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a model at all")
+    r = edgegate("--debug", "inspect", "junk.pt", cwd=tmp_path)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_targets_lists_cpu(tmp_path):
+    r = edgegate("targets", cwd=tmp_path)
+    assert r.returncode == 0 and "cpu" in r.stdout and "yes" in r.stdout
