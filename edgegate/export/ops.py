@@ -112,7 +112,7 @@ CATALOG: dict[str, OpDef] = {
               (("exit", "B"),), (), _learned_exit, "exit[b] = sigmoid(gate_logit[b]) >= threshold"),
         OpDef("TernaryMatMul", "ternary_matmul", (("x", "T"), ("packed_w", "U"), ("scale", "F")), (("y", "T"),),
               ("in_features",), _ternary_matmul,
-              "y = x @ (unpack(packed_w) * scale[:, None])^T; 4 ternary weights per byte, LSB first"),
+              "y = x @ (unpack(packed_w) * scale)^T; scale per row [N] or per tensor []; 4 weights a byte, LSB first"),
         OpDef("LowRankCorrection", "lowrank_correction", (("x", "T"), ("a", "T"), ("b", "T"), ("g", "T")),
               (("y", "T"),), (), _lowrank_correction, "y = g * (x @ a^T) @ b^T (HGF gated low-rank path)"),
     )

@@ -5,7 +5,7 @@ Stage: model family (``edgegate.nn``). Input: ``x`` [..., in_features]. Output: 
 BitNet b1.58: weights are absmean-ternarized, ``W_t = clip(round(W / mean|W|), -1, 1) * mean|W|``;
 activations are fake-quantized to 8 bits per token (absmax); training uses straight-through
 estimators. In eval the layer calls the ``TernaryMatMul`` custom op on the packed 2-bit weights
-(4 per byte) and a per-row scale, both computed once from the weight and cached as plain tensor
+(4 per byte) and a per-tensor scale, both computed once from the weight and cached as plain tensor
 attributes, so ``torch.export`` captures them as constants. The cache is refreshed by ``eval()``,
 dropped by ``train()`` / ``load_state_dict`` and checked against the weight's version counter.
 
@@ -76,7 +76,7 @@ class TernaryLinear(nn.Module):
         return (self.weight._version, self.weight.data_ptr())
 
     def ternary_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed uint8 [N, ceil(K/4)], per-row scale fp32 [N]) for ``ops.ternary_matmul``."""
+        """(packed uint8 [N, ceil(K/4)], per-tensor scale fp32 []) for ``ops.ternary_matmul``."""
         if exporting():
             if self._packed is None:
                 raise ExportError(f"{type(self).__name__}: no packed ternary weights; call model.eval() "
@@ -87,8 +87,9 @@ class TernaryLinear(nn.Module):
                 codes, gamma = ternarize(self.weight.detach())
                 packed = ops.pack_ternary(codes.to(torch.int8).cpu().numpy())
                 self._packed = torch.from_numpy(packed).to(self.weight.device)
-                # The op takes a per-row scale; BitNet's is per tensor, so repeat it.
-                self._scale = gamma.float().expand(self.out_features).clone()
+                # BitNet's absmean scale is per tensor: one float for the whole matrix keeps the
+                # on-disk cost at 2 bits per weight plus 32 bits per layer.
+                self._scale = gamma.float().reshape(()).clone()
             self._cache_key = self._key()
         return self._packed, self._scale
 
