@@ -28,7 +28,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgegate.pipeline import ExportConfig, run_export
 
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
-    config = ExportConfig(target=args.target, quant=args.quant, batch=args.batch, exit_form=args.exit_form,
+    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, observer=args.observer,
+                          gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
+                          min_coverage=args.min_coverage,
+                          batch=args.batch, exit_form=args.exit_form,
                           trust_model=args.trust_model, model_class=args.model_class,
                           overwrite=args.overwrite, keep_intermediate=args.keep_intermediate)
     console = _console()
@@ -164,7 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
     e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
-    e.add_argument("--quant", default="fp32", choices=["fp32"], help="numeric format")
+    e.add_argument("--quant", default="fp32", choices=["fp32", "int8", "ternary"],
+                   help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights")
+    e.add_argument("--calib", metavar="NAME|FILE.npz",
+                   help="calibration data: a built-in dataset or an .npz keyed by input name "
+                   "(default: the dataset the checkpoint was trained on)")
+    e.add_argument("--observer", default="percentile", choices=["minmax", "percentile", "mse"],
+                   help="activation range observer (int8)")
+    e.add_argument("--gate-precision", choices=["float", "int8"], default=None,
+                   help="routers, exit heads and gate predictors: keep float (default) or quantize them too")
+    e.add_argument("--calibration", default="gate_aware", choices=["gate_aware", "naive"],
+                   help="naive: every quantizer sees all data and gates are quantized (a baseline)")
+    e.add_argument("--min-coverage", type=int, default=32, metavar="ROWS",
+                   help="calibration rows each quantizer must see; below it calibration is augmented")
+    e.add_argument("--lowrank", type=int, default=0, metavar="R",
+                   help="with --quant ternary: add a rank-R float correction fitted to the ternary error")
     e.add_argument("--batch", type=int, default=None, help="static batch size (default: dynamic)")
     e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
                    help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
@@ -226,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgegate: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Slot order of the router: ``n_experts`` FFN experts, then ``n_zero`` zero expert
 ``n_copy`` copy experts (output x), then ``n_const`` constant experts (MoE++: ``a1*x + a2*v`` with
 ``[a1, a2] = softmax(W_c x)`` and a learned vector ``v``). Zero-computation experts cost (almost)
 nothing, so tokens the router sends there skip FFN compute.
+
+Two formulations of the same output: *dense* (every slot computed for every token, then the routed
+ones gathered: static shapes, what training and ``torch.export`` use) and *sparse dispatch* (each
+slot runs only on the tokens routed to it: the eager eval default). Sparse dispatch is what lets
+gate-aware calibration (``edgegate.calibration``) observe each expert on exactly its routed tokens.
 """
 
 from __future__ import annotations
@@ -87,6 +92,11 @@ class MoE(nn.Module):
 
     ``last_decision`` (eval) = routed slot indices [T, k]; ``last_load`` = fraction of routed slots per
     slot [n_slots]; ``last_ffn_per_token`` = mean number of FFN experts each token used.
+
+    ``dispatch`` picks the eager eval formulation: ``"sparse"`` (default; each expert runs on its routed
+    tokens only) or ``"dense"``. Training and export always use the dense one. Both give the same
+    output up to float summation order (tested). The combination reads the router's output shape, not
+    ``k``, so a caller may widen the routing (e.g. extra slots with weight 0 for calibration coverage).
     """
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int,
@@ -103,6 +113,7 @@ class MoE(nn.Module):
             self.const_vectors = nn.Parameter(torch.randn(n_const, d_model) * 0.02)
             self.const_mix = nn.Linear(d_model, 2 * n_const)
         self.router = TopKRouter(d_model, self.n_slots, k)
+        self.dispatch = "sparse"  # eager-eval formulation; not part of the config (same function either way)
         self.last_decision: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_ffn_per_token: float | None = None
@@ -133,12 +144,43 @@ class MoE(nn.Module):
             parts.append(alpha[..., :1] * x.unsqueeze(1) + alpha[..., 1:] * self.const_vectors.unsqueeze(0))
         return torch.cat(parts, dim=1)
 
+    def sparse_picked(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The routed slots' outputs [T, k, d], each slot run only on the tokens routed to it.
+
+        Same values as gathering :meth:`slot_outputs` at ``indices``; an expert that no token chose is
+        not called at all (so it also sees no calibration rows).
+        """
+        t, d = x.shape
+        picked = x.new_zeros(t, indices.shape[1], d)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.nonzero(indices == e, as_tuple=True)  # top-k slots are distinct: tokens unique
+            if tok.numel():
+                picked[tok, slot] = expert(x[tok])
+        # Zero experts: their rows stay 0. Copy experts: the token itself.
+        first_copy = self.n_experts + self.n_zero
+        tok, slot = torch.nonzero((indices >= first_copy) & (indices < first_copy + self.n_copy), as_tuple=True)
+        picked[tok, slot] = x[tok]
+        if self.n_const:
+            first_const = first_copy + self.n_copy
+            tok, slot = torch.nonzero(indices >= first_const, as_tuple=True)
+            if tok.numel():
+                # const_mix runs once per token routed to any constant expert (path-conditional too).
+                rows, inverse = torch.unique(tok, return_inverse=True)
+                alpha = torch.softmax(self.const_mix(x[rows]).reshape(-1, self.n_const, 2), dim=-1)
+                c = indices[tok, slot] - first_const
+                a = alpha[inverse, c]  # [n, 2]
+                picked[tok, slot] = a[:, :1] * x[tok] + a[:, 1:] * self.const_vectors[c]
+        return picked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         weights, indices = self.router(x)
-        outs = self.slot_outputs(x)
-        picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
+        if self.training or exporting() or self.dispatch == "dense":
+            outs = self.slot_outputs(x)
+            picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
+        else:
+            picked = self.sparse_picked(x, indices)
         y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
         if not self.training and not exporting():
             record(self, last_decision=indices, last_load=self.router.last_load,

@@ -40,7 +40,8 @@ def test_readme_main_job_export_inspect_bench(trained):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["gates"]["gates"][0]["kind"] == "exit"
     assert manifest["export"]["functions"] == ["ExitDecision"]
-    assert manifest["golden"]["max_abs_err_vs_torch"] < 1e-4
+    assert manifest["golden"]["vs_torch"]["logits_max_abs_err"] < 1e-4
+    assert manifest["golden"]["vs_torch"]["exit_index_agreement"] == 1.0
 
     r = edgegate("inspect", "model.edgegate", "--json", cwd=work)
     assert r.returncode == 0, r.stderr
@@ -101,3 +102,37 @@ def test_debug_shows_traceback(tmp_path):
 def test_targets_lists_cpu(tmp_path):
     r = edgegate("targets", cwd=tmp_path)
     assert r.returncode == 0 and "cpu" in r.stdout and "yes" in r.stdout
+
+
+def test_int8_export_records_calibration_and_fidelity(trained):
+    r = edgegate("export", "model.pt", "--quant", "int8", "--calib", "clusters", "-o", "int8.edgegate", cwd=trained)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((trained / "int8.edgegate" / "manifest.json").read_text())
+    q = m["quant"]
+    assert q["scheme"] == "int8" and q["calibration_data"] == "clusters"
+    assert q["config"]["calibration"] == "gate_aware" and q["config"]["gate_precision"] == "float"
+    assert q["plan"]["layers"] and q["float_layers"]  # stages quantized, exit heads kept float
+    assert q["fidelity"]["summary"]["exit_agreement"] >= 0.97
+    assert set(q["thresholds"][""]) == {"before", "after"}
+    info = json.loads(edgegate("inspect", "int8.edgegate", "--json", cwd=trained).stdout)
+    assert info["onnx"]["op_counts"]["QuantizeLinear"] >= 3 and info["onnx"]["op_counts"]["DequantizeLinear"] >= 6
+    r = edgegate("bench", "int8.edgegate", "--runs", "20", "--warmup", "2", cwd=trained)
+    assert r.returncode == 0 and "Golden check : passed" in r.stdout
+
+
+def test_ternary_export_with_lowrank(tmp_path):
+    r = edgegate("zoo", "train", "float_lm", "-o", "lm.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = edgegate("export", "lm.pt", "--quant", "ternary", "--lowrank", "8", "-o", "lm.edgegate", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    q = json.loads((tmp_path / "lm.edgegate" / "manifest.json").read_text())["quant"]
+    assert q["scheme"] == "ternary" and q["lowrank"] == 8 and q["bits_per_weight"] <= 2.2
+    assert set(q["layers"]) == {"fc1", "fc2", "head"}
+
+
+def test_bad_quant_options_are_one_line_errors(trained):
+    r = edgegate("export", "model.pt", "--quant", "int8", "--lowrank", "4", "-o", "x.edgegate", cwd=trained)
+    _assert_one_line_error(r, "--lowrank", "ternary")
+    r = edgegate("export", "model.pt", "--quant", "int8", "--calib", "nosuch.npz", "-o", "x.edgegate", cwd=trained)
+    _assert_one_line_error(r, "nosuch.npz")
+    assert not (trained / "x.edgegate").exists()

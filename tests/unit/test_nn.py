@@ -320,7 +320,7 @@ def test_ternary_linear_eval_is_ternary_matmul_on_packed_weights():
     with torch.no_grad():
         y = m(x)
     packed, scale = m.ternary_weights()
-    assert packed.dtype == torch.uint8 and packed.shape == (6, 3) and scale.shape == (6,)
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 3) and scale.shape == ()  # BitNet: one absmean scale per tensor
     codes, gamma = enn.ternarize(m.weight.detach())
     np.testing.assert_array_equal(ops.unpack_ternary(_np(packed), 10), _np(codes).astype(np.int8))
     xq = _np(enn.quantize_activations(x))

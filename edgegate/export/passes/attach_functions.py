@@ -12,18 +12,15 @@ import onnx
 
 from edgegate.errors import ExportError
 from edgegate.export.ops import CATALOG, DOMAIN, DOMAIN_VERSION, function_proto
+from edgegate.export.passes._graph import subgraphs
 
 
 def iter_nodes(graph: onnx.GraphProto):
     """Every node of ``graph`` and of its subgraphs, depth first."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from iter_nodes(g)
+        for g in subgraphs(node):
+            yield from iter_nodes(g)
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,139 @@
+"""Gate-aware calibration: drive every activation quantizer with exactly what reaches it when deployed.
+
+Stage: calibrate (DESIGN §1, §5). Input: a float model, calibration inputs (one model input, batch
+first), a :class:`QuantConfig` and the model's :class:`GateMap`. Output: the calibrated fake-quant
+model and a :class:`CalibrationRecord` (coverage, augmentation, fallbacks, re-tuned thresholds and
+the :class:`QuantPlan`).
+
+Steps: validate the data; quantize a copy (gate precision policy); count rows under the deployed
+gating (float model); plan coverage augmentation; run the quantized model's own eager forward once in
+brevitas calibration mode under the calibration gating (augmented, or naive for the baseline);
+calibrate layers that got no rows on their naive inputs; correct biases on the same rows; re-tune exit
+thresholds; read the plan back.
+
+The whole calibration set goes through in ONE forward: brevitas averages one statistic per call, so
+a call with 3 rows would weigh as much as one with 3000 (gating makes per-layer batch sizes vary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgegate.calibration.bias import correct_biases
+from edgegate.calibration.gating import augment_exits, augment_routing, augmented_gating, naive_gating
+from edgegate.calibration.inputs import as_input, check_fits, input_name
+from edgegate.calibration.probe import GatedParts, Probe
+from edgegate.calibration.record import CalibrationRecord, Coverage, Fallback
+from edgegate.calibration.retune import retune_exit_thresholds
+from edgegate.data import TensorSpec
+from edgegate.errors import EdgegateError
+from edgegate.gates import GateMap, find_gates
+from edgegate.quantize.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
+from edgegate.quantize.config import QuantConfig
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
+    from brevitas.graph.calibrate import calibration_mode
+
+log = logging.getLogger(__name__)
+
+
+def _coverage(probe: Probe) -> Coverage:
+    return Coverage(dict(probe.rows), {p: list(v) for p, v in probe.stage_rows.items()},
+                    {p: list(v) for p, v in probe.slot_rows.items()})
+
+
+def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: torch.Tensor, fparts: GatedParts,
+               swapped: dict[str, nn.Module], rows: dict[str, int]) -> list[Fallback]:
+    """Calibrate each quantizer that got no rows on its inputs under naive gating (call it inside the
+    calibration context). A layer that never runs even then is put back in float."""
+    empty = [p for p, n in rows.items() if n == 0]
+    if not empty:
+        return []
+    with naive_gating(fparts), Probe(ref, empty, fparts, keep_inputs=empty) as probe:
+        ref(x)
+    out = []
+    for path in empty:
+        inputs = probe.layer_input(path)
+        if inputs is None:
+            unquantize_layer(qmodel, path, ref.get_submodule(path))
+            del swapped[path]
+            out.append(Fallback(path, "float", 0, "never executed on the calibration data, even with every "
+                                                  "gate open; left in float"))
+            continue
+        swapped[path](inputs)  # one call: brevitas averages per call
+        rows[path] = probe.rows[path]
+        out.append(Fallback(path, "naive", rows[path], "no calibration row reached it under the (augmented) "
+                                                       "gating; calibrated on all calibration data"))
+        log.warning("calibration: %s got no rows under gating; calibrated on all data instead", path)
+    return out
+
+
+def calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig | None = None,
+              gate_map: GateMap | None = None, *,
+              input_spec: TensorSpec | None = None) -> tuple[nn.Module, CalibrationRecord]:
+    """Quantize a copy of ``model`` and calibrate it on ``data`` (np.ndarray or torch.Tensor, [N, ...]).
+
+    Returns ``(quantized model, record)``; ``model`` itself is not modified. Raises ``DataError``
+    (naming the input) for empty, NaN/Inf or ill-shaped data before any work.
+    """
+    config = config or QuantConfig()
+    name = input_name(model, input_spec)
+    x = as_input(data, name, input_spec)
+    ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
+    check_fits(ref, x, name)
+    gate_map = find_gates(ref) if gate_map is None else gate_map
+    qmodel, swapped = quantize(ref, config, gate_map)
+    fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
+    paths = list(swapped)
+    with torch.no_grad():
+        with Probe(ref, paths, fparts) as deployed:
+            ref(x)
+        thresholds: dict[str, list[float]] = {}
+        k_wide: dict[str, int] = {}
+        augmentation = []
+        if config.gate_aware and config.augment:
+            thresholds, on_exits = augment_exits(ref, x, fparts, config.min_coverage)
+            k_wide, on_routes = augment_routing(ref, x, fparts, thresholds, set(paths), config.min_coverage)
+            augmentation = on_exits + on_routes
+
+        def gating() -> contextlib.AbstractContextManager:
+            return augmented_gating(qparts, thresholds, k_wide) if config.gate_aware else naive_gating(qparts)
+
+        with calibration_mode(qmodel):
+            with gating(), Probe(qmodel, paths, qparts) as seen:
+                qmodel(x)
+            rows = dict(seen.rows)
+            fallbacks = _fallbacks(ref, qmodel, x, fparts, swapped, rows)
+        rows = {p: n for p, n in rows.items() if p in swapped}
+        if any(rows[p] == 0 for p in swapped):  # the invariant the fallbacks exist for; never ship a default
+            raise EdgegateError(f"calibration left {[p for p in swapped if rows[p] == 0]} without data")
+        corrections: dict[str, float] = {}
+        if config.bias_correction:
+            with gating():
+                corrections = correct_biases(qmodel, x, swapped)
+        below = [p for p, n in rows.items() if n < config.min_coverage]
+        if below:
+            log.info("calibration: %d layer(s) below min_coverage=%d rows: %s", len(below), config.min_coverage,
+                     ", ".join(below))
+        retuned = {}
+        if config.gate_aware and config.retune_thresholds:
+            retuned = retune_exit_thresholds(ref, qmodel, x, fparts, qparts)
+        plan = plan_from(swapped, config.flavor, float_layers(qmodel), rows)
+    reasons = kept_float(ref, config, gate_map)
+    reasons.update({f.layer: f.reason for f in fallbacks if f.action == "float"})
+    record = CalibrationRecord(
+        config=config, samples=int(x.shape[0]), coverage=_coverage(deployed),
+        calibrated=Coverage(rows, {p: list(v) for p, v in seen.stage_rows.items()},
+                            {p: list(v) for p, v in seen.slot_rows.items()}),
+        augmentation=tuple(augmentation), fallbacks=tuple(fallbacks), thresholds=retuned,
+        bias_corrections=corrections,
+        float_layers={p: reasons.get(p, "") for p in plan.float_layers}, plan=plan)
+    return qmodel, record

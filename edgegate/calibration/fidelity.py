@@ -1,0 +1,143 @@
+"""Gate fidelity: how faithfully the quantized model reproduces the float model's outputs and gates.
+
+Stage: calibration report (DESIGN §5 "Gate fidelity"; shown by ``compare``). Input: the float and the
+quantized model, held-out inputs (and labels). Output: a JSON-able dict: accuracy and loss of both
+models, top-1 agreement, output SQNR, and per gate: exit-index agreement (early exit), top-k set and
+top-1 expert agreement (routers), mask Hamming distance (channel / threshold gates), mean absolute
+gate difference (sigmoid gates); ``summary`` holds the worst value of each gate metric over gates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegate.calibration.inputs import as_input, as_labels, check_fits, input_name
+from edgegate.data import TensorSpec
+from edgegate.gates import GateKind, GateMap, find_gates
+
+# Metric -> True when higher is better (for comparisons such as gate-aware vs naive calibration).
+HIGHER_IS_BETTER = {
+    "accuracy": True, "loss": False, "top1_agreement": True, "output_sqnr_db": True,
+    "exit_agreement": True, "topk_set_agreement": True, "top1_expert_agreement": True,
+    "mask_hamming": False, "gate_mae": False,
+}
+_WORST = {True: min, False: max}
+_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID)
+
+
+@contextlib.contextmanager
+def _decisions(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Collect each gate's ``last_decision`` after each of its forwards (works across batches)."""
+    got: dict[str, list[torch.Tensor]] = {g.name: [] for g in gate_map if g.kind in _OBSERVED}
+    handles = []
+    for name in got:
+        def hook(module: nn.Module, args: tuple, out: object, _name: str = name) -> None:
+            if getattr(module, "last_decision", None) is not None:
+                got[_name].append(module.last_decision)
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model: nn.Module, x: torch.Tensor, gate_map: GateMap,
+         batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    outs = []
+    with torch.no_grad(), _decisions(model, gate_map) as got:
+        for i in range(0, len(x), batch_size):
+            out = model(x[i: i + batch_size])
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs), {n: torch.cat(v) for n, v in got.items() if v}
+
+
+def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int | None) -> dict[str, Any]:
+    if f.shape != q.shape:  # e.g. a router inside a compacted stage: rows differ, nothing to align
+        return {"kind": str(kind), "aligned": False}
+    if kind == GateKind.EXIT:
+        n = n_exits or int(max(f.max(), q.max())) + 1
+        frac = {name: [float(v) for v in torch.bincount(t, minlength=n).float() / len(t)]
+                for name, t in (("float", f), ("quant", q))}
+        return {"kind": str(kind), "exit_agreement": float((f == q).float().mean()), "exit_fractions": frac}
+    if kind == GateKind.ROUTER:
+        same_set = (f.sort(dim=-1).values == q.sort(dim=-1).values).all(dim=-1)
+        return {"kind": str(kind), "topk_set_agreement": float(same_set.float().mean()),
+                "top1_expert_agreement": float((f[..., 0] == q[..., 0]).float().mean())}
+    if kind == GateKind.SIGMOID:
+        return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean())}
+    return {"kind": str(kind), "mask_hamming": float((f != q).float().mean()),
+            "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    noise = float((reference.double() - test.double()).square().sum())
+    signal = float(reference.double().square().sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
+
+
+def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: np.ndarray | torch.Tensor,
+                     labels: np.ndarray | torch.Tensor | None = None,
+                     gate_map: GateMap | None = None, *, input_spec: TensorSpec | None = None,
+                     batch_size: int | None = None) -> dict[str, Any]:
+    """Float vs quantized on held-out ``data`` ([N, ...]; ``labels`` [N] class ids, optional).
+
+    ``batch_size``: rows per forward (default: all at once). Both models run in eval mode with their
+    own thresholds (the quantized model's re-tuned ones).
+    """
+    name = input_name(float_model, input_spec)
+    x = as_input(data, name, input_spec, source="evaluation data")
+    y = as_labels(labels, len(x))
+    float_model.eval(), quant_model.eval()
+    check_fits(float_model, x, name, source="evaluation data")
+    gate_map = find_gates(float_model) if gate_map is None else gate_map
+    bs = batch_size or len(x)
+    f_out, f_gates = _run(float_model, x, gate_map, bs)
+    q_out, q_gates = _run(quant_model, x, gate_map, bs)
+    result: dict[str, Any] = {
+        "samples": len(x),
+        "top1_agreement": float((f_out.argmax(-1) == q_out.argmax(-1)).float().mean()),
+        "output_sqnr_db": sqnr_db(f_out, q_out),
+    }
+    if y is not None:
+        result["accuracy"] = {"float": float((f_out.argmax(-1) == y).float().mean()),
+                              "quant": float((q_out.argmax(-1) == y).float().mean())}
+        result["loss"] = {"float": float(F.cross_entropy(f_out.float(), y)),
+                          "quant": float(F.cross_entropy(q_out.float(), y))}
+    gates: dict[str, Any] = {}
+    for info in gate_map:
+        if info.name in f_gates and info.name in q_gates:
+            gates[info.name] = _gate_metrics(info.kind, f_gates[info.name], q_gates[info.name],
+                                             info.details.get("n_exits"))
+    result["gates"] = gates
+    summary: dict[str, float] = {}
+    for metric, higher in HIGHER_IS_BETTER.items():
+        values = [g[metric] for g in gates.values() if metric in g]
+        if values:
+            summary[metric] = _WORST[higher](values)
+    result["summary"] = summary
+    return result
+
+
+def comparable_metrics(fidelity: dict[str, Any]) -> dict[str, float]:
+    """Flat ``{metric: value}`` of one fidelity result (quantized side), keys of HIGHER_IS_BETTER."""
+    out = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db") if k in fidelity}
+    for k in ("accuracy", "loss"):
+        if k in fidelity:
+            out[k] = fidelity[k]["quant"]
+    out.update(fidelity.get("summary", {}))
+    return out
+
+
+def at_least_as_good(a: dict[str, Any], b: dict[str, Any]) -> dict[str, bool]:
+    """Per metric: is fidelity result ``a`` at least as good as ``b``?"""
+    ma, mb = comparable_metrics(a), comparable_metrics(b)
+    return {k: (ma[k] >= mb[k]) if HIGHER_IS_BETTER[k] else (ma[k] <= mb[k]) for k in ma if k in mb}

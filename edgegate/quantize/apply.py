@@ -1,0 +1,90 @@
+"""Apply a quantization config to a model, and read the calibrated quantizers back as a QuantPlan.
+
+Stage: quantize (DESIGN §1). Input: a float model, a :class:`QuantConfig` and its :class:`GateMap`.
+Output: a fake-quantized deep copy (``quantize``) and, once calibrated, the :class:`QuantPlan` that
+the ONNX lowering consumes (``plan_from``). Calibration itself (driving the quantizers with data
+under the deployed gating) is ``edgegate.calibration``; a freshly quantized model is uncalibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgegate.gates import GateMap, find_gates
+from edgegate.quantize.config import QuantConfig
+from edgegate.quantize.layers import EmptySafeQuantConv2d, is_quantizable, quant_layer
+from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantize.policy import decision_layers
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), child, module)
+
+
+def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict[str, str]:
+    """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``."""
+    return decision_layers(model, gate_map) if config.gates_in_float else {}
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None,
+             gate_map: GateMap | None = None) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A deep copy of ``model`` (eval mode) with each plain ``nn.Linear``/``nn.Conv2d`` replaced by its
+    brevitas layer, except the gate decision layers when the gate precision policy keeps them float.
+
+    Returns ``(quantized model, {path: quant layer})``. The quant layers are uncalibrated: run
+    ``edgegate.calibration.calibrate`` (which calls this) rather than using them directly.
+    """
+    config = config or QuantConfig()
+    gate_map = find_gates(model) if gate_map is None else gate_map
+    qmodel = copy.deepcopy(model).eval()
+    keep = kept_float(qmodel, config, gate_map)
+    swapped: dict[str, nn.Module] = {}
+    for path, module in list(qmodel.named_modules()):
+        if is_quantizable(module) and path not in keep:
+            q = quant_layer(module, config)
+            _set_submodule(qmodel, path, q)
+            swapped[path] = q
+    return qmodel, swapped
+
+
+def float_layers(qmodel: nn.Module) -> tuple[str, ...]:
+    """Paths of the plain Linear/Conv layers left in float in a quantized model."""
+    return tuple(path for path, m in qmodel.named_modules() if is_quantizable(m))
+
+
+def unquantize_layer(qmodel: nn.Module, path: str, float_module: nn.Module) -> None:
+    """Put a float layer back (a quantizer that could not be calibrated must not ship)."""
+    _set_submodule(qmodel, path, copy.deepcopy(float_module).eval())
+
+
+def _layer_quant(name: str, q: nn.Module, samples: int) -> LayerQuant:
+    with torch.no_grad():
+        act = q.input_quant
+        wq = q.quant_weight()
+        bias = None if q.bias is None else q.bias.detach().float().cpu().numpy()
+        return LayerQuant(
+            name=name,
+            kind=LayerKind.CONV if isinstance(q, EmptySafeQuantConv2d) else LayerKind.LINEAR,
+            act_scale=float(act.scale().detach()),
+            act_zero_point=int(round(float(act.zero_point().detach()))),
+            act_signed=bool(act.is_signed),
+            weight_int=wq.int().detach().to(torch.int8).cpu().numpy(),
+            weight_scale=wq.scale.detach().reshape(-1).float().cpu().numpy().astype(np.float32),
+            bias=bias,
+            samples=int(samples),
+        )
+
+
+def plan_from(swapped: dict[str, nn.Module], flavor: Flavor | str, float_layers: tuple[str, ...] | list[str],
+              counts: dict[str, int]) -> QuantPlan:
+    """Read calibrated brevitas layers back into a :class:`QuantPlan` (numpy arrays, float bias).
+
+    ``counts``: calibration rows each layer saw (``LayerQuant.samples``).
+    """
+    layers = {name: _layer_quant(name, q, counts.get(name, 0)) for name, q in swapped.items()}
+    return QuantPlan(Flavor(flavor), layers, tuple(float_layers))

@@ -1,0 +1,96 @@
+"""Quantization options: one frozen dataclass, torch-free so manifests and the CLI can read it.
+
+Stage: configuration of calibrate / quantize (DESIGN §5). Input: user choices (CLI flags
+``--quant int8 --observer … --gate-precision … --calibration …``). Output: a validated
+:class:`QuantConfig`, recorded in the bundle manifest through :meth:`QuantConfig.to_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+from edgegate.errors import EdgegateError
+from edgegate.quantize.plan import Flavor
+
+
+class Scheme(StrEnum):
+    INT8 = "int8"  # int8 per-channel weights, 8-bit per-tensor activations (ternary comes later)
+
+
+class Observer(StrEnum):
+    """How an activation quantizer turns the calibration activations into a range."""
+
+    MINMAX = "minmax"  # full observed range: no clipping, coarsest steps
+    PERCENTILE = "percentile"  # 99.99th percentile (and 0.01th for asymmetric): clips rare outliers
+    MSE = "mse"  # range minimizing the quantization MSE (slowest)
+
+
+class GatePrecision(StrEnum):
+    FLOAT = "float"  # gate decision layers (routers, exit heads, predictors) stay fp32
+    INT8 = "int8"  # gate decision layers are quantized like every other layer
+
+
+class CalibrationMode(StrEnum):
+    GATE_AWARE = "gate_aware"  # path-conditional statistics, coverage augmentation, threshold re-tuning
+    NAIVE = "naive"  # baseline: every quantizer sees all calibration data, gates ignored
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how to calibrate it. Strings are accepted for every enum field.
+
+    ``gate_precision=None`` resolves to ``float`` for gate-aware calibration and ``int8`` for the
+    naive baseline (gate-unaware PTQ quantizes every layer); give it explicitly to ablate.
+    ``min_coverage``: calibration rows (samples for convs, tokens for linears) each quantizer should see;
+    below it, gate-aware calibration augments coverage for calibration only (``augment``).
+    ``retune_thresholds``: refit early-exit thresholds on the quantized model (gate-aware only).
+    ``bias_correction``: remove each layer's mean output error on the calibration rows that reach it
+    (both modes: the naive baseline gets it too, on all rows, so the comparison stays fair).
+    """
+
+    scheme: Scheme = Scheme.INT8
+    observer: Observer = Observer.PERCENTILE
+    flavor: Flavor = Flavor.CPU
+    gate_precision: GatePrecision | None = None
+    calibration: CalibrationMode = CalibrationMode.GATE_AWARE
+    min_coverage: int = 32
+    augment: bool = True
+    retune_thresholds: bool = True
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        for name, enum in (("scheme", Scheme), ("observer", Observer), ("flavor", Flavor),
+                           ("calibration", CalibrationMode), ("gate_precision", GatePrecision)):
+            value = getattr(self, name)
+            if value is None and name == "gate_precision":
+                continue
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                raise EdgegateError(f"QuantConfig: {name}={value!r} is unknown; use one of "
+                                    f"{', '.join(e.value for e in enum)}") from None
+        if self.scheme != Scheme.INT8:
+            raise EdgegateError(f"QuantConfig: scheme {self.scheme} is not supported yet; use int8")
+        if int(self.min_coverage) < 1:
+            raise EdgegateError(f"QuantConfig: min_coverage={self.min_coverage} must be >= 1 calibration row")
+
+    @property
+    def gate_aware(self) -> bool:
+        return self.calibration == CalibrationMode.GATE_AWARE
+
+    @property
+    def gates_in_float(self) -> bool:
+        """Whether the gate precision policy keeps gate decision layers in float."""
+        if self.gate_precision is None:
+            return self.gate_aware
+        return self.gate_precision == GatePrecision.FLOAT
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, StrEnum) else v
+        out["gate_precision"] = str(GatePrecision.FLOAT if self.gates_in_float else GatePrecision.INT8)
+        return out

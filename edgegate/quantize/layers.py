@@ -1,0 +1,101 @@
+"""Brevitas quant layers and the activation-quantizer table (flavor x observer).
+
+Stage: quantize (DESIGN §5). Input: a float ``nn.Linear`` / ``nn.Conv2d`` and a :class:`QuantConfig`.
+Output: the equivalent brevitas layer (int8 per-channel weights, 8-bit per-tensor input quantizer,
+int32 bias, float output) carrying the same weights, ready to be calibrated.
+
+Flavors differ only in the activation type: ``cpu`` uses asymmetric uint8 activations (ONNX Runtime
+on x86 fuses int8 kernels only with uint8 activations), ``trt`` symmetric int8 with zero point 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegate.quantize.config import Observer, QuantConfig
+from edgegate.quantize.plan import Flavor
+
+with warnings.catch_warnings():
+    # brevitas warns at import about an optional CUDA kernel package we never use.
+    warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
+    import brevitas.nn as qnn
+    from brevitas.core.stats import NegativeMinOrZero
+    from brevitas.inject.enum import StatsOp
+    from brevitas.quant import (
+        Int8ActPerTensorFloat,
+        Int8ActPerTensorFloatMSE,
+        Int8WeightPerChannelFloat,
+        Int32Bias,
+        ShiftedUint8ActPerTensorFloat,
+    )
+    from brevitas.quant.shifted_scaled_int import ShiftedUint8ActPerTensorFloatMSE
+
+# brevitas warns on every forward with an asymmetric (cpu) input quantizer that it does not track the
+# accumulator's zero point; we never use its output QuantTensor (return_quant_tensor=False).
+warnings.filterwarnings("ignore", message="Computing zero point of output accumulator", category=UserWarning)
+
+# Layer types that are swapped, matched exactly: subclasses (e.g. brevitas layers, or the Linear that
+# nn.MultiheadAttention reads weights from directly) are not plain layers and are left alone.
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+ACT_QUANT = {
+    (Flavor.TRT, Observer.MINMAX): Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX),
+    (Flavor.TRT, Observer.PERCENTILE): Int8ActPerTensorFloat.let(high_percentile_q=99.99),
+    (Flavor.TRT, Observer.MSE): Int8ActPerTensorFloatMSE,
+    (Flavor.CPU, Observer.MINMAX): ShiftedUint8ActPerTensorFloat.let(
+        scaling_stats_op=StatsOp.MIN_MAX, zero_point_stats_impl=NegativeMinOrZero),
+    (Flavor.CPU, Observer.PERCENTILE): ShiftedUint8ActPerTensorFloat.let(
+        high_percentile_q=99.99, low_percentile_q=0.01),
+    (Flavor.CPU, Observer.MSE): ShiftedUint8ActPerTensorFloatMSE,
+}
+
+
+def is_quantizable(module: nn.Module) -> bool:
+    return type(module) in QUANTIZABLE
+
+
+class EmptySafeQuantLinear(qnn.QuantLinear):
+    """``brevitas.nn.QuantLinear`` that passes an empty batch through as the float op.
+
+    Under compaction (early exit) or sparse dispatch a layer can receive zero rows; brevitas'
+    statistics crash on an empty tensor, and there is nothing to quantize anyway.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class EmptySafeQuantConv2d(qnn.QuantConv2d):
+    """``brevitas.nn.QuantConv2d`` that passes an empty batch through as the float op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return super().forward(x)
+
+
+def quant_layer(module: nn.Module, config: QuantConfig) -> nn.Module:
+    """A fresh (uncalibrated) brevitas layer with ``module``'s weights, device and dtype."""
+    has_bias = module.bias is not None
+    kw = {"bias": has_bias, "weight_quant": Int8WeightPerChannelFloat,
+          "input_quant": ACT_QUANT[(config.flavor, config.observer)],
+          "bias_quant": Int32Bias if has_bias else None, "output_quant": None, "return_quant_tensor": False}
+    if isinstance(module, nn.Conv2d):
+        q: nn.Module = EmptySafeQuantConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups,
+            padding_mode=module.padding_mode, **kw)
+    else:
+        q = EmptySafeQuantLinear(module.in_features, module.out_features, **kw)
+    # load_state_dict is strict about brevitas' own buffers: copy the parameters instead.
+    with torch.no_grad():
+        q.weight.copy_(module.weight)
+        if has_bias:
+            q.bias.copy_(module.bias)
+    return q.to(device=module.weight.device, dtype=module.weight.dtype).train(module.training)

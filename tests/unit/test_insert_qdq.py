@@ -1,0 +1,345 @@
+"""insert_qdq: QDQ placement per flavor, ORT vs a torch fake-quant simulation, ORT's int8 fusion on x86.
+
+Plans are built here by hand (minmax activation ranges from hooks, per-channel absmax int8 weights),
+as calibration would hand them over. Errors are measured in output quantization steps: the step of
+an 8-bit minmax quantizer over the simulated output.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgegate import zoo
+from edgegate.errors import ExportError
+from edgegate.export.passes import iter_nodes
+from edgegate.export.passes.insert_qdq import insert_qdq
+from edgegate.export.torch_export import ExportOptions, export_onnx
+from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+
+FLOAT_COMPUTE = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NhwcFusedConv"}
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
+class TokenMLP(nn.Module):
+    """Linears on [B, T, C]: exported as MatMul on a constant-folded W^T + Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor, float_layers: tuple[str, ...] = (),
+              per_tensor: bool = False) -> QuantPlan:
+    """Minmax plan: asymmetric uint8 activations (cpu) or symmetric int8 (trt); int8 absmax weights."""
+    mods = {n: m for n, m in _layers(model).items() if n not in float_layers}
+    seen: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].detach().numpy().ravel()))
+             for n, m in mods.items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    layers = {}
+    for n, m in mods.items():
+        a = np.concatenate(seen[n])
+        if flavor is Flavor.CPU:
+            lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+            scale = (hi - lo) / 255
+            zp, signed = int(np.clip(round(-lo / scale), 0, 255)), False
+        else:
+            scale, zp, signed = float(np.abs(a).max()) / 127, 0, True
+        w = m.weight.detach().numpy()
+        ws = (np.abs(w.reshape(1 if per_tensor else len(w), -1)).max(1) / 127).astype(np.float32)
+        wi = np.clip(np.round(w / ws.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
+        kind = LayerKind.CONV if isinstance(m, nn.Conv2d) else LayerKind.LINEAR
+        layers[n] = LayerQuant(n, kind, scale, zp, signed, wi, ws, m.bias.detach().numpy().copy(), len(seen[n]))
+    return QuantPlan(flavor, layers, float_layers)
+
+
+def simulate(model: nn.Module, plan: QuantPlan) -> nn.Module:
+    """Torch fake-quant twin: quantized input, dequantized weight, bias on the int32 grid (brevitas Int32Bias)."""
+    sim = copy.deepcopy(model).eval()
+    mods = _layers(sim)
+    for name, q in plan.layers.items():
+        m = mods[name]
+        lo, hi = (-128, 127) if q.act_signed else (0, 255)
+
+        def fake_quant(_m, args, q=q, lo=lo, hi=hi):
+            x = torch.clamp(torch.round(args[0] / q.act_scale) + q.act_zero_point, lo, hi)
+            return ((x - q.act_zero_point) * q.act_scale,)
+
+        m.register_forward_pre_hook(fake_quant)
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(q.dequantized_weight()))
+            s = np.float32(q.act_scale) * q.weight_scale
+            m.bias.copy_(torch.from_numpy(np.round(q.bias / s).astype(np.float32) * s))
+    return sim
+
+
+def _session(proto: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_types(proto: onnx.ModelProto) -> collections.Counter:
+    """Op types of ORT's optimized graph (level all), subgraphs included."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "optimized.onnx")
+        _session(proto, path)
+        return collections.Counter(n.op_type for n in iter_nodes(onnx.load(path).graph))
+
+
+def steps(got: np.ndarray, want: np.ndarray) -> float:
+    """Max error in steps of an 8-bit minmax quantizer of the reference output."""
+    step = (float(want.max()) - float(want.min())) / 255
+    return float(np.abs(got - want).max()) / step
+
+
+def _count(proto: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in iter_nodes(proto.graph))
+
+
+def _check(proto: onnx.ModelProto) -> None:
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+
+
+def _dq_inputs(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    inits = {t.name: t for g in _graphs(proto.graph) for t in g.initializer}
+    return {n.output[0]: inits.get(n.input[0]) for n in iter_nodes(proto.graph) if n.op_type == "DequantizeLinear"}
+
+
+def _graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+
+
+# ------------------------------------------------------------------------------------------------ cpu
+
+
+@pytest.mark.parametrize("net,shape", [(ConvNet, (32, 1, 8, 8)), (TokenMLP, (8, 5, 16))])
+def test_cpu_flavor_matches_simulation_and_fuses_every_layer(net, shape):
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(*shape)
+    plan = make_plan(model, x, Flavor.CPU)
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+
+    n = len(plan.layers)
+    ops = _count(proto)
+    matmul = net is TokenMLP
+    assert ops["QuantizeLinear"] == n
+    assert ops["DequantizeLinear"] == (2 if matmul else 3) * n  # activation, weight (, int32 bias)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for name in plan.layers:
+        assert f"{name}.weight" not in inits
+        assert inits[f"{name}.weight_quantized"].data_type == onnx.TensorProto.INT8
+        assert inits[f"{name}.input_zero_point"].data_type == onnx.TensorProto.UINT8
+        q, to_array = plan.layers[name], onnx.numpy_helper.to_array
+        want_bias = np.round(q.bias.astype(np.float64) / (q.act_scale * q.weight_scale.astype(np.float64)))
+        if matmul:  # float values on the int32 grid, for ORT's MatMulIntegerToFloat + Add
+            got_bias = to_array(inits[f"{name}.bias_rounded"]) / to_array(inits[f"{name}.weight_scale"]) / q.act_scale
+            np.testing.assert_allclose(got_bias, want_bias, atol=1e-3)
+        else:
+            assert inits[f"{name}.bias_quantized"].data_type == onnx.TensorProto.INT32
+            np.testing.assert_array_equal(to_array(inits[f"{name}.bias_quantized"]), want_bias)
+    # no float weight left behind: every 2-D+ float initializer is gone
+    assert not [t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1]
+
+    xt = torch.randn(*shape)
+    with torch.no_grad():
+        want = simulate(model, plan)(xt).numpy()
+    got = _session(proto).run(None, {"input": xt.numpy()})[0]
+    assert steps(got, want) <= 2
+
+    fused = optimized_op_types(proto)
+    assert not FLOAT_COMPUTE & set(fused), fused
+    if matmul:
+        assert fused["MatMulIntegerToFloat"] == n
+    else:
+        assert fused["QLinearConv"] == 2 and fused["QGemm"] == 1
+
+
+def _exit_model_and_plan(zoo_model, flavor: Flavor, float_layers: tuple[str, ...] = ()):
+    model, _ = zoo_model("early_exit")
+    calib = zoo.example_inputs("early_exit", 256)[0]
+    return model, make_plan(model, calib, flavor, float_layers), zoo.example_inputs("early_exit", 96)[0][64:]
+
+
+def test_early_exit_if_form_quantizes_inside_subgraphs(zoo_model):
+    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU)
+    proto = insert_qdq(export_onnx(model, x[:1], options=ExportOptions(batch=1)), plan)
+    _check(proto)
+    branches = [a.g for n in iter_nodes(proto.graph) if n.op_type == "If" for a in n.attribute]
+    deep = [g for g in branches if any(n.op_type == "Gemm" for n in g.node)]
+    assert deep and all(sum(n.op_type == "QuantizeLinear" for n in g.node) == sum(n.op_type == "Gemm" for n in g.node)
+                        for g in deep)
+    assert _count(proto)["QuantizeLinear"] == len(plan.layers) == 6
+    assert not any(t.name.endswith(".weight") for g in _graphs(proto.graph) for t in g.initializer)
+
+    sim, sess = simulate(model, plan), _session(proto)
+    errs, agree = [], 0
+    for row in x:
+        with torch.no_grad():
+            want_logits, want_exit = (t.numpy() for t in sim(row[None]))
+        got_logits, got_exit = sess.run(None, {"input": row[None].numpy()})
+        if got_exit[0] == want_exit[0]:
+            agree += 1
+            errs.append(np.abs(got_logits - want_logits).max())
+    assert agree >= len(x) - 1  # a rounding tie may flip one exit decision
+    with torch.no_grad():
+        ref = sim(x)[0].numpy()
+    assert max(errs) / ((ref.max() - ref.min()) / 255) <= 2
+
+    fused = optimized_op_types(proto)
+    assert fused["QGemm"] == 6 and not FLOAT_COMPUTE & set(fused), fused
+
+
+def test_early_exit_compaction_form(zoo_model):
+    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU)
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+    with torch.no_grad():
+        want_logits, want_exit = (t.numpy() for t in simulate(model, plan)(x))
+    got_logits, got_exit = _session(proto).run(None, {"input": x.numpy()})
+    same = got_exit == want_exit
+    assert same.sum() >= len(x) - 1
+    assert steps(got_logits[same], want_logits[same]) <= 2
+    fused = optimized_op_types(proto)
+    assert fused["QGemm"] == 6 and not FLOAT_COMPUTE & set(fused), fused
+
+
+def test_per_tensor_weight_scale_gives_scalar_dequantize():
+    torch.manual_seed(2)
+    model, x = ConvNet().eval(), torch.randn(16, 1, 8, 8)
+    plan = make_plan(model, x, Flavor.CPU, per_tensor=True)
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+    inits = {t.name: t for t in proto.graph.initializer}
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and "weight_quantized" in n.input[0]]
+    assert len(weight_dq) == 3 and all(not n.attribute and not inits[n.input[1]].dims for n in weight_dq)
+    with torch.no_grad():
+        want = simulate(model, plan)(x).numpy()
+    assert steps(_session(proto).run(None, {"input": x.numpy()})[0], want) <= 2
+    assert optimized_op_types(proto)["QLinearConv"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ trt
+
+
+@pytest.mark.parametrize("net,shape", [(ConvNet, (16, 1, 8, 8)), (TokenMLP, (4, 5, 16))])
+def test_trt_flavor_places_symmetric_qdq_and_keeps_bias_float(net, shape):
+    torch.manual_seed(1)
+    model, x = net().eval(), torch.randn(*shape)
+    plan = make_plan(model, x, Flavor.TRT)
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+    inits = {t.name: t for t in proto.graph.initializer}
+    dq_of = _dq_inputs(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert len(compute) == len(plan.layers)
+    for node in compute:
+        act = producers[node.input[0]]
+        assert act.op_type == "DequantizeLinear" and producers[act.input[0]].op_type == "QuantizeLinear"
+        zp = onnx.numpy_helper.to_array(inits[act.input[2]])
+        assert zp.dtype == np.int8 and zp == 0
+        w = dq_of[node.input[1]]
+        assert w is not None and w.data_type == onnx.TensorProto.INT8
+        if node.op_type != "MatMul":  # bias stays float, on brevitas' int32 grid
+            q = plan.layers[node.input[1].split(".weight_dequantized")[0]]
+            bias = inits[node.input[2]]
+            assert bias.data_type == onnx.TensorProto.FLOAT and bias.name.endswith(".bias_rounded")
+            on_grid = onnx.numpy_helper.to_array(bias) / (np.float32(q.act_scale) * q.weight_scale)
+            np.testing.assert_allclose(on_grid, np.round(on_grid), atol=1e-3)
+    assert not any(t.data_type == onnx.TensorProto.INT32 for t in proto.graph.initializer)
+    with torch.no_grad():
+        want = simulate(model, plan)(x).numpy()
+    assert steps(_session(proto).run(None, {"input": x.numpy()})[0], want) <= 2
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_float_layers_are_left_untouched(zoo_model):
+    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU, float_layers=("heads.0", "heads.1", "heads.2"))
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+    gemms = {n.input[1]: n for n in proto.graph.node if n.op_type == "Gemm"}
+    for k in range(3):
+        assert f"heads.{k}.weight" in gemms  # float weight read directly, no DQ in front of the head
+        producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+        assert producers.get(gemms[f"heads.{k}.weight"].input[0]) != "DequantizeLinear"
+    assert _count(proto)["QuantizeLinear"] == 3
+
+
+def test_unmatched_layer_and_conflicting_plan_raise():
+    torch.manual_seed(0)
+    model, x = ConvNet().eval(), torch.randn(4, 1, 8, 8)
+    plan = make_plan(model, x, Flavor.CPU)
+    proto = export_onnx(model, x)
+    ghost = QuantPlan(Flavor.CPU, {**plan.layers, "body.proj": plan.layers["fc"]})
+    with pytest.raises(ExportError, match=r"body\.proj"):
+        insert_qdq(proto, ghost)
+    with pytest.raises(ExportError, match="both quantized and float"):
+        insert_qdq(proto, QuantPlan(Flavor.CPU, plan.layers, ("fc",)))
+    wrong = dict(plan.layers)
+    wrong["fc"] = LayerQuant("fc", LayerKind.LINEAR, 0.1, 0, False, np.zeros((10, 7), np.int8),
+                             np.ones(10, np.float32), None, 1)
+    with pytest.raises(ExportError, match="layer fc: ONNX weight fc.weight has shape"):
+        insert_qdq(proto, QuantPlan(Flavor.CPU, wrong))
+    trt_asym = QuantPlan(Flavor.TRT, plan.layers)  # cpu plan: conv1's input zero point is not 0
+    with pytest.raises(ExportError, match="flavor trt needs activation zero point 0"):
+        insert_qdq(proto, trt_asym)
+
+
+def test_matmul_layer_found_by_weight_values_when_scopes_are_gone():
+    torch.manual_seed(0)
+    model, x = TokenMLP().eval(), torch.randn(4, 5, 16)
+    plan = make_plan(model, x, Flavor.CPU)
+    proto = export_onnx(model, x)
+    for n in proto.graph.node:
+        del n.metadata_props[:]  # as inside If subgraphs, where the exporter cuts the module path
+    out = insert_qdq(proto, plan)
+    _check(out)
+    assert _count(out)["MatMul"] == 2 and _count(out)["QuantizeLinear"] == 2
+    with torch.no_grad():
+        want = simulate(model, plan)(x).numpy()
+    assert steps(_session(out).run(None, {"input": x.numpy()})[0], want) <= 2
