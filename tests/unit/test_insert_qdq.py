@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import collections
 import copy
-import os
-import tempfile
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from _ort import optimized_op_types
+from _ort import session as _session
 from torch import nn
 
 from edgegate import zoo
@@ -106,21 +105,8 @@ def simulate(model: nn.Module, plan: QuantPlan) -> nn.Module:
     return sim
 
 
-def _session(proto: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def optimized_op_types(proto: onnx.ModelProto) -> collections.Counter:
-    """Op types of ORT's optimized graph (level all), subgraphs included."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "optimized.onnx")
-        _session(proto, path)
-        return collections.Counter(n.op_type for n in iter_nodes(onnx.load(path).graph))
 
 
 def steps(got: np.ndarray, want: np.ndarray) -> float:

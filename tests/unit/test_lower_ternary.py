@@ -6,14 +6,11 @@ the row's weight scale); for a whole model, the step of an 8-bit minmax quantize
 
 from __future__ import annotations
 
-import collections
-import os
-import tempfile
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+from _ort import optimized_op_types
+from _ort import session as _session
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate import zoo
@@ -28,20 +25,8 @@ FLOAT_MATMULS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulNBits"}
 SCOPES = "pkg.torch.onnx.name_scopes"
 
 
-def _session(proto: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def optimized_op_types(proto: onnx.ModelProto) -> collections.Counter:
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "optimized.onnx")
-        _session(proto, path)
-        return collections.Counter(n.op_type for n in iter_nodes(onnx.load(path).graph))
 
 
 def weight_storage(original: onnx.ModelProto, lowered: onnx.ModelProto) -> tuple[float, int]:

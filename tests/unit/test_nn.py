@@ -319,8 +319,9 @@ def test_ternary_linear_eval_is_ternary_matmul_on_packed_weights():
     x = torch.randn(4, 10)
     with torch.no_grad():
         y = m(x)
+    # BitNet: one absmean scale per tensor
     packed, scale = m.ternary_weights()
-    assert packed.dtype == torch.uint8 and packed.shape == (6, 3) and scale.shape == ()  # BitNet: one absmean scale per tensor
+    assert packed.dtype == torch.uint8 and packed.shape == (6, 3) and scale.shape == ()
     codes, gamma = enn.ternarize(m.weight.detach())
     np.testing.assert_array_equal(ops.unpack_ternary(_np(packed), 10), _np(codes).astype(np.int8))
     xq = _np(enn.quantize_activations(x))
