@@ -227,8 +227,8 @@ def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: lis
 
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     step = batch or x.shape[0]
-    if x.shape[0] % step:
-        x = np.concatenate([x] * step)[: step * max(1, x.shape[0] // step)]
+    if x.shape[0] % step:  # whole static batches only: tile or trim the samples
+        x = np.resize(x, (step * max(1, x.shape[0] // step), *x.shape[1:]))
     outs: list[list[np.ndarray]] = [[] for _ in names]
     refs: list[list[np.ndarray]] = [[] for _ in names]
     with torch.no_grad():

@@ -43,3 +43,12 @@ def leaf_scope(node: onnx.NodeProto) -> str:
                 return ""
             return str(scopes[-2]) if isinstance(scopes, list) and len(scopes) >= 2 else ""
     return ""
+
+
+def fresh_name(names: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first not in ``names``; it is added to ``names``."""
+    name, i = base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    names.add(name)
+    return name

@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.export.passes._graph import graphs, leaf_scope, subgraphs, value_names
+from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
 from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -152,11 +152,7 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str]) -
                           f"{list(q.weight_int.shape)}; was the plan made for this model?")
 
     def fresh(suffix: str) -> str:
-        name, i = f"{q.name}.{suffix}", 1
-        while name in names:
-            name, i = f"{q.name}.{suffix}_{i}", i + 1
-        names.add(name)
-        return name
+        return fresh_name(names, f"{q.name}.{suffix}")
 
     def init(suffix: str, value: np.ndarray) -> str:
         name = fresh(suffix)

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.export.ops import DOMAIN, TERNARY_LUT
-from edgegate.export.passes._graph import graphs, leaf_scope, subgraphs, value_names
+from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
 
 OP = "TernaryMatMul"
 _SHARED = {  # decode constants, added once to each graph that needs them (~70 bytes, any model size)
@@ -84,11 +84,7 @@ def _lower(graph, node, visible: ChainMap, scales: dict[str, float], names: set[
     new: list[onnx.NodeProto] = []
 
     def fresh(suffix: str) -> str:
-        name, i = f"{layer}.{suffix}", 1
-        while name in names:
-            name, i = f"{layer}.{suffix}_{i}", i + 1
-        names.add(name)
-        return name
+        return fresh_name(names, f"{layer}.{suffix}")
 
     def emit(op: str, inputs: list[str], suffix: str, n_out: int = 1, **attrs) -> str | list[str]:
         outs = [fresh(suffix if n_out == 1 else f"{suffix}_{i}") for i in range(n_out)]
