@@ -33,7 +33,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                           min_coverage=args.min_coverage,
                           batch=args.batch, exit_form=args.exit_form,
                           trust_model=args.trust_model, model_class=args.model_class,
-                          overwrite=args.overwrite, keep_intermediate=args.keep_intermediate)
+                          overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
+                          target_options=_key_values(args.target_option, "--target-option"))
     console = _console()
     with console.status("exporting") as status:
         path = run_export(args.model, out, config, on_step=lambda s: status.update(f"export: {s}"))
@@ -44,6 +45,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     gates = m["gates"].get("gates", [])
     console.print(f"wrote [bold]{path}[/] for target {m['target']} ({len(gates)} gates; {steps})")
     return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgegateError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -167,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
     e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
-    e.add_argument("--quant", default="fp32", choices=["fp32", "int8", "ternary"],
-                   help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights")
+    e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
+                   help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights; "
+                   "fp16: a float graph the target builds in half precision (trt)")
+    e.add_argument("-O", "--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target-specific compile option (repeatable); see `edgegate targets`")
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
                    "(default: the dataset the checkpoint was trained on)")

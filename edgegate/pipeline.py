@@ -9,12 +9,15 @@ each step's wall time in the manifest and, with ``keep_intermediate``, keeps eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +34,7 @@ GOLDEN_SAMPLES = 64
 @dataclass(frozen=True)
 class ExportConfig:
     target: str = "cpu"
-    quant: str = "fp32"  # fp32 | int8 | ternary
+    quant: str = "fp32"  # fp32 | fp16 (a target build flag) | int8 | ternary
     calib: str | None = None  # built-in dataset name or .npz; default: the dataset the checkpoint names
     observer: str = "percentile"
     gate_precision: str | None = None
@@ -44,6 +47,7 @@ class ExportConfig:
     model_class: str | None = None
     overwrite: bool = False
     keep_intermediate: bool = False
+    target_options: Mapping[str, str] = field(default_factory=dict)  # --target-option KEY=VALUE
 
 
 @dataclass
@@ -140,10 +144,12 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
         gate_map = find_gates(model)
     calib, held_out = None, None
     source = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
-    if config.quant != "fp32" and source:
+    quantized = config.quant in ("int8", "ternary")
+    # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
+    if source and (quantized or getattr(target, "needs_calibration", False)):
         with timer.step("load_data"):
             calib, held_out = split_data(load_data(source, [spec.name], {spec.name: spec.shape}))
-    with timer.step("calibrate" if config.quant != "fp32" else "quantize"):
+    with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
                                 spec)
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
@@ -159,12 +165,22 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
             p = problems[0]
             raise ExportError(f"target {target.name} cannot take node {p.node} ({p.op_type}): {p.message}; {p.hint}"
                               + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-    with timer.step("compile"):
-        artifact = target.compile(proto, None, None)
     names = output_names(model)
+    context = targets.CompileContext(
+        quant=config.quant, batch=config.batch, input_name=inp["name"], output_names=tuple(names),
+        calibration=calib.inputs[spec.name] if calib is not None else x, dataset=source)
+    topts = targets.options_for_export(target, config.target_options, context)
+    with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
+        artifact = target.compile(proto, topts, Path(workdir))
     with timer.step("golden"):
-        golden, x, got, want = _golden(artifact.files["model.onnx"], q.reference, x, inp["name"], names, config.batch)
-        golden_record = _check_golden(got, want, names, q.exact)
+        runs_here, _ = targets.can_run(target)
+        with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
+            golden, x, got, want = _golden(artifact.files["model.onnx"], q.reference, x, inp["name"], names,
+                                           config.batch, runner)
+        golden_record = _check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
+        if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
+            golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
+        golden_record["source"] = target.name if runs_here else "onnxruntime"
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -173,7 +189,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
                   "meta": loaded.spec.get("meta")},
         "target": target.name,
         "target_options": artifact.options,
-        "quant": {**q.record, "calibration_data": source if config.quant != "fp32" else None},
+        "quant": {**q.record, "calibration_data": source if quantized else None},
         "gates": gate_map.to_dict(),
         "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
                    "exit_form": str(options.exit_form), "input": inp,
@@ -218,14 +234,27 @@ def _check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str
     return {"vs_torch": stats, "atol": max(EXACT_ATOL, 0.02 * scale)}
 
 
-def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: list[str], batch: int | None):
-    """Run the compiled ONNX here (the reference runtime) and torch: (npz bytes, inputs, ORT, torch outputs)."""
+def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: list[str], batch: int | None,
+            runner=None):
+    """Run the compiled model here and torch: (npz bytes, inputs, device outputs, torch outputs).
+
+    The device outputs come from the target's own ``runner`` when it runs on this machine, else from
+    ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime).
+    """
     import io
 
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    if runner is None:
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+
+        def run(chunk: np.ndarray) -> list[np.ndarray]:
+            return session.run(names, {input_name: chunk})
+    else:
+        def run(chunk: np.ndarray) -> list[np.ndarray]:
+            out = runner.run({input_name: chunk})
+            return [out[k] for k in names]
     step = batch or x.shape[0]
     if x.shape[0] % step:  # whole static batches only: tile or trim the samples
         x = np.resize(x, (step * max(1, x.shape[0] // step), *x.shape[1:]))
@@ -234,7 +263,7 @@ def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: lis
     with torch.no_grad():
         for i in range(0, x.shape[0], step):
             chunk = x[i:i + step]
-            for acc, y in zip(outs, session.run(names, {input_name: chunk}), strict=True):
+            for acc, y in zip(outs, run(chunk), strict=True):
                 acc.append(y)
             ref = model(torch.from_numpy(chunk))
             ref = ref if isinstance(ref, tuple) else (ref,)

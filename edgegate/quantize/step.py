@@ -24,7 +24,7 @@ from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap
 from edgegate.quantize.plan import Flavor
 
-SCHEMES = ("fp32", "int8", "ternary")
+SCHEMES = ("fp32", "fp16", "int8", "ternary")
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
                         calib: Dataset | None, held_out: Dataset | None, spec: TensorSpec) -> Quantized:
     if options.scheme not in SCHEMES:
         raise EdgegateError(f"--quant {options.scheme} is unknown; use one of {', '.join(SCHEMES)}")
-    if options.scheme == "fp32":
+    if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
         if options.lowrank:
             raise EdgegateError("--lowrank needs --quant ternary")
-        return Quantized(model, model, _identity, {"scheme": "fp32"})
+        return Quantized(model, model, _identity, {"scheme": options.scheme})
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")

@@ -55,6 +55,23 @@ class Artifact:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompileContext:
+    """What the export pipeline knows beyond the ONNX graph, for targets that need it.
+
+    ``calibration`` holds representative inputs (the calibration split when the export quantizes,
+    else the golden samples): the snn target balances thresholds on them, trt may build int8
+    calibration-free from the graph's Q/DQ scales and ignore them.
+    """
+
+    quant: str = "fp32"  # fp32 | fp16 | int8 | ternary
+    batch: int | None = None
+    input_name: str = "x"
+    output_names: tuple[str, ...] = ()
+    calibration: np.ndarray | None = None
+    dataset: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """A runner input: dims are ints, or a str/None for a dynamic dim; dtype None if numpy has none."""
 
@@ -97,6 +114,30 @@ class Target(Protocol):
         ...
 
     def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> Runner: ...
+
+    # Optional, looked up with getattr by the pipeline:
+    #   options_for_export(user: Mapping[str, str], context: CompileContext) -> options_type
+    #       builds compile options from `--target-option KEY=VALUE` strings and the export context;
+    #       a target without it takes no options.
+    #   can_run() -> tuple[bool, str]
+    #       whether a compiled artifact can run on this machine (default: is_available()); when it
+    #       can, golden outputs come from the target's own runner, else from ONNX Runtime on model.onnx.
+
+
+def options_for_export(target: Target, user: Mapping[str, str], context: CompileContext) -> Any:
+    """Compile options for `target` from CLI strings and the export context (None: the defaults)."""
+    make = getattr(target, "options_for_export", None)
+    if make is not None:
+        return make(dict(user), context)
+    if user:
+        raise TargetError(f"target {target.name} takes no --target-option (got {', '.join(sorted(user))})")
+    return None
+
+
+def can_run(target: Target) -> tuple[bool, str]:
+    """Whether an artifact of `target` can run here (golden outputs, bench)."""
+    probe = getattr(target, "can_run", None)
+    return probe() if probe is not None else target.is_available()
 
 
 # --------------------------------------------------------------------------------------- registry
