@@ -34,7 +34,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           batch=args.batch, exit_form=args.exit_form,
                           trust_model=args.trust_model, model_class=args.model_class,
                           overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
-                          target_options=_key_values(args.target_option, "--target-option"))
+                          target_options=_target_options(args))
     console = _console()
     with console.status("exporting") as status:
         path = run_export(args.model, out, config, on_step=lambda s: status.update(f"export: {s}"))
@@ -55,6 +55,16 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
             raise EdgegateError(f"{flag} {item!r} must look like KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, str]:
+    options = _key_values(args.target_option, "--target-option")
+    for flag, key, value in (("--trt-flavor", "flavor", args.trt_flavor), ("--timesteps", "timesteps", args.timesteps)):
+        if value is not None:
+            if key in options and options[key] != str(value):
+                raise EdgegateError(f"{flag} {value} contradicts --target-option {key}={options[key]}; give one")
+            options[key] = str(value)
+    return options
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -183,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "fp16: a float graph the target builds in half precision (trt)")
     e.add_argument("-O", "--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a target-specific compile option (repeatable); see `edgegate targets`")
+    e.add_argument("--trt-flavor", choices=["auto", "tensorrt", "rtx"], default=None,
+                   help="trt: datacenter/Jetson TensorRT or TensorRT for RTX (same as -O flavor=...)")
+    e.add_argument("--timesteps", type=int, default=None, metavar="T",
+                   help="snn: simulation timesteps per input (same as -O timesteps=T)")
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
                    "(default: the dataset the checkpoint was trained on)")
