@@ -47,6 +47,11 @@ def is_early_exit(model: torch.nn.Module) -> bool:
 
 
 def output_names(model: torch.nn.Module) -> list[str]:
+    """Names of the eval forward's outputs: a model may declare them (``output_names``, e.g. a MoE
+    classifier's ``("logits", "route_indices")``); early-exit nets give ``logits, exit_index``."""
+    declared = getattr(model, "output_names", None)
+    if declared:
+        return [str(n) for n in declared]
     return ["logits", "exit_index"] if is_early_exit(model) else ["logits"]
 
 

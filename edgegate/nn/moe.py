@@ -173,6 +173,14 @@ class MoE(nn.Module):
         return picked
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_routed(x)[0]
+
+    def forward_routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, indices)``: the output and the routed slot ids, int64 [..., k] over ``x``'s leading dims.
+
+        Models that export their routing (e.g. the zoo's ``MoEClassifier``, output ``route_indices``)
+        return these indices so a deployed bundle can report its route histogram.
+        """
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         weights, indices = self.router(x)
@@ -185,4 +193,4 @@ class MoE(nn.Module):
         if not self.training and not exporting():
             record(self, last_decision=indices, last_load=self.router.last_load,
                    last_ffn_per_token=float((indices < self.n_experts).sum(1).float().mean()))
-        return y.reshape(shape)
+        return y.reshape(shape), indices.reshape(*shape[:-1], indices.shape[-1])

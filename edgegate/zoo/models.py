@@ -101,9 +101,14 @@ class ChannelGateCNN(nn.Module):
 
 
 class MoEClassifier(nn.Module):
-    """Each sample is one token: embed -> residual MoE block (top-k; optional MoE++ experts) -> head."""
+    """Each sample is one token: embed -> residual MoE block (top-k; optional MoE++ experts) -> head.
+
+    Training returns logits; eval returns ``(logits, route_indices)`` (the k routed slot ids per
+    sample, int64 [B, k]), so the exported graph has the routing as an output (route histograms).
+    """
 
     input_names = ("x",)
+    output_names = ("logits", "route_indices")
 
     def __init__(self, in_features: int = 64, d_model: int = 32, d_hidden: int = 64, n_experts: int = 4,
                  k: int = 2, n_zero: int = 0, n_copy: int = 0, n_const: int = 0, n_classes: int = 10) -> None:
@@ -119,10 +124,11 @@ class MoEClassifier(nn.Module):
     def get_config(self) -> dict[str, Any]:
         return dict(self._config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.embed(x))
-        h = h + self.moe(self.norm(h))
-        return self.head(h)
+        y, route_indices = self.moe.forward_routed(self.norm(h))
+        logits = self.head(h + y)
+        return logits if self.training else (logits, route_indices)
 
 
 LINEAR_KINDS = ("float", "ternary", "hgf")
