@@ -4,8 +4,10 @@ Input: a bundle written by ``edgegate export`` and a `BenchConfig`. Steps: read 
 (sha256), load its target's runner, run ``golden_io.npz`` through it and compare with the recorded
 outputs (a bundle that no longer reproduces its export is not worth timing), warm up, then time each
 run. Output: a `BenchReport` with trtexec-style latency statistics, throughput, peak memory, host
-info and, for gated models, exit/route histograms; `BenchReport.to_dict` is the versioned JSON form
-(``"format": "edgegate.bench"``) and `render_text` the terminal block.
+info, for gated models exit/route histograms, and the runner's own ``metrics()`` when its target
+reports some (snn: spikes, synaptic ops, energy); `BenchReport.to_dict` is the versioned JSON form
+(``"format": "edgegate.bench"``, docs/formats.md) and `render_text` (``reports.bench_text``) the
+terminal block. Statistics and histograms live in ``edgegate.reports.stats``.
 
 Runtime side: numpy + onnxruntime (or the bundle target's runtime) only; torch and onnx are never
 imported here, so ``edgegate bench`` runs on a device that has only the runtime installed.
@@ -17,33 +19,44 @@ import dataclasses
 import gc
 import math
 import os
-import platform
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgegate.errors import EdgegateError
+from edgegate.reports.bench_text import render_text
+from edgegate.reports.stats import (
+    CV_WARN,
+    EXIT_OUTPUT,
+    MIN_RUNS,
+    ROUTE_NOTE,
+    THREAD_OPTIONS,
+    BenchError,
+    Histogram,
+    LatencyStats,
+    MemoryStats,
+    gate_outputs,
+    histogram,
+    host_info,
+    peak_rss_mib,
+    plain,
+    summarize_latencies,
+)
+
+__all__ = [
+    "CV_WARN", "EXIT_OUTPUT", "FORMAT", "FORMAT_VERSION", "ROUTE_NOTE", "BenchConfig", "BenchError", "BenchReport",
+    "GoldenCheck", "Histogram", "LatencyStats", "MemoryStats", "bench", "host_info", "render_text",
+    "summarize_latencies",
+]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2 added ``runtime_metrics``; see docs/formats.md
 GOLDEN_FILE = "golden_io.npz"
-EXIT_OUTPUT = "exit_index"
-CV_WARN = 0.1  # above this the run-to-run spread is too large to compare two reports
-MIN_RUNS = 30  # below this p95/p99 are set by one or two runs
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
-# Option fields through which a target takes a thread count, in order of preference.
-THREAD_OPTIONS = ("intra_op_threads", "threads", "num_threads")
 Arrays = dict[str, np.ndarray]
 Progress = Callable[[int, int], None]
-ROUTE_NOTE = "route counts need a model output with the expert indices (named *route* or *indices*)"
-
-
-class BenchError(EdgegateError):
-    """The bundle fails its golden check, or cannot be benchmarked with the given config."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,60 +80,12 @@ class BenchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LatencyStats:
-    """Per-run wall time in ms; ``cv`` = population std / mean (coefficient of variation)."""
-
-    min_ms: float
-    mean_ms: float
-    median_ms: float
-    p90_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
-    std_ms: float
-    cv: float
-
-
-@dataclasses.dataclass(frozen=True)
 class GoldenCheck:
     """Max |runner - golden| per output over ``samples`` inputs; integer/bool outputs must be 0."""
 
     samples: int
     atol: float
     max_abs_err: dict[str, float]
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryStats:
-    """Process peak RSS (``getrusage`` ru_maxrss: a high-water mark, not current use), in MiB.
-
-    "before" is taken once the runtime is imported and the bundle verified, just before the model is
-    loaded; "after" once the timed runs are done. The delta is how much loading the model and running
-    it *raised* the peak: 0 when the process had peaked higher earlier (a test process that imported
-    torch), so read it in a fresh process such as ``edgegate bench``. None where ``resource`` is
-    missing (Windows).
-    """
-
-    peak_rss_before_mib: float | None
-    peak_rss_after_mib: float | None
-    delta_mib: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Histogram:
-    """Counts per exit (``kind="exit"``) or per expert (``kind="route"``) over the timed feeds.
-
-    ``mean`` is the mean exit depth for exits (exit_index + 1: stages run), None for routes. When the
-    model has no output to count, ``output`` is None, counts are empty and ``note`` says why.
-    """
-
-    kind: str
-    gate: str | None
-    output: str | None
-    counts: tuple[int, ...]
-    fractions: tuple[float, ...]
-    mean: float | None = None
-    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +108,13 @@ class BenchReport:
     exits: Histogram | None
     routes: tuple[Histogram, ...]
     warnings: tuple[str, ...]
+    # ``runner.metrics()`` after the timed runs, for targets whose runner reports some (e.g. snn: spikes,
+    # synaptic ops, timesteps, energy); None when the runner has no ``metrics``.
+    runtime_metrics: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (lists, not tuples), versioned so readers can refuse what they do not know."""
-        return {"format": FORMAT, "version": FORMAT_VERSION, **_plain(dataclasses.asdict(self))}
+        return {"format": FORMAT, "version": FORMAT_VERSION, **plain(dataclasses.asdict(self))}
 
 
 # --------------------------------------------------------------------------------------------- bench
@@ -169,14 +137,14 @@ def bench(
     bundle = read_bundle(bundle_path)  # verify=True: every file's sha256 before anything runs
     name, manifest = str(bundle.path), bundle.manifest
     target = targets.get(bundle.target)
-    ok, why = target.is_available()
+    ok, why = targets.can_run(target)  # e.g. trt builds engines without a GPU but runs them only with one
     if not ok:
         raise BenchError(f"bundle {name} is for target {target.name}, which cannot run here: {why}")
     options = _target_options(target, bundle.target_options, config.threads, name)
     golden_in, golden_out = _read_golden(bundle.file(GOLDEN_FILE), name)
     atol = float((manifest.get("golden") or {}).get("atol", DEFAULT_ATOL))
 
-    rss_before = _peak_rss_mib()
+    rss_before = peak_rss_mib()
     # The target rebuilds its options from the manifest, so threads travel in a patched copy; the
     # files were verified above, and passing a Bundle (not a path) keeps load from reading them again.
     run_bundle = dataclasses.replace(bundle, manifest={**manifest, "target_options": options})
@@ -189,11 +157,12 @@ def bench(
             )
         batch = static or config.batch or 1
         golden = _check_golden(runner, golden_in, golden_out, static, atol, name)
-        gate_outputs = _gate_outputs(manifest, runner.output_names)
-        counted = {o for _, _, o in gate_outputs if o is not None}
+        gates = gate_outputs(manifest, runner.output_names)
+        counted = {o for _, _, o in gates if o is not None}
         timed = _time_runs(runner, _feed_cycle(golden_in, batch, config.seed), config, counted, progress)
+        metrics = runner.metrics() if callable(getattr(runner, "metrics", None)) else None
     latencies_ns, seen, timed_s = timed
-    rss_after = _peak_rss_mib()
+    rss_after = peak_rss_mib()
 
     latency = summarize_latencies(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
     runs = len(latencies_ns)
@@ -202,7 +171,7 @@ def bench(
         (runs < MIN_RUNS, f"only {runs} timed runs (< {MIN_RUNS}): p95/p99 rest on one or two runs"),
         (latency.cv > CV_WARN, f"latency CV {latency.cv:.2f} > {CV_WARN}: noisy (other load? CPU scaling?)"),
     ]
-    hists = [_histogram(kind, g, o, seen.get(o) if o else None) for kind, g, o in gate_outputs]
+    hists = [histogram(kind, g, o, seen.get(o) if o else None) for kind, g, o in gates]
     delta = None if rss_before is None or rss_after is None else round(rss_after - rss_before, 3)
     return BenchReport(
         bundle=name,
@@ -223,6 +192,7 @@ def bench(
         exits=next((h for h in hists if h.kind == "exit"), None),
         routes=tuple(h for h in hists if h.kind == "route"),
         warnings=tuple(text for flagged, text in notes if flagged),
+        runtime_metrics=None if metrics is None else plain(dict(metrics)),
     )
 
 
@@ -260,42 +230,6 @@ def _time_runs(
         if gc_was_enabled:
             gc.enable()
     return latencies_ns, seen, timed_s
-
-
-def summarize_latencies(ms: Sequence[float] | np.ndarray) -> LatencyStats:
-    """min/mean/median/p90/p95/p99/max (linear-interpolated percentiles), std and CV of `ms`."""
-    a = np.asarray(ms, dtype=np.float64)
-    if a.size == 0:
-        raise BenchError("no latencies to summarize; run at least once")
-    p50, p90, p95, p99 = (float(v) for v in np.percentile(a, [50, 90, 95, 99], method="linear"))
-    mean, std = float(a.mean()), float(a.std())
-    return LatencyStats(
-        float(a.min()), mean, p50, p90, p95, p99, float(a.max()), std, std / mean if mean > 0 else 0.0
-    )
-
-
-def host_info() -> dict[str, Any]:
-    """What the numbers depend on: CPUs (all, and usable by this process), machine, runtime versions."""
-    import edgegate
-
-    try:
-        import onnxruntime as ort
-
-        ort_version, providers = ort.__version__, list(ort.get_available_providers())
-    except ImportError:  # a device with another runtime (e.g. TensorRT only)
-        ort_version, providers = None, []
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnxruntime": ort_version,
-        "providers": providers,
-        "edgegate": edgegate.__version__,
-    }
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -390,94 +324,3 @@ def _feed_cycle(inputs: Arrays, batch: int, seed: int) -> list[Arrays]:
         {k: np.ascontiguousarray(v[order[(np.arange(batch) + j * batch) % n]]) for k, v in inputs.items()}
         for j in range(period)
     ]
-
-
-def _gate_outputs(manifest: Mapping[str, Any], outputs: Sequence[str]) -> list[tuple[str, dict, str | None]]:
-    """(kind, manifest gate, output to count or None): the exit output, and each router's indices."""
-    gates = (manifest.get("gates") or {}).get("gates", [])
-    exits = [g for g in gates if g.get("kind") == "exit"] or [{"name": None}]
-    found = [("exit", exits[0], EXIT_OUTPUT)] if EXIT_OUTPUT in outputs else []
-    routers = [g for g in gates if g.get("kind") == "router"]
-    candidates = [o for o in outputs if "route" in o.lower() or o.lower().endswith("indices")]
-    for g in routers:
-        r = str(g.get("name") or "")
-        named = [o for o in candidates if r and (r in o or r.replace(".", "_") in o)]
-        if not named and len(routers) == 1 and len(candidates) == 1:
-            named = candidates  # one router, one index output: they belong together
-        found.append(("route", g, named[0] if named else None))
-    return found
-
-
-def _histogram(kind: str, gate: dict, output: str | None, seen: list[np.ndarray] | None) -> Histogram:
-    name = gate.get("name")
-    if output is None or not seen:
-        # The expert choice lives inside the graph: counting it needs an output, never a guess.
-        return Histogram(kind, name, None, (), (), note=ROUTE_NOTE)
-    values = np.concatenate([np.asarray(v).reshape(-1) for v in seen]).astype(np.int64)
-    values = values[values >= 0]  # a negative index means "no expert" (padding): not a route
-    size = int((gate.get("details") or {}).get("n_exits" if kind == "exit" else "n_experts", 0))
-    counts = np.bincount(values, minlength=size)
-    total = max(int(counts.sum()), 1)
-    mean = float(values.mean() + 1) if kind == "exit" and values.size else None
-    fractions = tuple(float(c) / total for c in counts)
-    return Histogram(kind, name, output, tuple(int(c) for c in counts), fractions, mean)
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 3)  # bytes on macOS, KiB on Linux
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
-
-
-# -------------------------------------------------------------------------------------------- render
-
-
-def render_text(report: BenchReport) -> str:
-    """A compact trtexec-like block; plain text, so it works without rich."""
-    r, lat, mem, h = report, report.latency, report.memory, report.host
-    threads = next(
-        (f"{v}" if v else "auto" for k, v in r.target_options.items() if k in THREAD_OPTIONS), "n/a"
-    )
-    errs = ", ".join(f"{k} {v:.3g}" for k, v in r.golden.max_abs_err.items())
-    lines = [
-        f"=== edgegate bench: {r.bundle} (target {r.target}) ===",
-        f"Golden check : passed on {r.golden.samples} samples (max |err|: {errs}; atol {r.golden.atol:g})",
-        f"Setup        : batch {r.batch}, warm-up {r.warmup}, runs {r.runs}"
-        + (f" of {r.requested_runs}" if r.runs != r.requested_runs else "")
-        + f", threads {threads}",
-        f"Latency (ms) : min {lat.min_ms:.4f}  mean {lat.mean_ms:.4f}  median {lat.median_ms:.4f}  "
-        f"p90 {lat.p90_ms:.4f}  p95 {lat.p95_ms:.4f}  p99 {lat.p99_ms:.4f}  max {lat.max_ms:.4f}",
-        f"Spread       : std {lat.std_ms:.4f} ms, CV {lat.cv:.3f}" + ("  [UNSTABLE]" if r.unstable else ""),
-        f"Throughput   : {r.throughput:.1f} samples/s (batch / mean latency); timed {r.timed_s:.3f} s",
-    ]
-    if mem.peak_rss_after_mib is not None:
-        lines.append(
-            f"Peak RSS     : {mem.peak_rss_before_mib:.1f} MiB before load, "
-            f"{mem.peak_rss_after_mib:.1f} MiB after runs (+{mem.delta_mib:.1f} MiB)"
-        )
-    for hist in (r.exits, *r.routes):
-        if hist is None:
-            continue
-        pairs = zip(hist.counts, hist.fractions, strict=True)
-        per = "  ".join(f"{i}: {c} ({f:.1%})" for i, (c, f) in enumerate(pairs))
-        depth = f"; mean depth {hist.mean:.2f}" if hist.mean is not None else ""
-        label = "Exits" if hist.kind == "exit" else f"Routes {hist.gate}"
-        lines.append(f"{label:<13}: " + (f"{per}{depth} [{hist.output}]" if hist.output else hist.note))
-    lines.append(
-        f"Host         : {h.get('cpus_usable')}/{h.get('cpu_count')} CPUs, {h.get('machine')}, "
-        f"Python {h.get('python')}, onnxruntime {h.get('onnxruntime')} "
-        f"[{', '.join(h.get('providers') or [])}]"
-    )
-    lines.extend(f"Warning      : {w}" for w in r.warnings)
-    return "\n".join(lines)
