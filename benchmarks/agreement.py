@@ -1,0 +1,131 @@
+"""Accuracy and gate agreement of a quantized ONNX model against the float one, on held-out data.
+
+The gate decisions are read from the graphs themselves: each ``edgegate`` gating node of the float
+model reads and writes named tensors, and those names survive edgegate's QDQ pass, ONNX Runtime's
+pre-processing and ``quantize_static``. For each gate
+of the float model we expose, as an extra graph output of each model, the tensor that carries its
+decision (found by name, see ``expose``):
+
+* ``TopKGate``: the expert indices (output 1): top-1 and top-k set agreement per token,
+* ``ChannelGate``: the mask logits (input 1); the mask is ``logit > 0`` (sigmoid > 0.5),
+* ``ThresholdGate``: the output; the mask is ``output != 0`` (``h > tau``, the gain never 0),
+* ``SigmoidGate``: the gate logits (input 1): a soft gate, reported as mean |sigmoid difference|,
+* early exit: the model's ``exit_index`` output (the per-stage ``ExitDecision`` tensors are compacted).
+
+Timing never uses these augmented graphs (extra outputs can block fusions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# op type -> (where the decision tensor is: ("out"|"in", index), ONNX element type, kind)
+_DECISIONS = {
+    "TopKGate": (("out", 1), 7, "route"),
+    "ChannelGate": (("in", 1), 1, "mask_logits"),
+    "ThresholdGate": (("out", 0), 1, "mask_output"),
+    "SigmoidGate": (("in", 1), 1, "soft"),
+}
+
+
+def gate_tensors(reference_bytes: bytes) -> list[tuple[str, str, str, int]]:
+    """[(label, kind, tensor name, ONNX element type)] of each gate decision in the float model."""
+    import onnx
+
+    found, count = [], {}
+    for node in onnx.load_from_string(reference_bytes).graph.node:
+        if node.domain != "edgegate" or node.op_type not in _DECISIONS:
+            continue
+        (side, idx), elem, kind = _DECISIONS[node.op_type]
+        tensor = (node.output if side == "out" else node.input)[idx]
+        found.append((f"{node.op_type}#{count.get(node.op_type, 0)}", kind, tensor, elem))
+        count[node.op_type] = count.get(node.op_type, 0) + 1
+    return found
+
+
+def expose(model_bytes: bytes, tensors: list[tuple[str, str, str, int]]) -> tuple[bytes, dict[str, str]]:
+    """The model with each named gate tensor that it computes as an extra output; {tensor: label} exposed.
+
+    Tensors are found by name: ORT's pre-processing inlines the gating functions (the nodes vanish)
+    but keeps the names of the tensors that cross them, and quantization only adds new names.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(model_bytes)
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    exposed = {}
+    for label, _, tensor, elem in tensors:
+        if tensor not in produced:
+            continue
+        if tensor not in outputs:
+            model.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
+            outputs.add(tensor)
+        exposed[tensor] = label
+    return model.SerializeToString(), exposed
+
+
+def run_all(session: Any, input_name: str, x: np.ndarray, batch: int = 256) -> list[np.ndarray]:
+    """Every output of ``session`` on all rows of ``x``, in batches, concatenated along rows."""
+    outs: list[list[np.ndarray]] = []
+    for i in range(0, len(x), batch):
+        for j, y in enumerate(session.run(None, {input_name: x[i:i + batch]})):
+            if j == len(outs):
+                outs.append([])
+            outs[j].append(y)
+    return [np.concatenate(o) for o in outs]
+
+
+def evaluate(model_bytes: bytes, reference_bytes: bytes, input_name: str, x: np.ndarray) -> dict[str, Any]:
+    """Run the gate-exposed model on ``x``: {"logits", "exit_index"?, "gates": {label: (kind, array)}}."""
+    from benchmarks.harness import ort_session
+
+    tensors = gate_tensors(reference_bytes)
+    kinds = {label: kind for label, kind, _, _ in tensors}
+    augmented, exposed = expose(model_bytes, tensors)
+    session = ort_session(augmented, 1)
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, run_all(session, input_name, x), strict=True))
+    result: dict[str, Any] = {"logits": values[names[0]],
+                              "gates": {label: (kinds[label], values[t]) for t, label in exposed.items()}}
+    if "exit_index" in values:
+        result["exit_index"] = values["exit_index"]
+    return result
+
+
+def compare(ref: dict[str, Any], got: dict[str, Any], labels: np.ndarray | None) -> dict[str, Any]:
+    """Accuracy of ``got`` and its agreement with ``ref`` (the float model) on the same rows."""
+    out: dict[str, Any] = {}
+    pred = got["logits"].argmax(-1)
+    if labels is not None:
+        out["accuracy"] = round(float(np.mean(pred == labels)), 4)
+    out["top1_agreement"] = round(float(np.mean(pred == ref["logits"].argmax(-1))), 4)
+    if "exit_index" in ref and "exit_index" in got:
+        out["exit_agreement"] = round(float(np.mean(ref["exit_index"] == got["exit_index"])), 4)
+    gates: dict[str, float] = {}
+    for label, (kind, a) in ref["gates"].items():
+        if label not in got["gates"]:
+            continue
+        b = got["gates"][label][1]
+        if kind == "route":
+            gates[f"{label}.top1"] = float(np.mean(a[..., 0] == b[..., 0]))
+            gates[f"{label}.topk_set"] = float(np.mean(np.all(np.sort(a, -1) == np.sort(b, -1), -1)))
+        elif kind == "mask_logits":
+            gates[f"{label}.mask"] = float(np.mean((a > 0) == (b > 0)))
+        elif kind == "mask_output":
+            gates[f"{label}.mask"] = float(np.mean((a != 0) == (b != 0)))
+        else:
+            gates[f"{label}.soft_mae"] = float(np.mean(np.abs(_sigmoid(a) - _sigmoid(b))))
+    out["gates"] = {k: round(v, 4) for k, v in gates.items()}
+    binary = [v for k, v in gates.items() if not k.endswith("soft_mae")]
+    if "exit_agreement" in out:
+        binary.append(out["exit_agreement"])
+    out["gate_agreement"] = round(float(np.mean(binary)), 4) if binary else None
+    return out
+
+
+def _sigmoid(a: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-a.astype(np.float64)))
