@@ -2,8 +2,9 @@
 
 Input: file contents (bytes or paths) and a manifest dict. Output: a directory holding
 ``manifest.json`` (with per-file sha256 and byte counts), ``model.onnx``, target files and
-``golden_io.npz``, written to a temp dir beside the destination and renamed into place, so a reader
-never sees half a bundle. `read_bundle` verifies it and returns a `Bundle`.
+``golden_io.npz``, written to a temp dir beside the destination, fsynced and renamed into place, so
+a reader never sees half a bundle. `read_bundle` checks it (manifest shape, plain file names, every
+file's size and sha256, ONNX external data confined to the bundle) and returns a `Bundle`.
 
 Manifest keys read here: ``manifest_version``, ``files``, ``target`` and ``target_options`` (the
 target's options as a dict; the target rebuilds its options dataclass from it).
@@ -18,18 +19,34 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from collections.abc import Mapping
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from edgegate.errors import BundleError
+from edgegate.errors import BundleError, one_line
+from edgegate.onnx_safety import check_locations, check_onnx_external_data, external_data_locations, is_inside
+
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "Bundle",
+    "check_onnx_external_data",
+    "external_data_locations",
+    "read_bundle",
+    "sha256_file",
+    "write_bundle",
+]
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# A manifest is a few KiB; refuse to parse anything absurd before reading it into memory.
+MANIFEST_MAX_BYTES = 16 << 20
 _CHUNK = 1 << 20
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +67,10 @@ class Bundle:
 
     @property
     def target_options(self) -> dict[str, Any]:
-        return dict(self.manifest.get("target_options") or {})
+        options = self.manifest.get("target_options") or {}
+        if not isinstance(options, dict):
+            raise BundleError(f"bundle {self.path}: target_options in manifest.json is not an object")
+        return dict(options)
 
     def file(self, name: str) -> Path:
         if name not in self.manifest.get("files", {}):
@@ -79,7 +99,10 @@ def write_bundle(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write `files` and `manifest` as the bundle directory `dest`, atomically; return its path."""
+    """Write `files` and `manifest` as the bundle directory `dest`, atomically; return its path.
+
+    An ONNX file among `files` may keep tensors in external data only in other files of the bundle.
+    """
     dest = Path(dest)
     for name, src in files.items():
         _check_name(name, f"cannot write bundle {dest}")
@@ -93,7 +116,7 @@ def write_bundle(
             )
     if (dest.exists() or dest.is_symlink()) and not overwrite:
         raise BundleError(
-            f"bundle {dest} already exists; pass overwrite=True (--force) or choose another path"
+            f"bundle {dest} already exists; pass overwrite=True (--overwrite) or choose another path"
         )
     manifest = dict(manifest)  # never mutate the caller's dict
     tmp: Path | None = None
@@ -102,6 +125,7 @@ def write_bundle(
         # Same directory as dest: the final rename stays on one filesystem and is atomic.
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
         entries = {name: _write_file(tmp / name, src) for name, src in files.items()}
+        _check_external_data(tmp, entries, f"cannot write bundle {dest}")
         manifest["files"] = entries
         manifest["manifest_version"] = MANIFEST_VERSION
         try:
@@ -109,11 +133,11 @@ def write_bundle(
         except (TypeError, ValueError) as e:
             raise BundleError(f"cannot write bundle {dest}: manifest is not JSON-serializable ({e})") from e
         _write_file(tmp / MANIFEST_NAME, text.encode())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a bundle gets normal directory rights
-        _fsync_dir(tmp)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a bundle gets normal directory rights
+        fsync_dir(tmp)
         _move_into_place(tmp, dest)
         tmp = None
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as e:
         raise BundleError(
             f"cannot write bundle {dest}: {e.strerror or e}"
@@ -165,13 +189,15 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (files we create get the rights the user's umask gives, not mkstemp's 0600)."""
     mask = os.umask(0)  # the only portable way to read it is to set it and put it back
     os.umask(mask)
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable (POSIX; a no-op on Windows)."""
     if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open a directory for fsync
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -182,75 +208,125 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _check_name(name: object, context: str) -> None:
-    """Bundle file names are plain names in the bundle folder: no folders, `..`, or absolute paths."""
+    """Bundle file names are plain names in the bundle folder: no folders, `..`, absolute paths or controls."""
     ok = (
         isinstance(name, str)
         and name not in ("", ".", "..")
         and "/" not in name
         and "\\" not in name
-        and "\x00" not in name
+        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
         and not PureWindowsPath(name).drive
+        and len(name) <= 255
     )
     if not ok:
         raise BundleError(
-            f"{context}: file name {name!r} must be a plain file name (no folders, '..', or '/')"
+            f"{context}: file name {_show(name)} must be a plain file name (no folders, '..', or '/')"
         )
+
+
+def _check_external_data(path: Path, files: Mapping[str, Any], context: str) -> None:
+    # Every ONNX file's external data must be a file of this bundle, listed (so its sha256 is checked).
+    for name in files:
+        if not name.endswith(".onnx"):
+            continue
+        what = f"{context}: {name}"
+        try:
+            data = (path / name).read_bytes()
+        except OSError as e:
+            raise BundleError(f"{what} cannot be read: {e.strerror or e}") from e
+        for location in check_locations(external_data_locations(data, what), path, what):
+            if location not in files:
+                raise BundleError(
+                    f"{context}: external data {_show(location)} of {name} is not listed in "
+                    f"{MANIFEST_NAME}, so it cannot be verified; re-export the bundle"
+                )
+
+
+def _show(text: object, limit: int = 200) -> str:
+    # Names come from files: quoted (repr escapes control characters) and cut, so messages stay one line.
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 # ---------------------------------------------------------------------------------------------- read
 
 
 def read_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
-    """Read and check the bundle at `path`; with `verify`, also check every file's size and sha256."""
+    """Read and check the bundle at `path`; with `verify`, also check every file's size and sha256.
+
+    Any damaged, tampered or hostile bundle raises `BundleError` naming the file and what to do.
+    """
     path = Path(path)
+    try:
+        manifest = _read_manifest(path)
+        _check_files(path, manifest["files"], verify)
+        _check_unlisted_links(path)
+    except OSError as e:
+        raise BundleError(
+            f"bundle {path} cannot be read: {e.strerror or e}"
+            + (f" ({e.filename})" if e.filename else "")
+            + "; check its permissions"
+        ) from e
+    # A safety check, not an integrity one, so it runs even with verify=False.
+    _check_external_data(path, manifest["files"], f"bundle {path}")
+    return Bundle(path=path, manifest=manifest)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise BundleError(f"bundle {path} is missing or not a directory; run `edgegate export` to create it")
     mpath = path / MANIFEST_NAME
     if mpath.is_symlink() or not mpath.is_file():
         raise BundleError(f"bundle {path} has no {MANIFEST_NAME} (or it is a link); re-export the bundle")
+    if mpath.stat().st_size > MANIFEST_MAX_BYTES:
+        raise BundleError(f"bundle {path}: {MANIFEST_NAME} is larger than {MANIFEST_MAX_BYTES >> 20} MiB; "
+                          "re-export the bundle")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, over-long ints, absurd nesting
         raise BundleError(
-            f"bundle {path}: {MANIFEST_NAME} is not valid JSON ({e}); re-export the bundle"
+            f"bundle {path}: {MANIFEST_NAME} is not valid JSON ({one_line(e, 120)}); re-export the bundle"
         ) from e
     if not isinstance(manifest, dict):
         raise BundleError(f"bundle {path}: {MANIFEST_NAME} is not a JSON object; re-export the bundle")
     version = manifest.get("manifest_version")
-    if version != MANIFEST_VERSION:
+    if version != MANIFEST_VERSION or isinstance(version, bool):
         raise BundleError(
-            f"bundle {path}: manifest_version {version!r} is not supported (this edgegate reads "
+            f"bundle {path}: manifest_version {_show(version, 40)} is not supported (this edgegate reads "
             f"{MANIFEST_VERSION}); upgrade edgegate or re-export the bundle"
         )
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise BundleError(f"bundle {path}: {MANIFEST_NAME} has no 'files' table; re-export the bundle")
+    for key, kind in (("target", str), ("target_options", dict)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise BundleError(f"bundle {path}: {key!r} in {MANIFEST_NAME} is not a {kind.__name__}; "
+                              "re-export the bundle")
+    return manifest
+
+
+def _check_files(path: Path, files: dict[str, Any], verify: bool) -> None:
     for name, entry in files.items():
         _check_name(name, f"bundle {path}")
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)):
+        if name == MANIFEST_NAME:
+            raise BundleError(f"bundle {path}: {MANIFEST_NAME} lists itself; re-export the bundle")
+        size = entry.get("bytes") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if not (isinstance(digest, str) and _SHA256.match(digest)):
             raise BundleError(f"bundle {path}: manifest entry for {name} has no sha256; re-export the bundle")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise BundleError(f"bundle {path}: manifest entry for {name} has no byte count; re-export the bundle")
         fp = path / name
         if fp.is_symlink() or not fp.is_file():
             raise BundleError(
                 f"bundle {path}: file {name} listed in {MANIFEST_NAME} is missing or not a regular file; "
                 "re-export the bundle"
             )
-        if verify and (fp.stat().st_size != entry.get("bytes") or sha256_file(fp) != entry["sha256"]):
+        if verify and (fp.stat().st_size != size or sha256_file(fp) != digest):
             raise BundleError(
                 f"bundle {path}: file {name} does not match its sha256 in {MANIFEST_NAME} "
                 "(modified or corrupt); re-export the bundle"
             )
-    _check_unlisted_links(path)
-    # A safety check, not an integrity one, so it runs even with verify=False.
-    for name in files:
-        if name.endswith(".onnx"):
-            for location in check_onnx_external_data(path / name, path):
-                if location not in files:
-                    raise BundleError(
-                        f"bundle {path}: external data {location} of {name} is not listed in "
-                        f"{MANIFEST_NAME}, so it cannot be verified; re-export the bundle"
-                    )
-    return Bundle(path=path, manifest=manifest)
 
 
 def _check_unlisted_links(path: Path) -> None:
@@ -258,176 +334,12 @@ def _check_unlisted_links(path: Path) -> None:
     # reached by name (e.g. as ONNX external data), so refuse those.
     root = path.resolve()
     for entry in path.iterdir():
-        if entry.is_symlink() and not _is_inside(entry.resolve(), root):
-            raise BundleError(f"bundle {path}: {entry.name} is a link pointing outside the bundle; remove it")
-
-
-def _is_inside(p: Path, root: Path) -> bool:
-    return p == root or root in p.parents
-
-
-# ---------------------------------------------------------------------------------- ONNX external data
-
-
-def check_onnx_external_data(
-    model_path: str | os.PathLike[str], bundle_dir: str | os.PathLike[str]
-) -> list[str]:
-    """Check that every external-data location in the ONNX model stays inside `bundle_dir`.
-
-    Returns the locations (relative names). A location that is absolute, contains ``..``, goes through
-    a link, or resolves outside the bundle would let a crafted model read any file on the device
-    (ONNX CVE-2022-25882 and CVE-2024-27318: path traversal via external_data ``location``).
-    """
-    model_path, bundle_dir = Path(model_path), Path(bundle_dir)
-    try:
-        data = model_path.read_bytes()
-    except OSError as e:
-        raise BundleError(f"cannot read {model_path}: {e.strerror or e}") from e
-    root = bundle_dir.resolve()
-    found = []
-    for tensor, location in external_data_locations(data, str(model_path)):
-        where = f"{model_path}: external data location {location!r} of tensor {tensor!r}"
-        parts = location.replace("\\", "/").split("/")
-        if not location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute():
-            raise BundleError(f"{where} is absolute; external data must be a relative file inside the bundle")
-        if PureWindowsPath(location).drive or ".." in parts:
-            raise BundleError(f"{where} leaves the bundle ('..'); external data must stay inside the bundle")
-        target = bundle_dir / location
-        for p in [target, *target.parents]:
-            if p == bundle_dir or p in bundle_dir.parents:
-                break
-            if p.is_symlink():
-                raise BundleError(f"{where} goes through a link; external data must be a regular file")
-        if not _is_inside(target.resolve(), root):
-            raise BundleError(f"{where} resolves outside the bundle; external data must stay inside it")
-        if location not in found:
-            found.append(location)
-    return found
-
-
-def external_data_locations(data: bytes, what: str) -> list[tuple[str, str]]:
-    """(tensor name, location) of every external-data entry of the serialized ONNX model `data`.
-
-    Parsed with onnx when it is installed, else by a small protobuf wire-format walk (runtime side).
-    """
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
-    try:
-        if onnx is not None:
-            return _locations_onnx(onnx.load_model_from_string(data))
-        return _locations_wire(data)
-    except Exception as e:  # DecodeError, or our wire parser's ValueError on malformed bytes
-        raise BundleError(f"{what} is not a valid ONNX model ({e}); re-export the bundle") from e
-
-
-def _locations_onnx(model: Any) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-
-    def tensor(t: Any) -> None:
-        out.extend((t.name, e.value) for e in t.external_data if e.key == "location")
-
-    def attrs(attributes: Any) -> None:
-        for a in attributes:
-            if a.HasField("t"):
-                tensor(a.t)
-            for t in a.tensors:
-                tensor(t)
-            for s in [*a.sparse_tensors, *([a.sparse_tensor] if a.HasField("sparse_tensor") else [])]:
-                tensor(s.values)
-                tensor(s.indices)
-            for g in [*a.graphs, *([a.g] if a.HasField("g") else [])]:
-                graph(g)
-
-    def graph(g: Any) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for s in g.sparse_initializer:
-            tensor(s.values)
-            tensor(s.indices)
-        for n in g.node:
-            attrs(n.attribute)
-
-    graph(model.graph)
-    for f in model.functions:
-        attrs(f.attribute_proto)
-        for n in f.node:
-            attrs(n.attribute)
-    for ti in model.training_info:
-        graph(ti.initialization)
-        graph(ti.algorithm)
-    return out
-
-
-# Without onnx, walk the protobuf wire format directly. Message kind -> {field number: child kind};
-# field numbers are from onnx.proto (ModelProto.graph=7, GraphProto.initializer=5, ...).
-_WIRE_SCHEMA: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 20: "training", 25: "function"},
-    "training": {1: "graph", 2: "graph"},
-    "function": {7: "node", 11: "attr"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "node": {5: "attr"},
-    "attr": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-}
-_TENSOR_NAME, _TENSOR_EXTERNAL = 8, 13
-
-
-def _locations_wire(data: bytes) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    stack = [("model", memoryview(data))]
-    while stack:
-        kind, buf = stack.pop()
-        if kind == "tensor":
-            name, locs = "", []
-            for field, value in _wire_fields(buf):
-                if field == _TENSOR_NAME and isinstance(value, memoryview):
-                    name = bytes(value).decode("utf-8", "replace")
-                elif field == _TENSOR_EXTERNAL and isinstance(value, memoryview):
-                    entry = {f: bytes(v).decode("utf-8", "replace") for f, v in _wire_fields(value)}
-                    if entry.get(1) == "location":  # StringStringEntryProto: key=1, value=2
-                        locs.append(entry.get(2, ""))
-            out.extend((name, loc) for loc in locs)
+        if not entry.is_symlink():
             continue
-        children = _WIRE_SCHEMA[kind]
-        for field, value in _wire_fields(buf):
-            if field in children and isinstance(value, memoryview):
-                stack.append((children[field], value))
-    return out
-
-
-def _wire_fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:
-    """Yield (field number, value) of one protobuf message: ints for varints, views for bytes."""
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-            yield field, value
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            if i + size > n:
-                raise ValueError("truncated length-delimited field")
-            yield field, buf[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-    if i != n:
-        raise ValueError("truncated message")
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return value, i
+        try:
+            inside = is_inside(entry.resolve(), root)
+        except RuntimeError:  # a link loop
+            inside = False
+        if not inside:
+            raise BundleError(f"bundle {path}: {_show(entry.name)} is a link pointing outside the bundle; "
+                              "remove it")

@@ -33,3 +33,9 @@ class TargetError(EdgegateError):
 
 class BundleError(EdgegateError):
     """A bundle directory is incomplete, tampered with, or cannot be written."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`e` as one short line (whitespace collapsed, cut at `limit`), to quote a library's error in ours."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

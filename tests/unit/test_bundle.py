@@ -243,7 +243,7 @@ def test_unlisted_files_are_ignored_but_links_out_are_not(tmp_path: Path) -> Non
     (out / "inside_link").symlink_to(out / "notes.txt")
     assert read_bundle(out).files == ("golden_io.npz", "model.bin")
     (out / "escape").symlink_to(tmp_path / "secret.txt")
-    with pytest.raises(BundleError, match="escape is a link pointing outside the bundle"):
+    with pytest.raises(BundleError, match="'escape' is a link pointing outside the bundle"):
         read_bundle(out)
 
 
@@ -358,17 +358,37 @@ def test_invalid_onnx_bytes_are_a_bundle_error(bundle_dir: Path, parser: str) ->
         check_onnx_external_data(bundle_dir / "model.onnx", bundle_dir)
 
 
+def test_write_bundle_refuses_external_data_outside_or_unlisted(tmp_path: Path, parser: str) -> None:
+    (tmp_path / "secret.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(BundleError, match="cannot write bundle .*'../secret.bin' of tensor 'w' leaves the bundle"):
+        write_bundle(tmp_path / "b", {"model.onnx": _ext_model("../secret.bin")}, {"target": "cpu"})
+    with pytest.raises(BundleError, match="external data 'w.bin' of model.onnx is not listed in manifest.json"):
+        write_bundle(tmp_path / "b", {"model.onnx": _ext_model("w.bin")}, {"target": "cpu"})
+    assert _listing(tmp_path) == ["secret.bin"]  # nothing written, no temp dir left
+    files = {"model.onnx": _ext_model("w.bin"), "w.bin": b"\x00" * 16}
+    out = write_bundle(tmp_path / "b", files, {"target": "cpu"})
+    assert read_bundle(out).files == ("model.onnx", "w.bin")
+
+
+def _swap_model(out: Path, data: bytes) -> None:
+    """Replace model.onnx after the write and fix up its manifest entry, as a hostile author would."""
+    (out / "model.onnx").write_bytes(data)
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"]["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
 def test_read_bundle_checks_external_data_even_without_verify(tmp_path: Path, parser: str) -> None:
     (tmp_path / "secret.bin").write_bytes(b"\x00" * 16)
-    out = write_bundle(tmp_path / "b", {"model.onnx": _ext_model("../secret.bin")}, {"target": "cpu"})
+    out = write_bundle(tmp_path / "b", {"model.onnx": _ext_model("w.bin"), "w.bin": b"1" * 16}, {"target": "cpu"})
+    _swap_model(out, _ext_model("../secret.bin"))
     with pytest.raises(BundleError, match="'../secret.bin' of tensor 'w' leaves the bundle"):
         read_bundle(out, verify=False)
-    out = write_bundle(tmp_path / "b", {"model.onnx": _ext_model("w.bin")}, {"target": "cpu"}, overwrite=True)
-    (out / "w.bin").write_bytes(b"\x00" * 16)
-    with pytest.raises(BundleError, match="external data w.bin of model.onnx is not listed in manifest.json"):
+    _swap_model(out, _ext_model("x.bin"))
+    (out / "x.bin").write_bytes(b"\x00" * 16)
+    with pytest.raises(BundleError, match="external data 'x.bin' of model.onnx is not listed in manifest.json"):
         read_bundle(out)
-    files = {"model.onnx": _ext_model("w.bin"), "w.bin": b"\x00" * 16}
-    out = write_bundle(tmp_path / "b", files, {"target": "cpu"}, overwrite=True)
+    _swap_model(out, _ext_model("w.bin"))
     assert read_bundle(out).files == ("model.onnx", "w.bin")
 
 
