@@ -111,10 +111,14 @@ class BenchReport:
     # ``runner.metrics()`` after the timed runs, for targets whose runner reports some (e.g. snn: spikes,
     # synaptic ops, timesteps, energy); None when the runner has no ``metrics``.
     runtime_metrics: dict[str, Any] | None = None
+    # Every timed run's latency (only with ``bench(..., keep_latencies=True)``, for plots); not in the JSON.
+    latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (lists, not tuples), versioned so readers can refuse what they do not know."""
-        return {"format": FORMAT, "version": FORMAT_VERSION, **plain(dataclasses.asdict(self))}
+        d = plain(dataclasses.asdict(self))
+        d.pop("latencies_ms")
+        return {"format": FORMAT, "version": FORMAT_VERSION, **d}
 
 
 # --------------------------------------------------------------------------------------------- bench
@@ -124,11 +128,14 @@ def bench(
     bundle_path: str | os.PathLike[str],
     config: BenchConfig | None = None,
     progress: Progress | None = None,
+    *,
+    keep_latencies: bool = False,
 ) -> BenchReport:
     """Check and time the bundle at `bundle_path`.
 
     `progress(done, total)` is called after every warm-up and timed run, total = warmup + runs (a
-    `max_seconds` cap may end the runs before done reaches total).
+    `max_seconds` cap may end the runs before done reaches total). `keep_latencies` keeps each run's
+    time in ``BenchReport.latencies_ms`` (compare plots their distribution).
     """
     from edgegate import targets
     from edgegate.bundle import read_bundle
@@ -164,7 +171,8 @@ def bench(
     latencies_ns, seen, timed_s = timed
     rss_after = peak_rss_mib()
 
-    latency = summarize_latencies(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
+    per_run_ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
+    latency = summarize_latencies(per_run_ms)
     runs = len(latencies_ns)
     notes = [
         (runs < config.runs, f"stopped after {runs} of {config.runs} runs: max_seconds reached"),
@@ -193,6 +201,7 @@ def bench(
         routes=tuple(h for h in hists if h.kind == "route"),
         warnings=tuple(text for flagged, text in notes if flagged),
         runtime_metrics=None if metrics is None else plain(dict(metrics)),
+        latencies_ms=tuple(per_run_ms.tolist()) if keep_latencies else (),
     )
 
 

@@ -1,4 +1,4 @@
-"""Command line: thin subcommands over the library (export, inspect, targets, zoo).
+"""Command line: thin subcommands over the library (export, inspect, bench, compare, targets, zoo).
 
 Errors the user can fix (``EdgegateError``) print as one line on stderr and exit with code 2;
 ``--debug`` shows the traceback. An interrupted run exits 130 and leaves no partial bundle.
@@ -134,6 +134,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from edgegate.compare import CompareConfig, compare
+    from edgegate.reports.compare_text import render_text
+
+    config = CompareConfig(data=args.data, split=args.split, max_samples=args.max_samples, runs=args.runs,
+                           warmup=args.warmup, baseline=args.baseline, trust_model=args.trust_model,
+                           model_class=args.model_class)
+    if sys.stdout.isatty():
+        with _console().status("compare") as status:
+            report = compare(args.model, args.bundles, config, on_step=lambda s: status.update(f"compare: {s}"))
+    else:
+        report = compare(args.model, args.bundles, config)
+    print(render_text(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    if args.html:
+        from edgegate.reports.html import write_html
+
+        print(f"wrote {write_html(report, args.html)}")
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -234,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seconds", type=float, default=None, help="cap on the timed runs")
     b.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("compare", help="float model vs bundles: accuracy, gate fidelity, per-layer SQNR, latency")
+    c.add_argument("model", help="the model file the bundles were exported from")
+    c.add_argument("bundles", nargs="+", metavar="DIR", help="bundle directories written by `edgegate export`")
+    c.add_argument("--data", required=True, metavar="NAME|FILE.npz",
+                   help="evaluation data: a built-in dataset (its test split) or an .npz keyed by input name")
+    c.add_argument("--split", choices=["train", "val", "test", "all"], default=None,
+                   help="part of the data to use (default: test for built-ins, all for .npz)")
+    c.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
+    c.add_argument("--runs", type=int, default=100, help="timed runs per model for latency")
+    c.add_argument("--warmup", type=int, default=10)
+    c.add_argument("--baseline", choices=["naive"], default=None,
+                   help="naive: also export and compare a naive-calibration bundle per gate-aware int8 bundle")
+    c.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    c.add_argument("--html", metavar="OUT.html", help="also write an HTML report with PNG plots (matplotlib)")
+    trust(c)
+    c.set_defaults(func=cmd_compare)
 
     t = sub.add_parser("targets", help="list targets and whether each can run here")
     t.set_defaults(func=cmd_targets)

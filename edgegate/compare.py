@@ -1,0 +1,368 @@
+"""Stage 8, compare: a float model and its bundles -> a `CompareReport` (DESIGN.md §9).
+
+Input: the model file the bundles were exported from, one or more bundle directories, evaluation data
+(a built-in dataset, whose held-out ``test`` split is used, or an ``.npz`` keyed by input name with
+optional ``labels``) and a `CompareConfig`. Every bundle must come from that model (manifest source
+sha256). Output: one `Row` per model variant: the float model (torch), each bundle (run by its own
+target's runner) and, with ``baseline="naive"``, a naive-calibration bundle exported on the fly with
+the same settings. Per row: accuracy / loss, top-1 agreement and output SQNR vs float, gate fidelity
+measured on the bundle's outputs (exit index, route indices) plus the fidelity recorded at export
+(mask Hamming of channel/threshold gates lives there only: masks are not graph outputs), per-layer
+SQNR, latency (bench of the bundle; torch eager at batch 1 for float) and, for early-exit models, an
+exit-threshold sweep. `CompareReport.to_dict` is the versioned JSON (``"format": "edgegate.compare"``,
+docs/formats.md); ``reports.compare_text`` and ``reports.html`` render it.
+
+How the two measured-by-probing quantities are defined (also written into the report's notes):
+- per-layer SQNR: the float torch module's output vs the same layer's output in the bundle's
+  ``model.onnx`` run by ONNX Runtime (CPU) with that tensor added as a graph output, with every exit
+  disabled and MoE experts run densely (so both sides compute every row), then scored on the rows that
+  reach the layer under the float model's deployed gating: samples that did not exit before its stage,
+  tokens routed to its expert (the rows a gate-aware calibration is judged on);
+- threshold sweep: one threshold for every exit, swept over `SWEEP`; float = torch with its thresholds
+  set, bundle = its ``model.onnx`` on ONNX Runtime with the ``ExitDecision`` threshold initializers set.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgegate.errors import EdgegateError
+from edgegate.reports.onnx_probe import sqnr_db
+from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
+
+FORMAT = "edgegate.compare"
+FORMAT_VERSION = 1
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
+EVAL_BATCH = 256
+NOTES = (
+    "per-layer SQNR: float torch module output vs the same layer in the bundle's model.onnx on ONNX Runtime "
+    "CPU (layer output added as a graph output), on the rows that reach the layer under the float model's "
+    "gating (samples not exited before its stage, tokens routed to its expert)",
+    "exit-threshold sweep: one threshold for all exits; float in torch, bundle = its model.onnx on ONNX Runtime "
+    "with the ExitDecision threshold initializers replaced",
+    "mask Hamming (channel/threshold gates) is the value recorded at export on held-out data: masks are not "
+    "outputs of the deployed graph",
+    "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
+)
+
+
+class CompareError(EdgegateError):
+    """A bundle does not belong to the model, or compare cannot run with the given inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    data: str
+    split: str | None = None  # None: "test" when the data has splits (built-ins), else every row
+    max_samples: int | None = None
+    runs: int = 100  # timed runs per row
+    warmup: int = 10
+    baseline: str | None = None  # "naive": add a naive-calibration bundle per gate-aware int8 bundle
+    layer_samples: int = 256  # rows used for per-layer SQNR
+    trust_model: bool = False
+    model_class: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.baseline not in (None, "naive"):
+            raise CompareError(f"--baseline {self.baseline!r} is unknown; the only baseline is 'naive'")
+        for name in ("runs", "layer_samples"):
+            if getattr(self, name) < 1:
+                raise CompareError(f"compare {name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One variant of the model. ``status`` "skipped" rows carry only ``note`` and ``recorded``."""
+
+    name: str
+    kind: str  # float | bundle | baseline
+    path: str | None
+    target: str | None
+    quant: str | None
+    calibration: str | None
+    status: str  # ok | skipped
+    note: str = ""
+    metrics: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    recorded: dict[str, Any] = dataclasses.field(default_factory=dict)  # fidelity from the manifest
+    latency: LatencyStats | None = None
+    batch: int | None = None
+    layer_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
+    sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
+    histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareReport:
+    model: dict[str, Any]
+    data: dict[str, Any]
+    rows: tuple[Row, ...]
+    notes: tuple[str, ...] = NOTES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = plain(dataclasses.asdict(self))
+        for row in d["rows"]:
+            row.pop("latencies_ms")
+        return {"format": FORMAT, "version": FORMAT_VERSION, **d}
+
+
+def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: CompareConfig,
+            on_step: Callable[[str], None] | None = None) -> CompareReport:
+    """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc)."""
+    import torch
+
+    from edgegate.bundle import read_bundle
+    from edgegate.export.torch_export import output_names
+    from edgegate.loading import load
+    from edgegate.pipeline import input_spec
+
+    step = on_step or (lambda s: None)
+    if not bundle_paths:
+        raise CompareError("compare needs at least one bundle directory after the model")
+    loaded = load(model_path, trust_model=config.trust_model, model_class=config.model_class)
+    model = loaded.module.eval()
+    inp = input_spec(loaded.spec)
+    bundles = [read_bundle(p) for p in bundle_paths]
+    for b in bundles:
+        src = b.manifest.get("source") or {}
+        if src.get("sha256") != loaded.sha256:
+            raise CompareError(
+                f"bundle {b.path} was exported from {src.get('file')} (sha256 {str(src.get('sha256'))[:12]}), "
+                f"not from {model_path} (sha256 {loaded.sha256[:12]}); pass the model it was exported from")
+    x, labels, data_info = _eval_data(config, inp)
+    names = output_names(model)
+    step("float model")
+    with torch.no_grad():
+        float_out = _torch_outputs(model, x, names)
+    float_row = _float_row(model, x, labels, float_out, config)
+    rows = [float_row]
+    probes: list[tuple[int, Any]] = []
+    jobs = [(b, "bundle") for b in bundles]
+    with tempfile.TemporaryDirectory(prefix="edgegate-compare-") as tmp:
+        if config.baseline == "naive":
+            for i, b in enumerate(bundles):
+                q = b.manifest.get("quant") or {}
+                if q.get("scheme") == "int8" and (q.get("config") or {}).get("calibration") != "naive":
+                    step(f"naive baseline for {b.path.name}")
+                    (Path(tmp) / str(i)).mkdir()
+                    jobs.append((read_bundle(_export_naive(model_path, b, Path(tmp) / str(i), config)), "baseline"))
+        for b, kind in jobs:
+            step(f"bundle {b.path.name}")
+            row, proto = _bundle_row(b, kind, x, labels, float_out, config)
+            rows.append(row)
+            if proto is not None:
+                probes.append((len(rows) - 1, proto))
+        if probes:
+            step("per-layer SQNR")
+            from edgegate.reports.layer_sqnr import add_layer_sqnr
+
+            rows = add_layer_sqnr(rows, probes, model, x[: config.layer_samples], float_out)
+    # A baseline bundle lived in a temp dir: it has a name, not a path.
+    rows = [dataclasses.replace(r, name=f"{r.name} (naive)", path=None) if r.kind == "baseline" else r for r in rows]
+    model_info = {"file": str(model_path), "sha256": loaded.sha256, "class": loaded.spec.get("class"),
+                  "outputs": names}
+    return CompareReport(model=model_info, data=data_info, rows=tuple(rows))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _eval_data(config: CompareConfig, inp: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    from edgegate.data import BUILTINS, TensorSpec, load_data, validate_inputs
+
+    name, shape, dtype = inp["name"], tuple(inp["shape"]), inp["dtype"]
+    data = load_data(config.data, [name], {name: shape})
+    split = config.split or ("test" if "test" in data.splits and config.data in BUILTINS else "all")
+    part = data.split(split)
+    x = part.inputs[name]
+    if config.data in BUILTINS:  # built-ins come as float32/int64 samples; npz files must match exactly
+        x = x.astype(dtype)
+    x = x[: config.max_samples] if config.max_samples else x
+    validate_inputs({name: x}, [TensorSpec(name, shape, dtype)], source=f"data {config.data}")
+    labels = None if part.labels is None else np.asarray(part.labels)[: len(x)]
+    info = {"name": config.data, "split": split, "samples": int(len(x)), "labels": labels is not None}
+    return np.ascontiguousarray(x), labels, info
+
+
+def _torch_outputs(model: Any, x: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    import torch
+
+    chunks: list[tuple] = []
+    for i in range(0, len(x), EVAL_BATCH):
+        out = model(torch.from_numpy(x[i:i + EVAL_BATCH]))
+        chunks.append(out if isinstance(out, tuple) else (out,))
+    if len(chunks[0]) != len(names):
+        raise CompareError(f"the model returns {len(chunks[0])} outputs but its export names {len(names)}")
+    return {n: np.concatenate([c[j].numpy() for c in chunks]) for j, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------- float
+
+
+def _float_row(model: Any, x: np.ndarray, labels: np.ndarray | None, out: dict[str, np.ndarray],
+               config: CompareConfig) -> Row:
+    import torch
+
+    metrics = _task_metrics(out["logits"], labels)
+    hists = _hists(out)
+    if "exit_index" in out:
+        metrics["mean_exit_depth"] = float(out["exit_index"].mean() + 1)
+    times = []
+    with torch.no_grad():
+        for i in range(config.warmup + config.runs):
+            xi = torch.from_numpy(x[i % len(x): i % len(x) + 1])
+            t0 = time.perf_counter_ns()
+            model(xi)
+            if i >= config.warmup:
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+    sweep: tuple[dict[str, float], ...] = ()
+    if _is_early_exit(model):
+        points = []
+        for t in SWEEP:
+            m = copy.deepcopy(model)
+            m.set_thresholds([t] * len(m.thresholds))
+            with torch.no_grad():
+                o = _torch_outputs(m, x, ["logits", "exit_index"])
+            points.append({"threshold": t, **_sweep_point(o["logits"], o["exit_index"], labels)})
+        sweep = tuple(points)
+    return Row("float", "float", None, "torch", "fp32", None, "ok", metrics=metrics,
+               latency=summarize_latencies(times), batch=1, sweep=sweep, histograms=hists,
+               latencies_ms=tuple(times))
+
+
+def _is_early_exit(model: Any) -> bool:
+    from edgegate.export.torch_export import is_early_exit
+
+    return is_early_exit(model)
+
+
+# --------------------------------------------------------------------------------------------- bundles
+
+
+def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None,
+                float_out: dict[str, np.ndarray], config: CompareConfig) -> tuple[Row, Any]:
+    """Evaluate one bundle on its target; (row, model.onnx proto for the layer probe or None)."""
+    from edgegate import targets
+    from edgegate.bench import BenchConfig, bench
+
+    m = bundle.manifest
+    q = m.get("quant") or {}
+    fidelity = q.get("fidelity") or {}
+    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples") if k in fidelity}
+    recorded.update(fidelity.get("summary") or {})
+    head = dict(name=bundle.path.name, kind=kind, path=str(bundle.path), target=bundle.target,
+                quant=q.get("scheme"), calibration=(q.get("config") or {}).get("calibration"), recorded=recorded)
+    try:
+        target = targets.get(bundle.target)
+    except EdgegateError as e:
+        return Row(**head, status="skipped", note=f"skipped: {e}"), None
+    ok, why = targets.can_run(target)
+    if not ok:
+        return Row(**head, status="skipped", note=f"skipped: target {bundle.target} cannot run here: {why}"), None
+    report = bench(bundle.path, BenchConfig(runs=config.runs, warmup=config.warmup), keep_latencies=True)
+    static = (m.get("export") or {}).get("batch")
+    with target.load(bundle) as runner:
+        input_name = runner.input_specs[0].name
+        out = _run_runner(runner, input_name, x, static)
+    metrics = _task_metrics(out["logits"], labels)
+    metrics.update(_agreement(float_out, out))
+    sweep: tuple[dict[str, float], ...] = ()
+    proto = None
+    if "model.onnx" in bundle.files:
+        import onnx
+
+        from edgegate.reports.onnx_probe import exit_threshold_names, run_onnx, with_thresholds
+
+        proto = onnx.load(str(bundle.file("model.onnx")))
+        if exit_threshold_names(proto):
+            points = []
+            for t in SWEEP:
+                o = run_onnx(with_thresholds(proto, t), {input_name: x}, static)
+                points.append({"threshold": t, **_sweep_point(o["logits"], o["exit_index"], labels)})
+            sweep = tuple(points)
+        proto = (proto, input_name, static)
+    row = Row(**head, status="ok", metrics=metrics, latency=report.latency, batch=report.batch, sweep=sweep,
+              histograms=_hists(out), latencies_ms=report.latencies_ms)
+    return row, proto
+
+
+def _run_runner(runner: Any, name: str, x: np.ndarray, static: int | None) -> dict[str, np.ndarray]:
+    step = static or EVAL_BATCH
+    chunks: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(x), step):
+        part = x[i:i + step]
+        rows = len(part)
+        if static and rows < static:  # a static batch takes whole batches: pad with the last row
+            part = np.concatenate([part, np.repeat(part[-1:], static - rows, axis=0)])
+        for k, v in runner.run({name: part}).items():
+            chunks.setdefault(k, []).append(np.asarray(v)[:rows])
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
+    if labels is None or logits.ndim != 2:
+        return {}
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = labels.astype(np.int64)
+    return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": float(-logp[np.arange(len(y)), y].mean())}
+
+
+def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Bundle vs float on the outputs both have: logits, exit index, route indices."""
+    out: dict[str, float | None] = {
+        "top1_agreement": float((f["logits"].argmax(-1) == q["logits"].argmax(-1)).mean()),
+        "output_sqnr_db": sqnr_db(f["logits"], q["logits"]),
+    }
+    if "exit_index" in f and "exit_index" in q:
+        out["exit_agreement"] = float((f["exit_index"] == q["exit_index"]).mean())
+        out["mean_exit_depth"] = float(q["exit_index"].mean() + 1)
+    r = next((k for k in f if k.startswith("route")), None)
+    if r and r in q and f[r].shape == q[r].shape:
+        out["topk_set_agreement"] = float((np.sort(f[r], -1) == np.sort(q[r], -1)).all(-1).mean())
+        out["top1_expert_agreement"] = float((f[r][..., 0] == q[r][..., 0]).mean())
+    return out
+
+
+def _hists(out: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Fractions of samples per exit and of routed slots per expert."""
+    hists = {}
+    for k, v in out.items():
+        if k == "exit_index" or k.startswith("route"):
+            counts = np.bincount(v.reshape(-1).astype(np.int64))
+            hists[k] = (counts / max(counts.sum(), 1)).tolist()
+    return hists
+
+
+def _sweep_point(logits: np.ndarray, exit_index: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
+    point = {"mean_exit_depth": float(exit_index.mean() + 1)}
+    if labels is not None:
+        point["accuracy"] = float((logits.argmax(-1) == labels).mean())
+    return point
+
+
+# -------------------------------------------------------------------------------------------- baseline
+
+
+def _export_naive(model_path: str | Path, bundle: Any, tmp: Path, config: CompareConfig) -> Path:
+    """Export the naive-calibration twin of `bundle` (its manifest's settings, calibration=naive)."""
+    from edgegate.pipeline import ExportConfig, run_export
+
+    m = bundle.manifest
+    qc = (m.get("quant") or {}).get("config") or {}
+    ex = m.get("export") or {}
+    cfg = ExportConfig(target=bundle.target, quant="int8", calib=(m.get("quant") or {}).get("calibration_data"),
+                       observer=qc.get("observer", "percentile"), calibration="naive",
+                       min_coverage=int(qc.get("min_coverage", 32)), batch=ex.get("batch"),
+                       exit_form=ex.get("exit_form") or "auto", trust_model=config.trust_model,
+                       model_class=config.model_class)
+    return run_export(model_path, tmp / bundle.path.name, cfg)
