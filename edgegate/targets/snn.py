@@ -1,0 +1,282 @@
+"""Stage 6, target ``snn``: an ONNX Linear/ReLU chain -> an integer LIF network for a neuromorphic core.
+
+compile: ``onnx.ModelProto`` (fp32, int8 QDQ or ternary) + calibration inputs -> `Artifact` with
+``model.onnx`` (the source graph, for reference), ``core.egc`` (the core image), ``stream.bin`` (the
+UART programming stream), ``model.nir`` (NIR graph) and, with ``-O neurocorex=true``,
+``neurocorex.bin``. load: a bundle or artifact -> `SnnRunner`, which runs the numpy emulator (the
+definition of the target's semantics, edgegate.snn.emulator) on the core image. The compiler lives
+in edgegate.snn; docs/snn.md specifies the neuron model, the formats and the metrics.
+Only `compile`/`check` need onnx (and nir); `load` and `SnnRunner` need numpy alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgegate.errors import TargetError
+from edgegate.snn.network import NO_DECAY
+from edgegate.targets import Artifact, CheckIssue, CompileContext, TensorSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgegate.bundle import Bundle
+    from edgegate.snn.image import CoreImage
+
+MODEL_FILE, IMAGE_FILE, STREAM_FILE, NIR_FILE, NEUROCOREX_FILE = (
+    "model.onnx", "core.egc", "stream.bin", "model.nir", "neurocorex.bin")
+EARLY = ("auto", "on", "off")
+_RUNTIME_KEYS = ("exact", "golden_atol")  # written by compile for the pipeline, not options
+
+
+@dataclasses.dataclass(frozen=True)
+class SnnOptions:
+    """Compile options (``-O key=value``; ``--timesteps T``). Recorded in the manifest without the data."""
+
+    timesteps: int = 128
+    early_decision: str = "auto"  # auto: on when the model has early exits
+    margin: int = 4  # spikes the top output must lead the runner-up by
+    min_steps: int = 8
+    frac_bits: int = 8
+    percentile: float = 99.9
+    k_syn: int = 0  # synaptic leak shift; 0 = current is this step's input (what conversion needs)
+    k_mem: int = NO_DECAY  # membrane leak shift; 255 = none (integrate-and-fire)
+    refractory: int = 0
+    nir: bool = True
+    neurocorex: bool = False
+    calibration: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    io: dict[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("timesteps", 1, 65535), ("margin", 0, 65535), ("min_steps", 0, 65535),
+                             ("frac_bits", 0, 16), ("k_syn", 0, 255), ("k_mem", 0, 255), ("refractory", 0, 255)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise TargetError(f"snn option {name}={v!r} must be an int in {lo}..{hi}")
+        if self.early_decision not in EARLY:
+            raise TargetError(f"snn option early_decision={self.early_decision!r} must be one of {', '.join(EARLY)}")
+        if not 50.0 <= float(self.percentile) <= 100.0:
+            raise TargetError(f"snn option percentile={self.percentile!r} must be in 50..100")
+
+    @classmethod
+    def from_strings(cls, user: Mapping[str, str], context: CompileContext | None = None) -> SnnOptions:
+        """From ``-O key=value`` strings and the export context (calibration inputs, IO names)."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("calibration", "io")}
+        unknown = sorted(set(user) - set(fields))
+        if unknown:
+            raise TargetError(f"snn takes no option {unknown[0]!r}; options: {', '.join(sorted(fields))}")
+        values: dict[str, Any] = {}
+        for key, text in user.items():
+            kind = type(fields[key].default)
+            try:
+                if kind is bool:
+                    if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                        raise ValueError(text)
+                    values[key] = text.lower() in ("true", "1", "yes", "on")
+                else:
+                    values[key] = kind(text)
+            except ValueError:
+                raise TargetError(f"snn option {key}={text!r} must be a {kind.__name__}") from None
+        if context is not None:
+            values["calibration"] = context.calibration
+            values["io"] = {"input_name": context.input_name, "output_names": list(context.output_names)}
+        return cls(**values)
+
+    @classmethod
+    def from_manifest(cls, options: Mapping[str, Any]) -> SnnOptions:
+        known = {f.name for f in dataclasses.fields(cls)} - {"calibration", "io"}
+        unknown = sorted(set(options) - known - set(_RUNTIME_KEYS))
+        if unknown:
+            raise TargetError(f"snn target_options has unknown keys {unknown}; re-export with this edgegate")
+        return cls(**{k: v for k, v in options.items() if k in known})
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("calibration", "io")}
+
+
+class SnnTarget:
+    name = "snn"
+    description = "integer LIF network for a neuromorphic core: core image, UART stream, NIR; numpy emulator"
+    options_type = SnnOptions
+    needs_calibration = True  # threshold balancing needs representative inputs even for --quant fp32
+    # The quantize step's flavor: symmetric int8 (zero point 0, per-channel weights) is the integer form
+    # the compiler reads, and "trt" keeps ternary layers as edgegate::TernaryMatMul (2-bit codes intact).
+    flavor = "trt"
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            import nir
+        except ImportError:
+            return True, "numpy emulator; model.nir needs pip install 'edgegate[snn]' (else -O nir=false)"
+        return True, f"numpy emulator; nir {getattr(nir, '__version__', '')}".rstrip()
+
+    def options_for_export(self, user: Mapping[str, str], context: CompileContext) -> SnnOptions:
+        return SnnOptions.from_strings(user, context)
+
+    def check(self, model: onnx.ModelProto) -> list[CheckIssue]:
+        from edgegate.snn.graph import read_chain
+
+        chain = read_chain(model)
+        return chain.issues + _output_issues(model, chain.exits)
+
+    def compile(self, model: onnx.ModelProto, options: SnnOptions | None, workdir: Path) -> Artifact:
+        """Read the chain, balance it on the calibration inputs, write image, stream and NIR."""
+        from edgegate.snn.compiler import BalanceConfig, compile_network
+        from edgegate.snn.graph import read_chain
+        from edgegate.snn.image import write_image
+        from edgegate.snn.network import ExitPolicy
+        from edgegate.snn.stream import image_from_stream, program_stream
+
+        options = SnnOptions() if options is None else options
+        if not isinstance(options, SnnOptions):
+            raise TargetError(f"snn compile options must be SnnOptions, not {type(options).__name__}")
+        if options.calibration is None:
+            raise TargetError("snn needs calibration inputs for threshold balancing: export with a dataset "
+                              "(--calib) or pass SnnOptions(calibration=...)")
+        chain = read_chain(model)
+        issues = chain.issues + _output_issues(model, chain.exits)
+        if issues:
+            i = issues[0]
+            raise TargetError(f"snn cannot compile node {i.node} ({i.op_type}): {i.message}; {i.hint}")
+        calibration = np.asarray(options.calibration, np.float32)
+        _verify_chain(model, chain, calibration)
+        early = options.early_decision == "on" or options.early_decision == "auto" and chain.exits > 0
+        config = BalanceConfig(timesteps=options.timesteps, frac_bits=options.frac_bits, percentile=options.percentile,
+                               k_syn=options.k_syn, k_mem=options.k_mem, refractory=options.refractory,
+                               exit=ExitPolicy(early, options.margin, options.min_steps))
+        net = compile_network(chain, calibration, config)
+        outputs = [o.name for o in model.graph.output]
+        io = {"input_name": chain.input_name, "input_shape": list(calibration.shape[1:]),
+              "output_names": list((options.io or {}).get("output_names") or outputs),
+              "exit_index": chain.exits}  # the last exit: the SNN runs every stage, it decides early in time
+        image = write_image(net, io)
+        stream = program_stream(image)
+        if image_from_stream(stream) != image:  # the promise the two formats make; cheap to keep honest
+            raise TargetError("snn stream does not round-trip to the core image; please report this model")
+        files = {MODEL_FILE: model.SerializeToString(), IMAGE_FILE: image, STREAM_FILE: stream}
+        if options.nir:
+            from edgegate.snn.nir_export import nir_bytes
+
+            files[NIR_FILE] = nir_bytes(net)
+        if options.neurocorex:
+            from edgegate.snn.neurocorex import neurocorex_stream
+
+            files[NEUROCOREX_FILE] = neurocorex_stream(net)
+        recorded = {**options.to_manifest(), "early_decision": "on" if early else "off", "exact": False,
+                    # one output spike over a whole run: the emulator is deterministic, so bench reproduces
+                    # golden outputs exactly; this is the resolution a spiking device is held to
+                    "golden_atol": float(net.output.scale / net.timesteps)}
+        return Artifact(target=self.name, files=files, options=recorded)
+
+    def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> SnnRunner:
+        """A runner for a bundle (dir or `Bundle`) or an in-memory `Artifact`; numpy only."""
+        from edgegate.snn.image import read_image
+
+        x = bundle_or_artifact
+        if isinstance(x, Artifact):
+            if x.target != self.name or IMAGE_FILE not in x.files:
+                raise TargetError(f"artifact for target {x.target!r} has no {IMAGE_FILE}; compile for snn")
+            SnnOptions.from_manifest(x.options)
+            return SnnRunner(read_image(x.files[IMAGE_FILE], IMAGE_FILE))
+        from edgegate.bundle import Bundle, read_bundle
+
+        bundle = x if isinstance(x, Bundle) else read_bundle(x)
+        if bundle.target != self.name:
+            raise TargetError(f"bundle {bundle.path} is for target {bundle.target!r}, not snn; load it with that "
+                              "target")
+        SnnOptions.from_manifest(bundle.target_options)
+        path = bundle.file(IMAGE_FILE)
+        return SnnRunner(read_image(path.read_bytes(), str(path)))
+
+
+class SnnRunner:
+    """Runs the emulator on a core image; ``latencies_ms`` per `run`, ``metrics()`` of the last run."""
+
+    def __init__(self, image: CoreImage) -> None:
+        self.network = image.network
+        io = image.io
+        if not isinstance(io.get("input_name"), str) or not isinstance(io.get("output_names"), list):
+            raise TargetError("snn core image META lacks input_name/output_names; re-export the bundle")
+        self._io = io
+        self.input_specs = (TensorSpec(io["input_name"], (None, *io.get("input_shape", [])), np.dtype(np.float32)),)
+        self.output_names = tuple(str(n) for n in io["output_names"])
+        self.latencies_ms: list[float] = []
+        self._metrics: dict[str, Any] = {}
+        self._closed = False
+
+    def __enter__(self) -> SnnRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed = True
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from edgegate.snn import emulator
+        from edgegate.snn.metrics import summarize
+
+        if self._closed:
+            raise TargetError("snn runner is closed; load the bundle again")
+        spec = self.input_specs[0]
+        if set(feeds) != {spec.name}:
+            raise TargetError(f"inputs {sorted(feeds)} do not match the model's input [{spec.name!r}]")
+        x = np.asarray(feeds[spec.name])
+        if x.dtype != np.float32:
+            raise TargetError(f"input {spec.name} has dtype {x.dtype}, the model wants float32; cast it")
+        if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]):
+            raise TargetError(f"input {spec.name} has shape {x.shape}, the model wants {spec.shape}")
+        net = self.network
+        start = time.perf_counter()
+        result = emulator.run(net, x, exit=net.exit)
+        logits = emulator.decode(net, result)
+        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        self._metrics = summarize(net, result, net.timesteps)
+        out = {self.output_names[0]: logits}
+        for name in self.output_names[1:]:  # early-exit models: every sample leaves at the last exit
+            out[name] = np.full(x.shape[0], int(self._io.get("exit_index", 0)), np.int64)
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """The last run's metrics (edgegate.snn.metrics.summarize); {} before the first run."""
+        return dict(self._metrics)
+
+
+def _output_issues(model: onnx.ModelProto, exits: int) -> list[CheckIssue]:
+    """Outputs beyond the first are allowed only as an early-exit model's exit index."""
+    extra = [o.name for o in model.graph.output[1:]]
+    if not extra or exits and len(extra) == 1:
+        return []
+    return [CheckIssue(name, "output", f"graph output {name} has no SNN form (the snn target produces the first "
+                       "output, plus the exit index of early-exit models)", "export a model with one output")
+            for name in extra]
+
+
+def _verify_chain(model: onnx.ModelProto, chain, calibration: np.ndarray, rows: int = 256) -> None:
+    """The chain's float forward must reproduce onnxruntime on the calibration inputs (guards the reader)."""
+    import onnxruntime as ort
+
+    x = np.ascontiguousarray(calibration[:rows])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        outs = session.run(None, {chain.input_name: x})
+    except Exception as e:  # ORT's own exception types; one line for the user
+        raise TargetError(f"onnxruntime cannot run the model to check the snn compiler: {' '.join(str(e).split())}"
+                          ) from e
+    want = outs[0].reshape(len(x), -1)
+    got = chain.forward(x)[-1]
+    keep = np.ones(len(x), bool) if chain.exits == 0 or len(outs) < 2 else outs[1].reshape(-1) == chain.exits
+    if not keep.any():
+        return  # every calibration sample left early: the last stage is never observed by onnxruntime
+    err = float(np.abs(got[keep] - want[keep]).max())
+    scale = float(np.abs(want[keep]).max()) or 1.0
+    if err > 0.02 * scale + 1e-4:
+        raise TargetError(f"snn compiler's reading of the graph differs from onnxruntime by {err:.3g} "
+                          f"(output scale {scale:.3g}); please report this model")
