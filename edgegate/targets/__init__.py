@@ -233,3 +233,6 @@ def _load_plugins() -> None:
 from edgegate.targets import cpu as _cpu  # noqa: E402
 
 register(_cpu.CpuTarget())
+from edgegate.targets import snn as _snn  # noqa: E402
+
+register(_snn.SnnTarget())
