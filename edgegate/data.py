@@ -9,6 +9,7 @@ can use it. Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -17,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.errors import DataError
+from edgegate.errors import DataError, one_line
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 LABELS_KEY = "labels"
+# Calibration and eval sets are small; a larger .npz is a mistake or a decompression bomb.
+NPZ_MAX_BYTES = 4 << 30
 
 # Built-in generators are fixed (not user seeds) so every run and every machine sees the same data.
 MARKOV_VOCAB, MARKOV_CONTEXT, MARKOV_CHAINS, MARKOV_STEPS, MARKOV_ALPHA = 16, 8, 64, 1000, 0.12
@@ -210,21 +213,94 @@ def _load_npz(path: Path, input_names: Sequence[str] | None,
     if not path.is_file():
         raise DataError(f"data {path} is neither a built-in dataset ({', '.join(builtin_names())}) "
                         "nor an existing .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:  # not a zip / object arrays (pickles are refused)
-        raise DataError(f"data {path} is not a readable .npz of plain arrays ({e}); "
-                        "write it with numpy.savez(path, **{input_name: array})") from e
+    arrays = read_npz(path)
     labels = arrays.pop(LABELS_KEY, None)
     names = list(input_names) if input_names is not None else sorted(arrays)
+    if not names:
+        raise DataError(f"data {path} holds no input arrays; write it with numpy.savez(path, **{{input_name: array}})")
     # The file's own dtypes are taken as given; shapes are checked when the caller knows them.
     specs = [_spec_of(n, arrays.get(n), (input_shapes or {}).get(n)) for n in names]
     validate_inputs(arrays, specs, source=str(path))
     n = len(arrays[names[0]])
-    if labels is not None and len(labels) != n:
-        raise DataError(f"data {path}: 'labels' has {len(labels)} rows but the inputs have {n}")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != n:
+            raise DataError(f"data {path}: 'labels' has shape {labels.shape}; it needs one label per sample ({n},)")
+        if labels.dtype.kind not in "biu":
+            raise DataError(f"data {path}: 'labels' has dtype {labels.dtype}; class labels are integers")
     return Dataset(path.stem, {k: arrays[k] for k in names}, labels, _random_splits(n), {})
+
+
+def read_npz(path: str | Path, what: str = "data") -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` file at ``path``, by name; any damaged or hostile file is a :class:`DataError`.
+
+    Reads with numpy's own ``.npy`` reader but checks first what numpy would trust: the file is a zip
+    of ``NAME.npy`` members, no name twice, plain numeric/bool dtypes (no pickled objects, no records),
+    each array's declared size within what its member holds, and at most ``NPZ_MAX_BYTES`` in all,
+    so a few bytes cannot make it allocate gigabytes.
+    """
+    import zipfile
+
+    path = Path(path)
+    where = f"{what} {path}"
+    hint = "write it with numpy.savez(path, **{input_name: array})"
+    try:
+        with path.open("rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise DataError(f"cannot read {where}: {e.strerror or e}") from e
+    if magic.startswith(b"\x93NUMPY"):
+        raise DataError(f"{where} is a single .npy array, not an .npz keyed by input name; {hint}")
+    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        raise DataError(f"{where} is not an .npz file (a zip of .npy arrays); {hint}")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if sum(i.file_size for i in infos) > NPZ_MAX_BYTES:
+                raise DataError(f"{where} unpacks to more than {NPZ_MAX_BYTES >> 30} GiB; "
+                                "use fewer samples for calibration")
+            for info in infos:
+                key = _npz_key(info.filename, where, hint)
+                if key in arrays:
+                    raise DataError(f"{where} holds array {key!r} twice; {hint}")
+                arrays[key] = _read_member(zf, info, key, where)
+    except DataError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, CRC errors, numpy's ValueError on bad data
+        raise DataError(f"{where} is a truncated or corrupt .npz ({one_line(e, 200)}); {hint}") from e
+    return arrays
+
+
+def _npz_key(member: str, where: str, hint: str) -> str:
+    if not member.endswith(".npy") or len(member) <= 4:
+        raise DataError(f"{where} has a member {_shown(member)} that is not an .npy array; {hint}")
+    return member[:-4]
+
+
+def _read_member(zf: Any, info: Any, key: str, where: str) -> np.ndarray:
+    fmt = np.lib.format
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise DataError(f"{where}: array {_shown(key)} has .npy format version {version}; re-save it")
+    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
+        raise DataError(f"{where}: array {_shown(key)} has dtype {_shown(str(dtype))}; calibration data must be "
+                        "plain numeric arrays (bool, int, float), not objects, records or strings")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size:
+        raise DataError(f"{where}: array {_shown(key)} declares shape {shape} ({declared} bytes) but holds only "
+                        f"{info.file_size} bytes; the file is truncated or corrupt")
+    with zf.open(info) as f:
+        return fmt.read_array(f, allow_pickle=False)
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    shown = repr(text)  # names come from the file: quoted and cut so the message stays one line
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
 def _spec_of(name: str, array: np.ndarray | None, shape: Sequence[int] | None) -> TensorSpec:
@@ -257,6 +333,9 @@ def validate_inputs(arrays: Mapping[str, Any], specs: Sequence[TensorSpec] | Map
     for spec in spec_list:
         a = np.asarray(arrays[spec.name])
         want_shape = "(N, " + ", ".join("?" if d is None else str(d) for d in spec.shape) + ")"
+        if a.dtype.kind not in "biuf" or a.dtype.names is not None:
+            raise DataError(f"{source}: input {spec.name!r} has dtype {a.dtype}; model inputs are bool, int or "
+                            "float arrays")
         if a.ndim == 0 or a.size == 0:
             raise DataError(f"{source}: input {spec.name!r} is empty (shape {a.shape}); "
                             "provide at least one sample")

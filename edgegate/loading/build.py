@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Non-persistent buffers (masks, tables) a config may ask for beyond the stored tensors.
+MAX_UNSTORED_BYTES = 1 << 30
 _CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*([:.][A-Za-z_]\w*)(\.[A-Za-z_]\w*)*$")
 
 
@@ -75,7 +77,7 @@ def _load_checkpoint(path: Path, found: Probe, trust: bool, model_class: str | N
     if model_class is not None and _split_class_path(model_class) != _split_class_path(cls_path):
         log.warning("%s: building %s instead of the saved class %s", path, model_class, cls_path)
     cls = _import_module_class(model_class or cls_path, path)
-    module = _build(cls, spec["config"], path)
+    module = _build(cls, spec["config"], path, state_dict)
     _load_state_dict(module, state_dict, path)
     return module, spec
 
@@ -92,7 +94,7 @@ def _load_weights(path: Path, found: Probe, trust: bool, model_class: str | None
     else:
         state_dict = as_state_dict(found.payload)
     cls = _import_module_class(model_class, path)
-    module = _build(cls, {}, path)
+    module = _build(cls, {}, path, state_dict)
     _load_state_dict(module, state_dict, path)
     return module, {"class": model_class, "config": {}}
 
@@ -157,9 +159,23 @@ _LOADERS: dict[ModelFormat, Callable[[Path, Probe, bool, str | None], tuple[Any,
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _build(cls: type, config: Mapping[str, Any], path: Path) -> Any:
-    # The config comes from the file: a constructor may reject it with any exception (TypeError for
-    # unknown keys, ValueError/RuntimeError for bad sizes), and each is the file's fault.
+def _build(cls: type, config: Mapping[str, Any], path: Path, state_dict: Mapping[str, Any]) -> Any:
+    """``cls(**config)``, after checking on the meta device that it fits `state_dict`.
+
+    The config comes from the file: sizes in it must not make us allocate gigabytes the file does
+    not hold, so the module is first built without memory (``torch.device("meta")``) and its tensor
+    shapes compared with the stored ones. A constructor may reject the config with any exception
+    (TypeError for unknown keys, ValueError/RuntimeError for bad sizes); each is the file's fault.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            shell = cls(**config)
+    except Exception:  # e.g. an __init__ that reads tensor values; the real build below reports errors
+        shell = None
+    if shell is not None:
+        _check_fits(shell, state_dict, path)
     try:
         return cls(**config)
     except Exception as e:
@@ -172,6 +188,30 @@ def _build(cls: type, config: Mapping[str, Any], path: Path) -> Any:
             f"checkpoint {path}: config does not fit {cls.__qualname__} ({one_line(e)}); "
             "re-save it with edgegate.save"
         ) from e
+
+
+def _check_fits(shell: Any, state_dict: Mapping[str, Any], path: Path) -> None:
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"weights in {path} do not fit {type(shell).__qualname__}: missing keys {_short(missing)}, "
+            f"unexpected keys {_short(unexpected)}; check --model / the saved config"
+        )
+    for k in sorted(want):
+        if want[k] != got[k]:
+            raise ModelFormatError(
+                f"weights in {path} do not fit {type(shell).__qualname__}: {k} has shape {list(got[k])} in the "
+                f"file, the model builds {list(want[k])}; check --model / the saved config"
+            )
+    # Buffers outside the state_dict (persistent=False) are sized by the config alone.
+    extra = sum(b.numel() * b.element_size() for n, b in shell.named_buffers() if n not in want)
+    if extra > MAX_UNSTORED_BYTES:
+        raise ModelFormatError(
+            f"checkpoint {path}: its config makes {type(shell).__qualname__} allocate {extra >> 20} MiB of "
+            "buffers that are not in the file; re-save it with edgegate.save"
+        )
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def test_checkpoint_weights_that_do_not_fit_the_config(tmp_path: Path) -> None:
     raw = torch.load(path, weights_only=True)
     raw["spec"] = json.dumps({"class": TINY, "config": {"hidden": 7}})
     torch.save(raw, path)
-    with pytest.raises(ModelFormatError, match=r"weights in .*m\.pt do not fit TinyNet: .*size mismatch"):
+    msg = r"weights in .*m\.pt do not fit TinyNet: fc1.bias has shape \[5\] in the file, the model builds \[7\]"
+    with pytest.raises(ModelFormatError, match=msg):
         load(path, model_class=TINY)
 
 
@@ -344,3 +345,100 @@ def test_checkpoint_gets_normal_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+# ----------------------------------------------------------------------------------- hostile files
+
+
+def _resave(path: Path, **changes) -> None:
+    raw = torch.load(path, weights_only=True)
+    raw.update(changes)
+    torch.save(raw, path)
+
+
+def test_huge_config_is_refused_before_allocating(tmp_path: Path) -> None:
+    # hidden=10**12 would ask for terabytes; the meta-device build compares shapes first, allocating nothing.
+    save(_model(), tmp_path / "m.pt")
+    _resave(tmp_path / "m.pt", spec=json.dumps({"class": TINY, "config": {"hidden": 10**12}}))
+    msg = r"fc1.bias has shape \[8\] in the file, the model builds \[1000000000000\]"
+    with pytest.raises(ModelFormatError, match=msg):
+        load(tmp_path / "m.pt", model_class=TINY)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"hidden": -1}, r"config does not fit TinyNet \(.*\); re-save it"),  # the constructor raises RuntimeError
+        ({"nope": 1}, r"config does not fit TinyNet \(.*unexpected keyword argument 'nope'"),
+        ({"1bad": 1}, "spec has no config dict of keyword arguments"),
+        ([1, 2], "spec has no config dict of keyword arguments"),
+    ],
+)
+def test_bad_configs_are_format_errors(tmp_path: Path, config, message: str) -> None:
+    save(_model(), tmp_path / "m.pt")
+    _resave(tmp_path / "m.pt", spec=json.dumps({"class": TINY, "config": config}))
+    with pytest.raises(ModelFormatError, match=message):
+        load(tmp_path / "m.pt", model_class=TINY)
+
+
+@pytest.mark.parametrize(
+    "spec", ["[" * 100_000, '{"class": "x", "config": {}, "n": 1' + "0" * 5000 + "}", "\ud800", None]
+)
+def test_unparsable_specs_are_format_errors(tmp_path: Path, spec) -> None:
+    save(_model(), tmp_path / "m.pt")
+    _resave(tmp_path / "m.pt", spec=spec)
+    with pytest.raises(ModelFormatError, match="has no valid spec"):
+        load(tmp_path / "m.pt", model_class=TINY)
+
+
+def _safetensors(header: bytes, body: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + body
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": "0,4"}}', "entry 'w' is malformed"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4]}}', "entry 'w' is malformed"),
+        (b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}', "entry 'w' is malformed"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}', "entry 'w' is malformed"),
+        (b'{"w": [1, 2]}', "entry 'w' is malformed"),
+        (b'{"__metadata__": [1], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+         "__metadata__ is not a str->str table"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 400]}}', "is a truncated safetensors file"),
+        (b"{" + b'"a":' * 1 + b"[" * 50_000 + b"]" * 50_000 + b"}", "corrupt safetensors header"),
+        (b'{"a": 1' + b"0" * 5000 + b"}", "corrupt safetensors header"),
+        (b'{"a": "\xff"}', "corrupt safetensors header"),
+    ],
+)
+def test_malformed_safetensors_headers(tmp_path: Path, header: bytes, message: str) -> None:
+    (tmp_path / "m.st").write_bytes(_safetensors(header, b"\x00" * 4))
+    with pytest.raises(ModelFormatError, match=message):
+        load(tmp_path / "m.st", model_class=TINY)
+
+
+def test_zip_bomb_member_is_refused_before_inflating(tmp_path: Path) -> None:
+    import zipfile
+
+    save(_model(), tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as src, zipfile.ZipFile(tmp_path / "bomb.pt", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_STORED)
+        dst.writestr("archive/data/9", b"\x00" * (8 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.pt").stat().st_size < 100_000
+    with pytest.raises(ModelFormatError, match="archive member 'archive/data/9' claims 8388608 bytes .*zip bomb"):
+        load(tmp_path / "bomb.pt", model_class=TINY)
+
+
+def test_self_nested_pickle_is_not_a_recursion_error(tmp_path: Path) -> None:
+    d: dict = {}
+    d["state_dict"] = d
+    torch.save(d, tmp_path / "loop.pt")
+    with pytest.raises(ModelFormatError, match="holds a dict, not a state_dict"):
+        load(tmp_path / "loop.pt")
+
+
+def test_unreadable_model_file_is_a_format_error(tmp_path: Path) -> None:
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(ModelFormatError, match="does not exist or is not a file"):
+        load(tmp_path / "dir.pt")
