@@ -233,6 +233,9 @@ def _load_plugins() -> None:
 from edgegate.targets import cpu as _cpu  # noqa: E402
 
 register(_cpu.CpuTarget())
+from edgegate.targets import trt as _trt  # noqa: E402
+
+register(_trt.TrtTarget())
 from edgegate.targets import snn as _snn  # noqa: E402
 
 register(_snn.SnnTarget())
