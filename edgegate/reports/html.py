@@ -89,7 +89,11 @@ def _latency(plt, report: CompareReport):
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
-    ax.boxplot([list(r.latencies_ms) for r in rows], vert=False, whis=(1, 99), showfliers=True)
+    import matplotlib
+
+    major_minor = tuple(int(v) for v in matplotlib.__version__.split(".")[:2])
+    horizontal = {"orientation": "horizontal"} if major_minor >= (3, 10) else {"vert": False}  # renamed in 3.10
+    ax.boxplot([list(r.latencies_ms) for r in rows], whis=(1, 99), showfliers=True, **horizontal)
     ax.set_yticks(range(1, len(rows) + 1), [f"{r.name} (batch {r.batch})" for r in rows], fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("ms per run (whiskers: p1 / p99)")

@@ -3,6 +3,8 @@
 Input: compare's rows, each probed bundle's ``model.onnx`` (with its input name and static batch), the
 float torch model, evaluation inputs and the float outputs. Output: the rows with ``layer_sqnr_db``
 filled: ``{torch module path: dB}``, scored on the rows that reach each layer under the float gating.
+A lowered layer's output is picked among its candidate tensors (``onnx_probe.layer_outputs``) as the
+one closest to the float module's output; the other candidates are partial results of that layer.
 """
 
 from __future__ import annotations
@@ -50,14 +52,21 @@ def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x
     reach = rows_reaching(ref, paths, float_out.get("exit_index", np.zeros(0))[: len(x)])
     new = list(rows)
     for i, (proto, name, static, layers) in plans.items():
-        got = run_layers(proto, {name: x}, list(layers.values()), static)
+        got = run_layers(proto, {name: x}, sorted({t for ts in layers.values() for t in ts}), static)
         sq = {}
-        for path, tensor in layers.items():
+        for path, tensors in layers.items():
             want = acts.get(path) or []
-            if len(want) == 1 and tensor in got and got[tensor].shape == want[0].shape:
-                rows_in = reach.get(path)
-                ok = rows_in is not None and len(rows_in) == len(want[0]) and rows_in.any()
-                sq[path] = sqnr_db(want[0][rows_in], got[tensor][rows_in]) if ok else sqnr_db(want[0], got[tensor])
+            if len(want) != 1:
+                continue
+            rows_in = reach.get(path)
+            if rows_in is None or len(rows_in) != len(want[0]) or not rows_in.any():
+                rows_in = np.ones(len(want[0]), dtype=bool)
+            # The layer's output is the candidate that matches the float output: the others are partial
+            # sums or scaled accumulators of a lowered layer, far off by construction.
+            scores = [sqnr_db(want[0][rows_in], got[t][rows_in]) for t in tensors
+                      if t in got and got[t].shape == want[0].shape and got[t].dtype.kind == "f"]
+            if scores:
+                sq[path] = max(scores)
         new[i] = dataclasses.replace(rows[i], layer_sqnr_db=sq)
     return new
 

@@ -5,11 +5,12 @@ patched copies run by ONNX Runtime on the CPU: one whose ``ExitDecision`` / ``Le
 threshold initializers hold other values (`with_thresholds`: the exit-threshold sweep, and exits
 disabled for per-layer error), and one whose layer outputs are extra graph outputs (`run_layers`).
 
-Layers are found by their weights: each Gemm / MatMul / Conv (or their integer forms) of the main
+Layers are found by their weights: the Gemm / MatMul / Conv nodes (or their integer forms) of the main
 graph whose weight input traces back (through DequantizeLinear, Transpose, Cast, Reshape) to an
-initializer named ``<module path>.weight...`` is that torch module; its output is followed through a
-bias Add, a scale Mul or a Cast so it matches the module's output. Layers inside ``If`` branches (the
-batch-1 early-exit form) are not graph-level tensors and are not measured.
+initializer named ``<module path>.weight...`` are that torch module; its output is one of the tensors
+computed from them by their elementwise epilogue (bias, scales, zero-point terms; `layer_outputs`).
+Layers inside ``If`` branches (the batch-1 early-exit form) are not graph-level tensors and are not
+measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgegate.errors import EdgegateError
 EXIT_OPS = frozenset({"ExitDecision", "LearnedExitDecision"})
 LAYER_OPS = frozenset({"Gemm", "MatMul", "Conv", "MatMulInteger", "ConvInteger", "TernaryMatMul"})
 _PASS_THROUGH = frozenset({"DequantizeLinear", "Transpose", "Cast", "Reshape", "Identity", "Unsqueeze"})
+_AFFINE = frozenset({"Add", "Sub", "Mul", "Div", "Cast"})
 _WEIGHT_NAME = re.compile(r"^(?P<path>.+?)\.(?:weight|packed_weight|w_packed|packed)(?:[._].*)?$")
 NEVER_EXIT = 2.0  # above any probability: with it every sample runs every stage
 
@@ -80,8 +82,14 @@ def with_thresholds(model: onnx.ModelProto, value: float) -> onnx.ModelProto:
     return out
 
 
-def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
-    """``{torch module path: main-graph tensor}`` for the layers found by their weight names."""
+def layer_outputs(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """``{torch module path: candidate main-graph tensors}`` for the layers found by their weight names.
+
+    Lowering passes may split a layer into several integer ops and an epilogue (zero-point terms,
+    output scale, bias), so the layer's output is not one fixed op's output: the candidates are every
+    tensor reached from *all* of the nodes that read the weight through elementwise affine ops only
+    (Add, Sub, Mul, Div, Cast). The caller picks the one that matches the float module's output.
+    """
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -89,13 +97,7 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     constants = {i.name for i in g.initializer}
-
-    def constant(name: str) -> bool:  # an initializer, possibly behind DequantizeLinear / Cast
-        while name in producer and producer[name].op_type in _PASS_THROUGH:
-            name = producer[name].input[0]
-        return name in constants or (name in producer and producer[name].op_type == "Constant")
-
-    found: dict[str, str] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         if node.op_type not in LAYER_OPS or len(node.input) < 2:
             continue
@@ -103,18 +105,27 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, str]:
         while w in producer and producer[w].op_type in _PASS_THROUGH:
             w = producer[w].input[0]
         m = _WEIGHT_NAME.match(w) if w in constants else None
-        if m is None or m["path"] in found:
-            continue
-        out = node.output[0]
-        while len(consumers.get(out, [])) == 1:  # follow the layer's own epilogue: bias, scale, cast
-            nxt = consumers[out][0]
-            others = [i for i in nxt.input if i != out]
-            if nxt.op_type == "Cast" or (nxt.op_type in ("Add", "Mul") and others and all(map(constant, others))):
-                out = nxt.output[0]
-            else:
-                break
-        found[m["path"]] = out
+        if m is not None:
+            readers.setdefault(m["path"], []).append(node)
+    found: dict[str, list[str]] = {}
+    for path, nodes in readers.items():
+        reached = [_affine_closure(n.output[0], consumers) for n in nodes]
+        order = [t for t in reached[0] if all(t in r for r in reached[1:])]
+        if order:
+            found[path] = order
     return found
+
+
+def _affine_closure(start: str, consumers: Mapping[str, list[onnx.NodeProto]], limit: int = 16) -> list[str]:
+    """`start` and the tensors computed from it by chains of elementwise affine ops, breadth first."""
+    seen, queue = [start], [start]
+    while queue and len(seen) < limit:
+        t = queue.pop(0)
+        for node in consumers.get(t, []):
+            if node.op_type in _AFFINE and node.output[0] not in seen:
+                seen.append(node.output[0])
+                queue.append(node.output[0])
+    return seen
 
 
 def run_layers(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: Sequence[str],
