@@ -101,6 +101,16 @@ def _render_info(info: dict) -> None:
         console.print(table)
     if info.get("files"):
         console.print("  files: " + ", ".join(f"{k} ({v} B)" for k, v in info["files"].items()))
+    engine = info.get("engine")
+    if engine:
+        console.print(f"  engine: {engine.get('flavor')} {engine.get('trt_version') or ''}, compute capability "
+                      f"{', '.join(engine.get('compute_capabilities') or []) or '-'}; layers from {engine['source']}")
+        table = Table("layer", "type", "precision", title=f"engine layers ({len(engine['layers'])})")
+        for layer in engine["layers"]:  # the network listing's keys, else the engine inspector's
+            name, kind = layer.get("name", layer.get("Name", "")), layer.get("type", layer.get("LayerType", ""))
+            precision = ", ".join(layer.get("outputs", [])) or str(layer.get("Outputs", ""))[:60]
+            table.add_row(str(name), str(kind), precision)
+        console.print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -163,10 +173,12 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     from edgegate import targets
 
-    table = Table("target", "available", "description / what to do")
+    table = Table("target", "builds here", "runs here", "description / what to do")
     for t in targets.all_targets():
         ok, why = t.is_available()
-        table.add_row(t.name, "yes" if ok else "no", t.description if ok else why)
+        runs, run_why = targets.can_run(t) if ok else (False, why)
+        text = t.description if runs else why if not ok else f"{t.description}; {run_why}"
+        table.add_row(t.name, "yes" if ok else "no", "yes" if runs else "no", text)
     _console().print(table)
     return 0
 

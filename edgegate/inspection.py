@@ -18,14 +18,16 @@ def describe(path: str | Path, *, trust_model: bool = False, model_class: str | 
     if not path.exists():
         raise EdgegateError(f"{path}: no such file or directory")
     if path.is_dir():
-        return describe_bundle(path)
+        return describe_bundle(path, trust_model=trust_model)
     head = path.read_bytes()[:4096]
     if _looks_like_onnx(path, head):
         return {"kind": "onnx", "path": str(path), **describe_onnx(path.read_bytes())}
+    if _looks_like_engine(head):
+        return describe_engine_file(path, trust_model=trust_model)
     return describe_model(path, trust_model=trust_model, model_class=model_class)
 
 
-def describe_bundle(path: Path) -> dict:
+def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
     from edgegate.bundle import read_bundle
 
     bundle = read_bundle(path)
@@ -37,7 +39,35 @@ def describe_bundle(path: Path) -> dict:
     onnx_file = path / "model.onnx"
     if onnx_file.exists():
         out["onnx"] = describe_onnx(onnx_file.read_bytes())
+    if bundle.target == "trt":
+        out["engine"] = describe_engine(bundle, trust_model=trust_model)
     return out
+
+
+def describe_engine(bundle, *, trust_model: bool = False) -> dict:
+    """A trt bundle's build record and engine layers (the engine inspector's where a GPU runs it)."""
+    from edgegate import targets
+
+    build = bundle.target_options.get("build") or {}
+    info = {k: build.get(k) for k in ("flavor", "trt_version", "compute_capabilities", "flags", "profiles",
+                                      "plugins", "engine_bytes", "build_s", "layer_precisions")}
+    return {**info, **targets.get("trt").layers(bundle, trust_model=trust_model)}
+
+
+def describe_engine_file(path: Path, *, trust_model: bool) -> dict:
+    """A bare engine file: executable code with no build record, so only with --trust-model and a GPU."""
+    from edgegate.errors import UnsafeModelError
+    from edgegate.targets.trt import check_engine
+
+    if not trust_model:
+        raise UnsafeModelError(f"{path} is a TensorRT engine that edgegate did not build into a bundle; engines are "
+                               "executable code: pass --trust-model only if you trust where it came from")
+    engine = path.read_bytes()
+    flavor = check_engine(engine, {"flavor": "auto"}, str(path), trust_model=True)
+    from edgegate.targets.trt_runner import inspect_engine
+
+    return {"kind": "engine", "path": str(path), "engine": {"flavor": flavor, "source": "engine inspector",
+                                                            "layers": inspect_engine(engine, flavor)}}
 
 
 def describe_onnx(data: bytes) -> dict:
@@ -72,6 +102,12 @@ def describe_model(path: Path, *, trust_model: bool, model_class: str | None) ->
     return {"kind": "model", "path": str(path), "format": str(fmt), "sha256": loaded.sha256,
             "class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
             "meta": loaded.spec.get("meta"), "parameters": params, "gates": find_gates(loaded.module).to_dict()}
+
+
+def _looks_like_engine(head: bytes) -> bool:
+    # TensorRT-RTX plans open with the tag "vtrt" (checked on its engines); other plans fall through to
+    # model detection, which refuses unknown formats.
+    return head[:4] == b"vtrt"
 
 
 def _looks_like_onnx(path: Path, head: bytes) -> bool:
