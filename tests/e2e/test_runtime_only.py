@@ -1,8 +1,9 @@
-"""The runtime side runs without the compile stack: `edgegate.bench` on a device with numpy + onnxruntime.
+"""The runtime side runs without the compile stack: `edgegate bench` on a device with numpy + onnxruntime.
 
-The bundle is made here (with onnx); a child Python then blocks ``torch``, ``onnx``, ``onnxscript``
-and ``brevitas`` with a ``sys.meta_path`` finder installed before anything else is imported, benches
-the bundle, and reports which of those modules got into ``sys.modules``.
+This is the CI proof of ``pip install "edgegate[runtime]"``: the bundle is made here (with onnx, or
+torch for a zoo bundle); a child Python then blocks ``torch``, ``onnx``, ``onnxscript``, ``brevitas``
+and ``matplotlib`` with a ``sys.meta_path`` finder installed before anything else is imported, benches
+the bundle (API or CLI), and reports which of those modules got into ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ pytest.importorskip("onnx")  # only to build the bundle in this process
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_bench import _make_bundle  # noqa: E402
 
-BLOCKED = ("torch", "onnx", "onnxscript", "brevitas")
+BLOCKED = ("torch", "onnx", "onnxscript", "brevitas", "matplotlib")
 
 CHILD = textwrap.dedent(
     """
@@ -73,3 +74,39 @@ def test_blocker_blocks() -> None:
     code = CHILD.format(blocked=BLOCKED).split("import json")[0] + "import onnx\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "onnx is blocked" in proc.stderr
+
+
+CLI_CHILD = CHILD.split("import json")[0] + textwrap.dedent(
+    """
+    import json
+    from edgegate.cli import main
+
+    rc = main(["bench", *sys.argv[1:]])
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    print(json.dumps({{"rc": rc, "loaded": loaded}}))
+    """
+)
+
+
+def test_cli_bench_of_a_zoo_moe_bundle_without_torch(zoo_model, tmp_path: Path) -> None:
+    """`edgegate bench DIR --json` on a real MoE zoo bundle: golden check, route histogram, no torch."""
+    from edgegate import zoo
+    from edgegate.loading import save
+    from edgegate.pipeline import ExportConfig, run_export
+
+    model, metrics = zoo_model("moe")
+    save(model, tmp_path / "moe.pt", meta=zoo.checkpoint_meta("moe", metrics, 0))
+    bundle = run_export(tmp_path / "moe.pt", tmp_path / "moe.edgegate", ExportConfig())
+    out_json = tmp_path / "bench.json"
+    args = [str(bundle), "--runs", "30", "--warmup", "2", "--json", str(out_json)]
+    proc = subprocess.run([sys.executable, "-c", CLI_CHILD.format(blocked=BLOCKED), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    *text, last = proc.stdout.strip().splitlines()
+    assert json.loads(last) == {"rc": 0, "loaded": []}
+    assert any(line.startswith("Golden check : passed") for line in text)
+    assert any(line.startswith("Routes moe.router: 0: ") and "[route_indices]" in line for line in text)
+    report = json.loads(out_json.read_text())
+    (routes,) = report["routes"]
+    assert routes["output"] == "route_indices" and len(routes["counts"]) == 4
+    assert sum(routes["counts"]) == 30 * 2  # 30 runs of batch 1, top-2

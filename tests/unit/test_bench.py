@@ -30,7 +30,8 @@ from edgegate.bench import (
     summarize_latencies,
 )
 from edgegate.bundle import read_bundle, sha256_file, write_bundle
-from edgegate.errors import BundleError, EdgegateError
+from edgegate.errors import BundleError, EdgegateError, TargetError
+from edgegate.targets.cpu import CpuTarget
 
 W = np.array(
     [[1.0, -1.0, 0.5], [0.5, 2.0, -1.0], [-1.0, 0.5, 2.0], [0.25, -0.5, 1.0]], dtype=np.float32
@@ -153,7 +154,8 @@ def test_json_round_trip_is_versioned(tmp_path: Path) -> None:
     assert (d["format"], d["version"]) == (FORMAT, 2)
     text = json.dumps(d, allow_nan=False)  # strict JSON: no NaN/Infinity
     assert json.loads(text) == d
-    assert set(d) == {"format", "version", *BenchReport.__dataclass_fields__}
+    assert set(d) == {"format", "version", *BenchReport.__dataclass_fields__} - {"latencies_ms"}
+    assert d["runtime_metrics"] is None  # the cpu runner reports no metrics of its own
     assert set(d["latency"]) == {"min_ms", "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms",
                                  "max_ms", "std_ms", "cv"}  # fmt: skip
     assert d["exits"]["counts"] == list(report.exits.counts)
@@ -275,3 +277,60 @@ def test_render_text_is_a_compact_block(tmp_path: Path) -> None:
         assert label in text
     assert f"p99 {report.latency.p99_ms:.4f}" in text and "mean depth" in text
     assert len(text.splitlines()) <= 12
+
+
+def test_kept_latencies_are_the_summarized_ones(tmp_path: Path) -> None:
+    report = bench(_make_bundle(tmp_path / "b"), QUICK, keep_latencies=True)
+    assert len(report.latencies_ms) == report.runs == 40
+    assert summarize_latencies(report.latencies_ms) == report.latency
+    assert bench(_make_bundle(tmp_path / "c"), QUICK).latencies_ms == ()
+
+
+class _CountingRunner:
+    """A cpu runner that also reports metrics, as a target with its own counters (snn) does."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls, self.rows = inner, 0, 0
+        self.input_specs, self.output_names = inner.input_specs, inner.output_names
+
+    def __enter__(self) -> _CountingRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        self.rows += len(feeds["x"])
+        return self.inner.run(feeds)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"runs": self.calls, "samples": np.int64(self.rows), "energy_uj": np.float32(0.5) * self.calls,
+                "per_layer": {"fc": np.arange(3), "long": list(range(20))}}
+
+
+class _CountingTarget(CpuTarget):
+    name = "cpu_counting"
+
+    def load(self, bundle_or_artifact: Any) -> _CountingRunner:
+        return _CountingRunner(super().load(bundle_or_artifact))
+
+
+def test_runner_metrics_are_reported(tmp_path: Path) -> None:
+    try:
+        targets.get(_CountingTarget.name)
+    except TargetError:
+        targets.register(_CountingTarget())
+    path = _make_bundle(tmp_path / "b")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "target": _CountingTarget.name}))
+    report = bench(path, BenchConfig(runs=12, warmup=3))
+    m = report.runtime_metrics
+    # metrics() is read after the timed runs: one golden call (dynamic batch), the warm-up and the runs.
+    assert m == {"runs": 16, "samples": SAMPLES + 15, "energy_uj": 8.0,
+                 "per_layer": {"fc": [0, 1, 2], "long": list(range(20))}}
+    d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert d["version"] == 2 and d["runtime_metrics"] == m
+    text = render_text(report)
+    assert ("Runtime      : runs 16, samples 23, energy_uj 8, per_layer.fc [0, 1, 2], "
+            "per_layer.long sum 190 over 20") in text
