@@ -88,7 +88,12 @@ def probe(path: Path) -> Probe:
     if head[0] == 0x80 and len(head) >= 2 and 2 <= head[1] <= 5:
         if head[2:].startswith(TORCH_LEGACY_MAGIC):
             return _probe_weights_only(path)  # legacy torch.save: weights_only can read it
-        return Probe(ModelFormat.FULL_PICKLE)  # a bare pickle.dump: only a full unpickle reads it
+        # A safetensors header of 640..1535 bytes also starts 0x80 0x02..0x05: its length prefix.
+        try:
+            found = _probe_safetensors(path, head, size)
+        except ModelFormatError:
+            found = None
+        return found or Probe(ModelFormat.FULL_PICKLE)  # a bare pickle.dump: only a full unpickle reads it
     found = _probe_safetensors(path, head, size)
     if found is not None:
         return found
