@@ -1,0 +1,111 @@
+"""The snn target on zoo models: accuracy against the quantized source network, early decision, and
+clear issues for the families it cannot take. Each model is exported as ``edgegate export --target
+snn`` does (quantize with the target's flavor, export, lower) and compiled on the calibration split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgegate import zoo
+from edgegate.data import TensorSpec
+from edgegate.targets import CompileContext
+from edgegate.targets.snn import SnnTarget
+
+TARGET = SnnTarget()
+
+
+def _export(model, name: str, quant: str):
+    """(lowered ONNX, calibration inputs, test inputs, test labels) the way the pipeline builds them."""
+    from edgegate.export.torch_export import ExportOptions, export_onnx
+    from edgegate.gates import find_gates
+    from edgegate.quantize.plan import Flavor
+    from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+
+    entry = zoo.entry(name)
+    spec = entry.inputs[0]
+    calib, held_out = split_data(entry.load_data())
+    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme=quant), Flavor(TARGET.flavor), calib,
+                            held_out, TensorSpec(spec.name, spec.shape, spec.dtype))
+    x = held_out.input()[:8]
+    proto = q.lower(export_onnx(q.export_model, torch.from_numpy(x), spec.name, ExportOptions()))
+    return proto, calib.input(), held_out.input(), held_out.labels
+
+
+@pytest.fixture(scope="module")
+def exported(zoo_model):
+    cache = {}
+
+    def get(name: str, quant: str):
+        if (name, quant) not in cache:
+            cache[name, quant] = _export(zoo_model(name)[0], name, quant)
+        return cache[name, quant]
+
+    return get
+
+
+def _source_accuracy(proto, x, y) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return float(np.mean(session.run(None, {"x": x})[0].argmax(1) == y))
+
+
+def _snn(proto, calib, x, y, tmp_path, **options) -> tuple[float, dict]:
+    ctx = CompileContext(input_name="x", output_names=("logits",), calibration=calib)
+    art = TARGET.compile(proto, TARGET.options_for_export({k: str(v) for k, v in options.items()}, ctx), tmp_path)
+    with TARGET.load(art) as runner:
+        out = runner.run({"x": x})
+        return float(np.mean(out["logits"].argmax(1) == y)), runner.metrics()
+
+
+@pytest.mark.parametrize("name, quant", [("threshold_gate", "fp32"), ("threshold_gate", "int8"),
+                                         ("threshold_gate", "ternary"), ("early_exit", "fp32")])
+def test_snn_accuracy_follows_the_quantized_source(exported, tmp_path, name, quant):
+    proto, calib, x, y = exported(name, quant)
+    source = _source_accuracy(proto, x, y)
+    acc128, m128 = _snn(proto, calib, x, y, tmp_path, timesteps=128, early_decision="off")
+    acc32, m32 = _snn(proto, calib, x, y, tmp_path, timesteps=32, early_decision="off")
+    print(f"{name}/{quant}: source {source:.4f}, snn T=128 {acc128:.4f}, T=32 {acc32:.4f}")
+    assert source > 0.85
+    assert acc128 >= source - 0.01
+    assert acc32 >= source - 0.03
+    assert m128["timesteps_to_decision"]["mean"] == 128 and m128["synops"] > 3 * m32["synops"]
+
+
+@pytest.mark.parametrize("name", ["threshold_gate", "early_exit"])
+def test_early_decision_cuts_timesteps_at_no_real_accuracy_cost(exported, tmp_path, name):
+    proto, calib, x, y = exported(name, "fp32")
+    full, m_full = _snn(proto, calib, x, y, tmp_path, timesteps=128, early_decision="off")
+    early, m_early = _snn(proto, calib, x, y, tmp_path, timesteps=128, early_decision="on")
+    mean_steps = m_early["timesteps_to_decision"]["mean"]
+    print(f"{name}: full {full:.4f} at 128 steps, early {early:.4f} at {mean_steps:.1f} mean steps")
+    assert 128 / mean_steps >= 1.5
+    assert early >= full - 0.005
+    assert m_early["energy_pj"]["total"] < m_full["energy_pj"]["total"] / 1.5
+
+
+def test_early_exit_models_decide_early_by_default(exported, tmp_path):
+    proto, calib, x, _ = exported("early_exit", "fp32")
+    art = TARGET.compile(proto, TARGET.options_for_export({}, CompileContext(calibration=calib,
+                                                                            output_names=("logits", "exit_index"))),
+                         tmp_path)
+    assert art.options["early_decision"] == "on"
+    with TARGET.load(art) as runner:
+        out = runner.run({"x": x[:16]})
+    assert set(out) == {"logits", "exit_index"} and (out["exit_index"] == 2).all()
+    assert runner.metrics()["timesteps_to_decision"]["max"] <= 128
+
+
+@pytest.mark.parametrize("name, op_type", [("moe", "Add"), ("gated_attention", "ReduceMean"),
+                                           ("channel_gate", "Reshape")])
+def test_unsupported_zoo_families_are_named(name, op_type):
+    from edgegate.export.torch_export import ExportOptions, export_onnx
+
+    model = zoo.build(name).eval()
+    (x,) = zoo.example_inputs(name, batch=2)
+    proto = export_onnx(model, x, model.input_names[0], ExportOptions())
+    issues = TARGET.check(proto)
+    assert issues[0].op_type == op_type and "no SNN form" in issues[0].message
+    assert issues[0].node in {n.name for n in proto.graph.node}
