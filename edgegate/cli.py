@@ -209,8 +209,30 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (subcommands inherit it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"edgegate: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgegate", description="Deploy conditional-computation networks to edge targets.")
+    p = _Parser(prog="edgegate", description="Deploy conditional-computation networks to edge targets.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -231,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a target-specific compile option (repeatable); see `edgegate targets`")
     e.add_argument("--trt-flavor", choices=["auto", "tensorrt", "rtx"], default=None,
                    help="trt: datacenter/Jetson TensorRT or TensorRT for RTX (same as -O flavor=...)")
-    e.add_argument("--timesteps", type=int, default=None, metavar="T",
+    e.add_argument("--timesteps", type=_int_at_least(1), default=None, metavar="T",
                    help="snn: simulation timesteps per input (same as -O timesteps=T)")
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
@@ -244,9 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="naive: every quantizer sees all data and gates are quantized (a baseline)")
     e.add_argument("--min-coverage", type=int, default=32, metavar="ROWS",
                    help="calibration rows each quantizer must see; below it calibration is augmented")
-    e.add_argument("--lowrank", type=int, default=0, metavar="R",
+    e.add_argument("--lowrank", type=_int_at_least(0), default=0, metavar="R",
                    help="with --quant ternary: add a rank-R float correction fitted to the ternary error")
-    e.add_argument("--batch", type=int, default=None, help="static batch size (default: dynamic)")
+    e.add_argument("--batch", type=_int_at_least(1), default=None, help="static batch size (default: dynamic)")
     e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
                    help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
@@ -327,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as e:  # a file we were asked to read or write: missing, unwritable, disk full
+        if args.debug:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"edgegate: error: {e.strerror or e}{where}; check the path, free space and permissions",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":
