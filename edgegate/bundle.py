@@ -34,6 +34,7 @@ __all__ = [
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
     "Bundle",
+    "check_destination",
     "check_onnx_external_data",
     "external_data_locations",
     "read_bundle",
@@ -149,6 +150,25 @@ def write_bundle(
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def check_destination(dest: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse, before any long work, a bundle destination that `write_bundle` could not write.
+
+    `dest` must not exist (unless `overwrite`), and its nearest existing ancestor must be a directory
+    we may create entries in.
+    """
+    dest = Path(dest)
+    if (dest.exists() or dest.is_symlink()) and not overwrite:
+        raise BundleError(f"{dest} already exists; pass --overwrite to replace it or choose another -o")
+    parent = dest.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BundleError(f"cannot write bundle {dest}: {parent} is not a directory; choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"cannot write bundle {dest}: {parent} is not writable (permission denied or "
+                          "read-only filesystem); choose another -o")
 
 
 def _write_file(path: Path, src: bytes | bytearray | memoryview | os.PathLike[str]) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     import torch
 
     from edgegate import targets
-    from edgegate.bundle import write_bundle
+    from edgegate.bundle import check_destination, write_bundle
     from edgegate.data import TensorSpec, load_data
     from edgegate.export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
     from edgegate.gates import find_gates
@@ -125,8 +125,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
 
     out = Path(out)
-    if out.exists() and not config.overwrite:
-        raise EdgegateError(f"{out} already exists; pass --overwrite to replace it or choose another -o")
+    check_destination(out, config.overwrite)  # before minutes of calibration, not after
     target = targets.get(config.target)
     ok, why = target.is_available()
     if not ok:
