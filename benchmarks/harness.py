@@ -82,11 +82,11 @@ def time_interleaved(candidates: Mapping[str, Callable[[], Any]], sizes: Sizes,
     return {k: Timing(statistics.median(v), min(v), max(v), len(v), inner) for k, v in per_repeat.items()}
 
 
-def ratio(numerator: Timing | float, denominator: Timing | float) -> float:
+def ratio(numerator: Timing | float, denominator: Timing | float) -> float | None:
     """``numerator / denominator`` of median times (a speed-up when the peer is the numerator)."""
     a = numerator.median_ms if isinstance(numerator, Timing) else numerator
     b = denominator.median_ms if isinstance(denominator, Timing) else denominator
-    return round(a / b, 3) if b > 0 else float("nan")
+    return round(a / b, 3) if b > 0 else None
 
 
 def goal(name: str, target: str, value: float | None, met: bool | None, note: str = "") -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""The results document -> Markdown: one table per section, then every goal with met / missed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        if isinstance(v, (list, tuple)):
+            return " / ".join(cell(x) for x in v)
+        return str(v)
+
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _errors(section: dict[str, Any]) -> list[str]:
+    return [f"- **error** {e.get('model', '')} {e.get('form', '')}: {e['error']}" for e in section.get("errors", [])]
+
+
+def _cpu_int8(s: dict[str, Any]) -> list[str]:
+    lines = [f"_{s['note']}._", ""]
+    rows = [[m["model"], r["threads"], r["batch"], r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"],
+             r["speedup_vs_fp32"], r["speedup_vs_ort_static"], r["ort_static_speedup_vs_fp32"]]
+            for m in s["models"] for r in m["latency"]]
+    lines += _table(["model", "threads", "batch", "FP32 ms", "edgegate ms", "quantize_static ms",
+                     "edgegate ×FP32", "edgegate ×qs", "qs ×FP32"], rows)
+    rows = []
+    for m in s["models"]:
+        q = m["quality"]
+        rows.append([m["model"], *(q[k].get("accuracy") for k in ("fp32", "edgegate", "ort_static")),
+                     q["edgegate"]["top1_agreement"], q["ort_static"]["top1_agreement"],
+                     q["edgegate"]["gate_agreement"], q["ort_static"]["gate_agreement"],
+                     ", ".join(f"{k} {v}/{q['ort_static']['gates'].get(k)}" for k, v in q["edgegate"]["gates"].items())
+                     or "–"])
+    lines += _table(["model", "acc FP32", "acc edgegate", "acc qs", "top-1 agr. edgegate", "top-1 agr. qs",
+                     "gate agr. edgegate", "gate agr. qs", "per gate (edgegate/qs)"], rows)
+    return lines + _errors(s)
+
+
+def _early_exit(s: dict[str, Any]) -> list[str]:
+    rows = [[m["model"], m["form"], m["batch"], m["samples"], m["exit_fractions"], m["cost_ms_per_sample"],
+             m["measured_ms_per_sample"], m["ideal_ms_per_sample"], m["measured_over_ideal"],
+             m["full_depth_ms_per_sample"], m["speedup_vs_full_depth"]] for m in s["models"]]
+    return _table(["model", "form", "batch", "samples", "p_k", "cost_k ms/sample", "measured ms/sample",
+                   "ideal ms/sample", "measured/ideal", "full depth ms/sample", "×full depth"], rows) + _errors(s)
+
+
+def _ternary(s: dict[str, Any]) -> list[str]:
+    d, c = s["disk"], s["correctness"]
+    n, k = s["shape"]
+    lines = [f"{n}×{k}: bundle `model.onnx` {d['bundle_model_onnx_bytes']:,} B = "
+             f"**{d['bits_per_weight']} bits/weight** "
+             f"(FP32 ONNX {d['fp32_onnx_bytes']:,} B, {d['fp32_bits_per_weight']} bits/weight; "
+             f"{d['size_ratio_fp32_over_bundle']}× smaller). Kernel: {s['kernel']}. Max error vs the numpy "
+             f"reference: {c['max_err_output_steps']} output steps.", ""]
+    rows = [[r["threads"], r["batch"], r["edgegate_ms"], r["ort_fp32_ms"], r["torch_fp32_ms"], r["speedup_vs_ort_fp32"],
+             r["speedup_vs_torch_fp32"], r["int8_weight_gb_per_s"]] for r in s["rows"]]
+    return lines + _table(["threads", "batch", "edgegate ms", "ORT FP32 ms", "torch FP32 ms", "×ORT FP32",
+                           "×torch FP32", "int8 weight GB/s"], rows)
+
+
+def _snn(s: dict[str, Any]) -> list[str]:
+    if s.get("gap"):
+        return [f"**Gap:** {s['gap']}", ""]
+    rows = [[r["network"], r["timesteps"], r["batch"], r["emulator_ms"], r["snntorch_ms"], r["speedup"],
+             r["spikes_equal"], r["spike_mismatch_fraction"]] for r in s["rows"]]
+    return _table(["network", "timesteps", "batch", "emulator ms", "snnTorch ms", "×snnTorch", "spike trains equal",
+                   "mismatch fraction"], rows) + _errors(s)
+
+
+def _export_time(s: dict[str, Any]) -> list[str]:
+    steps = sorted({k for m in s["models"] for k in m["steps_s"]})
+    rows = [[m["model"], m["wall_s"], m["first_s"], m["repeats"], *(m["steps_s"].get(k) for k in steps)]
+            for m in s["models"]]
+    return _table(["model", "wall s (median)", "first s", "repeats", *steps], rows) + _errors(s)
+
+
+_SECTIONS = {"cpu_int8": ("1. CPU INT8: edgegate vs ORT FP32 vs ORT quantize_static", _cpu_int8),
+             "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
+             "ternary": ("3. Ternary 2-bit linear vs FP32 MatMul", _ternary),
+             "snn": ("4. SNN emulator vs snnTorch", _snn),
+             "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time)}
+
+
+def render(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of the listed"
+    v = m["versions"]
+    lines = [f"# edgegate benchmarks ({doc['size']} size)", "",
+             f"`{doc['command']}` — {doc['created']}", "",
+             f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable of {m['logical_cpus']} logical CPUs; flags: "
+             f"{flags}. Load average at start {m.get('load_average_1_5_15')}, end {m.get('load_average_end')}. "
+             f"Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", "",
+             f"Each time: median over {doc['sizes']['repeats']} repeats of the mean of up to {doc['sizes']['inner']} "
+             "calls, peers interleaved in the same repeat loop; ratios are ratios of medians (>1: edgegate faster).",
+             ""]
+    for name, section in doc["sections"].items():
+        title, fn = _SECTIONS[name]
+        lines += [f"## {title}", ""]
+        if section["status"] == "error":
+            lines += [f"**Section failed:** {section['error']}", ""]
+            continue
+        lines += fn(section)
+    goals = doc.get("goals", [])
+    if goals:
+        lines += ["## Goals", ""]
+        mark = {True: "met", False: "**missed**", None: "not measured"}
+        lines += _table(["section", "goal", "target", "value", "result", "note"],
+                        [[g["section"], g["goal"], g["target"], g["value"], mark[g["met"]], g["note"]] for g in goals])
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The benchmarks package at smoke size: every section runs and reports its fields (no timed assertions).
+
+Ratios are reported, not asserted: these tests check that each figure was measured (positive
+times, a ratio per configuration, goals with met/missed), that correctness checks hold (spike
+trains, ternary output vs the numpy reference, forced exits) and that bad input gives one line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime.quantization")
+
+from benchmarks import __main__ as cli  # noqa: E402
+from benchmarks.harness import Sizes, machine_info, time_interleaved  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    """One smoke run of every section, written through the CLI (results.json + results.md)."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    rc = cli.main(["--smoke", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    doc["_rc"], doc["_md"] = rc, out.with_suffix(".md").read_text()
+    return doc
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_document_and_machine(smoke):
+    assert smoke["_rc"] == 0, [s.get("error") for s in smoke["sections"].values()]
+    assert smoke["format"] == "edgegate.benchmarks" and smoke["size"] == "smoke"
+    assert list(smoke["sections"]) == list(cli.SECTIONS)
+    assert all(s["status"] == "ok" for s in smoke["sections"].values())
+    m = smoke["machine"]
+    assert m["cpus_usable"] >= 1 and "avx512_vnni" in m["cpu_flags"]
+    assert m["versions"]["onnxruntime"] and m["versions"]["numpy"] and m["versions"]["torch"]
+    assert smoke["sizes"]["repeats"] >= 5
+    for g in smoke["goals"]:
+        assert g["met"] in (True, False) and g["value"] is not None, g
+    for title in ("CPU INT8", "Early exit", "Ternary", "SNN", "Export wall time", "Goals"):
+        assert title in smoke["_md"]
+
+
+def test_cpu_int8(smoke):
+    s = smoke["sections"]["cpu_int8"]
+    assert not s["errors"] and {m["model"] for m in s["models"]} == {"early_exit", "resnet_digits"}
+    for m in s["models"]:
+        assert {(r["threads"], r["batch"]) for r in m["latency"]} == {(1, 1), (1, 32), (2, 1), (2, 32)}
+        for r in m["latency"]:
+            assert all(_positive(r[k]) for k in ("fp32_ms", "edgegate_ms", "ort_static_ms", "speedup_vs_fp32",
+                                                  "speedup_vs_ort_static"))
+            assert r["speedup_vs_fp32"] == pytest.approx(r["fp32_ms"] / r["edgegate_ms"], rel=0.01)
+            assert all(t["repeats"] >= 5 for t in r["timings"].values())
+        q = m["quality"]
+        assert q["fp32"]["top1_agreement"] == 1.0
+        for k in ("edgegate", "ort_static"):
+            assert 0.0 <= q[k]["top1_agreement"] <= 1.0 and 0.0 <= q[k]["accuracy"] <= 1.0
+    exit_row = next(m for m in s["models"] if m["model"] == "early_exit")
+    assert 0.0 <= exit_row["quality"]["edgegate"]["exit_agreement"] <= 1.0
+
+
+def test_early_exit(smoke):
+    s = smoke["sections"]["early_exit"]
+    assert not s["errors"] and {m["form"] for m in s["models"]} == {"if", "compaction"}
+    for m in s["models"]:
+        assert sum(m["exit_fractions"]) == pytest.approx(1.0, abs=1e-3)
+        assert len(m["cost_ms_per_sample"]) == len(m["exit_fractions"]) == 3
+        ideal = sum(p * c for p, c in zip(m["exit_fractions"], m["cost_ms_per_sample"], strict=True))
+        assert m["ideal_ms_per_sample"] == pytest.approx(ideal, rel=0.01, abs=1e-5)
+        assert _positive(m["measured_over_ideal"]) and _positive(m["speedup_vs_full_depth"])
+
+
+def test_ternary(smoke):
+    s = smoke["sections"]["ternary"]
+    assert s["disk"]["bits_per_weight"] < 2.5 and s["disk"]["fp32_bits_per_weight"] >= 32
+    assert s["correctness"]["max_err_output_steps"] < 0.5  # integer-exact up to float rounding of the output
+    assert {(r["threads"], r["batch"]) for r in s["rows"]} == {(1, 1), (1, 8), (2, 1), (2, 8)}
+    assert all(_positive(r["speedup_vs_ort_fp32"]) and _positive(r["speedup_vs_torch_fp32"]) for r in s["rows"])
+
+
+def test_snn(smoke):
+    s = smoke["sections"]["snn"]
+    assert not s.get("gap") and not s["errors"] and len(s["rows"]) == 2
+    for r in s["rows"]:
+        assert r["spikes_equal"] and r["spike_mismatch_fraction"] == 0 and r["output_counts_equal"]
+        assert r["total_spikes"] > 0 and _positive(r["speedup"])
+
+
+def test_export_time(smoke):
+    s = smoke["sections"]["export_time"]
+    (row,) = s["models"]
+    assert row["model"] == "early_exit" and _positive(row["wall_s"])
+    assert {"calibrate", "export_onnx", "compile", "golden"} <= set(row["steps_s"])
+    assert sum(row["steps_s"].values()) <= row["wall_s"] * 1.05
+
+
+def test_force_exit_changes_only_thresholds():
+    """The forced-exit copies differ from the natural graph in the threshold constants alone."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from benchmarks.early_exit import force_exit
+
+    dec = helper.make_node("ExitDecision", ["x", "thr"], ["y"], domain="edgegate")
+    graph = helper.make_graph([dec], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.BOOL, [])],
+                              [numpy_helper.from_array(np.array(0.9, np.float32), "thr")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("edgegate", 1)])
+    for exit_at, want in ((0, 0.0), (1, 2.0)):
+        forced = onnx.load_from_string(force_exit(model.SerializeToString(), exit_at))
+        assert float(numpy_helper.to_array(forced.graph.initializer[0])) == want
+        assert [n.op_type for n in forced.graph.node] == ["ExitDecision"]
+    with pytest.raises(ValueError, match="2 exits"):
+        force_exit(model.SerializeToString(), 2)
+
+
+def test_unknown_section_is_one_line(capsys):
+    assert cli.main(["--only", "cpu_int8,warp_drive"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'warp_drive'" in err and "cpu_int8" in err
+
+
+def test_time_interleaved_counts_repeats():
+    calls = {"a": 0, "b": 0}
+
+    def bump(k):
+        return lambda: calls.__setitem__(k, calls[k] + 1)
+
+    t = time_interleaved({"a": bump("a"), "b": bump("b")}, Sizes(smoke=True, repeats=5, inner=3, warmup=1), inner=3)
+    assert calls == {"a": 1 + 5 * 3, "b": 1 + 5 * 3}
+    assert t["a"].repeats == 5 and t["a"].inner == 3 and t["a"].min_ms <= t["a"].median_ms <= t["a"].max_ms
+
+
+def test_machine_info_fields():
+    m = machine_info()
+    assert m["logical_cpus"] >= 1 and isinstance(m["cpu_flags"], dict) and m["versions"]["python"]
