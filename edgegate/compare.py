@@ -146,6 +146,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     rows = [float_row]
     probes: list[tuple[int, Any]] = []
     jobs = [(b, "bundle") for b in bundles]
+    late: list[Row] = []  # rows that say why something was not done, shown after the others
     with tempfile.TemporaryDirectory(prefix="edgegate-compare-") as tmp:
         if config.baseline == "naive":
             for i, b in enumerate(bundles):
@@ -154,6 +155,9 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                     step(f"naive baseline for {b.path.name}")
                     (Path(tmp) / str(i)).mkdir()
                     jobs.append((read_bundle(_export_naive(model_path, b, Path(tmp) / str(i), config)), "baseline"))
+            if len(jobs) == len(bundles):
+                late.append(Row("naive baseline", "baseline", None, None, None, "naive", "skipped",
+                                note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
             row, proto = _bundle_row(b, kind, x, labels, float_out, config)
@@ -166,7 +170,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
 
             rows = add_layer_sqnr(rows, probes, model, x[: config.layer_samples], float_out)
     # A baseline bundle lived in a temp dir: it has a name, not a path.
-    rows = [dataclasses.replace(r, name=f"{r.name} (naive)", path=None) if r.kind == "baseline" else r for r in rows]
+    rows = [dataclasses.replace(r, name=f"{r.name} (naive)", path=None) if r.kind == "baseline" else r
+            for r in rows] + late
     model_info = {"file": str(model_path), "sha256": loaded.sha256, "class": loaded.spec.get("class"),
                   "outputs": names}
     return CompareReport(model=model_info, data=data_info, rows=tuple(rows))

@@ -49,8 +49,8 @@ def render_text(report: CompareReport) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     d = report.data
     lines = [f"=== edgegate compare: {report.model['file']} on {d['name']} ({d['split']}, {d['samples']} samples) ===",
-             fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*c) for c in cells]
+             fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*c).rstrip() for c in cells]
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
