@@ -332,3 +332,26 @@ def test_network_invariants_are_enforced():
         Network(Encoder(3, 1.0), (g,))
     with pytest.raises(TargetError, match="k_mem=40"):
         Network(Encoder(3, 1.0), (dataclasses.replace(g, threshold=np.ones(2, np.int32), k_mem=40),))
+
+
+def test_neurocorex_spike_events_and_bias_line():
+    from edgegate.snn.neurocorex import neurocorex_stream, spike_events
+
+    rng = np.random.default_rng(5)
+    net = _random_network(rng, sizes=(4, 6, 3), frac_bits=0, leaky=False, fmts=(SynapseFormat.DENSE,))
+    net = dataclasses.replace(net, groups=tuple(dataclasses.replace(g, bias=np.clip(g.bias, -100, 100))
+                                                for g in net.groups))
+    spikes = np.zeros((5, 4), bool)
+    spikes[0, 1] = spikes[3, 2] = True
+    events = spike_events(net, spikes)
+    # the bias line (input 4) fires every step; dt counts steps since the previous event
+    assert events == bytes([0x30, 0, 1, 0, 0, 4, 0, 1, 4, 0, 1, 4, 0, 1, 2, 0, 0, 4, 0, 1, 4, 0]) + b"\xff\xff\xff"
+    blob = neurocorex_stream(net)
+    ff = np.frombuffer(blob, np.int8, 96 * 96, 96 * 96 + 3).reshape(96, 96)
+    lateral = np.frombuffer(blob, np.int8, 96 * 96, 1).reshape(96, 96)
+    out, hidden = net.groups[1], net.groups[0]
+    np.testing.assert_array_equal(ff[3:9, :4], hidden.weight)  # hidden neurons follow the 3 outputs
+    np.testing.assert_array_equal(ff[3:9, 4], hidden.bias)
+    np.testing.assert_array_equal(lateral[0:3, 3:9], out.weight)
+    with pytest.raises(TargetError, match="k_mem=3"):
+        neurocorex_stream(dataclasses.replace(net, groups=(dataclasses.replace(hidden, k_mem=3), out)))

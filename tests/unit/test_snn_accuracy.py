@@ -109,3 +109,42 @@ def test_unsupported_zoo_families_are_named(name, op_type):
     issues = TARGET.check(proto)
     assert issues[0].op_type == op_type and "no SNN form" in issues[0].message
     assert issues[0].node in {n.name for n in proto.graph.node}
+
+
+def test_neurocorex_sized_digits_network(tmp_path):
+    """NeuroCoreX's digits example is a 64 -> 10 network (66 % in its simulation); ours, converted."""
+    from edgegate.export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantize.step import split_data
+    from edgegate.snn.neurocorex import SIZE, WORD_MAX
+    from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
+
+    data = zoo.entry("threshold_gate").load_data()
+    with deterministic(0):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 10))
+        fit(model, *tensors(data, "train"), cross_entropy, epochs=30, batch_size=64, lr=1e-2, seed=0)
+    model.eval()
+    calib, test = split_data(data)
+    proto = export_onnx(model, torch.from_numpy(test.input()[:4]), "x", ExportOptions())
+    source = _source_accuracy(proto, test.input(), test.labels)
+    acc, _ = _snn(proto, calib.input(), test.input(), test.labels, tmp_path, timesteps=128)
+    print(f"64->10 digits: source {source:.4f}, snn T=128 {acc:.4f}")
+    assert source > 0.9 and acc >= source - 0.01
+    ctx = CompileContext(input_name="x", output_names=("logits",), calibration=calib.input())
+    art = TARGET.compile(proto, TARGET.options_for_export({"neurocorex": "true"}, ctx), tmp_path)
+    blob = art.files["neurocorex.bin"]
+    assert len(blob) == 2 * (SIZE * SIZE + 2) + 1 + 3 * 3 * SIZE
+    net = TARGET.load(art).network
+    ff = np.frombuffer(blob, np.int8, SIZE * SIZE, SIZE * SIZE + 3).reshape(SIZE, SIZE)
+    np.testing.assert_array_equal(ff[:10, :64], net.output.weight)
+    words = np.frombuffer(blob, np.uint8, 3 * SIZE, 2 * SIZE * SIZE + 5).reshape(SIZE, 3).astype(np.int64)
+    theta = words[:, 0] | words[:, 1] << 8 | words[:, 2] << 16
+    assert (theta[10:] == WORD_MAX).all() and (theta[:10] == np.rint(net.output.threshold / 256)).all()
+
+
+def test_neurocorex_refuses_networks_over_90_neurons(exported, tmp_path):
+    from edgegate.errors import TargetError
+
+    proto, calib, _, _ = exported("threshold_gate", "fp32")
+    ctx = CompileContext(input_name="x", output_names=("logits",), calibration=calib)
+    with pytest.raises(TargetError, match="at most 90 neurons, the network has 138"):
+        TARGET.compile(proto, TARGET.options_for_export({"neurocorex": "true"}, ctx), tmp_path)
