@@ -216,7 +216,7 @@ def _float_row(model: Any, x: np.ndarray, labels: np.ndarray | None, out: dict[s
                config: CompareConfig) -> Row:
     import torch
 
-    metrics = _task_metrics(out["logits"], labels)
+    metrics = _task_metrics(_logits(out), labels)
     hists = _hists(out)
     if "exit_index" in out:
         metrics["mean_exit_depth"] = float(out["exit_index"].mean() + 1)
@@ -277,25 +277,28 @@ def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None
     with target.load(bundle) as runner:
         input_name = runner.input_specs[0].name
         out = _run_runner(runner, input_name, x, static)
-    metrics = _task_metrics(out["logits"], labels)
+    metrics = _task_metrics(_logits(out), labels)
     metrics.update(_agreement(float_out, out))
     sweep: tuple[dict[str, float], ...] = ()
-    proto = None
+    proto, note = None, ""
     if "model.onnx" in bundle.files:
         import onnx
 
-        from edgegate.reports.onnx_probe import exit_threshold_names, run_onnx, with_thresholds
+        from edgegate.reports.onnx_probe import ProbeError, exit_threshold_names, run_onnx, with_thresholds
 
         proto = onnx.load(str(bundle.file("model.onnx")))
-        if exit_threshold_names(proto):
-            points = []
-            for t in SWEEP:
-                o = run_onnx(with_thresholds(proto, t), {input_name: x}, static)
-                points.append({"threshold": t, **_sweep_point(o["logits"], o["exit_index"], labels)})
-            sweep = tuple(points)
-        proto = (proto, input_name, static)
-    row = Row(**head, status="ok", metrics=metrics, latency=report.latency, batch=report.batch, sweep=sweep,
-              histograms=_hists(out), latencies_ms=report.latencies_ms)
+        try:
+            if exit_threshold_names(proto):
+                points = []
+                for t in SWEEP:
+                    o = run_onnx(with_thresholds(proto, t), {input_name: x}, static)
+                    points.append({"threshold": t, **_sweep_point(_logits(o), o["exit_index"], labels)})
+                sweep = tuple(points)
+            proto = (proto, input_name, static)
+        except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
+            note, proto = f"no sweep or per-layer SQNR: {e}", None
+    row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
+              sweep=sweep, histograms=_hists(out), latencies_ms=report.latencies_ms)
     return row, proto
 
 
@@ -312,6 +315,11 @@ def _run_runner(runner: Any, name: str, x: np.ndarray, static: int | None) -> di
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
 
+def _logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The ``logits`` output, else the first one (a target may name its outputs its own way)."""
+    return out["logits"] if "logits" in out else next(iter(out.values()))
+
+
 def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
     if labels is None or logits.ndim != 2:
         return {}
@@ -324,9 +332,10 @@ def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, fl
 
 def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, float | None]:
     """Bundle vs float on the outputs both have: logits, exit index, route indices."""
+    fl, ql = _logits(f), _logits(q)
     out: dict[str, float | None] = {
-        "top1_agreement": float((f["logits"].argmax(-1) == q["logits"].argmax(-1)).mean()),
-        "output_sqnr_db": sqnr_db(f["logits"], q["logits"]),
+        "top1_agreement": float((fl.argmax(-1) == ql.argmax(-1)).mean()),
+        "output_sqnr_db": sqnr_db(fl, ql),
     }
     if "exit_index" in f and "exit_index" in q:
         out["exit_agreement"] = float((f["exit_index"] == q["exit_index"]).mean())

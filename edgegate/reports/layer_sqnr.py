@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgegate.export.torch_export import is_early_exit
-from edgegate.reports.onnx_probe import NEVER_EXIT, layer_outputs, run_layers, sqnr_db, with_thresholds
+from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, sqnr_db, with_thresholds
 
 
 def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x: np.ndarray,
@@ -52,7 +52,11 @@ def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x
     reach = rows_reaching(ref, paths, float_out.get("exit_index", np.zeros(0))[: len(x)])
     new = list(rows)
     for i, (proto, name, static, layers) in plans.items():
-        got = run_layers(proto, {name: x}, sorted({t for ts in layers.values() for t in ts}), static)
+        try:
+            got = run_layers(proto, {name: x}, sorted({t for ts in layers.values() for t in ts}), static)
+        except ProbeError as e:
+            new[i] = dataclasses.replace(rows[i], note=f"no per-layer SQNR: {e}")
+            continue
         sq = {}
         for path, tensors in layers.items():
             want = acts.get(path) or []

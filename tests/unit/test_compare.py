@@ -138,8 +138,9 @@ def test_text_and_html_reports(ee_report, tmp_path):
 
 def test_moe_routes_from_the_bundle(moe):
     model, bundle = moe
-    report = compare(model, [bundle], CompareConfig(data="digits", max_samples=100, **QUICK))
-    f, q = report.rows
+    report = compare(model, [bundle], CompareConfig(data="digits", max_samples=100, baseline="naive", **QUICK))
+    f, q, naive = report.rows
+    assert (naive.status, naive.kind) == ("skipped", "baseline") and "none given" in naive.note  # fp32 bundle
     assert q.metrics["topk_set_agreement"] == 1.0 and q.metrics["top1_expert_agreement"] == 1.0
     assert q.metrics["top1_agreement"] == 1.0 and q.metrics["output_sqnr_db"] > 60  # fp32: round-off only
     assert q.histograms["route_indices"] == pytest.approx(f.histograms["route_indices"])
