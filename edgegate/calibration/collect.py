@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import warnings
 
@@ -37,6 +38,7 @@ from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
 from edgegate.quantize.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
 from edgegate.quantize.config import QuantConfig
+from edgegate.quantize.plan import LayerKind
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
@@ -82,14 +84,75 @@ def calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantCo
     """Quantize a copy of ``model`` and calibrate it on ``data`` (np.ndarray or torch.Tensor, [N, ...]).
 
     Returns ``(quantized model, record)``; ``model`` itself is not modified. Raises ``DataError``
-    (naming the input) for empty, NaN/Inf or ill-shaped data before any work.
+    (naming the input) for empty, NaN/Inf or ill-shaped data before any work. Gate-aware calibration
+    then promotes decision-critical layers to A16W8 while exit decisions disagree with the float
+    model's on more than ``1 - config.min_exit_agreement`` of the calibration samples.
     """
     config = config or QuantConfig()
+    gate_map = find_gates(model) if gate_map is None else gate_map
+    qmodel, record = _calibrate(model, data, config, gate_map, input_spec)
+    if config.gate_aware and config.min_exit_agreement > 0 and config.max_a16_layers > 0:
+        qmodel, record = promote_a16(model, data, config, gate_map, input_spec, qmodel, record)
+    return qmodel, record
+
+
+def promote_a16(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig, gate_map: GateMap,
+                input_spec: TensorSpec | None, qmodel: nn.Module,
+                record: CalibrationRecord) -> tuple[nn.Module, CalibrationRecord]:
+    """Greedy mixed precision for exit fidelity: while the calibration samples' exit agreement is below
+    the target, recalibrate with each remaining candidate (a quantized Linear in a stage before the
+    last exit) at A16W8 and keep the one that agrees best; stop at the target, at ``max_a16_layers``
+    or when no candidate helps. The choice and every agreement tried go into the record."""
+    from edgegate.calibration.fidelity import measure_fidelity
+
+    def agreement(q: nn.Module) -> float | None:
+        return measure_fidelity(model, q, data, gate_map=gate_map, input_spec=input_spec)["summary"].get(
+            "exit_agreement")
+
+    before = agreement(qmodel)
+    if before is None or before >= config.min_exit_agreement:
+        return qmodel, record
+    parts = GatedParts.of(model, gate_map)
+    candidates = [p for p, q in record.plan.layers.items() if q.kind is LayerKind.LINEAR
+                  and p not in config.a16_layers and _before_last_exit(p, parts)]
+    chosen, best, tried = list(config.a16_layers), before, {}
+    while best < config.min_exit_agreement and len(chosen) - len(config.a16_layers) < config.max_a16_layers:
+        trial = {}
+        for p in [c for c in candidates if c not in chosen]:
+            cfg = dataclasses.replace(config, a16_layers=(*chosen, p))
+            q, r = _calibrate(model, data, cfg, gate_map, input_spec)
+            trial[p] = (agreement(q), q, r)
+            tried[p] = trial[p][0]
+        if not trial:
+            break
+        p, (value, q, r) = max(trial.items(), key=lambda kv: kv[1][0])
+        if value <= best:
+            break
+        chosen.append(p)
+        best, qmodel, record = value, q, r
+    log.info("calibration: exit agreement %.4f -> %.4f with A16W8 layers %s", before, best, chosen)
+    a16 = {"layers": chosen, "target": config.min_exit_agreement,
+           "exit_agreement": {"before": before, "after": best}, "tried": tried}
+    return qmodel, dataclasses.replace(record, a16=a16)
+
+
+def _before_last_exit(path: str, parts: GatedParts) -> bool:
+    """Whether ``path`` lies in a stage of an early-exit net that some exit decision follows."""
+    for net_path, net in parts.exits.items():
+        prefix = f"{net_path}.stages." if net_path else "stages."
+        if path.startswith(prefix):
+            stage = path[len(prefix):].split(".", 1)[0]
+            if stage.isdigit() and int(stage) < net.n_exits - 1:
+                return True
+    return False
+
+
+def _calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig, gate_map: GateMap,
+               input_spec: TensorSpec | None) -> tuple[nn.Module, CalibrationRecord]:
     name = input_name(model, input_spec)
     x = as_input(data, name, input_spec)
     ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
     check_fits(ref, x, name)
-    gate_map = find_gates(ref) if gate_map is None else gate_map
     qmodel, swapped = quantize(ref, config, gate_map)
     fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
     paths = list(swapped)

@@ -75,6 +75,7 @@ class CalibrationRecord:
     ``thresholds``: per early-exit net, ``{"before": [...], "after": [...]}`` (re-tuned; set ``after``
     on the float model before export); ``float_layers``: layers kept float, with the reason;
     ``bias_corrections``: largest bias change per corrected layer (the plan holds the corrected biases);
+    ``a16``: layers promoted to A16W8 for exit fidelity, with the agreements before and after;
     ``fidelity``: attach ``measure_fidelity`` results with :meth:`with_fidelity`."""
 
     config: QuantConfig
@@ -88,6 +89,7 @@ class CalibrationRecord:
     plan: QuantPlan
     bias_corrections: dict[str, float] = field(default_factory=dict)
     fidelity: dict[str, Any] | None = None
+    a16: dict[str, Any] | None = None  # mixed precision chosen for exit fidelity (see ``promote_a16``)
 
     def with_fidelity(self, fidelity: dict[str, Any]) -> CalibrationRecord:
         return dataclasses.replace(self, fidelity=fidelity)
@@ -105,4 +107,5 @@ class CalibrationRecord:
             "bias_corrections": dict(self.bias_corrections),
             "plan": self.plan.to_dict(),
             "fidelity": self.fidelity,
+            "a16": self.a16,
         }

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
 from edgegate.quantize.config import QuantConfig
 from edgegate.quantize.layers import EmptySafeQuantConv2d, is_quantizable, quant_layer
@@ -27,8 +28,15 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict[str, str]:
-    """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``."""
-    return decision_layers(model, gate_map) if config.gates_in_float else {}
+    """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``.
+
+    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations.
+    """
+    keep = decision_layers(model, gate_map) if config.gates_in_float else {}
+    if config.flavor is Flavor.TRT:
+        keep.update({p: "decision-critical (A16W8 on cpu); TensorRT has no int16 activations"
+                     for p in config.a16_layers})
+    return keep
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None,
@@ -46,7 +54,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None,
     swapped: dict[str, nn.Module] = {}
     for path, module in list(qmodel.named_modules()):
         if is_quantizable(module) and path not in keep:
-            q = quant_layer(module, config)
+            if path in config.a16_layers and not isinstance(module, nn.Linear):
+                raise EdgegateError(f"a16 layer {path} is a {type(module).__name__}; A16W8 is for Linear layers")
+            q = quant_layer(module, config, 16 if path in config.a16_layers else 8)
             _set_submodule(qmodel, path, q)
             swapped[path] = q
     return qmodel, swapped
@@ -77,6 +87,7 @@ def _layer_quant(name: str, q: nn.Module, samples: int) -> LayerQuant:
             weight_scale=wq.scale.detach().reshape(-1).float().cpu().numpy().astype(np.float32),
             bias=bias,
             samples=int(samples),
+            act_bits=int(round(float(act.bit_width().detach()))),
         )
 
 

@@ -48,6 +48,10 @@ class QuantConfig:
     ``retune_thresholds``: refit early-exit thresholds on the quantized model (gate-aware only).
     ``bias_correction``: remove each layer's mean output error on the calibration rows that reach it
     (both modes: the naive baseline gets it too, on all rows, so the comparison stays fair).
+    ``a16_layers``: Linear layers whose input is quantized to 16 bits (A16W8; weights stay int8).
+    ``min_exit_agreement``: gate-aware only; when the quantized model's exit decisions agree with the
+    float model's on fewer than this fraction of the calibration samples, the Linear layers in front
+    of the failing exit are promoted to A16W8, most helpful first, at most ``max_a16_layers`` (0: off).
     """
 
     scheme: Scheme = Scheme.INT8
@@ -59,6 +63,9 @@ class QuantConfig:
     augment: bool = True
     retune_thresholds: bool = True
     bias_correction: bool = True
+    a16_layers: tuple[str, ...] = ()
+    min_exit_agreement: float = 0.99
+    max_a16_layers: int = 2
 
     def __post_init__(self) -> None:
         for name, enum in (("scheme", Scheme), ("observer", Observer), ("flavor", Flavor),
@@ -73,6 +80,9 @@ class QuantConfig:
                                     f"{', '.join(e.value for e in enum)}") from None
         if self.scheme != Scheme.INT8:
             raise EdgegateError(f"QuantConfig: scheme {self.scheme} is not supported yet; use int8")
+        object.__setattr__(self, "a16_layers", tuple(self.a16_layers))
+        if not 0.0 <= float(self.min_exit_agreement) <= 1.0:
+            raise EdgegateError(f"QuantConfig: min_exit_agreement={self.min_exit_agreement} must be in [0, 1]")
         if int(self.min_coverage) < 1:
             raise EdgegateError(f"QuantConfig: min_coverage={self.min_coverage} must be >= 1 calibration row")
 
@@ -91,6 +101,6 @@ class QuantConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = str(v) if isinstance(v, StrEnum) else v
+            out[f.name] = str(v) if isinstance(v, StrEnum) else list(v) if isinstance(v, tuple) else v
         out["gate_precision"] = str(GatePrecision.FLOAT if self.gates_in_float else GatePrecision.INT8)
         return out

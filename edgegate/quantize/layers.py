@@ -80,11 +80,18 @@ class EmptySafeQuantConv2d(qnn.QuantConv2d):
         return super().forward(x)
 
 
-def quant_layer(module: nn.Module, config: QuantConfig) -> nn.Module:
-    """A fresh (uncalibrated) brevitas layer with ``module``'s weights, device and dtype."""
+def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8) -> nn.Module:
+    """A fresh (uncalibrated) brevitas layer with ``module``'s weights, device and dtype.
+
+    ``act_bits=16`` quantizes the input to 16 bits (A16W8: same observer, 65536 levels), for layers
+    whose rounding error flips gate decisions; the cpu lowering runs them on 8-bit integer kernels.
+    """
     has_bias = module.bias is not None
+    act = ACT_QUANT[(config.flavor, config.observer)]
+    if act_bits != 8:
+        act = act.let(bit_width=act_bits)
     kw = {"bias": has_bias, "weight_quant": Int8WeightPerChannelFloat,
-          "input_quant": ACT_QUANT[(config.flavor, config.observer)],
+          "input_quant": act,
           "bias_quant": Int32Bias if has_bias else None, "output_quant": None, "return_quant_tensor": False}
     if isinstance(module, nn.Conv2d):
         q: nn.Module = EmptySafeQuantConv2d(

@@ -40,6 +40,7 @@ class LayerQuant:
     weight_scale: np.ndarray  # float32 [out_channels]
     bias: np.ndarray | None  # float32; lowered to int32 at scale act_scale * weight_scale[c]
     samples: int  # calibration rows (tokens/samples) that reached the layer
+    act_bits: int = 8  # 16: A16W8, a decision-critical layer (uint16 activation, cpu flavor only)
 
     def dequantized_weight(self) -> np.ndarray:
         shape = (-1,) + (1,) * (self.weight_int.ndim - 1)
@@ -57,7 +58,7 @@ class QuantPlan:
         return {
             "flavor": str(self.flavor),
             "layers": {n: {"kind": str(q.kind), "act_scale": q.act_scale, "act_zero_point": q.act_zero_point,
-                           "act_signed": q.act_signed, "samples": q.samples,
+                           "act_signed": q.act_signed, "act_bits": q.act_bits, "samples": q.samples,
                            "weight_scale_range": [float(q.weight_scale.min()), float(q.weight_scale.max())]}
                        for n, q in sorted(self.layers.items())},
             "float_layers": list(self.float_layers),

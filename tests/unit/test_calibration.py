@@ -76,29 +76,27 @@ def test_gate_decisions_survive_int8(fidelity):
     assert fidelity("channel_gate")["summary"]["mask_hamming"] <= 0.005
     assert fidelity("threshold_gate")["summary"]["mask_hamming"] <= 0.005
     assert fidelity("gated_attention")["summary"]["gate_mae"] <= 0.005
-    # Measured 0.985 (9 of 600 test samples change exit), short of the 0.99 target: the first stage's
-    # int8 input + weights move the exit-0 score by ~0.003 on average and 39 test samples lie within
-    # 0.01 of tau_0. Per-layer ablation, clipping sweeps and GPTQ-style rounding did not close it;
-    # 16-bit activations on stage 0 do (0.995). Kept as a regression floor until that lands.
+    # 8-bit everywhere gives 0.985 (9 of 600 test samples change exit: the int8 input of stage 0 moves the
+    # exit-0 score by ~0.003 and 39 samples lie within 0.01 of tau_0); gate-aware calibration promotes
+    # that layer to A16W8 (calibration agreement 0.987 -> 0.997), see test_int8_graph.py.
     exit_agreement = fidelity("early_exit")["summary"]["exit_agreement"]
-    assert exit_agreement >= 0.98, exit_agreement
+    assert exit_agreement >= 0.99, exit_agreement
 
 
 @pytest.mark.parametrize("name", ["early_exit", "moe", "moe_pp"])
 def test_gate_aware_at_least_as_faithful_as_naive(name, fidelity):
-    """Test split: gate decisions, predictions and accuracy no worse than the naive baseline, allowing
-    one sample of noise (270 digits tokens: one token is 0.4 pt); strictly better on one metric.
-    Not asserted, reported instead: output SQNR and loss (early_exit SQNR follows exit flips; moe loss
-    is 5e-4 nats worse), see the calibration report."""
-    ga, naive = fidelity(name), fidelity(name, calibration="naive")
-    one = 1.0 / ga["samples"]
+    """Every non-calibration sample (train + test: 2 400 early-exit samples, 1 527 MoE tokens): gate
+    decisions, predictions, accuracy and output SQNR no worse than the naive baseline, strictly better
+    on at least one. Loss is reported, not asserted: these are classifiers, whose metric is accuracy
+    (the MoE losses differ by < 6e-4 nats, the naive one lower)."""
+    ga, naive = fidelity(name, "held_out"), fidelity(name, "held_out", calibration="naive")
     a, b = comparable_metrics(ga), comparable_metrics(naive)
-    for metric in ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement", "accuracy"):
+    metrics = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement", "accuracy",
+               "output_sqnr_db")
+    for metric in metrics:
         if metric in a:
-            assert a[metric] >= b[metric] - one - 1e-6, (metric, a[metric], b[metric])
-    better = [m for m in ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement",
-                          "accuracy", "output_sqnr_db") if m in a and a[m] > b[m]]
-    assert better, (a, b)
+            assert a[metric] >= b[metric], (metric, a[metric], b[metric])
+    assert [m for m in metrics if m in a and a[m] > b[m]], (a, b)
 
 
 @pytest.mark.parametrize("name", ["moe", "moe_pp"])
@@ -243,7 +241,7 @@ def test_tiny_calibration_set_gets_augmented_coverage(zoo_model):
     assert all(abs(q.act_scale - default) > 1e-6 for q in experts)
     assert qmodel.moe.router.k == 2 and model.moe.router.k == 2
     with torch.no_grad():  # zero-weight extra routes never changed the model's function
-        out = qmodel(torch.from_numpy(x))
+        out, _ = qmodel(torch.from_numpy(x))  # eval: (logits, route_indices)
     assert qmodel.moe.router.last_decision.shape == (20, 2) and torch.isfinite(out).all()
 
 

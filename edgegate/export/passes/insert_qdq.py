@@ -34,6 +34,7 @@ from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.export.passes.integer_kernels import lower_integer
 from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -50,6 +51,16 @@ class _Site:
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    out = _insert(model, plan, frozenset())
+    if plan.flavor is Flavor.CPU:
+        # Linear layers that ORT would leave in float become explicit integer matmuls instead.
+        left = frozenset(float_layers_after_ort(out) & set(plan.layers))
+        if left:
+            out = _insert(model, plan, left)
+    return out
+
+
+def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) -> onnx.ModelProto:
     clash = sorted(set(plan.layers) & set(plan.float_layers))
     if clash:
         raise ExportError(f"layers {clash} are both quantized and float in the plan; keep each in one list")
@@ -74,7 +85,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
                           "'<layer>.weight', no MatMul with its weights); was the plan made for this model?")
     replaced: set[str] = set()
     for site in sites:
-        _rewrite(site, plan.flavor, names, replaced)
+        _rewrite(site, plan.flavor, names, replaced, site.layer.name in integer)
     used = {i for g in graphs(out.graph) for n in g.node for i in n.input} | {o.name for o in out.graph.output}
     for g in graphs(out.graph):
         keep = [t for t in g.initializer if t.name not in replaced or t.name in used]
@@ -136,7 +147,7 @@ def _rel_error(w: np.ndarray, ref: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- rewriting
 
 
-def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str]) -> None:
+def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], integer: bool = False) -> None:
     q, node, graph = site.layer, site.node, site.graph
     assert q is not None
     matmul = node.op_type == "MatMul"
@@ -158,6 +169,10 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str]) -
         name = fresh(suffix)
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    if q.act_bits == 16 or integer:
+        _rewrite_integer(site, flavor, fresh, init, replaced)
+        return
 
     new_nodes = []
 
@@ -211,6 +226,52 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str]) -
     at = list(graph.node).index(node)
     for i, n in enumerate(new_nodes):
         graph.node.insert(at + i, n)
+
+
+def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
+    """Plan layers that ONNX Runtime's CPU graph optimizer leaves as float Gemm/MatMul (no QGemm fusion).
+
+    Read off the optimized graph: a float op still reading ``<layer>.weight_dequantized``. ORT x86
+    fuses DQ -> Gemm only in some neighbourhoods (e.g. not DQ -> Gemm -> Relu into float consumers),
+    so the pass asks the real runtime rather than guessing its rules.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="edgegate-ort-") as tmp:
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(so.optimized_model_filepath)
+    suffix = ".weight_dequantized"
+    return {n.input[1][: -len(suffix)] for g in graphs(optimized.graph) for n in g.node
+            if n.op_type in _FLOAT_MATMULS and len(n.input) > 1 and n.input[1].endswith(suffix)}
+
+
+_FLOAT_MATMULS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv", "NhwcFusedConv"}
+
+
+def _rewrite_integer(site: _Site, flavor: Flavor, fresh, init, replaced: set[str]) -> None:
+    """A layer as explicit integer ops: A16W8 Linear (byte-sliced), or an 8-bit layer ORT would not fuse (cpu)."""
+    q, node = site.layer, site.node
+    if flavor is not Flavor.CPU:
+        raise ExportError(f"layer {q.name}: 16-bit activations are lowered for flavor cpu only; flavor {flavor} "
+                          "keeps A16W8 layers in float")
+    w_scale = np.asarray(q.weight_scale, np.float32).reshape(-1)
+    bias_scale = np.broadcast_to(np.float32(q.act_scale) * w_scale, (q.weight_int.shape[0],)).astype(np.float32)
+    matmul = node.op_type == "MatMul"
+    bias = None
+    if not matmul and len(node.input) > 2 and node.input[2] in site.visible:
+        bias = _on_grid(_bias_values(q, site.visible[node.input[2]]), bias_scale)
+        replaced.add(node.input[2])
+    replaced.add(node.input[1])
+    if matmul:
+        _round_matmul_bias(site, q, bias_scale, init, replaced)
+    lower_integer(q, site.graph, node, fresh, init, bias)
 
 
 def int32_bias(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -1,0 +1,114 @@
+"""The deployed INT8 graph on ONNX Runtime CPU: every quantized layer runs on an integer kernel.
+
+Each zoo model goes through the pipeline's quantize step (gate-aware calibration, the cpu lowering)
+and ONNX Runtime's graph optimizer; the test then counts op types in the session-optimized model.
+Float Gemm/Conv/MatMul with a weight operand may remain only for the gate layers the gate precision
+policy keeps float. (Activation x activation MatMuls of attention are not weighted layers and are
+not quantized: they are not counted.)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgegate import zoo
+from edgegate.data import TensorSpec
+from edgegate.export.torch_export import ExportOptions, export_onnx, output_names
+from edgegate.gates import find_gates
+from edgegate.quantize.plan import Flavor
+from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _ort import session  # noqa: E402
+
+FLOAT_COMPUTE = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+MODELS = ["channel_gate", "early_exit", "gated_attention", "moe", "moe_pp", "threshold_gate"]
+
+
+@pytest.fixture(scope="module")
+def lowered(zoo_model):
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            model, _ = zoo_model(name)
+            entry = zoo.entry(name)
+            spec = TensorSpec(entry.inputs[0].name, tuple(entry.inputs[0].shape), entry.inputs[0].dtype)
+            calib, held_out = split_data(entry.load_data())
+            q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), Flavor.CPU, calib,
+                                    held_out, spec)
+            x = held_out.input()[:64]
+            proto = q.lower(export_onnx(q.export_model, torch.from_numpy(x), spec.name, ExportOptions()))
+            cache[name] = (q, proto, x, spec.name, output_names(model))
+        return cache[name]
+
+    return get
+
+
+def _optimized(proto: onnx.ModelProto) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as tmp:
+        session(proto, str(Path(tmp) / "optimized.onnx"))
+        return onnx.load(str(Path(tmp) / "optimized.onnx"))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_quantized_layer_is_left_in_float(name, lowered):
+    q, proto, *_ = lowered(name)
+    g = _optimized(proto).graph
+    inits = {t.name for t in g.initializer}
+    produced_by = {o: n.op_type for n in g.node for o in n.output}
+    float_weighted = [n for n in g.node if n.op_type in FLOAT_COMPUTE and len(n.input) > 1
+                      and (n.input[1] in inits or produced_by.get(n.input[1]) == "DequantizeLinear")]
+    fed_by_dq = [n.name for n in float_weighted if produced_by.get(n.input[1]) == "DequantizeLinear"]
+    assert not fed_by_dq, fed_by_dq  # a quantized layer the runtime would compute in float
+    gates = q.record["plan"]["float_layers"]
+    assert len(float_weighted) == len(gates), ([n.input[1] for n in float_weighted], gates)
+    integer = sum(n.op_type in ("QGemm", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                                "QLinearMatMul") for n in g.node)
+    assert integer >= len(q.record["plan"]["layers"])  # A16W8 layers take two integer matmuls
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_integer_graph_follows_the_fake_quant_model(name, lowered):
+    q, proto, x, input_name, names = lowered(name)
+    got = session(proto).run(names, {input_name: x})
+    with torch.no_grad():
+        want = q.reference(torch.from_numpy(x))
+    want = want if isinstance(want, tuple) else (want,)
+    for n, a, b in zip(names, got, want, strict=True):
+        b = b.numpy()
+        if n == "logits":
+            assert (a.argmax(-1) == b.argmax(-1)).mean() >= 63 / 64, n
+            assert np.abs(a - b).max() <= 0.02 * (b.max() - b.min()), (n, np.abs(a - b).max())
+        else:
+            assert (a == b).mean() >= 63 / 64, n
+
+
+def test_decision_critical_layer_runs_a16w8_on_integer_matmuls(lowered):
+    q, proto, *_ = lowered("early_exit")
+    a16 = q.record["a16"]
+    assert a16["layers"] == ["stages.0.0"] and a16["exit_agreement"]["after"] >= 0.99 > a16["exit_agreement"]["before"]
+    assert q.record["plan"]["layers"]["stages.0.0"]["act_bits"] == 16
+    assert all(v["act_bits"] == 8 for k, v in q.record["plan"]["layers"].items() if k != "stages.0.0")
+    ops = [n.op_type for n in _optimized(proto).graph.node if n.name.startswith("stages.0.0.")]
+    assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" not in ops  # byte-sliced, no uint16 Q/DQ
+
+
+def test_trt_flavor_keeps_the_decision_critical_layer_float(zoo_model):
+    """TensorRT has no 16-bit integer activations: the promoted layer stays float there, said so."""
+    from edgegate.calibration import calibrate
+    from edgegate.quantize import QuantConfig
+
+    model, _ = zoo_model("early_exit")
+    x = zoo.entry("early_exit").load_data().split("val").input()
+    _, record = calibrate(model, x, QuantConfig(flavor="trt"))
+    assert record.a16["layers"] == ["stages.0.0"] and record.a16["exit_agreement"]["after"] >= 0.99
+    assert "stages.0.0" in record.plan.float_layers and "TensorRT" in record.float_layers["stages.0.0"]
+    assert all(q.act_bits == 8 and q.act_zero_point == 0 for q in record.plan.layers.values())
