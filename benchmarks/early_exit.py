@@ -118,6 +118,6 @@ def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
             rows.append(row)
             r = row["measured_over_ideal"]
             goals.append(goal(f"{name} {form} (batch {row['batch']}): within {WITHIN:.0%} of ideal",
-                              f"|measured / ideal - 1| <= {WITHIN}", r, abs(r - 1) <= WITHIN,
+                              f"abs(measured / ideal - 1) <= {WITHIN}", r, abs(r - 1) <= WITHIN,
                               f"{row['speedup_vs_full_depth']}x faster than full depth"))
     return {"method": __doc__.split("\n\n", 1)[1].strip(), "models": rows, "errors": errors, "goals": goals}

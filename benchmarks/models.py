@@ -37,7 +37,7 @@ class ResNetDigits(nn.Module):
 
     input_names = ("x",)
 
-    def __init__(self, width: int = 64, blocks: int = 2, n_classes: int = 10) -> None:
+    def __init__(self, width: int = 32, blocks: int = 2, n_classes: int = 10) -> None:
         super().__init__()
         self._config = {"width": width, "blocks": blocks, "n_classes": n_classes}
         self.stem = nn.Conv2d(1, width, 3, padding=1)

@@ -13,7 +13,7 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
             return f"{v:.4g}"
         if isinstance(v, (list, tuple)):
             return " / ".join(cell(x) for x in v)
-        return str(v)
+        return str(v).replace("|", "\\|")  # a pipe inside a cell would split it
 
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]

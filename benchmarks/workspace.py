@@ -46,7 +46,7 @@ class Workspace:
             path = self.root / f"{name}.pt"
             t0 = time.perf_counter()
             if name == RESNET:
-                _train_resnet(path, epochs=1 if self.smoke else 4, width=16 if self.smoke else 64)
+                _train_resnet(path, epochs=1 if self.smoke else 6, width=16 if self.smoke else 32)
             elif name == WIDE_EXIT:
                 _train_wide_exit(path, epochs=2 if self.smoke else 8)
             elif name == TERNARY:
@@ -108,7 +108,7 @@ def _train_resnet(path: Path, epochs: int, width: int) -> None:
     with deterministic(0, threads=torch.get_num_threads()):
         model = ResNetDigits(width=width)
         x, y = tensors(data, "train")
-        fit(model, x, y, cross_entropy, epochs=epochs, batch_size=64, lr=3e-3, seed=0, weight_decay=1e-4)
+        fit(model, x, y, cross_entropy, epochs=epochs, batch_size=64, lr=2e-3, seed=0, weight_decay=1e-4)
         xt, yt = tensors(data, "test")
         acc = accuracy(predict(model, xt), yt)
     meta = {"dataset": "digits", "seed": 0, "inputs": [{"name": "x", "shape": [1, 8, 8], "dtype": "float32"}],
