@@ -5,8 +5,9 @@ pipeline hands it over (fp32, int8 QDQ, or ternary with ``edgegate::TernaryMatMu
 `FloatLayer` chain from the graph input to the first graph output, in float (weights dequantized),
 plus the `CheckIssue` of every node on that path the SNN cannot represent.
 
-The walk goes backwards from the first output. It understands Gemm, MatMul, Add of a constant bias,
-Relu, ``edgegate::ThresholdGate``, ``edgegate::TernaryMatMul``, QuantizeLinear -> DequantizeLinear on
+The walk goes backwards from the first output. It understands Gemm, MatMul, Conv (group 1, unrolled
+into a [C_out*H'*W', C*H*W] matrix once the input shape is known; Flatten/Reshape pass through),
+Add of a constant bias, Relu, ``edgegate::ThresholdGate``, ``edgegate::TernaryMatMul``, QuantizeLinear -> DequantizeLinear on
 activations (the layer input's fake quantization, kept for the float reference) and the row
 compaction of early-exit graphs (GatherND of the surviving rows, ScatterND of their results), which
 is the identity for one sample. Exit heads and ``ExitDecision`` hang off that path and are left out:
@@ -38,6 +39,7 @@ class FloatLayer:
     ternary: np.ndarray | None = None  # int8 codes [n_out, n_in] in {-1, 0, 1} when the layer is ternary
     ternary_scale: np.ndarray | None = None  # float64 [n_out]
     input_quant: tuple[float, int, int, int] | None = None  # (scale, zero point, qmin, qmax) of the input
+    conv: dict | None = None  # Conv kernel and attributes until `_unroll` turns it into ``weight``
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.input_quant is not None:
@@ -92,6 +94,9 @@ def read_chain(model) -> Chain:
     out = g.output[0].name
     layers = walker.walk(out)
     issues.extend(walker.issues)
+    if not issues:
+        shape = next(i for i in g.input if i.name == inputs[0]).type.tensor_type.shape
+        issues.extend(_unroll(layers, [d.dim_value if d.HasField("dim_value") else None for d in shape.dim][1:]))
     if not issues and not layers:
         issues.append(CheckIssue(out, "graph", "no Linear layer between the input and the first output",
                                  "the snn target compiles Linear (Gemm/MatMul) + ReLU chains"))
@@ -101,6 +106,43 @@ def read_chain(model) -> Chain:
                                      "spike rates cannot carry negative activations",
                                      "add a ReLU after it, or fold it into the next Linear layer"))
     return Chain(layers, inputs[0], out, exits, issues)
+
+
+def _unroll(layers: list[FloatLayer], shape: list[int | None]) -> list[CheckIssue]:
+    """Give each Conv its dense [out, in] matrix (C-order flattening, as Flatten does) and check the sizes."""
+    for layer in layers:
+        if layer.conv is not None:
+            if len(shape) != 3 or None in shape:
+                return [CheckIssue(layer.name, "Conv", f"Conv input has shape {shape}, needs a static [C, H, W]",
+                                   "export with a fixed image size")]
+            layer.weight, shape = _conv_matrix(layer.conv, tuple(shape))
+            layer.bias = np.repeat(layer.bias, int(np.prod(shape[1:])))
+            layer.conv = None
+        else:
+            if None not in shape and int(np.prod(shape)) != layer.weight.shape[1]:
+                return [CheckIssue(layer.name, "Gemm", f"input of {int(np.prod(shape))} values for a layer that "
+                                   f"takes {layer.weight.shape[1]}", "only Flatten/Reshape to [B, -1] may sit "
+                                   "between layers")]
+            shape = [layer.weight.shape[0]]
+    return []
+
+
+def _conv_matrix(conv: dict, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[int]]:
+    """The Conv as a matrix [C_out*H'*W', C*H*W] on C-order flattened maps, and the output shape."""
+    k = conv["kernel"]
+    c_out, c_in, kh, kw = k.shape
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = conv["strides"], conv["dilations"], conv["pads"]
+    c, h, w = shape
+    ho, wo = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    m = np.zeros((c_out, ho, wo, c, h, w))
+    oy, ox, ky, kx = np.meshgrid(np.arange(ho), np.arange(wo), np.arange(kh), np.arange(kw), indexing="ij")
+    iy, ix = oy * sh - pt + ky * dh, ox * sw - pl + kx * dw
+    ok = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    oy, ox, ky, kx, iy, ix = (a[ok] for a in (oy, ox, ky, kx, iy, ix))
+    for co in range(c_out):
+        for ci in range(c_in):
+            np.add.at(m[co, :, :, ci], (oy, ox, iy, ix), k[co, ci, ky, kx])
+    return m.reshape(c_out * ho * wo, c * h * w), [c_out, ho, wo]
 
 
 class _Walker:
@@ -161,8 +203,9 @@ class _Walker:
                     return self.fail(node, "Add of two activations (a residual or a merge) has no SNN form")
                 pending_bias = np.asarray(b if a is None else a, np.float64).reshape(-1)
                 tensor = node.input[0] if a is None else node.input[1]
-            elif dom in ("", "ai.onnx") and op in ("Gemm", "MatMul") or dom == "edgegate" and op == "TernaryMatMul":
-                layer = self.linear(node, pending_bias)
+            elif dom in ("", "ai.onnx") and op in ("Gemm", "MatMul", "Conv") or \
+                    dom == "edgegate" and op == "TernaryMatMul":
+                layer = self.conv(node, pending_bias) if op == "Conv" else self.linear(node, pending_bias)
                 if layer is None:
                     return []
                 layer.act, layer.input_quant = pending_act, None
@@ -181,6 +224,8 @@ class _Walker:
                 info = np.iinfo(zp.dtype)
                 layers[-1].input_quant = (float(s.reshape(())), int(zp.reshape(())), int(info.min), int(info.max))
                 tensor = q.input[0]
+            elif dom in ("", "ai.onnx") and op in ("Flatten", "Reshape"):
+                tensor = node.input[0]  # [B, C, H, W] -> [B, C*H*W]: the chain is flat already (checked in _unroll)
             elif dom in ("", "ai.onnx") and op == "GatherND" and self.const(node.input[0]) is None:
                 tensor = node.input[0]  # early-exit compaction: the rows still running
             elif dom in ("", "ai.onnx") and op == "ScatterND":
@@ -195,6 +240,27 @@ class _Walker:
                                           "start the model with a Linear layer"))
             return []
         return layers[::-1]
+
+    def conv(self, node, bias: np.ndarray | None) -> FloatLayer | None:
+        attrs = {a.name: a for a in node.attribute}
+        k = self.const(node.input[1])
+        if len(node.input) > 2 and node.input[2]:
+            c = self.const(node.input[2])
+            if c is None or bias is not None:
+                self.fail(node, "Conv bias must be a constant")
+                return None
+            bias = np.asarray(c, np.float64).reshape(-1)
+        if k is None or k.ndim != 4 or (attrs["group"].i if "group" in attrs else 1) != 1 \
+                or "auto_pad" in attrs and attrs["auto_pad"].s not in (b"", b"NOTSET"):
+            self.fail(node, "Conv needs a constant 2-D kernel, group 1 and explicit pads")
+            return None
+        ints = {n: list(attrs[n].ints) if n in attrs else d for n, d in
+                (("strides", [1, 1]), ("dilations", [1, 1]), ("pads", [0, 0, 0, 0]))}
+        pads = ints["pads"]
+        conv = {"kernel": np.asarray(k, np.float64), "strides": ints["strides"], "dilations": ints["dilations"],
+                "pads": (pads[0], pads[1], pads[2], pads[3])}
+        b = np.zeros(k.shape[0]) if bias is None else np.broadcast_to(bias, (k.shape[0],)).astype(np.float64)
+        return FloatLayer(node.name or node.output[0], np.zeros((k.shape[0], 0)), b.copy(), conv=conv)
 
     def linear(self, node, bias: np.ndarray | None) -> FloatLayer | None:
         attrs = {a.name: a for a in node.attribute}

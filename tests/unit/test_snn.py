@@ -355,3 +355,26 @@ def test_neurocorex_spike_events_and_bias_line():
     np.testing.assert_array_equal(lateral[0:3, 3:9], out.weight)
     with pytest.raises(TargetError, match="k_mem=3"):
         neurocorex_stream(dataclasses.replace(net, groups=(dataclasses.replace(hidden, k_mem=3), out)))
+
+
+@pytest.mark.parametrize("stride, dilation, pads", [(1, 1, (1, 1, 1, 1)), (2, 1, (0, 1, 1, 0)), (1, 2, (2, 2, 2, 2))])
+def test_conv_unrolls_to_the_same_linear_map(stride, dilation, pads):
+    import onnxruntime as ort
+
+    from edgegate.snn.graph import read_chain
+
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(3, 2, 3, 3))
+    node = helper.make_node("Conv", ["x", "k", "b"], ["y"], name="conv", strides=[stride, stride],
+                            dilations=[dilation, dilation], pads=list(pads))
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 7, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(k.astype(np.float32), "k"),
+                           numpy_helper.from_array(rng.normal(size=3).astype(np.float32), "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    x = rng.normal(size=(4, 2, 7, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    chain = read_chain(model)
+    assert chain.issues == []
+    got = chain.forward(x)[-1]
+    np.testing.assert_allclose(got, want.reshape(4, -1), atol=1e-4)

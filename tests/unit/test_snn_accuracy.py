@@ -99,7 +99,7 @@ def test_early_exit_models_decide_early_by_default(exported, tmp_path):
 
 
 @pytest.mark.parametrize("name, op_type", [("moe", "Add"), ("gated_attention", "ReduceMean"),
-                                           ("channel_gate", "Reshape")])
+                                           ("channel_gate", "ChannelGate")])
 def test_unsupported_zoo_families_are_named(name, op_type):
     from edgegate.export.torch_export import ExportOptions, export_onnx
 
@@ -148,3 +148,32 @@ def test_neurocorex_refuses_networks_over_90_neurons(exported, tmp_path):
     ctx = CompileContext(input_name="x", output_names=("logits",), calibration=calib)
     with pytest.raises(TargetError, match="at most 90 neurons, the network has 138"):
         TARGET.compile(proto, TARGET.options_for_export({"neurocorex": "true"}, ctx), tmp_path)
+
+
+def test_convolutions_unroll_to_sparse_synapses(tmp_path):
+    """Conv + ReLU (stride 2 for downsampling) -> Flatten -> Linear, trained here on 8x8 digits."""
+    from edgegate.data import load_data
+    from edgegate.export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantize.step import split_data
+    from edgegate.snn.network import SynapseFormat
+    from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
+
+    data = load_data("digits", ["x"], {"x": (1, 8, 8)})
+    with deterministic(0):
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(16 * 16, 10))
+        fit(model, *tensors(data, "train"), cross_entropy, epochs=10, batch_size=64, lr=3e-3, seed=0)
+    model.eval()
+    calib, test = split_data(data)
+    proto = export_onnx(model, torch.from_numpy(test.input()[:4]), "x", ExportOptions())
+    source = _source_accuracy(proto, test.input(), test.labels)
+    ctx = CompileContext(input_name="x", output_names=("logits",), calibration=calib.input())
+    art = TARGET.compile(proto, TARGET.options_for_export({"timesteps": "128", "nir": "false"}, ctx), tmp_path)
+    with TARGET.load(art) as runner:
+        acc = float(np.mean(runner.run({"x": test.input()})["logits"].argmax(1) == test.labels))
+        net = runner.network
+    print(f"digits CNN: source {source:.4f}, snn T=128 {acc:.4f}")
+    assert [g.weight.shape for g in net.groups] == [(512, 64), (256, 512), (10, 256)]
+    assert [g.fmt for g in net.groups][:2] == [SynapseFormat.CSR, SynapseFormat.CSR]
+    assert source > 0.9 and acc >= source - 0.01
