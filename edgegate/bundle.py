@@ -172,6 +172,15 @@ def check_destination(dest: str | os.PathLike[str], overwrite: bool = False) -> 
 
 
 def _write_file(path: Path, src: bytes | bytearray | memoryview | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        return _copy_hashing(path, src)
+    except OSError as e:
+        if e.filename is None:  # write() and fsync() failures (disk full) do not say which file
+            e.filename = path.name
+        raise
+
+
+def _copy_hashing(path: Path, src: bytes | bytearray | memoryview | os.PathLike[str]) -> dict[str, Any]:
     h, n = hashlib.sha256(), 0
     with open(path, "xb") as out:
         if isinstance(src, os.PathLike):

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper
 from edgegate import bundle as bundle_mod
 from edgegate.bundle import (
     MANIFEST_VERSION,
+    check_destination,
     check_onnx_external_data,
     external_data_locations,
     read_bundle,
@@ -88,17 +90,24 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
     assert _listing(tmp_path) == []
 
 
-def test_disk_full_is_a_one_line_bundle_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_space(fd: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(bundle_mod.os, "fsync", no_space)
-    with pytest.raises(BundleError) as info:
-        _write(tmp_path)
-    assert str(info.value) == (
-        f"cannot write bundle {tmp_path / 'b'}: No space left on device; check free space and permissions"
+def test_file_size_limit_is_a_one_line_bundle_error(tmp_path: Path) -> None:
+    """A real write failure: the kernel refuses writes past RLIMIT_FSIZE (EFBIG), as a full disk refuses (ENOSPC)."""
+    script = (
+        "import resource, signal, sys\n"
+        "from edgegate.bundle import write_bundle\n"
+        "from edgegate.errors import BundleError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    write_bundle(sys.argv[1], {'small.bin': b'x' * 100, 'big.bin': b'y' * 100_000}, {'target': 'cpu'})\n"
+        "except BundleError as e:\n"
+        "    print(e)\n"
     )
-    assert _listing(tmp_path) == []
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith(f"cannot write bundle {tmp_path / 'b'}: File too large (")
+    assert r.stdout.rstrip().endswith("big.bin); check free space and permissions") and r.stdout.count("\n") == 1
+    assert _listing(tmp_path) == []  # neither the bundle nor its temp dir
 
 
 def test_missing_source_file_leaves_nothing(tmp_path: Path) -> None:
@@ -400,3 +409,108 @@ def test_bundle_gets_normal_permissions(tmp_path: Path) -> None:
         os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert (out / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------------- hostile manifests
+
+
+def _edit_manifest(out: Path, **changes) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(changes)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"files": {"a\nb": {"sha256": "0" * 64, "bytes": 1}}}, r"file name 'a\\nb' must be a plain file name"),
+        ({"files": {"x\x00": {"sha256": "0" * 64, "bytes": 1}}}, "must be a plain file name"),
+        ({"files": {"C:evil": {"sha256": "0" * 64, "bytes": 1}}}, "must be a plain file name"),
+        ({"files": {"manifest.json": {"sha256": "0" * 64, "bytes": 1}}}, "manifest.json lists itself"),
+        ({"files": {"model.bin": {"sha256": "ZZ", "bytes": 1}}}, "entry for model.bin has no sha256"),
+        ({"files": {"model.bin": {"sha256": "0" * 64, "bytes": True}}}, "entry for model.bin has no byte count"),
+        ({"files": {"model.bin": {"sha256": "0" * 64, "bytes": "17"}}}, "entry for model.bin has no byte count"),
+        ({"files": ["model.bin"]}, "has no 'files' table"),
+        ({"target_options": [1, 2]}, "'target_options' in manifest.json is not a dict"),
+        ({"target": ["cpu"]}, "'target' in manifest.json is not a str"),
+        ({"manifest_version": True}, "manifest_version True is not supported"),
+        ({"manifest_version": "1"}, "manifest_version '1' is not supported"),
+    ],
+)
+def test_hostile_manifests_are_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    out = _write(tmp_path)
+    _edit_manifest(out, **changes)
+    with pytest.raises(BundleError, match=message) as info:
+        read_bundle(out, verify=False)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["[" * 100_000 + "]" * 100_000, '{"n": 1' + "0" * 5000 + "}", b"\xff\xfe{}", '{"a": NaN'],
+    ids=["deep", "huge-int", "not-utf8", "truncated"],
+)
+def test_unparsable_manifests_are_refused(tmp_path: Path, text) -> None:
+    out = _write(tmp_path)
+    data = text if isinstance(text, bytes) else text.encode()
+    (out / "manifest.json").write_bytes(data)
+    with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
+        read_bundle(out)
+
+
+def test_oversized_manifest_is_refused_unread(tmp_path: Path) -> None:
+    out = _write(tmp_path)
+    with open(out / "manifest.json", "r+b") as f:
+        f.truncate(bundle_mod.MANIFEST_MAX_BYTES + 1)  # sparse: no need to write 16 MiB
+    with pytest.raises(BundleError, match="manifest.json is larger than 16 MiB"):
+        read_bundle(out)
+
+
+def test_link_loop_in_bundle_is_refused(tmp_path: Path) -> None:
+    out = _write(tmp_path)
+    (out / "loop").symlink_to(out / "loop")
+    with pytest.raises(BundleError, match="'loop' is a link pointing outside the bundle"):
+        read_bundle(out)
+
+
+def test_target_options_accessor_checks_its_type(tmp_path: Path) -> None:
+    from edgegate.bundle import Bundle
+
+    with pytest.raises(BundleError, match="target_options in manifest.json is not an object"):
+        _ = Bundle(tmp_path, {"target_options": "x"}).target_options
+
+
+@pytest.mark.parametrize(
+    "location, message",
+    [("", "is empty"), ("a\x00b", "contains control characters"), ("a\nb", "contains control characters"),
+     ("C:weights.bin", "leaves the bundle"), ("sub\\..\\..\\secret.bin", "leaves the bundle")],
+)
+def test_odd_external_locations_are_refused(bundle_dir: Path, parser: str, location: str, message: str) -> None:
+    (bundle_dir / "model.onnx").write_bytes(_ext_model(location))
+    with pytest.raises(BundleError, match=message) as info:
+        check_onnx_external_data(bundle_dir / "model.onnx", bundle_dir)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- destination
+
+
+def test_check_destination(tmp_path: Path) -> None:
+    check_destination(tmp_path / "new" / "deeper" / "b")  # missing parents are fine: write_bundle makes them
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(BundleError, match="exists already exists; pass --overwrite"):
+        check_destination(tmp_path / "exists")
+    check_destination(tmp_path / "exists", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match=r"cannot write bundle .*file/b: .*file is not a directory"):
+        check_destination(tmp_path / "file" / "b")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_check_destination_read_only(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    with pytest.raises(BundleError, match="is not writable"):
+        check_destination(tmp_path / "ro" / "b")
+    with pytest.raises(BundleError, match="Permission denied"):
+        write_bundle(tmp_path / "ro" / "b", {"a.bin": b"x"}, {})
+    assert _listing(tmp_path / "ro") == []
