@@ -158,7 +158,11 @@ class TrtTarget:
         return cast_fp16(lowered) if options.fp16 else lowered
 
     def check(self, model: onnx.ModelProto, flavor: str = "auto") -> list[CheckIssue]:
-        """Nodes TensorRT cannot take, from its quantization rules and its real ONNX parser (no build)."""
+        """Nodes TensorRT cannot take, from its quantization rules and its real ONNX parser (no build).
+
+        Every node that breaks a quantization rule is listed; of the rest, the first node the parser
+        refuses (TensorRT's parser stops there).
+        """
         from edgegate.errors import ExportError
         from edgegate.targets import trt_build
 
@@ -168,7 +172,9 @@ class TrtTarget:
         except ExportError as e:
             return [CheckIssue("<graph>", "", f"the trt lowering failed: {e}", "see the message")]
         issues = trt_build.static_issues(lowered)
-        return issues + trt_build.parse_issues(lowered.SerializeToString(), flavor)
+        named = {i.node for i in issues}
+        # The parser stops at the first node it cannot take; a node named by a static rule is not repeated.
+        return issues + [i for i in trt_build.parse_issues(lowered.SerializeToString(), flavor) if i.node not in named]
 
     def compile(self, model: onnx.ModelProto, options: TrtOptions | None, workdir: Path) -> Artifact:
         """Lower, check and build; the engine is built once, here, never on the device."""

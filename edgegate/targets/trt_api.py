@@ -88,9 +88,10 @@ def version(trt: ModuleType) -> str:
     return str(getattr(trt, "__version__", "unknown"))
 
 
-# TensorRT warns about things that are fine here (e.g. each inlined use of a model-local function repeats
-# its node names): its warnings go to INFO, shown with --debug; its errors are kept for our messages.
-_LOG_LEVELS = {0: logging.ERROR, 1: logging.ERROR, 2: logging.INFO, 3: logging.DEBUG, 4: logging.DEBUG}
+# TensorRT's errors are kept and quoted in our one-line TargetError; its warnings are about things that
+# are fine here (each inlined use of a model-local function repeats its node names). Both go to INFO,
+# shown with --debug, so the terminal gets one line per problem.
+_LOG_LEVELS = {0: logging.INFO, 1: logging.INFO, 2: logging.INFO, 3: logging.DEBUG, 4: logging.DEBUG}
 
 
 @functools.cache
@@ -104,7 +105,7 @@ def _logger_class(trt: ModuleType) -> type:
 
         def log(self, severity: Any, msg: str) -> None:
             level = _LOG_LEVELS.get(int(severity), logging.DEBUG)
-            if level >= logging.ERROR:
+            if int(severity) <= 1:  # INTERNAL_ERROR, ERROR
                 self.errors.append(" ".join(str(msg).split()))
             log.log(level, "TensorRT: %s", msg)
 

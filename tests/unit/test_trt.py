@@ -186,44 +186,50 @@ def test_cast_fp16_keeps_io_float32_and_gates_in_float32():
 # ------------------------------------------------------------------------------------------- check()
 
 
-def _invalid_graph() -> onnx.ModelProto:
-    """Three things TensorRT refuses: an int32 bias behind DequantizeLinear, an int8 constant feeding
-    Cast, and a BitShift inside an edgegate function (TensorRT parses no BitShift)."""
-    fn = helper.make_function(DOMAIN, "Shifty", ["a", "b"], ["c"],
-                              [helper.make_node("BitShift", ["a", "b"], ["c"], direction="RIGHT")],
-                              [helper.make_opsetid("", 20)])
-    nodes = [
-        helper.make_node("DequantizeLinear", ["bias_q", "bias_s"], ["bias"], name="bias_dq"),
-        helper.make_node("Add", ["x", "bias"], ["y"], name="add"),
-        helper.make_node("Cast", ["w8"], ["wf"], name="cast_w8", to=TensorProto.FLOAT),
-        helper.make_node("Add", ["y", "wf"], ["z"], name="add2"),
-        helper.make_node("Shifty", ["u", "two"], ["v"], domain=DOMAIN, name="shift_node"),
-    ]
-    graph = helper.make_graph(
-        nodes, "bad",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-         helper.make_tensor_value_info("u", TensorProto.UINT8, [4])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4]),
-         helper.make_tensor_value_info("v", TensorProto.UINT8, [4])],
-        [numpy_helper.from_array(np.arange(4, dtype=np.int32), "bias_q"),
-         numpy_helper.from_array(np.float32(0.5), "bias_s"),
-         numpy_helper.from_array(np.ones((1, 4), np.int8), "w8"),
-         numpy_helper.from_array(np.array(2, np.uint8), "two")])
+def _model(nodes, inputs, outputs, inits, functions=()) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "bad", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(DOMAIN, 1)])
-    model.functions.append(fn)
+    model.functions.extend(functions)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
+def _quantization_rule_breaker() -> onnx.ModelProto:
+    """An int32 bias behind DequantizeLinear and an int8 constant feeding Cast: both refused by TensorRT."""
+    return _model(
+        [helper.make_node("DequantizeLinear", ["bias_q", "bias_s"], ["bias"], name="bias_dq"),
+         helper.make_node("Add", ["x", "bias"], ["y"], name="add"),
+         helper.make_node("Cast", ["w8"], ["wf"], name="cast_w8", to=TensorProto.FLOAT),
+         helper.make_node("Add", ["y", "wf"], ["z"], name="add2")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.arange(4, dtype=np.int32), "bias_q"),
+         numpy_helper.from_array(np.float32(0.5), "bias_s"),
+         numpy_helper.from_array(np.ones((1, 4), np.int8), "w8")])
+
+
+def _unparsable_function() -> onnx.ModelProto:
+    """An edgegate op whose function body uses BitShift, which TensorRT's parser does not take."""
+    fn = helper.make_function(DOMAIN, "Shifty", ["a", "b"], ["c"],
+                              [helper.make_node("BitShift", ["a", "b"], ["c"], direction="RIGHT")],
+                              [helper.make_opsetid("", 20)])
+    return _model([helper.make_node("Shifty", ["u", "two"], ["v"], domain=DOMAIN, name="shift_node")],
+                  [helper.make_tensor_value_info("u", TensorProto.UINT8, [4])],
+                  [helper.make_tensor_value_info("v", TensorProto.UINT8, [4])],
+                  [numpy_helper.from_array(np.array(2, np.uint8), "two")], [fn])
+
+
 def test_check_names_trt_invalid_nodes_before_any_build(tmp_path):
-    issues = TRT.check(_invalid_graph(), "rtx")
+    issues = TRT.check(_quantization_rule_breaker(), "rtx")
     by_node = {i.node: i for i in issues}
     assert "int32" in by_node["bias_dq"].message and "float" in by_node["bias_dq"].hint
     assert by_node["cast_w8"].op_type == "Cast" and "DequantizeLinear" in by_node["cast_w8"].message
-    shift = by_node["shift_node"]  # the parser's error, mapped from inside the function to the outer node
-    assert shift.op_type == "Shifty" and "BitShift" in shift.message and shift.hint
+    (shift,) = TRT.check(_unparsable_function(), "rtx")  # the parser's error, mapped to the outer node
+    assert (shift.node, shift.op_type) == ("shift_node", "Shifty") and "BitShift" in shift.message and shift.hint
     with pytest.raises(TargetError, match=r"trt cannot take node bias_dq \(DequantizeLinear\): .*int32"):
-        TRT.compile(_invalid_graph(), TrtOptions(flavor="rtx", opt_level=0), tmp_path)
+        TRT.compile(_quantization_rule_breaker(), TrtOptions(flavor="rtx", opt_level=0), tmp_path)
+    with pytest.raises(TargetError, match=r"cannot parse node shift_node \(Shifty\): .*BitShift"):
+        TRT.compile(_unparsable_function(), TrtOptions(flavor="rtx", opt_level=0), tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing was built
 
 
@@ -269,7 +275,7 @@ def test_manifest_is_checked_before_the_engine_is_deserialized(built):
         check_engine(engine, old, "x/engine.plan")
     ok, why = TRT.can_run()
     if not ok:  # no GPU here: the error says so, naming the CPU alternative
-        assert "GPU" in why
+        assert "NVIDIA" in why
         with pytest.raises(TargetError, match="needs an NVIDIA GPU.*--target cpu"):
             check_engine(engine, options, "x/engine.plan")
         with pytest.raises(TargetError, match="needs an NVIDIA GPU"):

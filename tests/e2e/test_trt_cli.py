@@ -1,0 +1,87 @@
+"""`edgegate export --target trt` as a user runs it: an int8 early-exit engine (nested If, batch 1),
+inspect, targets, and the one-line errors for what cannot happen here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorrt_rtx_bindings", exc_type=ImportError)
+
+
+def edgegate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("trt-cli")
+    r = edgegate("zoo", "train", "early_exit", "-o", "model.pt", cwd=work)
+    assert r.returncode == 0, r.stderr
+    r = edgegate("export", "model.pt", "--target", "trt", "--trt-flavor", "rtx", "--quant", "int8", "--batch", "1",
+                 "-O", "opt_level=0", "-o", "int8.edgegate", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # TensorRT's log stays out of the terminal
+    return work
+
+
+def test_int8_if_engine_bundle(exported):
+    bundle = exported / "int8.edgegate"
+    assert sorted(p.name for p in bundle.iterdir()) == ["engine.plan", "golden_io.npz", "manifest.json",
+                                                       "model.onnx", "network.json"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    opts = m["target_options"]
+    assert m["target"] == "trt" and m["export"]["exit_form"] == "if" and m["export"]["batch"] == 1
+    assert opts["flavor"] == "rtx" and opts["precision"] == "int8" and opts["build"]["profiles"] == []
+    assert opts["build"]["engine_sha256"] == m["files"]["engine.plan"]["sha256"]
+    assert opts["build"]["layer_precisions"].get("QUANTIZE:INT8", 0) >= 1
+    assert opts["build"]["plugins"] == {"ExitDecision": "inlined"}
+    assert m["golden"]["source"] in ("onnxruntime", "trt")
+
+    r = edgegate("inspect", "int8.edgegate", "--json", cwd=exported)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["onnx"]["op_counts"]["If"] >= 1
+    engine = info["engine"]
+    assert engine["flavor"] == "rtx" and engine["layers"]
+    kinds = {layer.get("type") or layer.get("LayerType") for layer in engine["layers"]}
+    assert "CONDITION" in kinds or engine["source"] == "engine inspector"  # the If became a conditional
+
+    r = edgegate("inspect", "int8.edgegate", cwd=exported)
+    assert r.returncode == 0 and "engine layers" in r.stdout
+
+
+def test_targets_says_whether_trt_builds_and_runs_here(exported):
+    r = edgegate("targets", cwd=exported)
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.strip("│ ").startswith("trt"))
+    assert "yes" in row  # builds: TensorRT-RTX is installed
+
+
+def test_engine_checks_are_one_line_errors(exported, tmp_path):
+    from edgegate import targets
+
+    if not targets.can_run(targets.get("trt"))[0]:
+        r = edgegate("bench", "int8.edgegate", "--runs", "3", cwd=exported)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1
+        assert "needs an NVIDIA GPU" in r.stderr and "--target cpu" in r.stderr
+    r = edgegate("inspect", str(exported / "int8.edgegate" / "engine.plan"), cwd=exported)
+    assert r.returncode == 2 and "--trust-model" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_fp16_and_unknown_option(exported):
+    r = edgegate("export", "model.pt", "--target", "trt", "--quant", "fp16", "-O", "opt_level=0",
+                 "-o", "fp16.edgegate", cwd=exported)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((exported / "fp16.edgegate" / "manifest.json").read_text())
+    assert m["target_options"]["fp16"] and m["target_options"]["build"]["profiles"][0]["max"] == [64, 16]
+    assert any(k.endswith(":HALF") for k in m["target_options"]["build"]["layer_precisions"])
+    r = edgegate("export", "model.pt", "--target", "trt", "-O", "speed=max", "-o", "x.edgegate", cwd=exported)
+    assert r.returncode == 2 and "unknown trt option 'speed'" in r.stderr
