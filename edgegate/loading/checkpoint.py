@@ -42,7 +42,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike[str], *, meta: dict[str
     if meta is not None:
         spec["meta"] = meta
     try:
-        spec_json = json.dumps(spec, sort_keys=True, allow_nan=False)
+        spec_json = json.dumps(spec, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ModelFormatError(f"cannot save {path}: get_config()/meta is not JSON-serializable ({e})") from e
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
