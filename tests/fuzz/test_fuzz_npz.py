@@ -95,3 +95,55 @@ def test_fuzz_npz_contents(work: Path, arrays: dict, compressed: bool) -> None:
     except (ValueError, TypeError):  # numpy cannot write this combination (e.g. a key of "")
         return
     _load_and_check(path)
+
+
+# ------------------------------------------------------------------- hand-made hostile files, each refused
+
+
+def _npy(header_shape: tuple, data: bytes, dtype: str = "<f4") -> bytes:
+    header = {"descr": dtype, "fortran_order": False, "shape": header_shape}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + data
+
+
+def _zip(members: list[tuple[str, bytes]]) -> bytes:
+    import warnings
+    import zipfile
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as z:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name we write on purpose
+        for name, data in members:
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _inflate_declared_sizes(data: bytes) -> bytes:
+    """Patch every central-directory entry to claim ~4 GiB uncompressed (what a decompression bomb claims)."""
+    out, i = bytearray(data), 0
+    while (i := out.find(b"PK\x01\x02", i)) >= 0:
+        out[i + 24 : i + 28] = (0xFFFFFF00).to_bytes(4, "little")
+        i += 4
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (_npy((4,), b"\0" * 16), "is a single .npy array, not an .npz"),
+        (b"\x80\x04K\x01.", "is not an .npz file"),
+        (_zip([("x.npy", _npy((10**9,), b"\0" * 16))]), r"array 'x' declares shape \(1000000000,\)"),
+        (_zip([("x.npy", _npy((2,), b"\0" * 8)), ("x.npy", _npy((2,), b"\0" * 8))]), "holds array 'x' twice"),
+        (_zip([("x.txt", b"hello")]), "member 'x.txt' that is not an .npy array"),
+        (_zip([("x.npy", _npy((2,), b"\0" * 8, "<U4"))]), "array 'x' has dtype '<U4'"),
+        (_zip([("x.npy", _npy((2,), b"\0" * 8, "|O"))]), "array 'x' has dtype 'object'"),
+        (_inflate_declared_sizes(_zip([("x.npy", _npy((2,), b"\0" * 8)), ("y.npy", _npy((2,), b"\0" * 8))])),
+         "unpacks to more than 4 GiB"),
+    ],
+    ids=["npy", "pickle", "declared-too-big", "duplicate", "not-npy", "strings", "objects", "bomb"],
+)
+def test_hostile_npz_files_are_refused(work: Path, blob: bytes, message: str) -> None:
+    (work / "hostile.npz").write_bytes(blob)
+    with pytest.raises(EdgegateError, match=message):
+        read_npz(work / "hostile.npz")
