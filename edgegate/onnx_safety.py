@@ -37,7 +37,7 @@ def check_onnx_external_data(
     return check_locations(external_data_locations(data, str(model_path)), bundle_dir, str(model_path))
 
 
-def check_locations(locations: list[tuple[str, str]], bundle_dir: Path, what: str) -> list[str]:
+def check_locations(locations: list[tuple[str, str | bytes]], bundle_dir: Path, what: str) -> list[str]:
     """`check_onnx_external_data` for (tensor, location) pairs already parsed out of `what`."""
     try:
         root = bundle_dir.resolve()
@@ -46,6 +46,8 @@ def check_locations(locations: list[tuple[str, str]], bundle_dir: Path, what: st
     found: list[str] = []
     for tensor, location in locations:
         where = f"{what}: external data location {_show(location)} of tensor {_show(tensor)}"
+        if not isinstance(location, str):  # not valid UTF-8: no file name we could check means the same
+            raise BundleError(f"{where} is not valid UTF-8; external data must be a plain file name")
         parts = location.replace("\\", "/").split("/")
         if not location:
             raise BundleError(f"{where} is empty; external data must name a file inside the bundle")
@@ -77,16 +79,17 @@ def is_inside(p: Path, root: Path) -> bool:
     return p == root or root in p.parents
 
 
-def _show(text: str, limit: int = 200) -> str:
+def _show(text: str | bytes, limit: int = 200) -> str:
     # Names come from the file: quoted (repr escapes control characters) and cut, so messages stay one line.
     shown = repr(text)
     return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
 
 
-def external_data_locations(data: bytes, what: str) -> list[tuple[str, str]]:
+def external_data_locations(data: bytes, what: str) -> list[tuple[str, str | bytes]]:
     """(tensor name, location) of every external-data entry of the serialized ONNX model `data`.
 
     Parsed with onnx when it is installed, else by a small protobuf wire-format walk (runtime side).
+    A location that is not valid UTF-8 comes back as bytes (and `check_locations` refuses it).
     """
     try:
         import onnx
@@ -100,11 +103,14 @@ def external_data_locations(data: bytes, what: str) -> list[tuple[str, str]]:
         raise BundleError(f"{what} is not a valid ONNX model ({one_line(e, 120)}); re-export the bundle") from e
 
 
-def _locations_onnx(model: Any) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+def _locations_onnx(model: Any) -> list[tuple[str, str | bytes]]:
+    out: list[tuple[str, str | bytes]] = []
 
     def tensor(t: Any) -> None:
-        out.extend((t.name, e.value) for e in t.external_data if e.key == "location")
+        # protobuf hands back bytes for a string field that is not valid UTF-8: keep such a location
+        # as bytes (check_locations refuses it), and show such a name as the wire walk does.
+        name = t.name if isinstance(t.name, str) else bytes(t.name).decode("utf-8", "replace")
+        out.extend((name, e.value) for e in t.external_data if e.key == "location")
 
     def attrs(attributes: Any) -> None:
         for a in attributes:
@@ -152,8 +158,8 @@ _WIRE_SCHEMA: dict[str, dict[int, str]] = {
 _TENSOR_NAME, _TENSOR_EXTERNAL = 8, 13
 
 
-def _locations_wire(data: bytes) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
+def _locations_wire(data: bytes) -> list[tuple[str, str | bytes]]:
+    out: list[tuple[str, str | bytes]] = []
     stack = [("model", memoryview(data))]
     while stack:
         kind, buf = stack.pop()
@@ -163,8 +169,9 @@ def _locations_wire(data: bytes) -> list[tuple[str, str]]:
                 if field == _TENSOR_NAME and isinstance(value, memoryview):
                     name = bytes(value).decode("utf-8", "replace")
                 elif field == _TENSOR_EXTERNAL and isinstance(value, memoryview):
-                    entry = {f: bytes(v).decode("utf-8", "replace") for f, v in _wire_fields(value)}
-                    if entry.get(1) == "location":  # StringStringEntryProto: key=1, value=2
+                    # StringStringEntryProto: key=1, value=2 (the last of each wins, as in protobuf).
+                    entry = {f: _text(v) for f, v in _wire_fields(value) if isinstance(v, memoryview)}
+                    if entry.get(1) == "location":
                         locs.append(entry.get(2, ""))
             out.extend((name, loc) for loc in locs)
             continue
@@ -173,6 +180,14 @@ def _locations_wire(data: bytes) -> list[tuple[str, str]]:
             if field in children and isinstance(value, memoryview):
                 stack.append((children[field], value))
     return out
+
+
+def _text(raw: memoryview) -> str | bytes:
+    """A protobuf string: str when valid UTF-8, else the raw bytes (as protobuf's own parser returns it)."""
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return bytes(raw)
 
 
 def _wire_fields(buf: memoryview) -> Iterator[tuple[int, int | memoryview]]:

@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import onnx
 import pytest
 from _fuzz import FUZZ, expect_edgegate_error, framed
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -142,6 +142,10 @@ _seeds = [
 
 @FUZZ
 @given(data=st.one_of(framed(_seeds), models().flatmap(lambda m: framed([m]))))
+@example(  # found by a long run: a tensor name that is not UTF-8 (protobuf returns bytes for it)
+    data=b"\x08\x0e:A\x12\x01g*+\x08\x04\x10\x01B\x01\xffj\x12\n\x08location\x12\x06ok.binj\x0c\n\x06length"
+    b"\x12\x0216p\x01b\x0f\n\x01w\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x04B\x04\n\x00\x10\x14"
+)
 def test_fuzz_malformed_model_bytes(data: bytes) -> None:
     with_onnx = expect_edgegate_error(external_data_locations, data, "model.onnx")
     with pytest.MonkeyPatch.context() as mp:

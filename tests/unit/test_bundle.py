@@ -514,3 +514,23 @@ def test_check_destination_read_only(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="Permission denied"):
         write_bundle(tmp_path / "ro" / "b", {"a.bin": b"x"}, {})
     assert _listing(tmp_path / "ro") == []
+
+
+def test_location_that_is_not_utf8_is_refused(bundle_dir: Path, parser: str) -> None:
+    model = onnx.load_model_from_string(_ext_model("ok.bin"))
+    data = model.SerializeToString().replace(b"ok.bin", b"ok\xffbin")  # same length: framing stays valid
+    (bundle_dir / "model.onnx").write_bytes(data)
+    with pytest.raises(BundleError, match=r"location b'ok\\xffbin' of tensor 'w' is not valid UTF-8"):
+        check_onnx_external_data(bundle_dir / "model.onnx", bundle_dir)
+
+
+def test_wire_parser_ignores_varints_in_external_data_entries(bundle_dir: Path, parser: str) -> None:
+    """A varint where a string belongs must not be taken for a length to allocate (bytes(2**42))."""
+    model = onnx.load_model_from_string(_ext_model("ok.bin"))
+    entry = model.graph.initializer[0].external_data[0]
+    huge = b"\x18" + b"\xff" * 5 + b"\x7f"  # an unknown field 3, varint about 2**42
+    entry.ParseFromString(entry.SerializeToString() + huge)  # protobuf keeps unknown fields
+    data = model.SerializeToString()
+    assert huge in data
+    (bundle_dir / "model.onnx").write_bytes(data)
+    assert check_onnx_external_data(bundle_dir / "model.onnx", bundle_dir) == ["ok.bin"]
