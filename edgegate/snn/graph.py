@@ -7,11 +7,12 @@ plus the `CheckIssue` of every node on that path the SNN cannot represent.
 
 The walk goes backwards from the first output. It understands Gemm, MatMul, Conv (group 1, unrolled
 into a [C_out*H'*W', C*H*W] matrix once the input shape is known; Flatten/Reshape pass through),
-Add of a constant bias, Relu, ``edgegate::ThresholdGate``, ``edgegate::TernaryMatMul``, QuantizeLinear -> DequantizeLinear on
-activations (the layer input's fake quantization, kept for the float reference) and the row
-compaction of early-exit graphs (GatherND of the surviving rows, ScatterND of their results), which
-is the identity for one sample. Exit heads and ``ExitDecision`` hang off that path and are left out:
-the SNN decides early in time instead (``ExitPolicy``). Anything else on the path is an issue.
+Add of a constant bias, Relu, ``edgegate::ThresholdGate``, ``edgegate::TernaryMatMul``,
+QuantizeLinear -> DequantizeLinear on activations (the layer input's fake quantization, kept for
+the float reference) and the row compaction of early-exit graphs (GatherND of the surviving rows,
+ScatterND of their results), which is the identity for one sample. Exit heads and ``ExitDecision``
+hang off that path and are left out: the SNN decides early in time instead (``ExitPolicy``).
+Anything else on the path is an issue.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ Only `compile`/`check` need onnx (and nir); `load` and `SnnRunner` need numpy al
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
     from edgegate.bundle import Bundle
     from edgegate.snn.image import CoreImage
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE, IMAGE_FILE, STREAM_FILE, NIR_FILE, NEUROCOREX_FILE = (
     "model.onnx", "core.egc", "stream.bin", "model.nir", "neurocorex.bin")
@@ -85,6 +88,9 @@ class SnnOptions:
             except ValueError:
                 raise TargetError(f"snn option {key}={text!r} must be a {kind.__name__}") from None
         if context is not None:
+            if context.dataset is None:
+                log.warning("snn: no calibration dataset (the checkpoint names none and no --calib): thresholds "
+                            "are balanced on random inputs; pass --calib for real accuracy")
             values["calibration"] = context.calibration
             values["io"] = {"input_name": context.input_name, "output_names": list(context.output_names)}
         return cls(**values)
