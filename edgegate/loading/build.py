@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from edgegate.errors import ModelFormatError, UnsafeModelError, one_line
 from edgegate.loading.checkpoint import read_spec
-from edgegate.loading.detect import TORCH_LEGACY_MAGIC, ModelFormat, Probe, as_state_dict, probe
+from edgegate.loading.detect import (
+    CHECKPOINT_FORMAT,
+    TORCH_LEGACY_MAGIC,
+    ModelFormat,
+    Probe,
+    as_state_dict,
+    probe,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +71,7 @@ def load(
 
 def _load_checkpoint(path: Path, found: Probe, trust: bool, model_class: str | None):
     spec, state_dict = read_spec(path, found.payload)
-    if state_dict is None and found.payload.get("format") is None:  # safetensors: tensors are in the body
+    if state_dict is None and found.payload.get("format") != CHECKPOINT_FORMAT:  # safetensors: tensors in the body
         state_dict = _load_safetensors(path)
     if state_dict is None:
         raise ModelFormatError(f"checkpoint {path} has no state_dict of tensors; re-save with edgegate.save")
@@ -239,7 +246,7 @@ def _load_state_dict(module: Any, state_dict: Mapping[str, Any], path: Path) -> 
 
 
 def _split_class_path(class_path: str) -> tuple[str, str]:
-    if not _CLASS_PATH.match(class_path) or not class_path.isascii():
+    if not _CLASS_PATH.fullmatch(class_path) or not class_path.isascii():  # fullmatch: "$" allows a final "\n"
         shown = class_path if len(class_path) <= 80 else class_path[:77] + "..."
         raise ModelFormatError(f"class path {shown!r} is not of the form 'pkg.module:ClassName'")
     if ":" in class_path:

@@ -203,6 +203,7 @@ def test_state_dict_mismatch_names_the_keys(tmp_path: Path) -> None:
         ("no_such_module_xyz:Net", "cannot import no_such_module_xyz:Net"),
         ("collections:OrderedDict", "is not a torch.nn.Module subclass"),
         ("os.system; rm", "is not of the form"),
+        ("edgegate.zoo.models:ThresholdMLP\n", "is not of the form"),
     ],
 )
 def test_bad_model_class_is_a_clear_error(tmp_path: Path, bad: str, message: str) -> None:
@@ -442,3 +443,17 @@ def test_unreadable_model_file_is_a_format_error(tmp_path: Path) -> None:
     (tmp_path / "dir.pt").mkdir()
     with pytest.raises(ModelFormatError, match="does not exist or is not a file"):
         load(tmp_path / "dir.pt")
+
+
+def test_safetensors_whose_length_prefix_looks_like_a_pickle(tmp_path: Path) -> None:
+    """A 640-byte header is stored as 80 02 00..: the bytes a protocol-2 pickle starts with."""
+    from safetensors.torch import save as save_bytes
+
+    sd = _model().state_dict()
+    data = next(
+        d for k in range(800) if (d := save_bytes(sd, metadata={"pad": "x" * k}))[:2] == b"\x80\x02"
+    )
+    (tmp_path / "m.st").write_bytes(data)
+    assert detect_format(tmp_path / "m.st") is ModelFormat.SAFETENSORS
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "m.st", model_class=TINY).module(X), _model()(X))
