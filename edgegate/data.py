@@ -262,7 +262,7 @@ def read_npz(path: str | Path, what: str = "data") -> dict[str, np.ndarray]:
             for info in infos:
                 key = _npz_key(info.filename, where, hint)
                 if key in arrays:
-                    raise DataError(f"{where} holds array {key!r} twice; {hint}")
+                    raise DataError(f"{where} holds array {_shown(key)} twice; {hint}")
                 arrays[key] = _read_member(zf, info, key, where)
     except DataError:
         raise
