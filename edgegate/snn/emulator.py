@@ -19,7 +19,9 @@ All arithmetic is exact integer arithmetic (W @ s runs in float32 BLAS, exact be
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -58,8 +60,12 @@ def rnd_shift(x: np.ndarray, k: int) -> np.ndarray:
     return (x + (1 << (k - 1))) >> k
 
 
+_LO, _HI = np.int64(INT32_MIN), np.int64(INT32_MAX)
+
+
 def _sat(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, INT32_MIN, INT32_MAX, out=x)
+    np.maximum(x, _LO, out=x)
+    return np.minimum(x, _HI, out=x)
 
 
 def _init(batch: int, v_init: np.ndarray) -> _State:
@@ -69,13 +75,26 @@ def _init(batch: int, v_init: np.ndarray) -> _State:
                   z, np.zeros((batch, n), np.int64))
 
 
-def _step(st: _State, drive: np.ndarray, threshold: np.ndarray, enable: np.ndarray, k_syn: int, k_mem: int,
+def _step(st: _State, drive: np.ndarray, threshold: np.ndarray, enable: np.ndarray | None, k_syn: int, k_mem: int,
           refractory: int, active: np.ndarray | None) -> np.ndarray:
-    """Advance one group by one step in place (only ``active`` rows when given); returns the new spikes."""
-    i = _sat(st.i - rnd_shift(st.i, k_syn) + drive)
-    m = _sat(st.m - rnd_shift(st.m, k_mem) + i - st.z * threshold)
-    z = (m > threshold) & enable & (st.ref == 0)
-    ref = np.where(z, refractory, np.maximum(st.ref - 1, 0)) if refractory else st.ref
+    """Advance one group by one step in place (only ``active`` rows when given); returns the new spikes.
+
+    ``enable`` None means every neuron is enabled. Terms that are zero by the group's constants
+    (no leak, no refractory period) are skipped: the arithmetic is the spec's either way.
+    """
+    # k_syn = 0: i - rnd(i, 0) = 0, the current is this step's drive alone
+    i = _sat(drive.copy() if k_syn == 0 else st.i - rnd_shift(st.i, k_syn) + drive)
+    m = st.m + i if k_mem == NO_DECAY else st.m - rnd_shift(st.m, k_mem) + i
+    m -= st.z * threshold
+    _sat(m)
+    z = m > threshold
+    if enable is not None:
+        z &= enable
+    if refractory:
+        z &= st.ref == 0
+        ref = np.where(z, refractory, np.maximum(st.ref - 1, 0))
+    else:
+        ref = st.ref
     if active is None:
         st.i, st.m, st.z, st.ref = i, m, z, ref
         return z
@@ -124,19 +143,41 @@ def _fanout(groups: tuple[Group, ...]) -> list[np.ndarray]:
     return [np.count_nonzero(g.weight[g.enable], axis=0).astype(np.int64) for g in groups]
 
 
+@functools.cache
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional: the runtime side needs numpy alone
+        return None
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """The per-step products are small: BLAS threads only contend (10x slower on a busy 2-core host)."""
+    controller = _blas_controller()
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
+
+
 def _simulate(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, timesteps: int,
               exit: ExitPolicy | None, record: bool) -> SimResult:
+    with _one_blas_thread():
+        return _simulate_steps(net, q, spikes_in, timesteps, exit, record)
+
+
+def _simulate_steps(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, timesteps: int,
+                    exit: ExitPolicy | None, record: bool) -> SimResult:
     exit = exit or ExitPolicy()
     if not 1 <= timesteps <= 65535:
         raise TargetError(f"snn timesteps={timesteps} must be in 1..65535")
     batch = q.shape[0] if q is not None else spikes_in.shape[1]
     e, f = net.encoder, net.frac_bits
     enc = _init(batch, np.full(e.neurons, e.levels // 2, np.int32))
-    enc_theta, enc_enable = np.int64(e.levels), np.ones(e.neurons, bool)
+    enc_theta = np.int64(e.levels)
     states = [_init(batch, g.v_init) for g in net.groups]
     weights_t = [g.weight.T.astype(np.float32) for g in net.groups]
     thetas = [g.threshold.astype(np.int64) for g in net.groups]
     biases = [g.bias.astype(np.int64) for g in net.groups]
+    enables = [None if g.enable.all() else g.enable for g in net.groups]
     names = ["input", *(g.name for g in net.groups)]
     fired = [np.zeros((batch, n), np.int64) for n in (e.neurons, *(g.size for g in net.groups))]
     trains = {n: [] for n in names} if record else None
@@ -146,7 +187,7 @@ def _simulate(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, 
     updates = 0
     for t in range(timesteps):
         if q is not None:
-            s = _step(enc, q, enc_theta, enc_enable, 0, NO_DECAY, 0, active)
+            s = _step(enc, q, enc_theta, None, 0, NO_DECAY, 0, active)
         else:
             s = spikes_in[t] if active is None else spikes_in[t] & active[:, None]
         fired[0] += s
@@ -154,7 +195,8 @@ def _simulate(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, 
             trains["input"].append(s)
         for k, (g, st) in enumerate(zip(net.groups, states, strict=True)):
             drive = (s.astype(np.float32) @ weights_t[k]).astype(np.int64) << f
-            s = _step(st, drive + biases[k], thetas[k], g.enable, g.k_syn, g.k_mem, g.refractory, active)
+            drive += biases[k]
+            s = _step(st, drive, thetas[k], enables[k], g.k_syn, g.k_mem, g.refractory, active)
             fired[k + 1] += s
             if record:
                 trains[g.name].append(s)
