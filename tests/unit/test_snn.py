@@ -378,3 +378,35 @@ def test_conv_unrolls_to_the_same_linear_map(stride, dilation, pads):
     assert chain.issues == []
     got = chain.forward(x)[-1]
     np.testing.assert_allclose(got, want.reshape(4, -1), atol=1e-4)
+
+
+def test_runtime_side_needs_numpy_only(tmp_path):
+    import subprocess
+    import sys
+
+    art = SnnTarget().compile(_mlp(), SnnOptions(calibration=_calibration(), nir=False), tmp_path)
+    (tmp_path / "core.egc").write_bytes(art.files["core.egc"])
+    code = (
+        "import sys, numpy as np\n"
+        "from edgegate.targets import Artifact, get\n"
+        f"art = Artifact('snn', {{'core.egc': open({str(tmp_path / 'core.egc')!r}, 'rb').read()}}, {{}})\n"
+        "with get('snn').load(art) as r:\n"
+        "    out = r.run({'x': np.ones((2, 4), np.float32)})\n"
+        "    assert out['logits'].shape == (2, 3) and r.metrics()['samples'] == 2\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'nir') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_batch1_if_export_is_refused_with_a_hint():
+    rng = np.random.default_rng(0)
+    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["y"])], "b", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+             helper.make_node("If", ["c"], ["logits"], name="exit0", then_branch=branch, else_branch=branch)]
+    issues = SnnTarget().check(_graph(nodes, {"w1": rng.normal(size=(3, 4))}))
+    assert [(i.node, i.op_type) for i in issues] == [("exit0", "If")]
+    assert "leave out --batch" in issues[0].hint
