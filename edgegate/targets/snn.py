@@ -88,6 +88,9 @@ class SnnOptions:
             except ValueError:
                 raise TargetError(f"snn option {key}={text!r} must be a {kind.__name__}") from None
         if context is not None:
+            if context.quant == "fp16":
+                raise TargetError("the snn target has no fp16 mode (its state is integer); export with --quant "
+                                  "fp32, int8 or ternary")
             if context.dataset is None:
                 log.warning("snn: no calibration dataset (the checkpoint names none and no --calib): thresholds "
                             "are balanced on random inputs; pass --calib for real accuracy")

@@ -313,6 +313,8 @@ def test_options_are_checked():
         SnnOptions.from_strings({"timesteps": "0"})
     with pytest.raises(TargetError, match="needs calibration inputs"):
         SnnTarget().compile(_mlp(), None, None)
+    with pytest.raises(TargetError, match="no fp16 mode"):
+        SnnOptions.from_strings({}, CompileContext(quant="fp16"))
     o = SnnOptions.from_strings({"nir": "false", "early_decision": "on"})
     assert SnnOptions.from_manifest({**o.to_manifest(), "exact": False, "golden_atol": 0.1}) == o
 
