@@ -199,6 +199,11 @@ def read_input_frames(data: bytes, neurons: int, where: str = "input frames") ->
     return spikes, timesteps, bool(flags)
 
 
+def spike_frame(step: int, group: int, spikes: np.ndarray) -> bytes:
+    """Device -> host: one group's spikes (bool [n]) at ``step``."""
+    return encode_frame(Cmd.SPIKES, struct.pack("<HH", step, group) + np.packbits(spikes, bitorder="little").tobytes())
+
+
 def exit_frame(sample: int, step: int, cls: int) -> bytes:
     return encode_frame(Cmd.EXIT, struct.pack("<HHH", sample, step, cls))
 

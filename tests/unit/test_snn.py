@@ -216,6 +216,32 @@ def test_bad_streams_fail_in_one_line(damage, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_sample_run_over_the_stream_protocol_matches_the_direct_run():
+    import struct
+
+    from edgegate.snn.stream import exit_frame, spike_frame, stats_frame
+
+    rng = np.random.default_rng(4)
+    net = _random_network(rng, sizes=(5, 7, 3), leaky=False)
+    x = rng.random((1, 5)).astype(np.float32)
+    direct = emulator.run(net, x, 24, record=True)
+    host = input_frames(direct.trains["input"][:, 0], 24, False)  # what the host sends after programming
+    spikes, steps, _ = read_input_frames(host, 5)
+    device = emulator.simulate(net, spikes[:, None, :], steps, record=True)
+    np.testing.assert_array_equal(device.counts, direct.counts)
+    out = net.output.name
+    reply = b"".join(spike_frame(t, 1, device.trains[out][t, 0]) for t in range(steps))
+    cls = int(device.counts[0].argmax())
+    reply += exit_frame(0, steps, cls) + stats_frame(steps, sum(device.spikes.values()),
+                                                     sum(device.synops.values()), sum(device.neuron_updates.values()))
+    frames = parse_frames(reply)
+    assert [f.cmd for f in frames[-2:]] == [Cmd.EXIT, Cmd.STATS] and len(frames) == steps + 2
+    got = np.stack([np.unpackbits(np.frombuffer(f.payload[4:], np.uint8), bitorder="little")[:3] for f in frames[:-2]])
+    np.testing.assert_array_equal(got.sum(0), device.counts[0])
+    assert struct.unpack("<HHH", frames[-2].payload) == (0, 24, cls)
+    assert struct.unpack("<IQQQ", frames[-1].payload)[2] == sum(direct.synops.values())
+
+
 def test_input_frames_round_trip():
     spikes = np.random.default_rng(0).random((12, 11)) < 0.3
     back, steps, early = read_input_frames(input_frames(spikes, 12, True), 11)
