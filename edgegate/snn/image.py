@@ -210,7 +210,15 @@ def _decode(parts: list[tuple[int, int, bytes]], where: str) -> CoreImage:
         raise ModelFormatError(f"{where}: EXIT enabled flag is {enabled}, not 0 or 1; the image is corrupt")
     net = Network(encoder=encoder, groups=tuple(groups), frac_bits=int(meta["frac_bits"]), timesteps=timesteps,
                   exit=ExitPolicy(bool(enabled), margin, min_steps), meta=dict(meta.get("meta") or {}))
-    return CoreImage(net, dict(meta.get("io") or {}))
+    io = meta.get("io")
+    if not (isinstance(io, dict) and isinstance(io.get("input_name"), str)
+            and isinstance(io.get("input_shape"), list) and all(type(d) is int and d > 0 for d in io["input_shape"])
+            and int(np.prod(io["input_shape"])) == features
+            and isinstance(io.get("output_names"), list) and io["output_names"]
+            and all(isinstance(n, str) for n in io["output_names"]) and type(io.get("exit_index", 0)) is int):
+        raise ModelFormatError(f"{where}: META io (input name/shape, output names) is missing or does not fit "
+                               "the network; the image is corrupt")
+    return CoreImage(net, io)
 
 
 def _unpack(layout: struct.Struct, payload: bytes, name: str, where: str) -> tuple:

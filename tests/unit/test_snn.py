@@ -26,7 +26,7 @@ from edgegate.snn.stream import (
 from edgegate.targets import Artifact, CompileContext
 from edgegate.targets.snn import SnnOptions, SnnTarget
 
-IO = {"input_name": "x", "input_shape": [4], "output_names": ["logits"], "exit_index": 0}
+IO = {"input_name": "x", "input_shape": [5], "output_names": ["logits"], "exit_index": 0}
 
 
 def _random_network(rng: np.random.Generator, sizes=(5, 6, 3), frac_bits: int = 2, leaky: bool = True,
@@ -438,3 +438,11 @@ def test_batch1_if_export_is_refused_with_a_hint():
     issues = SnnTarget().check(_graph(nodes, {"w1": rng.normal(size=(3, 4))}))
     assert [(i.node, i.op_type) for i in issues] == [("exit0", "If")]
     assert "leave out --batch" in issues[0].hint
+
+
+def test_image_io_must_fit_the_network():
+    net = _random_network(np.random.default_rng(2))
+    for io in ({**IO, "input_shape": [4]}, {**IO, "output_names": []}, {**IO, "input_name": 3},
+               {k: v for k, v in IO.items() if k != "input_shape"}):
+        with pytest.raises(ModelFormatError, match="META io"):
+            read_image(write_image(net, io))
