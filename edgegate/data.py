@@ -230,19 +230,20 @@ def _load_npz(path: Path, input_names: Sequence[str] | None,
     return Dataset(path.stem, {k: arrays[k] for k in names}, labels, _random_splits(n), {})
 
 
-def read_npz(path: str | Path, what: str = "data") -> dict[str, np.ndarray]:
+def read_npz(path: str | Path, what: str = "data", hint: str | None = None) -> dict[str, np.ndarray]:
     """The arrays of the ``.npz`` file at ``path``, by name; any damaged or hostile file is a :class:`DataError`.
 
     Reads with numpy's own ``.npy`` reader but checks first what numpy would trust: the file is a zip
     of ``NAME.npy`` members, no name twice, plain numeric/bool dtypes (no pickled objects, no records),
     each array's declared size within what its member holds, and at most ``NPZ_MAX_BYTES`` in all,
-    so a few bytes cannot make it allocate gigabytes.
+    so a few bytes cannot make it allocate gigabytes. ``what`` and ``hint`` word the errors (what the
+    file is; what to do), e.g. ``read_npz(path, "golden file", "re-export the bundle")``.
     """
     import zipfile
 
     path = Path(path)
     where = f"{what} {path}"
-    hint = "write it with numpy.savez(path, **{input_name: array})"
+    hint = hint or "write it with numpy.savez(path, **{input_name: array})"
     try:
         with path.open("rb") as f:
             magic = f.read(6)
