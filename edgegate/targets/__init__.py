@@ -134,6 +134,28 @@ def options_for_export(target: Target, user: Mapping[str, str], context: Compile
     return None
 
 
+def compile_model(model: onnx.ModelProto, target: str = "cpu", options: Any = None,
+                  workdir: str | os.PathLike[str] | None = None) -> Artifact:
+    """Check and compile an ONNX model for the target called ``target`` (the API form of the pipeline's
+    check + compile steps). ``options``: the target's ``options_type`` or None; ``workdir``: scratch
+    directory (a temporary one by default). Raises ``TargetError`` listing the nodes ``check`` refuses."""
+    import tempfile
+
+    t = get(target)
+    ok, why = t.is_available()
+    if not ok:
+        raise TargetError(f"target {target} is not available here: {why}")
+    problems = t.check(model)
+    if problems:
+        p = problems[0]
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise TargetError(f"target {target} cannot take node {p.node} ({p.op_type}): {p.message}; {p.hint}{more}")
+    if workdir is not None:
+        return t.compile(model, options, Path(workdir))
+    with tempfile.TemporaryDirectory(prefix="edgegate-compile-") as tmp:
+        return t.compile(model, options, Path(tmp))
+
+
 def can_run(target: Target) -> tuple[bool, str]:
     """Whether an artifact of `target` can run here (golden outputs, bench)."""
     probe = getattr(target, "can_run", None)
