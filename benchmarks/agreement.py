@@ -1,17 +1,20 @@
 """Accuracy and gate agreement of a quantized ONNX model against the float one, on held-out data.
 
-The gate decisions are read from the graphs themselves: each ``edgegate`` gating node of the float
-model reads and writes named tensors, and those names survive edgegate's QDQ pass, ONNX Runtime's
-pre-processing and ``quantize_static``. For each gate
-of the float model we expose, as an extra graph output of each model, the tensor that carries its
-decision (found by name, see ``expose``):
+The gate decisions are read from the graphs themselves. Each ``edgegate`` gating node of the float
+model reads and writes named tensors; for each gate we expose, as an extra output of each model,
+the tensor that carries its decision, found by name:
 
 * ``TopKGate``: the expert indices (output 1): top-1 and top-k set agreement per token,
 * ``ChannelGate``: the mask logits (input 1); the mask is ``logit > 0`` (sigmoid > 0.5),
-* ``ThresholdGate``: the output; the mask is ``output != 0`` (``h > tau``, the gain never 0),
+* ``ThresholdGate``: the gated activation h (input 0); the mask is ``h > tau`` (the float model's tau),
 * ``SigmoidGate``: the gate logits (input 1): a soft gate, reported as mean |sigmoid difference|,
 * early exit: the model's ``exit_index`` output (the per-stage ``ExitDecision`` tensors are compacted).
 
+An input-side tensor is taken as the gate *reads* it in that model: ONNX Runtime's quantizer
+rewires the consumers of a quantized tensor ``T`` to ``T_DequantizeLinear_Output``, so that name is
+preferred when present. Names survive edgegate's QDQ pass and ``quantize_static``; ORT's
+pre-processing inlines the gating functions and renames their internal and output tensors, so a
+gate whose output-side tensor is not also a graph output is reported as missing for that model.
 Timing never uses these augmented graphs (extra outputs can block fusions).
 """
 
@@ -25,7 +28,7 @@ import numpy as np
 _DECISIONS = {
     "TopKGate": (("out", 1), 7, "route"),
     "ChannelGate": (("in", 1), 1, "mask_logits"),
-    "ThresholdGate": (("out", 0), 1, "mask_output"),
+    "ThresholdGate": (("in", 0), 1, "threshold"),
     "SigmoidGate": (("in", 1), 1, "soft"),
 }
 
@@ -45,11 +48,22 @@ def gate_tensors(reference_bytes: bytes) -> list[tuple[str, str, str, int]]:
     return found
 
 
+def thresholds(reference_bytes: bytes) -> dict[str, np.ndarray]:
+    """label -> tau of each ``ThresholdGate`` of the float model (its input 1, an initializer)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(reference_bytes)
+    inits = {t.name: t for t in model.graph.initializer}
+    gates = [n for n in model.graph.node if n.domain == "edgegate" and n.op_type == "ThresholdGate"]
+    return {f"ThresholdGate#{i}": numpy_helper.to_array(inits[n.input[1]]) for i, n in enumerate(gates)
+            if n.input[1] in inits}
+
+
 def expose(model_bytes: bytes, tensors: list[tuple[str, str, str, int]]) -> tuple[bytes, dict[str, str]]:
     """The model with each named gate tensor that it computes as an extra output; {tensor: label} exposed.
 
-    Tensors are found by name: ORT's pre-processing inlines the gating functions (the nodes vanish)
-    but keeps the names of the tensors that cross them, and quantization only adds new names.
+    Input-side tensors prefer ``<name>_DequantizeLinear_Output``: what the gate reads after ORT's quantizer.
     """
     import onnx
     from onnx import helper
@@ -58,8 +72,10 @@ def expose(model_bytes: bytes, tensors: list[tuple[str, str, str, int]]) -> tupl
     produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     outputs = {o.name for o in model.graph.output}
     exposed = {}
-    for label, _, tensor, elem in tensors:
-        if tensor not in produced:
+    for label, kind, name, elem in tensors:
+        read = [f"{name}_DequantizeLinear_Output", name] if kind != "route" else [name]
+        tensor = next((t for t in read if t in produced), None)
+        if tensor is None:
             continue
         if tensor not in outputs:
             model.graph.output.append(helper.make_tensor_value_info(tensor, elem, None))
@@ -89,7 +105,8 @@ def evaluate(model_bytes: bytes, reference_bytes: bytes, input_name: str, x: np.
     session = ort_session(augmented, 1)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, run_all(session, input_name, x), strict=True))
-    result: dict[str, Any] = {"logits": values[names[0]],
+    taus = thresholds(reference_bytes)
+    result: dict[str, Any] = {"logits": values[names[0]], "taus": taus,
                               "gates": {label: (kinds[label], values[t]) for t, label in exposed.items()}}
     if "exit_index" in values:
         result["exit_index"] = values["exit_index"]
@@ -115,8 +132,11 @@ def compare(ref: dict[str, Any], got: dict[str, Any], labels: np.ndarray | None)
             gates[f"{label}.topk_set"] = float(np.mean(np.all(np.sort(a, -1) == np.sort(b, -1), -1)))
         elif kind == "mask_logits":
             gates[f"{label}.mask"] = float(np.mean((a > 0) == (b > 0)))
-        elif kind == "mask_output":
-            gates[f"{label}.mask"] = float(np.mean((a != 0) == (b != 0)))
+        elif kind == "threshold":
+            if label not in ref["taus"]:
+                continue
+            tau = ref["taus"][label]
+            gates[f"{label}.mask"] = float(np.mean((a > tau) == (b > tau)))
         else:
             gates[f"{label}.soft_mae"] = float(np.mean(np.abs(_sigmoid(a) - _sigmoid(b))))
     out["gates"] = {k: round(v, 4) for k, v in gates.items()}

@@ -2,9 +2,11 @@
 
 Every figure is a *comparison*: the candidate and its peers are timed in the same process, in the
 same repeat loop, round-robin (repeat r times A, then B, then C), so a burst of load from another
-process hits all of them rather than one. A repeat is ``inner`` calls after ``warmup`` untimed
-ones; its value is the mean wall time per call. The figure is the median over ``repeats`` (>= 5)
-repeats, and a ratio is the ratio of those medians.
+process hits all of them rather than one. A repeat is ``inner`` individually timed calls after
+``warmup`` untimed ones; its value is the median time of its calls (a call that another process
+preempted is an outlier, not a shift of the mean). The figure is the median over ``repeats``
+(>= 5) repeats, and a ratio is the ratio of those medians. A "call" may itself be a pass over many
+samples (the early-exit section), whose time is then the mean over that mix.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-call wall time of one candidate: median over repeats of the repeat means, in ms."""
+    """Per-call wall time of one candidate: median over repeats of each repeat's median call, in ms."""
 
     median_ms: float
     min_ms: float
@@ -73,12 +75,14 @@ def time_interleaved(candidates: Mapping[str, Callable[[], Any]], sizes: Sizes,
             slowest = max(slowest, time.perf_counter() - t0)
         inner = sizes.inner_for(slowest)
     per_repeat: dict[str, list[float]] = {k: [] for k in candidates}
+    calls = [0.0] * inner
     for _ in range(max(MIN_REPEATS, sizes.repeats)):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
+            for i in range(inner):
+                t0 = time.perf_counter()
                 fn()
-            per_repeat[name].append((time.perf_counter() - t0) / inner * 1e3)
+                calls[i] = time.perf_counter() - t0
+            per_repeat[name].append(statistics.median(calls) * 1e3)
     return {k: Timing(statistics.median(v), min(v), max(v), len(v), inner) for k, v in per_repeat.items()}
 
 

@@ -98,8 +98,8 @@ def render(doc: dict[str, Any]) -> str:
              f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable of {m['logical_cpus']} logical CPUs; flags: "
              f"{flags}. Load average at start {m.get('load_average_1_5_15')}, end {m.get('load_average_end')}. "
              f"Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", "",
-             f"Each time: median over {doc['sizes']['repeats']} repeats of the mean of up to {doc['sizes']['inner']} "
-             "calls, peers interleaved in the same repeat loop; ratios are ratios of medians (>1: edgegate faster).",
+             f"Each time: median over {doc['sizes']['repeats']} repeats of the median of up to {doc['sizes']['inner']} "
+             "timed calls, peers interleaved in one repeat loop; ratios are ratios of medians (>1: edgegate faster).",
              ""]
     for name, section in doc["sections"].items():
         title, fn = _SECTIONS[name]
