@@ -15,9 +15,8 @@ import logging
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,7 +174,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
             golden, x, got, want = _golden(artifact.files["model.onnx"], q.reference, x, inp["name"], names,
-                                           config.batch, runner)
+                                           config.batch, runner, reference_only=target.name != "cpu")
         golden_record = _check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
@@ -191,7 +190,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
         "quant": {**q.record, "calibration_data": source if quantized else None},
         "gates": gate_map.to_dict(),
         "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
-                   "exit_form": str(options.exit_form), "input": inp,
+                   "exit_form": _exit_form(q.export_model, options), "input": inp,
                    "outputs": names, "functions": [f.name for f in proto.functions]},
         "golden": {"samples": int(x.shape[0]), **golden_record},
         "timings_s": timer.seconds,
@@ -234,11 +233,13 @@ def _check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str
 
 
 def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: list[str], batch: int | None,
-            runner=None):
+            runner=None, reference_only: bool = False):
     """Run the compiled model here and torch: (npz bytes, inputs, device outputs, torch outputs).
 
     The device outputs come from the target's own ``runner`` when it runs on this machine, else from
-    ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime).
+    ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime). ``reference_only``: the graph
+    is another target's (trt), so ORT runs it with basic optimizations only: its CPU fusions would
+    quantize activations on the fly (DQ(int8 weight) -> MatMul), which the target does not do.
     """
     import io
 
@@ -246,7 +247,10 @@ def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: lis
     import torch
 
     if runner is None:
-        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+        so = ort.SessionOptions()
+        if reference_only:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
 
         def run(chunk: np.ndarray) -> list[np.ndarray]:
             return session.run(names, {input_name: chunk})
@@ -273,6 +277,14 @@ def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: lis
     buf = io.BytesIO()
     np.savez(buf, **{f"input.{input_name}": x}, **{f"output.{k}": v for k, v in zip(names, got, strict=True)})
     return buf.getvalue(), x, got, want
+
+
+def _exit_form(model, options) -> str | None:
+    """The early-exit form the export used (``auto`` resolved), None for a model without exits."""
+    from edgegate.export.torch_export import resolve_exit_form
+
+    form = resolve_exit_form(model, options)
+    return None if form is None else str(form)
 
 
 def _keep(config: ExportConfig, out: Path, name: str, data: bytes) -> None:
