@@ -21,7 +21,7 @@ from edgegate.bundle import check_onnx_external_data, external_data_locations
 from edgegate.errors import BundleError
 from edgegate.onnx_safety import _locations_onnx, _locations_wire
 
-_PARTS = ["..", ".", "", "ok.bin", "sub", "link.bin", "inlink.bin", "linkdir", "secret.bin", "C:", "~", "a\x00",
+_PARTS = ["..", ".", "", "ok.bin", "sub", "link.bin", "inlink.bin", "linkdir", "secret.bin", "C:", "~", "a\x00", "\x7f",
           "\\..", "é", "x y", "..\\..", "%2e%2e", "/"]
 locations = st.one_of(
     st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5).map("/".join),
@@ -87,7 +87,7 @@ def _confined(location: str, bundle: Path) -> bool:
         return False
     if PureWindowsPath(location).drive or ".." in location.replace("\\", "/").split("/"):
         return False
-    if any(ord(c) < 32 for c in location):
+    if any(ord(c) < 32 or ord(c) == 127 for c in location):  # control characters, DEL included
         return False
     target = bundle / location
     for p in [target, *target.parents]:
