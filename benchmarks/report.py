@@ -89,6 +89,16 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8: edgegate vs ORT FP32 vs ORT quantize_sta
              "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time)}
 
 
+def _load_note(m: dict[str, Any]) -> list[str]:
+    """A warning when other processes competed for the cores (load average above the usable CPUs)."""
+    loads = (m.get("load_average_1_5_15") or [])[:1] + (m.get("load_average_end") or [])[:1]
+    if not loads or max(loads) <= m["cpus_usable"]:
+        return []
+    return [f"**Measured under load** (1-minute load average up to {max(loads)} on {m['cpus_usable']} usable CPUs): "
+            "other processes competed for the cores, so absolute times are inflated and noisy; the interleaved "
+            "ratios less so. Re-run on a quiet machine before quoting a number.", ""]
+
+
 def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of the listed"
@@ -98,6 +108,7 @@ def render(doc: dict[str, Any]) -> str:
              f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable of {m['logical_cpus']} logical CPUs; flags: "
              f"{flags}. Load average at start {m.get('load_average_1_5_15')}, end {m.get('load_average_end')}. "
              f"Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x) + ".", "",
+             *_load_note(m),
              f"Each time: median over {doc['sizes']['repeats']} repeats of the median of up to {doc['sizes']['inner']} "
              "timed calls, peers interleaved in one repeat loop; ratios are ratios of medians (>1: edgegate faster).",
              ""]

@@ -141,3 +141,36 @@ def test_time_interleaved_counts_repeats():
 def test_machine_info_fields():
     m = machine_info()
     assert m["logical_cpus"] >= 1 and isinstance(m["cpu_flags"], dict) and m["versions"]["python"]
+
+
+def test_compare_gate_kinds():
+    """Agreement per gate kind, on arrays whose disagreements are known."""
+    from benchmarks.agreement import compare
+
+    ref = {"logits": np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]]),
+           "exit_index": np.array([0, 1, 2, 2]), "taus": {"ThresholdGate#0": np.float32(0.5)},
+           "gates": {"TopKGate#0": ("route", np.array([[0, 1], [2, 3], [1, 0], [3, 2]])),
+                     "ChannelGate#0": ("mask_logits", np.array([1.0, -1.0, 2.0, -2.0])),
+                     "ThresholdGate#0": ("threshold", np.array([0.4, 0.6, 0.7, 0.1])),
+                     "SigmoidGate#0": ("soft", np.zeros(4))}}
+    got = {"logits": np.array([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]),
+           "exit_index": np.array([0, 1, 1, 2]),
+           "gates": {"TopKGate#0": ("route", np.array([[0, 1], [3, 2], [0, 1], [3, 1]])),
+                     "ChannelGate#0": ("mask_logits", np.array([1.0, 1.0, 2.0, -2.0])),
+                     "ThresholdGate#0": ("threshold", np.array([0.4, 0.6, 0.4, 0.1]))}}
+    out = compare(ref, got, labels=np.array([0, 1, 0, 1]))
+    assert out["accuracy"] == 0.75 and out["top1_agreement"] == 0.75 and out["exit_agreement"] == 0.75
+    g = out["gates"]
+    assert g["TopKGate#0.top1"] == 0.5  # rows 0 and 3 keep their first expert
+    assert g["TopKGate#0.topk_set"] == 0.75  # the set ignores order; row 3 swaps expert 2 for 1
+    assert g["ChannelGate#0.mask"] == 0.75 and g["ThresholdGate#0.mask"] == 0.75
+    assert "SigmoidGate#0.soft_mae" not in g  # missing in the quantized model: not reported
+    assert out["gate_agreement"] == pytest.approx(np.mean([0.5, 0.75, 0.75, 0.75, 0.75]), abs=1e-4)
+
+
+def test_load_note_only_under_load():
+    from benchmarks.report import _load_note
+
+    quiet = {"cpus_usable": 2, "load_average_1_5_15": [0.5, 0.4, 0.3], "load_average_end": [1.2, 0.5, 0.3]}
+    busy = {**quiet, "load_average_end": [6.5, 5.0, 4.0]}
+    assert _load_note(quiet) == [] and "under load" in _load_note(busy)[0] and "6.5" in _load_note(busy)[0]
