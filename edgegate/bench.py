@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.errors import DataError
 from edgegate.reports.bench_text import render_text
 from edgegate.reports.stats import (
     CV_WARN,
@@ -255,11 +256,12 @@ def _target_options(target: Any, recorded: dict[str, Any], threads: int | None, 
 
 
 def _read_golden(path: Path, name: str) -> tuple[Arrays, Arrays]:
+    from edgegate.data import read_npz  # numpy only: checks members and sizes before numpy reads them
+
     try:
-        with np.load(path, allow_pickle=False) as z:  # no pickles: the file may come from anywhere
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise BenchError(f"bundle {name}: cannot read {GOLDEN_FILE} ({e}); re-export the bundle") from e
+        arrays = read_npz(path, f"bundle {name}: golden file", "re-export the bundle")
+    except DataError as e:
+        raise BenchError(str(e)) from e
     inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input.")}
     outputs = {k[7:]: v for k, v in arrays.items() if k.startswith("output.")}
     sizes = {v.shape[0] if v.ndim else None for v in inputs.values()}

@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from edgegate.errors import EdgegateError
@@ -37,7 +38,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                           target_options=_target_options(args))
     console = _console()
     with console.status("exporting") as status:
-        path = run_export(args.model, out, config, on_step=lambda s: status.update(f"export: {s}"))
+        def on_step(step: str) -> None:
+            check_interrupted()
+            status.update(f"export: {step}")
+
+        path = run_export(args.model, out, config, on_step=on_step)
     from edgegate.bundle import read_bundle
 
     m = read_bundle(path).manifest
@@ -325,8 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_INTERRUPTED = threading.Event()
+
+
 def _raise_interrupt(signum, frame) -> None:
+    # Remembered as well as raised: a KeyboardInterrupt raised inside a library's import machinery or a
+    # finalizer can be swallowed there, so long commands re-check the flag between steps.
+    _INTERRUPTED.set()
     raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT/SIGTERM arrived, even if a library swallowed the first one."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # SIGTERM unwinds like Ctrl-C, so temp directories are removed and no partial bundle is left.
+    _INTERRUPTED.clear()
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         return args.func(args)
     except EdgegateError as e:

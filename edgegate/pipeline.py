@@ -197,6 +197,8 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     }
     files = dict(artifact.files)
     files["golden_io.npz"] = golden
+    if on_step:
+        on_step("write_bundle")  # the caller's last chance to stop before anything is written
     t0 = time.perf_counter()
     path = write_bundle(out, files, manifest, overwrite=config.overwrite)
     log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))

@@ -229,7 +229,7 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
 
 
 def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
-    """Plan layers that ONNX Runtime's CPU graph optimizer leaves as float Gemm/MatMul (no QGemm fusion).
+    """Linear plan layers that ONNX Runtime's CPU graph optimizer leaves as float Gemm/MatMul (no QGemm).
 
     Read off the optimized graph: a float op still reading ``<layer>.weight_dequantized``. ORT x86
     fuses DQ -> Gemm only in some neighbourhoods (e.g. not DQ -> Gemm -> Relu into float consumers),
@@ -252,11 +252,13 @@ def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
             if n.op_type in _FLOAT_MATMULS and len(n.input) > 1 and n.input[1].endswith(suffix)}
 
 
-_FLOAT_MATMULS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Conv", "FusedConv", "NhwcFusedConv"}
+# Convs are not rewritten: ConvInteger is ORT's slow path (a gated CNN ran 17x slower than FP32 with it);
+# a Conv that ORT cannot fuse (its output feeds a float Mul/Add) needs an output quantizer instead.
+_FLOAT_MATMULS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 
 
 def _rewrite_integer(site: _Site, flavor: Flavor, fresh, init, replaced: set[str]) -> None:
-    """A layer as explicit integer ops: A16W8 Linear (byte-sliced), or an 8-bit layer ORT would not fuse (cpu)."""
+    """A Linear as explicit integer matmuls: A16W8 (byte-sliced), or an 8-bit layer ORT would not fuse (cpu)."""
     q, node = site.layer, site.node
     if flavor is not Flavor.CPU:
         raise ExportError(f"layer {q.name}: 16-bit activations are lowered for flavor cpu only; flavor {flavor} "

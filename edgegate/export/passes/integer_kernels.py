@@ -1,11 +1,11 @@
-"""Quantized layers as explicit integer ops (``MatMulInteger``/``ConvInteger``), for flavor ``cpu``.
+"""Quantized Linear layers as explicit integer matmuls (``MatMulInteger``), for flavor ``cpu``.
 
-Two cases where the QDQ form would leave a float ``Gemm``/``Conv`` on ONNX Runtime x86:
+Two cases where the QDQ form would leave a float ``Gemm`` on ONNX Runtime x86:
 
-1. An 8-bit layer that ORT's optimizer does not fuse (e.g. DQ -> Gemm -> Relu into float consumers,
-   or a Conv with no QuantizeLinear after it: QLinearConv has a quantized output). Written as
-   QuantizeLinear -> MatMulInteger/ConvInteger -> Cast -> Mul -> Add it is the same arithmetic
-   (uint8 x int8, int32 accumulate, float rescale) on integer kernels.
+1. An 8-bit Linear that ORT's optimizer does not fuse (e.g. DQ -> Gemm -> Relu into float
+   consumers). Written as QuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add it is the same
+   arithmetic (uint8 x int8, int32 accumulate, float rescale) on integer kernels. (Convs are not
+   rewritten: ``ConvInteger`` is ORT's slow path.)
 2. A16W8 Linear layers (``act_bits == 16``): decision-critical
 layers whose 8-bit input rounding would flip an exit decision (``edgegate.calibration`` promotes
 them). ONNX Runtime has no 16-bit integer matmul, and a uint16 QuantizeLinear -> DequantizeLinear
@@ -38,9 +38,8 @@ A16_MAX = 65535
 def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
                   fresh: Callable[[str], str], init: Callable[[str, np.ndarray], str],
                   bias_on_grid: np.ndarray | None) -> None:
-    """Replace ``node`` (Gemm x @ W^T + b, MatMul x @ W^T, or Conv) by integer ops, in place: one
-    uint8 x int8 ``MatMulInteger``/``ConvInteger`` for an 8-bit input, two byte-sliced matmuls for
-    a 16-bit one (Linear only).
+    """Replace ``node`` (Gemm x @ W^T + b, or MatMul x @ W^T) by integer matmuls, in place: one
+    uint8 x int8 ``MatMulInteger`` for an 8-bit input, two byte-sliced ones for a 16-bit input.
 
     ``bias_on_grid``: the Gemm bias as Int32Bias float values (None: no bias, or a MatMul whose bias
     Add the caller rounds).
@@ -59,19 +58,8 @@ def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
         return y
 
     s = init("input_scale", np.float32(q.act_scale))
-    if node.op_type == "Conv":
-        if q.act_bits != 8:
-            raise ExportError(f"layer {q.name}: A16W8 is for Linear layers, not Conv")
-        zp = init("input_zero_point", np.uint8(q.act_zero_point))
-        xq = op("QuantizeLinear", [node.input[0], s, zp], "input_quantized")
-        conv = helper.make_node("ConvInteger", [xq, init("weight_quantized", w), zp], [fresh("conv_integer")],
-                                name=fresh("conv_integer_node"))
-        conv.attribute.extend(node.attribute)
-        nodes.append(conv)
-        acc = op("Cast", [conv.output[0]], "accumulator", to=onnx.TensorProto.FLOAT)
-        channel = (1, -1) + (1,) * (w.ndim - 2)  # broadcast over N, C, spatial
-        _finish(q, graph, node, nodes, op, fresh, init, acc, w_scale, bias_on_grid, channel)
-        return
+    if node.op_type not in ("Gemm", "MatMul"):
+        raise ExportError(f"layer {q.name}: integer lowering is for Linear layers (Gemm/MatMul), not {node.op_type}")
     w_t = init("weight_quantized", np.ascontiguousarray(w.T))  # [K, N] for x @ W^T
     if q.act_bits == 8:
         zp = init("input_zero_point", np.uint8(q.act_zero_point))
@@ -98,12 +86,9 @@ def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
 
 
 def _finish(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto, nodes: list[onnx.NodeProto], op, fresh,
-            init, acc: str, w_scale: np.ndarray, bias_on_grid: np.ndarray | None,
-            channel: tuple[int, ...] = (-1,)) -> None:
+            init, acc: str, w_scale: np.ndarray, bias_on_grid: np.ndarray | None) -> None:
     """acc * (act_scale * w_scale) (+ bias) into ``node``'s output; swap ``node`` for ``nodes``."""
-    out_scale = init("output_scale", (np.float32(q.act_scale) * w_scale).astype(np.float32).reshape(channel))
-    if bias_on_grid is not None:
-        bias_on_grid = np.asarray(bias_on_grid, np.float32).reshape(channel)
+    out_scale = init("output_scale", (np.float32(q.act_scale) * w_scale).astype(np.float32))
     if bias_on_grid is None:
         nodes.append(helper.make_node("Mul", [acc, out_scale], [node.output[0]], name=fresh("output")))
     else:
