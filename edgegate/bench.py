@@ -6,7 +6,7 @@ outputs (a bundle that no longer reproduces its export is not worth timing), war
 run. Output: a `BenchReport` with trtexec-style latency statistics, throughput, peak memory, host
 info, for gated models exit/route histograms, and the runner's own ``metrics()`` when its target
 reports some (snn: spikes, synaptic ops, energy); `BenchReport.to_dict` is the versioned JSON form
-(``"format": "edgegate.bench"``, docs/formats.md) and `render_text` (``reports.bench_text``) the
+(``"format": "edgegate.bench"``, README, "Report formats") and `render_text` (``reports.bench_text``) the
 terminal block. Statistics and histograms live in ``edgegate.reports.stats``.
 
 Runtime side: numpy + onnxruntime (or the bundle target's runtime) only; torch and onnx are never
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 2  # v2 added ``runtime_metrics``; see docs/formats.md
+FORMAT_VERSION = 2  # v2 added ``runtime_metrics``; see README, "Report formats"
 GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]

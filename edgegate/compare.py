@@ -10,7 +10,7 @@ measured on the bundle's outputs (exit index, route indices) plus the fidelity r
 (mask Hamming of channel/threshold gates lives there only: masks are not graph outputs), per-layer
 SQNR, latency (bench of the bundle; torch eager at batch 1 for float) and, for early-exit models, an
 exit-threshold sweep. `CompareReport.to_dict` is the versioned JSON (``"format": "edgegate.compare"``,
-docs/formats.md); ``reports.compare_text`` and ``reports.html`` render it.
+README, "Report formats"); ``reports.compare_text`` and ``reports.html`` render it.
 
 How the two measured-by-probing quantities are defined (also written into the report's notes):
 - per-layer SQNR: the float torch module's output vs the same layer's output in the bundle's
