@@ -12,9 +12,13 @@ does).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# onnxruntime writes telemetry (a session file in $TMPDIR) when imported; opt out unless the user opted in.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 _API = {
     "load": ("edgegate.loading", "load"),

@@ -19,7 +19,8 @@ def describe(path: str | Path, *, trust_model: bool = False, model_class: str | 
         raise EdgegateError(f"{path}: no such file or directory")
     if path.is_dir():
         return describe_bundle(path, trust_model=trust_model)
-    head = path.read_bytes()[:4096]
+    with path.open("rb") as f:
+        head = f.read(4096)
     if _looks_like_onnx(path, head):
         return {"kind": "onnx", "path": str(path), **describe_onnx(path.read_bytes())}
     if _looks_like_engine(head):
