@@ -74,7 +74,8 @@ def unquantize_layer(qmodel: nn.Module, path: str, float_module: nn.Module) -> N
 
 def _layer_quant(name: str, q: nn.Module, samples: int) -> LayerQuant:
     with torch.no_grad():
-        act = q.input_quant
+        act, out = q.input_quant, q.output_quant
+        quantized_out = out.is_quant_enabled
         wq = q.quant_weight()
         bias = None if q.bias is None else q.bias.detach().float().cpu().numpy()
         return LayerQuant(
@@ -88,6 +89,8 @@ def _layer_quant(name: str, q: nn.Module, samples: int) -> LayerQuant:
             bias=bias,
             samples=int(samples),
             act_bits=int(round(float(act.bit_width().detach()))),
+            out_scale=float(out.scale().detach()) if quantized_out else None,
+            out_zero_point=int(round(float(out.zero_point().detach()))) if quantized_out else None,
         )
 
 

@@ -2,10 +2,15 @@
 
 Stage: quantize (DESIGN §5). Input: a float ``nn.Linear`` / ``nn.Conv2d`` and a :class:`QuantConfig`.
 Output: the equivalent brevitas layer (int8 per-channel weights, 8-bit per-tensor input quantizer,
-int32 bias, float output) carrying the same weights, ready to be calibrated.
+int32 bias, float output; a quantized output for a ``cpu`` Conv) carrying the same weights, ready to
+be calibrated.
 
-Flavors differ only in the activation type: ``cpu`` uses asymmetric uint8 activations (ONNX Runtime
-on x86 fuses int8 kernels only with uint8 activations), ``trt`` symmetric int8 with zero point 0.
+Flavors differ in the activation type: ``cpu`` uses asymmetric uint8 activations (ONNX Runtime on
+x86 fuses int8 kernels only with uint8 activations), ``trt`` symmetric int8 with zero point 0. A
+``cpu`` Conv also quantizes its output (the same quantizer type, after the bias): ORT x86 has only
+``QLinearConv`` (uint8 output) as a fast integer conv and fuses it only in front of a
+QuantizeLinear, so a Conv feeding a float op (a gate's Mul, a residual Add) would stay float.
+Linear layers need no output quantizer (ORT's ``QGemm``/``MatMulIntegerToFloat`` have float outputs).
 """
 
 from __future__ import annotations
@@ -80,6 +85,11 @@ class EmptySafeQuantConv2d(qnn.QuantConv2d):
         return super().forward(x)
 
 
+def quantizes_output(module: nn.Module, flavor: Flavor) -> bool:
+    """Whether the quant layer of ``module`` has an output quantizer: Convs of flavor ``cpu``."""
+    return isinstance(module, nn.Conv2d) and flavor is Flavor.CPU
+
+
 def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8) -> nn.Module:
     """A fresh (uncalibrated) brevitas layer with ``module``'s weights, device and dtype.
 
@@ -88,11 +98,12 @@ def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8) -> nn
     """
     has_bias = module.bias is not None
     act = ACT_QUANT[(config.flavor, config.observer)]
+    out = act if quantizes_output(module, config.flavor) else None  # 8-bit: A16W8 is for Linear layers only
     if act_bits != 8:
         act = act.let(bit_width=act_bits)
     kw = {"bias": has_bias, "weight_quant": Int8WeightPerChannelFloat,
           "input_quant": act,
-          "bias_quant": Int32Bias if has_bias else None, "output_quant": None, "return_quant_tensor": False}
+          "bias_quant": Int32Bias if has_bias else None, "output_quant": out, "return_quant_tensor": False}
     if isinstance(module, nn.Conv2d):
         q: nn.Module = EmptySafeQuantConv2d(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,

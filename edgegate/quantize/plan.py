@@ -29,7 +29,9 @@ class LayerKind(StrEnum):
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """One quantized Linear/Conv: activation (input) quantizer, integer weight, float bias."""
+    """One quantized Linear/Conv: activation (input) quantizer, integer weight, float bias, and for a
+    Conv of flavor ``cpu`` an output quantizer (same type and observer as the input's): ONNX Runtime
+    x86 runs a Conv as ``QLinearConv`` only when a QuantizeLinear follows it."""
 
     name: str  # module path in the model
     kind: LayerKind
@@ -41,6 +43,8 @@ class LayerQuant:
     bias: np.ndarray | None  # float32; lowered to int32 at scale act_scale * weight_scale[c]
     samples: int  # calibration rows (tokens/samples) that reached the layer
     act_bits: int = 8  # 16: A16W8, a decision-critical layer (uint16 activation, cpu flavor only)
+    out_scale: float | None = None  # output quantizer (after the bias); None: the output stays float
+    out_zero_point: int | None = None  # same integer domain as act_zero_point; None iff out_scale is None
 
     def dequantized_weight(self) -> np.ndarray:
         shape = (-1,) + (1,) * (self.weight_int.ndim - 1)
@@ -59,6 +63,7 @@ class QuantPlan:
             "flavor": str(self.flavor),
             "layers": {n: {"kind": str(q.kind), "act_scale": q.act_scale, "act_zero_point": q.act_zero_point,
                            "act_signed": q.act_signed, "act_bits": q.act_bits, "samples": q.samples,
+                           "out_scale": q.out_scale, "out_zero_point": q.out_zero_point,
                            "weight_scale_range": [float(q.weight_scale.min()), float(q.weight_scale.max())]}
                        for n, q in sorted(self.layers.items())},
             "float_layers": list(self.float_layers),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 
 import numpy as np
 import onnx
@@ -41,6 +42,21 @@ class ConvNet(nn.Module):
         return self.fc(F.max_pool2d(h, 2).flatten(1))
 
 
+class ResidualConvNet(nn.Module):
+    """conv -> relu -> conv plus a 1x1 skip conv: two Conv outputs feed a float Add (a residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.skip = nn.Conv2d(1, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(F.relu(self.conv1(x))) + self.skip(x))
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
 class TokenMLP(nn.Module):
     """Linears on [B, T, C]: exported as MatMul on a constant-folded W^T + Add."""
 
@@ -57,31 +73,40 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
+def _minmax(a: np.ndarray, flavor: Flavor) -> tuple[float, int, bool]:
+    """(scale, zero point, signed): asymmetric uint8 over [min(a, 0), max(a, 0)] (cpu), symmetric int8 (trt)."""
+    if flavor is Flavor.CPU:
+        lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+        scale = (hi - lo) / 255
+        return scale, int(np.clip(round(-lo / scale), 0, 255)), False
+    return float(np.abs(a).max()) / 127, 0, True
+
+
 def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor, float_layers: tuple[str, ...] = (),
-              per_tensor: bool = False) -> QuantPlan:
-    """Minmax plan: asymmetric uint8 activations (cpu) or symmetric int8 (trt); int8 absmax weights."""
+              per_tensor: bool = False, conv_outputs: bool = False) -> QuantPlan:
+    """Minmax plan: asymmetric uint8 activations (cpu) or symmetric int8 (trt); int8 absmax weights;
+    ``conv_outputs``: Convs get an output quantizer too (what calibration gives flavor cpu)."""
     mods = {n: m for n, m in _layers(model).items() if n not in float_layers}
     seen: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    out: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].detach().numpy().ravel()))
              for n, m in mods.items()]
+    hooks += [m.register_forward_hook(lambda _m, _a, y, n=n: out[n].append(y.detach().numpy().ravel()))
+              for n, m in mods.items() if conv_outputs and isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model(x)
     for h in hooks:
         h.remove()
     layers = {}
     for n, m in mods.items():
-        a = np.concatenate(seen[n])
-        if flavor is Flavor.CPU:
-            lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
-            scale = (hi - lo) / 255
-            zp, signed = int(np.clip(round(-lo / scale), 0, 255)), False
-        else:
-            scale, zp, signed = float(np.abs(a).max()) / 127, 0, True
+        scale, zp, signed = _minmax(np.concatenate(seen[n]), flavor)
         w = m.weight.detach().numpy()
         ws = (np.abs(w.reshape(1 if per_tensor else len(w), -1)).max(1) / 127).astype(np.float32)
         wi = np.clip(np.round(w / ws.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
         kind = LayerKind.CONV if isinstance(m, nn.Conv2d) else LayerKind.LINEAR
-        layers[n] = LayerQuant(n, kind, scale, zp, signed, wi, ws, m.bias.detach().numpy().copy(), len(seen[n]))
+        o_scale, o_zp = _minmax(np.concatenate(out[n]), flavor)[:2] if n in out else (None, None)
+        layers[n] = LayerQuant(n, kind, scale, zp, signed, wi, ws, m.bias.detach().numpy().copy(), len(seen[n]),
+                               out_scale=o_scale, out_zero_point=o_zp)
     return QuantPlan(flavor, layers, float_layers)
 
 
@@ -98,6 +123,12 @@ def simulate(model: nn.Module, plan: QuantPlan) -> nn.Module:
             return ((x - q.act_zero_point) * q.act_scale,)
 
         m.register_forward_pre_hook(fake_quant)
+        if q.out_scale is not None:
+            def fake_quant_output(_m, _args, y, q=q, lo=lo, hi=hi):
+                y = torch.clamp(torch.round(y / q.out_scale) + q.out_zero_point, lo, hi)
+                return (y - q.out_zero_point) * q.out_scale
+
+            m.register_forward_hook(fake_quant_output)
         with torch.no_grad():
             m.weight.copy_(torch.from_numpy(q.dequantized_weight()))
             s = np.float32(q.act_scale) * q.weight_scale
@@ -181,6 +212,50 @@ def test_cpu_flavor_matches_simulation_and_fuses_every_layer(net, shape):
         assert fused["MatMulIntegerToFloat"] == n
     else:
         assert fused["QLinearConv"] == 2 and fused["QGemm"] == 1
+
+
+def test_conv_output_quantizer_makes_convs_before_float_ops_fuse():
+    """A Conv feeding a float Add stays float on ORT x86 unless a QuantizeLinear follows it."""
+    torch.manual_seed(3)
+    model, x = ResidualConvNet().eval(), torch.randn(32, 1, 8, 8)
+    inputs_only = insert_qdq(export_onnx(model, x), make_plan(model, x, Flavor.CPU))
+    fused = optimized_op_types(inputs_only)
+    assert fused["QLinearConv"] == 1 and fused["Conv"] + fused["FusedConv"] == 2, fused  # the gap
+
+    plan = make_plan(model, x, Flavor.CPU, conv_outputs=True)
+    proto = insert_qdq(export_onnx(model, x), plan)
+    _check(proto)
+    assert _count(proto)["QuantizeLinear"] == len(plan.layers) + 3  # inputs, and the three Conv outputs
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for name in ("conv1", "conv2", "skip"):
+        q = plan.layers[name]
+        assert inits[f"{name}.output_zero_point"].dtype == np.uint8
+        assert inits[f"{name}.output_zero_point"] == q.out_zero_point
+        assert np.isclose(inits[f"{name}.output_scale"], q.out_scale)
+    fused = optimized_op_types(proto)
+    assert fused["QLinearConv"] == 3 and fused["QGemm"] == 1 and not FLOAT_COMPUTE & set(fused), fused
+
+    xt = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        want = simulate(model, plan)(xt).numpy()
+    assert steps(_session(proto).run(None, {"input": xt.numpy()})[0], want) <= 2
+
+
+def test_bad_output_quantizer_raises():
+    torch.manual_seed(0)
+    model, x = ResidualConvNet().eval(), torch.randn(4, 1, 8, 8)
+    plan = make_plan(model, x, Flavor.CPU, conv_outputs=True)
+    proto = export_onnx(model, x)
+    for change, match in [({"out_zero_point": None}, "give both or neither"),
+                          ({"out_scale": 0.0}, "output scale must be finite and > 0"),
+                          ({"out_zero_point": 300}, r"output zero point 300 is outside \[0, 255\]")]:
+        bad = dataclasses.replace(plan.layers["conv2"], **change)
+        with pytest.raises(ExportError, match=f"layer conv2: .*{match}"):
+            insert_qdq(proto, QuantPlan(Flavor.CPU, {**plan.layers, "conv2": bad}))
+    trt = make_plan(model, x, Flavor.TRT)
+    bad = dataclasses.replace(trt.layers["skip"], out_scale=0.1, out_zero_point=3)
+    with pytest.raises(ExportError, match=r"layer skip: output zero point 3 .*flavor trt needs 0"):
+        insert_qdq(proto, QuantPlan(Flavor.TRT, {**trt.layers, "skip": bad}))
 
 
 def _exit_model_and_plan(zoo_model, flavor: Flavor, float_layers: tuple[str, ...] = ()):

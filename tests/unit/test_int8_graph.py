@@ -1,4 +1,4 @@
-"""The deployed INT8 graph on ONNX Runtime CPU: every quantized Linear runs on an integer kernel.
+"""The deployed INT8 graph on ONNX Runtime CPU: every quantized Linear and Conv runs on an integer kernel.
 
 Each zoo model goes through the pipeline's quantize step (gate-aware calibration, the cpu lowering)
 and ONNX Runtime's graph optimizer; the test then counts op types in the session-optimized model.
@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _ort import session  # noqa: E402
 
 FLOAT_COMPUTE = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
-FLOAT_CONVS = {"channel_gate": 3}  # the gap documented in test_no_quantized_layer_is_left_in_float
 MODELS = ["channel_gate", "early_exit", "gated_attention", "moe", "moe_pp", "threshold_gate"]
 
 
@@ -68,18 +67,17 @@ def test_no_quantized_layer_is_left_in_float(name, lowered):
     float_weighted = [n for n in g.node if n.op_type in FLOAT_COMPUTE and len(n.input) > 1
                       and (n.input[1] in inits or produced_by.get(n.input[1]) == "DequantizeLinear")]
     fed_by_dq = [n for n in float_weighted if produced_by.get(n.input[1]) == "DequantizeLinear"]
-    linear = [n.name for n in fed_by_dq if "Conv" not in n.op_type]
-    assert not linear, linear  # a quantized Linear the runtime would compute in float
-    # Known gap: a Conv whose output feeds a float op (the ChannelGate Mul) is not fused by ORT x86
-    # (QLinearConv has a quantized output) and ConvInteger is its slow path, so it stays float until
-    # convs get output quantizers.
-    convs = [n for n in fed_by_dq if "Conv" in n.op_type]
-    assert len(convs) == FLOAT_CONVS.get(name, 0), [n.name for n in convs]
+    assert not fed_by_dq, [n.name for n in fed_by_dq]  # a quantized layer the runtime would compute in float
     gates = q.record["plan"]["float_layers"]
-    assert len(float_weighted) == len(gates) + len(convs), ([n.input[1] for n in float_weighted], gates)
-    integer = sum(n.op_type in ("QGemm", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-                                "QLinearMatMul") for n in g.node)
-    assert integer >= len(q.record["plan"]["layers"]) - len(convs)  # A16W8 layers take two integer matmuls
+    assert len(float_weighted) == len(gates), ([n.input[1] for n in float_weighted], gates)
+    integer = sum(n.op_type in ("QGemm", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul")
+                  for n in g.node)
+    assert integer >= len(q.record["plan"]["layers"])  # A16W8 layers take two integer matmuls
+    # Convs (channel_gate's three, the ChannelGate Mul after two of them) run as QLinearConv: each has an
+    # output quantizer, the QuantizeLinear ORT x86 needs behind a Conv to fuse it.
+    convs = [p for p, v in q.record["plan"]["layers"].items() if v["kind"] == "conv"]
+    assert sum(n.op_type == "QLinearConv" for n in g.node) == len(convs) == (3 if name == "channel_gate" else 0)
+    assert all(q.record["plan"]["layers"][p]["out_scale"] > 0 for p in convs)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -172,6 +172,29 @@ def test_plan_reproduces_brevitas_fake_quant_in_numpy(flavor):
     cq = record.plan.layers["conv"]
     assert str(cq.kind) == "conv" and cq.weight_int.shape == (2, 1, 3, 3)
     np.testing.assert_array_equal(cq.dequantized_weight(), qmodel.conv.quant_weight().value.detach().numpy())
+    # A cpu Conv quantizes its output too (uint8, after the bias); Linear layers and flavor trt keep it float.
+    assert lq.out_scale is None and lq.out_zero_point is None
+    if flavor == "trt":
+        assert cq.out_scale is None and cq.out_zero_point is None
+        return
+    assert cq.out_scale > 0 and 0 < cq.out_zero_point < 255  # signed conv output: asymmetric uint8
+    img = x[:64].reshape(-1, 1, 4, 4)
+    with torch.no_grad():
+        want = qmodel.conv(img).numpy()
+
+    def fake_quant(v, scale, zp):
+        s = np.float32(scale)
+        return ((np.clip(np.round(v / s) + zp, 0, 255) - zp) * s).astype(np.float32)
+
+    bias_scale = (np.float32(cq.act_scale) * cq.weight_scale).astype(np.float32)
+    y = torch.nn.functional.conv2d(torch.from_numpy(fake_quant(img.numpy(), cq.act_scale, cq.act_zero_point)),
+                                   torch.from_numpy(cq.dequantized_weight()),
+                                   torch.from_numpy(np.round(cq.bias / bias_scale) * bias_scale), padding=1)
+    got = fake_quant(y.numpy(), cq.out_scale, cq.out_zero_point)
+    # equal up to float rounding of the accumulation, which may move a value across a rounding boundary
+    assert np.mean(got == want) >= 0.99
+    np.testing.assert_allclose(got, want, rtol=0, atol=1.01 * cq.out_scale)
+    assert set(np.unique(np.round(want / cq.out_scale, 3) % 1)) <= {0.0}  # on the output grid
 
 
 def test_plan_from_reads_back_and_serializes():
@@ -182,4 +205,5 @@ def test_plan_from_reads_back_and_serializes():
     assert plan.flavor == Flavor.TRT and plan.float_layers == ("conv",) and plan.layers["fc"].samples == 7
     summary = json.loads(json.dumps(record.plan.to_dict()))
     assert set(summary["layers"]) == {"fc", "conv"} and summary["flavor"] == "cpu"
+    assert summary["layers"]["fc"]["out_scale"] is None and summary["layers"]["conv"]["out_scale"] > 0
     json.dumps(record.to_dict())  # the whole record is manifest-ready

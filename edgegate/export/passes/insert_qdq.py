@@ -16,7 +16,11 @@ through DequantizeLinear (axis 0; axis 1 for MatMul). Biases sit on brevitas' In
 (round(b / (act_scale * weight_scale[c]))): flavor ``cpu`` stores a Conv/Gemm bias as that int32
 behind DequantizeLinear (fused into QLinearConv/QGemm); a MatMul's bias Add (where ORT fuses no bias
 DQ) and every bias of flavor ``trt`` (TensorRT rejects an int32 bias behind DequantizeLinear) get the
-float values that DequantizeLinear would give, ``<layer>.bias_rounded``.
+float values that DequantizeLinear would give, ``<layer>.bias_rounded``. A layer with an output
+quantizer (every Conv of a calibrated cpu plan) writes its output through QuantizeLinear ->
+DequantizeLinear of the same activation type, the DequantizeLinear keeping the old output name: ORT
+x86 fuses DQ -> Conv -> Q into QLinearConv, also where the output feeds a float op (a gate's Mul, a
+residual Add).
 New nodes sit in the graph of the node they feed, new initializers next to them; replaced float
 weights and biases that nothing reads any more are removed. A plan layer that matches no node, or
 more than one candidate, raises ``ExportError`` naming it. The result passes
@@ -170,6 +174,8 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    if q.out_scale is not None or q.out_zero_point is not None:
+        _quantize_output(site, flavor, fresh, init)
     if q.act_bits == 16 or integer:
         _rewrite_integer(site, flavor, fresh, init, replaced)
         return
@@ -228,6 +234,31 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
         graph.node.insert(at + i, n)
 
 
+def _quantize_output(site: _Site, flavor: Flavor, fresh, init) -> None:
+    """The layer's output through QuantizeLinear -> DequantizeLinear, in the activation type of its input
+    (uint8 asymmetric for cpu, int8 with zero point 0 for trt). The DequantizeLinear produces the node's
+    old output name, so every consumer (and a graph output of that name) reads the dequantized value."""
+    q, node, graph = site.layer, site.node, site.graph
+    signed = q.act_signed or flavor is Flavor.TRT
+    lo, hi = (-128, 127) if signed else (0, 255)
+    if q.out_scale is None or q.out_zero_point is None:
+        raise ExportError(f"layer {q.name}: output quantizer has scale {q.out_scale} and zero point "
+                          f"{q.out_zero_point}; give both or neither")
+    if not (np.isfinite(q.out_scale) and q.out_scale > 0):
+        raise ExportError(f"layer {q.name}: output scale must be finite and > 0, the plan has {q.out_scale}; "
+                          "was the layer calibrated?")
+    if not lo <= q.out_zero_point <= hi or (flavor is Flavor.TRT and q.out_zero_point != 0):
+        raise ExportError(f"layer {q.name}: output zero point {q.out_zero_point} is outside "
+                          f"[{lo}, {hi}]" + (" (flavor trt needs 0)" if flavor is Flavor.TRT else ""))
+    scale = init("output_scale", np.float32(q.out_scale))
+    zp = init("output_zero_point", np.array(q.out_zero_point, np.int8 if signed else np.uint8))
+    y, raw, yq = node.output[0], fresh("output_float"), fresh("output_quantized")
+    node.output[0] = raw
+    at = list(graph.node).index(node)
+    graph.node.insert(at + 1, helper.make_node("QuantizeLinear", [raw, scale, zp], [yq], name=yq))
+    graph.node.insert(at + 2, helper.make_node("DequantizeLinear", [yq, scale, zp], [y], name=fresh("output_dq")))
+
+
 def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
     """Linear plan layers that ONNX Runtime's CPU graph optimizer leaves as float Gemm/MatMul (no QGemm).
 
@@ -252,8 +283,8 @@ def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
             if n.op_type in _FLOAT_MATMULS and len(n.input) > 1 and n.input[1].endswith(suffix)}
 
 
-# Convs are not rewritten: ConvInteger is ORT's slow path (a gated CNN ran 17x slower than FP32 with it);
-# a Conv that ORT cannot fuse (its output feeds a float Mul/Add) needs an output quantizer instead.
+# Convs are not rewritten: ConvInteger is ORT's slow path (a gated CNN ran 17x slower than FP32 with it).
+# A cpu Conv carries an output quantizer instead, so ORT fuses it into QLinearConv wherever its output goes.
 _FLOAT_MATMULS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 
 

@@ -5,7 +5,8 @@ Two cases where the QDQ form would leave a float ``Gemm`` on ONNX Runtime x86:
 1. An 8-bit Linear that ORT's optimizer does not fuse (e.g. DQ -> Gemm -> Relu into float
    consumers). Written as QuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add it is the same
    arithmetic (uint8 x int8, int32 accumulate, float rescale) on integer kernels. (Convs are not
-   rewritten: ``ConvInteger`` is ORT's slow path.)
+   rewritten: ``ConvInteger`` is ORT's slow path; a cpu Conv has an output quantizer, so ORT
+   fuses it into ``QLinearConv``.)
 2. A16W8 Linear layers (``act_bits == 16``): decision-critical
 layers whose 8-bit input rounding would flip an exit decision (``edgegate.calibration`` promotes
 them). ONNX Runtime has no 16-bit integer matmul, and a uint16 QuantizeLinear -> DequantizeLinear
