@@ -1,7 +1,8 @@
 """The snn target's cycle-accurate emulator: the executable definition of the neuron model.
 
-Stage: targets (snn), runtime side (numpy only). Input: a `Network` and either real-valued inputs
-[B, features] (rate-encoded here, `run`) or input spike trains [T, B, neurons] (`simulate`). Output:
+Stage: targets (snn), runtime side (numpy; onnxruntime's integer product when installed, see
+edgegate.snn.product). Input: a `Network` and either real-valued inputs [B, features] (rate-encoded
+here, `run`) or input spike trains [T, B, neurons] (`simulate`). Output:
 a `SimResult`: output spike counts and membranes, timesteps run per sample, and the operation counts
 the energy estimate is built from. Every step, for each group in order (the encoder first, then
 each layer, which sees the spikes its source group emitted in the same step):
@@ -15,6 +16,10 @@ with ``rnd(x, k) = (x + 2**(k-1)) >> k`` (arithmetic shift, half rounds up), ``r
 ``refractory`` on a spike and counts down by one per step; the membrane keeps integrating meanwhile.
 All arithmetic is exact integer arithmetic (W @ s runs in float32 BLAS, exact below 2**24, which
 `validate` guarantees). Samples of a batch are independent: batching never changes a result.
+
+`run` and `simulate` compute by default with edgegate.snn.layered (whole layers over blocks of steps,
+several times faster); ``method="steps"`` runs `_simulate_steps` below, the step-by-step loop that is
+the spec, and which the layered evaluation is tested against bit for bit.
 """
 
 from __future__ import annotations
@@ -116,18 +121,25 @@ def encode(net: Network, x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(v * (e.levels / e.scale)), 0, e.levels).astype(np.int64)
 
 
+METHODS = ("layers", "steps")
+
+
 def run(net: Network, x: np.ndarray, timesteps: int | None = None, *, exit: ExitPolicy | None = None,
-        record: bool = False) -> SimResult:
-    """Encode ``x`` [B, features] with the network's encoder and simulate ``timesteps`` steps."""
-    return _simulate(net, encode(net, x), None, timesteps or net.timesteps, exit, record)
+        record: bool = False, method: str = "layers") -> SimResult:
+    """Encode ``x`` [B, features] with the network's encoder and simulate ``timesteps`` steps.
+
+    ``method`` "steps" runs this module's step-by-step loop, the literal reading of the spec; "layers"
+    (edgegate.snn.layered) computes the same result, bit for bit, layer by layer over blocks of steps.
+    """
+    return _simulate(net, encode(net, x), None, timesteps or net.timesteps, exit, record, method)
 
 
 def simulate(net: Network, spikes_in: np.ndarray, timesteps: int | None = None, *,
-             exit: ExitPolicy | None = None, record: bool = False) -> SimResult:
+             exit: ExitPolicy | None = None, record: bool = False, method: str = "layers") -> SimResult:
     """Simulate with given input spike trains ``spikes_in`` bool [T, B, n_in] (T >= ``timesteps``).
 
     The standalone core step: no encoder runs; group 0 sees ``spikes_in[t]`` at step t. ``exit``
-    defaults to no early decision (pass ``net.exit`` for the compiled policy).
+    defaults to no early decision (pass ``net.exit`` for the compiled policy). ``method`` as in `run`.
     """
     s = np.asarray(spikes_in)
     if s.ndim != 3 or s.shape[2] != net.encoder.neurons:
@@ -135,7 +147,7 @@ def simulate(net: Network, spikes_in: np.ndarray, timesteps: int | None = None, 
     t = timesteps or s.shape[0]
     if t > s.shape[0]:
         raise TargetError(f"snn spikes_in has {s.shape[0]} steps, {t} requested")
-    return _simulate(net, None, s.astype(bool), t, exit, record)
+    return _simulate(net, None, s.astype(bool), t, exit, record, method)
 
 
 def _fanout(groups: tuple[Group, ...]) -> list[np.ndarray]:
@@ -153,22 +165,29 @@ def _blas_controller():
 
 
 def _one_blas_thread():
-    """The per-step products are small: BLAS threads only contend (10x slower on a busy 2-core host)."""
+    """One BLAS thread: the per-step products are small, and threads only contend on a busy host (10x slower
+    on 2 shared cores); the layer-major products are large but run single-threaded too, like the peer."""
     controller = _blas_controller()
     return contextlib.nullcontext() if controller is None else controller.limit(limits=1, user_api="blas")
 
 
 def _simulate(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, timesteps: int,
-              exit: ExitPolicy | None, record: bool) -> SimResult:
+              exit: ExitPolicy | None, record: bool, method: str) -> SimResult:
+    if method not in METHODS:
+        raise TargetError(f"snn emulator method {method!r} must be one of {', '.join(METHODS)}")
+    if not 1 <= timesteps <= 65535:
+        raise TargetError(f"snn timesteps={timesteps} must be in 1..65535")
+    exit = exit or ExitPolicy()
     with _one_blas_thread():
-        return _simulate_steps(net, q, spikes_in, timesteps, exit, record)
+        if method == "steps":
+            return _simulate_steps(net, q, spikes_in, timesteps, exit, record)
+        from edgegate.snn.layered import simulate_layers
+
+        return simulate_layers(net, q, spikes_in, timesteps, exit, record)
 
 
 def _simulate_steps(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, timesteps: int,
-                    exit: ExitPolicy | None, record: bool) -> SimResult:
-    exit = exit or ExitPolicy()
-    if not 1 <= timesteps <= 65535:
-        raise TargetError(f"snn timesteps={timesteps} must be in 1..65535")
+                    exit: ExitPolicy, record: bool) -> SimResult:
     batch = q.shape[0] if q is not None else spikes_in.shape[1]
     e, f = net.encoder, net.frac_bits
     enc = _init(batch, np.full(e.neurons, e.levels // 2, np.int32))

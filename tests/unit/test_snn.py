@@ -156,6 +156,101 @@ def test_emulator_spike_trains_equal_snntorch_leaky_subtract():
                 np.testing.assert_array_equal(s.numpy().astype(bool), ours.trains[f"g{k}"][t], err_msg=f"t={t} g{k}")
 
 
+def _assert_same_result(want: emulator.SimResult, got: emulator.SimResult) -> None:
+    for field in ("counts", "membrane", "last_spike", "steps"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert getattr(got, field).dtype == getattr(want, field).dtype, field
+    assert (got.spikes, got.synops, got.neuron_updates) == (want.spikes, want.synops, want.neuron_updates)
+    assert (got.trains is None) == (want.trains is None)
+    for name, train in (want.trains or {}).items():
+        assert got.trains[name].shape == train.shape, name
+        np.testing.assert_array_equal(got.trains[name], train, err_msg=name)
+
+
+@pytest.mark.parametrize("ort", [False, True])
+@pytest.mark.parametrize("seed", range(8))
+def test_layer_major_equals_step_by_step(seed, ort, monkeypatch):
+    """Leaks, refractory periods, disabled neurons, early decision, blocks of any length: bit-identical."""
+    from edgegate.snn import layered, product
+
+    monkeypatch.setattr(product, "ORT_MIN_MACS", 0 if ort else 1 << 62)
+    rng = np.random.default_rng(seed)
+    net = _random_network(rng, sizes=(5, int(rng.integers(3, 12)), int(rng.integers(1, 5))), leaky=seed % 4 != 0,
+                          frac_bits=int(rng.integers(0, 9)))
+    policy = ExitPolicy(seed % 2 == 0, margin=int(rng.integers(0, 4)), min_steps=int(rng.integers(0, 12)))
+    x = (rng.random((6, 5)) * 2 - 0.5).astype(np.float32)
+    spikes = rng.random((40, 6, 5)) < 0.4
+    for block in (1, 45, 1 << 23):  # rows x neurons per block: 1 step, a few steps, everything at once
+        monkeypatch.setattr(layered, "BLOCK_ELEMENTS", block)
+        for record in (False, True):
+            _assert_same_result(emulator.run(net, x, 40, exit=policy, record=record, method="steps"),
+                                emulator.run(net, x, 40, exit=policy, record=record))
+            _assert_same_result(emulator.simulate(net, spikes, exit=policy, record=record, method="steps"),
+                                emulator.simulate(net, spikes, exit=policy, record=record))
+    if policy.enabled:
+        assert emulator.run(net, x, 40, exit=policy).steps.min() < 40 or policy.min_steps > 0
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_layer_major_counts_wide_groups_and_stops_samples_mid_block(early, monkeypatch):
+    """Groups of 8k neurons and > 255 rows take the packed spike counter; decided samples leave mid-block."""
+    from edgegate.snn import layered
+
+    rng = np.random.default_rng(11)
+    net = _random_network(rng, sizes=(16, 24, 8), leaky=False, frac_bits=8)
+    policy = ExitPolicy(early, margin=2, min_steps=5)
+    spikes = rng.random((60, 20, 16)) < 0.3
+    want = emulator.simulate(net, spikes, exit=policy, record=True, method="steps")
+    monkeypatch.setattr(layered, "_step", None)  # no leak, no saturation: the int32 loop alone must run
+    got = emulator.simulate(net, spikes, exit=policy, record=True)
+    _assert_same_result(want, got)
+    if early:
+        assert 5 <= want.steps.min() < want.steps.max()  # samples stop at different steps, inside blocks
+    else:
+        assert (want.steps == 60).all() and want.spikes["g0"] > 255
+
+
+def test_layer_major_saturates_like_the_spec():
+    w = np.full((2, 1), 127, np.int8)
+    g = Group("g", w, np.array([INT32_MAX, -(2**30)], np.int32), np.array([INT32_MAX - 1, 5], np.int32),
+              np.array([0, INT32_MIN], np.int32), np.ones(2, bool))
+    net = Network(Encoder(1, 1.0), (g,), frac_bits=16, timesteps=6)
+    spikes = np.ones((6, 3, 1), bool)
+    want = emulator.simulate(net, spikes, record=True, method="steps")
+    _assert_same_result(want, emulator.simulate(net, spikes, record=True))
+    assert want.membrane[0, 0] == INT32_MAX and want.membrane[0, 1] == INT32_MIN
+
+
+def test_integer_product_model_and_exactness():
+    """The hand-written MatMulInteger model is valid ONNX; both products give W @ s exactly."""
+    from edgegate.snn.product import IntegerProduct, _ort_session, matmul_integer_model
+
+    assert _ort_session() is not None  # onnxruntime is a base dependency: its product must be in use
+    model = onnx.load_from_string(matmul_integer_model())
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.UINT8, TensorProto.INT8]
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.INT32
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (37, 300)).astype(np.int8)
+    w[0] = -128  # the extremes: a full row of -128 and of 127 against all-ones spikes
+    w[1] = 127
+    s = rng.random((50, 300)) < 0.5
+    s[0] = True
+    want = s.astype(np.int64) @ w.T.astype(np.int64)
+    for use_ort in (False, True):
+        got = IntegerProduct(w, use_ort)(s)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+    assert want[0, 0] == -128 * 300 and want[0, 1] == 127 * 300
+
+
+def test_emulator_method_is_checked():
+    net = _random_network(np.random.default_rng(0))
+    with pytest.raises(TargetError, match="method 'fast' must be one of layers, steps"):
+        emulator.simulate(net, np.zeros((4, 1, 5), bool), method="fast")
+
+
 # ------------------------------------------------------------------------------------------ formats
 
 
