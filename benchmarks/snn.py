@@ -6,7 +6,8 @@ network of seeded random int8 weights (1024-1024-1024-10) where compute dominate
 the *same* input spike trains [T, B, n_in] (for the zoo net: the emulator's own rate encoder on
 test digits; for the wide net: Bernoulli spikes at rate 0.1) and run the same T steps:
 
-* edgegate: ``edgegate.snn.emulator.simulate`` (numpy; int64 state, float32 BLAS for W @ s),
+* edgegate: ``edgegate.snn.emulator.simulate`` (layer-major blocks: exact int8 products through
+  onnxruntime MatMulInteger, int32 state where no saturation is possible),
 * snnTorch: per layer ``nn.Linear`` (float32, the int8 weights, no bias) then one ``snntorch.Leaky``
   (beta = 1, reset_mechanism="subtract", per-neuron thresholds), its current
   ``(W s) * 2**frac_bits + bias`` and its state in float64 so integers stay exact, membranes
