@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,12 +13,7 @@ import pytest
 from edgegate import zoo
 from edgegate.loading import save
 from edgegate.pipeline import ExportConfig, run_export
-
-
-def edgegate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+from tests._cli import edgegate
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,13 @@ inspect, targets, and the one-line errors for what cannot happen here."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests._cli import edgegate
+
 pytest.importorskip("tensorrt_rtx_bindings", exc_type=ImportError)
-
-
-def edgegate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")

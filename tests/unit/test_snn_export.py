@@ -4,22 +4,14 @@ manifest, golden outputs from the emulator, the bench's runtime metrics, and a o
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edgegate import zoo
 from edgegate.loading import save
-
-
-def edgegate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=600)
+from tests._cli import edgegate
 
 
 @pytest.fixture(scope="module")
