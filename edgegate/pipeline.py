@@ -160,9 +160,7 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     with timer.step("check"):
         problems = target.check(proto)
         if problems:
-            p = problems[0]
-            raise ExportError(f"target {target.name} cannot take node {p.node} ({p.op_type}): {p.message}; {p.hint}"
-                              + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+            raise ExportError(targets.refusal(target.name, problems))
     names = output_names(model)
     context = targets.CompileContext(
         quant=config.quant, batch=config.batch, input_name=inp["name"], output_names=tuple(names),

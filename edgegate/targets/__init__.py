@@ -134,6 +134,13 @@ def options_for_export(target: Target, user: Mapping[str, str], context: Compile
     return None
 
 
+def refusal(target: str, issues: list[CheckIssue]) -> str:
+    """One line for a target's check issues: the first in full, then how many more."""
+    i = issues[0]
+    more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
+    return f"target {target} cannot take node {i.node} ({i.op_type}): {i.message}; {i.hint}{more}"
+
+
 def compile_model(model: onnx.ModelProto, target: str = "cpu", options: Any = None,
                   workdir: str | os.PathLike[str] | None = None) -> Artifact:
     """Check and compile an ONNX model for the target called ``target`` (the API form of the pipeline's
@@ -147,9 +154,7 @@ def compile_model(model: onnx.ModelProto, target: str = "cpu", options: Any = No
         raise TargetError(f"target {target} is not available here: {why}")
     problems = t.check(model)
     if problems:
-        p = problems[0]
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise TargetError(f"target {target} cannot take node {p.node} ({p.op_type}): {p.message}; {p.hint}{more}")
+        raise TargetError(refusal(target, problems))
     if workdir is not None:
         return t.compile(model, options, Path(workdir))
     with tempfile.TemporaryDirectory(prefix="edgegate-compile-") as tmp:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgegate.errors import TargetError
-from edgegate.targets import Artifact, CheckIssue, CompileContext
+from edgegate.targets import Artifact, CheckIssue, CompileContext, refusal
 from edgegate.targets import trt_api as api
 
 if TYPE_CHECKING:
@@ -192,9 +192,7 @@ class TrtTarget:
         lowered = self.lower(model, options, flavor)
         issues = trt_build.static_issues(lowered)
         if issues:
-            i = issues[0]
-            more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
-            raise TargetError(f"trt cannot take node {i.node} ({i.op_type}): {i.message}; {i.hint}{more}")
+            raise TargetError(refusal(self.name, issues))
         try:
             onnx.checker.check_model(lowered, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

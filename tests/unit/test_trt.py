@@ -226,7 +226,7 @@ def test_check_names_trt_invalid_nodes_before_any_build(tmp_path):
     assert by_node["cast_w8"].op_type == "Cast" and "DequantizeLinear" in by_node["cast_w8"].message
     (shift,) = TRT.check(_unparsable_function(), "rtx")  # the parser's error, mapped to the outer node
     assert (shift.node, shift.op_type) == ("shift_node", "Shifty") and "BitShift" in shift.message and shift.hint
-    with pytest.raises(TargetError, match=r"trt cannot take node bias_dq \(DequantizeLinear\): .*int32"):
+    with pytest.raises(TargetError, match=r"target trt cannot take node bias_dq \(DequantizeLinear\): .*int32"):
         TRT.compile(_quantization_rule_breaker(), TrtOptions(flavor="rtx", opt_level=0), tmp_path)
     with pytest.raises(TargetError, match=r"cannot parse node shift_node \(Shifty\): .*BitShift"):
         TRT.compile(_unparsable_function(), TrtOptions(flavor="rtx", opt_level=0), tmp_path)
