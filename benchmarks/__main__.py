@@ -2,7 +2,7 @@
 
     python -m benchmarks                       # full size, every section (a user's run; minutes)
     python -m benchmarks --smoke               # smoke size (CI): small models, few calls
-    python -m benchmarks --only ternary,snn --out /tmp/results.json
+    python -m benchmarks --only ternary,snn --out results-partial.json
 
 Ratios and goals are reported, never asserted: the exit code is 0 when every section ran (met or
 missed), 1 when a section failed (its error is in the results), 2 for bad arguments.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from edgegate import zoo
 from edgegate.loading import save
 from edgegate.pipeline import ExportConfig, run_export
 from tests._cli import edgegate
+from tests._report import PNG_MAGIC, page_images
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +24,6 @@ def work(zoo_model, tmp_path_factory) -> Path:
     save(model, work / "model.pt", meta=zoo.checkpoint_meta("channel_gate", metrics, 0))
     run_export(work / "model.pt", work / "int8.edgegate", ExportConfig(quant="int8"))
     return work
-
-
-class _Images(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.src: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.src.append(dict(attrs)["src"])
 
 
 def test_compare_writes_table_json_and_html(work: Path) -> None:
@@ -54,12 +44,10 @@ def test_compare_writes_table_json_and_html(work: Path) -> None:
     assert bundle["sweep"] == []  # no early exit, no sweep
     page = work / "out" / "report.html"
     assert r.stdout.strip().endswith(f"wrote {Path('out/report.html')}")
-    parser = _Images()
-    parser.feed(page.read_text())
-    assert len(parser.src) == 2  # per-layer SQNR and latency (no exits: no sweep plot)
-    for src in parser.src:
-        png = (page.parent / src).read_bytes()
-        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    images = page_images(page)
+    assert len(images) == 2  # per-layer SQNR and latency (no exits: no sweep plot)
+    for png in images:
+        assert png.startswith(PNG_MAGIC) and len(png) > 1000
     if shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome"):
         browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
         shot = work / "out" / "shot.png"

@@ -15,13 +15,13 @@ import torch
 from _fuzz import FUZZ, expect_edgegate_error, framed, mutated
 from hypothesis import given
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 from safetensors.torch import save
 
 from edgegate import zoo
 from edgegate.errors import EdgegateError, UnsafeModelError
 from edgegate.loading import CODE_FORMATS, ModelFormat, detect_format, load
 from edgegate.loading import save as save_checkpoint
+from tests.unit._models import relu_onnx_bytes
 
 ZOO_CLASS = "edgegate.zoo.models:ThresholdMLP"
 
@@ -48,19 +48,9 @@ def seeds(work: Path) -> dict[str, bytes]:
         "safetensors": save(sd),
         "safetensors_ckpt": save(sd, metadata=meta),
         "pickle": pickle.dumps({"a": [1, 2.0, "x"]}, protocol=2),
-        "onnx": _onnx(),
+        "onnx": relu_onnx_bytes(),
     }
     return out
-
-
-def _onnx() -> bytes:
-    g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
 
 
 def test_seeds_are_what_we_think(seeds: dict[str, bytes], work: Path) -> None:

@@ -22,3 +22,16 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+def relu_onnx_bytes() -> bytes:
+    """A valid one-node ONNX model (Relu on [2]), serialized: the smallest file detected as ONNX."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from edgegate.loading import save
 from edgegate.pipeline import ExportConfig, run_export
 from edgegate.reports.compare_text import render_text
 from edgegate.reports.html import write_html
+from tests._report import PNG_MAGIC, page_images
 
 QUICK = {"runs": 20, "warmup": 2}
 
@@ -49,16 +49,6 @@ def moe(zoo_model, tmp_path_factory) -> tuple[Path, Path]:
 def ee_report(ee):
     model, bundle = ee
     return compare(model, [bundle], CompareConfig(data="clusters", baseline="naive", **QUICK))
-
-
-class _Images(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.src: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.src.append(dict(attrs)["src"])
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -128,12 +118,10 @@ def test_text_and_html_reports(ee_report, tmp_path):
     for label in ("float", "ee-int8", "ee-int8 (naive)", "exit agr", "min layer SQNR dB", "p99 ms"):
         assert label in text
     page = write_html(ee_report, tmp_path / "report.html")
-    parser = _Images()
-    parser.feed(page.read_text())
-    assert len(parser.src) == 3
-    for src in parser.src:
-        png = (page.parent / src).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    images = page_images(page)
+    assert len(images) == 3
+    for png in images:
+        assert png[:8] == PNG_MAGIC and len(png) > 1000
 
 
 def test_moe_routes_from_the_bundle(moe):

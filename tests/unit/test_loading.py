@@ -15,8 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _models import TinyNet
-from onnx import TensorProto, helper
+from _models import TinyNet, relu_onnx_bytes
 from safetensors.torch import save_file
 
 from edgegate.errors import ModelFormatError, UnsafeModelError
@@ -271,19 +270,9 @@ def test_trusted_pickle_of_a_non_module_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ detection & damage
 
 
-def _onnx_bytes() -> bytes:
-    g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)]).SerializeToString()
-
-
 def test_onnx_is_detected_by_content_and_not_loaded(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
-    path.write_bytes(_onnx_bytes())
+    path.write_bytes(relu_onnx_bytes())
     assert onnx.load(str(path)).graph.node[0].op_type == "Relu"
     assert detect_format(path) is ModelFormat.ONNX
     with pytest.raises(ModelFormatError, match="is an ONNX model; load\\(\\) reads PyTorch models"):
