@@ -128,6 +128,16 @@ def _wrap_float32(g: onnx.GraphProto, node: onnx.NodeProto, types: dict[str, int
         g.node.insert(at + j, n)
 
 
+def _rename(g: onnx.GraphProto, old: str, new: str, *, outputs: bool) -> None:
+    """Point every node input (and, with ``outputs``, node output) named ``old``, subgraphs included, at ``new``."""
+    for sub in graphs(g):
+        for n in sub.node:
+            for field in (n.input, n.output) if outputs else (n.input,):
+                for i, x in enumerate(field):
+                    if x == old:
+                        field[i] = new
+
+
 def _cast_io(g: onnx.GraphProto, names: set[str], float_outputs: set[str]) -> None:
     """Keep the main graph's float32 inputs/outputs: cast each once at the boundary."""
     head, tail = [], []
@@ -135,25 +145,14 @@ def _cast_io(g: onnx.GraphProto, names: set[str], float_outputs: set[str]) -> No
         if v.type.tensor_type.elem_type != FLOAT:
             continue
         half = fresh_name(names, f"{v.name}.fp16")
-        for sub in graphs(g):
-            for n in sub.node:
-                for i, x in enumerate(n.input):
-                    if x == v.name:
-                        n.input[i] = half
+        _rename(g, v.name, half, outputs=False)
         head.append(helper.make_node("Cast", [v.name], [half], name=half, to=HALF))
     for v in g.output:
         if v.name not in float_outputs or v.name in {i.name for i in g.input}:
             continue
         v.type.tensor_type.elem_type = FLOAT
         half = fresh_name(names, f"{v.name}.fp16")
-        for sub in graphs(g):
-            for n in sub.node:
-                for i, x in enumerate(n.output):
-                    if x == v.name:
-                        n.output[i] = half
-                for i, x in enumerate(n.input):
-                    if x == v.name:
-                        n.input[i] = half
+        _rename(g, v.name, half, outputs=True)
         tail.append(helper.make_node("Cast", [half], [v.name], name=fresh_name(names, f"{v.name}.to_float32"),
                                      to=FLOAT))
     for j, n in enumerate(head):
