@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from edgegate.errors import BundleError, one_line
+from edgegate.errors import BundleError, one_line, os_error_text
 from edgegate.onnx_safety import check_locations, check_onnx_external_data, external_data_locations, is_inside
 
 __all__ = [
@@ -140,11 +140,7 @@ def write_bundle(
         tmp = None
         fsync_dir(dest.parent)
     except OSError as e:
-        raise BundleError(
-            f"cannot write bundle {dest}: {e.strerror or e}"
-            + (f" ({e.filename})" if e.filename else "")
-            + "; check free space and permissions"
-        ) from e
+        raise BundleError(f"cannot write bundle {dest}: {os_error_text(e)}; check free space and permissions") from e
     finally:
         # Runs on every exit, KeyboardInterrupt included: no half-written temp dir is left behind.
         if tmp is not None:
@@ -291,11 +287,7 @@ def read_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
         _check_files(path, manifest["files"], verify)
         _check_unlisted_links(path)
     except OSError as e:
-        raise BundleError(
-            f"bundle {path} cannot be read: {e.strerror or e}"
-            + (f" ({e.filename})" if e.filename else "")
-            + "; check its permissions"
-        ) from e
+        raise BundleError(f"bundle {path} cannot be read: {os_error_text(e)}; check its permissions") from e
     # A safety check, not an integrity one, so it runs even with verify=False.
     _check_external_data(path, manifest["files"], f"bundle {path}")
     return Bundle(path=path, manifest=manifest)

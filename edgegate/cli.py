@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from edgegate.errors import EdgegateError
+from edgegate.errors import EdgegateError, os_error_text
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -372,9 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a file we were asked to read or write: missing, unwritable, disk full
         if args.debug:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"edgegate: error: {e.strerror or e}{where}; check the path, free space and permissions",
-              file=sys.stderr)
+        print(f"edgegate: error: {os_error_text(e)}; check the path, free space and permissions", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -39,3 +39,8 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """`e` as one short line (whitespace collapsed, cut at `limit`), to quote a library's error in ours."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def os_error_text(e: OSError) -> str:
+    """What went wrong with a file, in words: the OS message, then the file it names, if any."""
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
