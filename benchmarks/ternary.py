@@ -44,9 +44,9 @@ def _float_matmul_onnx(w_kn: np.ndarray) -> bytes:
 def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
     import torch
 
-    from edgegate.export.ops import reference, unpack_ternary
     from edgegate.loading import load
     from edgegate.nn.ternary import quantize_activations
+    from edgegate.ops import reference, unpack_ternary
 
     export = ws.export(TERNARY, "ternary")
     module = load(ws.checkpoint(TERNARY), model_class=CLASSES[TERNARY]).module.eval()

@@ -25,13 +25,13 @@ _API = {
     "save": ("edgegate.loading", "save"),
     "find_gates": ("edgegate.gates", "find_gates"),
     "calibrate": ("edgegate.calibration", "calibrate"),
-    "quantize": ("edgegate.quantize.apply", "quantize"),
-    "export_onnx": ("edgegate.export.torch_export", "export_onnx"),
+    "quantize": ("edgegate.quantization.apply", "quantize"),
+    "export_onnx": ("edgegate.onnx_export.torch_export", "export_onnx"),
     "compile": ("edgegate.targets", "compile_model"),
     "export": ("edgegate.pipeline", "run_export"),
     "read_bundle": ("edgegate.bundle", "read_bundle"),
-    "bench": ("edgegate.bench", "bench"),
-    "compare": ("edgegate.compare", "compare"),
+    "bench": ("edgegate.benchmark", "bench"),
+    "compare": ("edgegate.comparison", "compare"),
 }
 
 __all__ = [*_API, "__version__"]

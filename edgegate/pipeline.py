@@ -117,11 +117,11 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     from edgegate import targets
     from edgegate.bundle import check_destination, write_bundle
     from edgegate.data import TensorSpec, load_data
-    from edgegate.export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
     from edgegate.gates import find_gates
     from edgegate.loading import load
-    from edgegate.quantize.plan import Flavor
-    from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
+    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
 
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
@@ -214,7 +214,7 @@ def _check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str
     same runtime on another CPU may pick other integer kernels, so quantized bundles get a tolerance
     of 2% of the output range rather than float round-off.
     """
-    from edgegate.quantize.step import agreement
+    from edgegate.quantization.step import agreement
 
     stats = agreement(got, want, names)
     if exact:
@@ -281,7 +281,7 @@ def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: lis
 
 def _exit_form(model, options) -> str | None:
     """The early-exit form the export used (``auto`` resolved), None for a model without exits."""
-    from edgegate.export.torch_export import resolve_exit_form
+    from edgegate.onnx_export.torch_export import resolve_exit_form
 
     form = resolve_exit_form(model, options)
     return None if form is None else str(form)

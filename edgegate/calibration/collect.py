@@ -36,9 +36,9 @@ from edgegate.calibration.retune import retune_exit_thresholds
 from edgegate.data import TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
-from edgegate.quantize.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
-from edgegate.quantize.config import QuantConfig
-from edgegate.quantize.plan import LayerKind
+from edgegate.quantization.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
+from edgegate.quantization.config import QuantConfig
+from edgegate.quantization.plan import LayerKind
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")

@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgegate.quantize.config import QuantConfig
-from edgegate.quantize.plan import QuantPlan
+from edgegate.quantization.config import QuantConfig
+from edgegate.quantization.plan import QuantPlan
 
 
 @dataclass(frozen=True)

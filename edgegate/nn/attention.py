@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import EdgegateError
-from edgegate.export import ops
 from edgegate.nn._record import exporting, record
+from edgegate.ops import torch_ops as ops
 
 GATE_MODES = ("headwise", "elementwise")
 

@@ -4,7 +4,7 @@ Stage: model family (``edgegate.nn``). Input: ``x`` [B, ...]. Output: in trainin
 every head (list of [B, C]); in eval, ``(logits [B, C], exit_index int64 [B])`` where each sample
 leaves at the first head whose exit decision fires (the last head always exits).
 
-Contract relied on by the exporter (``edgegate.export.early_exit``): ``stages`` and ``heads``
+Contract relied on by the exporter (``edgegate.onnx_export.early_exit``): ``stages`` and ``heads``
 (``nn.ModuleList`` of equal length K), buffer ``thresholds`` (float32 [K-1]), ``policy``, and
 ``decide(k, logits) -> bool[B]``. The eval forward is the batch > 1 export form: samples that exited
 are removed before the next stage (compaction) and their results are scattered back, so batched
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from edgegate.errors import EdgegateError
-from edgegate.export import ops
 from edgegate.nn._record import exporting, record
+from edgegate.ops import torch_ops as ops
 
 POLICIES = ("maxprob", "learned")
 N_EXIT_FEATURES = 3

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgegate.export import ops
 from edgegate.nn._record import exporting, record
+from edgegate.ops import torch_ops as ops
 
 
 class ThresholdGate(nn.Module):

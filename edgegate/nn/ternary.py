@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import ExportError
-from edgegate.export import ops
 from edgegate.nn._record import exporting, record
+from edgegate.ops import pack_ternary
+from edgegate.ops import torch_ops as ops
 
 ACT_BITS = 8
 _QMAX = 2 ** (ACT_BITS - 1) - 1
@@ -85,7 +86,7 @@ class TernaryLinear(nn.Module):
         if self._cache_key != self._key():
             with torch.no_grad():
                 codes, gamma = ternarize(self.weight.detach())
-                packed = ops.pack_ternary(codes.to(torch.int8).cpu().numpy())
+                packed = pack_ternary(codes.to(torch.int8).cpu().numpy())
                 self._packed = torch.from_numpy(packed).to(self.weight.device)
                 # BitNet's absmean scale is per tensor: one float for the whole matrix keeps the
                 # on-disk cost at 2 bits per weight plus 32 bits per layer.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edgegate.reports.stats import THREAD_OPTIONS
 
 if TYPE_CHECKING:
-    from edgegate.bench import BenchReport
+    from edgegate.benchmark import BenchReport
 
 LIST_SHOWN = 8  # longer lists of runtime metrics are shown as their sum and length
 

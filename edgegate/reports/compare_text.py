@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from edgegate.compare import CompareReport, Row
+    from edgegate.comparison import CompareReport, Row
 
 # (header, where the value lives, metric key, format): "m" = measured here, "r" = recorded at export.
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (

@@ -16,7 +16,7 @@ from edgegate.errors import EdgegateError
 from edgegate.reports.compare_text import table
 
 if TYPE_CHECKING:
-    from edgegate.compare import CompareReport
+    from edgegate.comparison import CompareReport
 
 INF_SHOWN_DB = 100.0  # an identical layer (infinite SQNR) is drawn at this height
 

@@ -1,4 +1,4 @@
-"""Per-layer SQNR of bundles vs the float model, for compare (definition in ``edgegate.compare``).
+"""Per-layer SQNR of bundles vs the float model, for compare (definition in ``edgegate.comparison``).
 
 Input: compare's rows, each probed bundle's ``model.onnx`` (with its input name and static batch), the
 float torch model, evaluation inputs and the float outputs. Output: the rows with ``layer_sqnr_db``
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.export.torch_export import is_early_exit
+from edgegate.onnx_export.torch_export import is_early_exit
 from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, sqnr_db, with_thresholds
 
 

@@ -268,7 +268,7 @@ class _Walker:
         name = node.name or node.output[0]
         ternary = scale = None
         if node.op_type == "TernaryMatMul":
-            from edgegate.export.ops import unpack_ternary
+            from edgegate.ops import unpack_ternary
 
             packed, s = self.const(node.input[1]), self.const(node.input[2])
             if packed is None or s is None:

@@ -89,7 +89,7 @@ def sections(net: Network, io: dict[str, Any]) -> list[tuple[Kind, int, bytes]]:
 
 def _synapse_payload(g: Group) -> bytes:
     if g.fmt is SynapseFormat.TERNARY:
-        from edgegate.snn._pack import pack_ternary
+        from edgegate.ops.packing import pack_ternary
 
         return pack_ternary(g.weight).tobytes()
     if g.fmt is SynapseFormat.CSR:

@@ -25,7 +25,7 @@ class SynapseFormat(IntEnum):
     """How a projection's weights are stored in the core image (the emulator sees int8 either way)."""
 
     DENSE = 0  # int8 row-major [n_out, n_in]
-    TERNARY = 1  # 2-bit codes, 4 a byte LSB first (edgegate.export.ops.pack_ternary), values in {-1, 0, 1}
+    TERNARY = 1  # 2-bit codes, 4 a byte LSB first (edgegate.ops.pack_ternary), values in {-1, 0, 1}
     CSR = 2  # int8 values with uint32 row pointers and column indices (sparse, e.g. unrolled convolutions)
 
 

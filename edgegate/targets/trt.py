@@ -151,8 +151,8 @@ class TrtTarget:
 
     def lower(self, model: onnx.ModelProto, options: TrtOptions, flavor: str) -> onnx.ModelProto:
         """The graph TensorRT builds: ternary weights and NonZero rewritten, fp16 when asked."""
-        from edgegate.export.passes.cast_fp16 import cast_fp16
-        from edgegate.export.passes.lower_trt import lower_trt
+        from edgegate.onnx_export.passes.cast_fp16 import cast_fp16
+        from edgegate.onnx_export.passes.lower_trt import lower_trt
 
         lowered = lower_trt(model, nonzero=flavor == "rtx")
         return cast_fp16(lowered) if options.fp16 else lowered

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from edgegate.errors import TargetError, one_line
-from edgegate.export.passes._graph import graphs
+from edgegate.onnx_export.passes._graph import graphs
 from edgegate.targets import CheckIssue
 from edgegate.targets import trt_api as api
 

@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
     sys.meta_path.insert(0, Block())
 
     import json
-    from edgegate.bench import BenchConfig, bench, render_text
+    from edgegate.benchmark import BenchConfig, bench, render_text
 
     report = bench(sys.argv[1], BenchConfig(runs=30, warmup=3))
     text = render_text(report)

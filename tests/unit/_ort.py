@@ -9,7 +9,7 @@ import tempfile
 import onnx
 import onnxruntime as ort
 
-from edgegate.export.passes import iter_nodes
+from edgegate.onnx_export.passes import iter_nodes
 
 
 def session(proto: onnx.ModelProto, optimized_path: str | None = None) -> ort.InferenceSession:

@@ -1,4 +1,4 @@
-"""edgegate.bench: golden check, timed runs, statistics, histograms and the JSON report.
+"""edgegate.benchmark: golden check, timed runs, statistics, histograms and the JSON report.
 
 Bundles are built here without torch: an ONNX graph from ``onnx.helper``, compiled by the real
 ``cpu`` target, golden outputs from onnxruntime, a manifest shaped like pipeline.py's, written by
@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate import targets
-from edgegate.bench import (
+from edgegate.benchmark import (
     CV_WARN,
     FORMAT,
     ROUTE_NOTE,

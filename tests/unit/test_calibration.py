@@ -17,8 +17,8 @@ from edgegate.calibration import calibrate, comparable_metrics, measure_fidelity
 from edgegate.calibration.probe import exit_score
 from edgegate.errors import DataError
 from edgegate.nn import ExitMLP, MoE
-from edgegate.quantize import QuantConfig
-from edgegate.quantize.layers import quant_layer
+from edgegate.quantization import QuantConfig
+from edgegate.quantization.layers import quant_layer
 
 DIGITS = ["channel_gate", "gated_attention", "moe", "moe_pp", "threshold_gate"]
 

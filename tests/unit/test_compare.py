@@ -1,4 +1,4 @@
-"""edgegate.compare: float model vs bundles, gate fidelity from bundle outputs, per-layer SQNR, sweep, reports.
+"""edgegate.comparison: float model vs bundles, gate fidelity from bundle outputs, per-layer SQNR, sweep, reports.
 
 Real zoo models (the session ``zoo_model`` fixture), real bundles from the export pipeline, run by the
 real ``cpu`` target. Bundles are exported once per module: early_exit int8 (gate-aware) and moe fp32.
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgegate import zoo
-from edgegate.compare import FORMAT, SWEEP, CompareConfig, CompareError, compare
+from edgegate.comparison import FORMAT, SWEEP, CompareConfig, CompareError, compare
 from edgegate.errors import DataError, EdgegateError
 from edgegate.loading import save
 from edgegate.pipeline import ExportConfig, run_export

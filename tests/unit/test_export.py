@@ -12,9 +12,9 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from edgegate import zoo
-from edgegate.export.ops import DOMAIN
-from edgegate.export.passes import iter_nodes
-from edgegate.export.torch_export import ExitForm, ExportOptions, export_onnx
+from edgegate.onnx_export.passes import iter_nodes
+from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx
+from edgegate.ops import DOMAIN
 
 EXPECTED_OPS = {
     "gated_attention": {"SigmoidGate"},

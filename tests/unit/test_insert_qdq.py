@@ -22,10 +22,10 @@ from torch import nn
 
 from edgegate import zoo
 from edgegate.errors import ExportError
-from edgegate.export.passes import iter_nodes
-from edgegate.export.passes.insert_qdq import insert_qdq
-from edgegate.export.torch_export import ExportOptions, export_onnx
-from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.onnx_export.passes import iter_nodes
+from edgegate.onnx_export.passes.insert_qdq import insert_qdq
+from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
+from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 FLOAT_COMPUTE = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NhwcFusedConv"}
 

@@ -20,10 +20,10 @@ import torch
 
 from edgegate import zoo
 from edgegate.data import TensorSpec
-from edgegate.export.torch_export import ExportOptions, export_onnx, output_names
 from edgegate.gates import find_gates
-from edgegate.quantize.plan import Flavor
-from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+from edgegate.onnx_export.torch_export import ExportOptions, export_onnx, output_names
+from edgegate.quantization.plan import Flavor
+from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ort import session  # noqa: E402
@@ -109,7 +109,7 @@ def test_decision_critical_layer_runs_a16w8_on_integer_matmuls(lowered):
 def test_trt_flavor_keeps_the_decision_critical_layer_float(zoo_model):
     """TensorRT has no 16-bit integer activations: the promoted layer stays float there, said so."""
     from edgegate.calibration import calibrate
-    from edgegate.quantize import QuantConfig
+    from edgegate.quantization import QuantConfig
 
     model, _ = zoo_model("early_exit")
     x = zoo.entry("early_exit").load_data().split("val").input()

@@ -13,13 +13,12 @@ from _ort import optimized_op_types
 from _ort import session as _session
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegate import zoo
+from edgegate import ops, zoo
 from edgegate.errors import ExportError
-from edgegate.export import ops
-from edgegate.export.opkit import ONNX_OPSET
-from edgegate.export.passes import iter_nodes
-from edgegate.export.passes.lower_ternary import lower_ternary
-from edgegate.export.torch_export import export_onnx
+from edgegate.onnx_export.passes import iter_nodes
+from edgegate.onnx_export.passes.lower_ternary import lower_ternary
+from edgegate.onnx_export.torch_export import export_onnx
+from edgegate.ops.onnx_function import ONNX_OPSET, function_proto
 
 FLOAT_MATMULS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulNBits"}
 SCOPES = "pkg.torch.onnx.name_scopes"
@@ -128,7 +127,7 @@ def _layer(per_token: bool, rng: np.random.Generator) -> tuple[onnx.ModelProto, 
                             in_features=K)
     node.metadata_props.add(key=SCOPES, value="['', 'fc', 'ternary_matmul']")
     graph = helper.make_graph(nodes + [node], "layer", [_value("x", ["B", K])], [_value("y", ["B", N])], inits)
-    proto = helper.make_model(graph, functions=[ops.function_proto("TernaryMatMul")], ir_version=10,
+    proto = helper.make_model(graph, functions=[function_proto("TernaryMatMul")], ir_version=10,
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET),
                                              helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)])
     return proto, packed, scale

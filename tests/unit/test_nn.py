@@ -13,9 +13,9 @@ from torch import nn
 
 from edgegate import nn as enn
 from edgegate.errors import EdgegateError
-from edgegate.export import ops
-from edgegate.export.ops import reference
 from edgegate.gates import GateKind, GateMap, find_gates, register
+from edgegate.ops import reference, unpack_ternary
+from edgegate.ops import torch_ops as ops
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -323,7 +323,7 @@ def test_ternary_linear_eval_is_ternary_matmul_on_packed_weights():
     packed, scale = m.ternary_weights()
     assert packed.dtype == torch.uint8 and packed.shape == (6, 3) and scale.shape == ()
     codes, gamma = enn.ternarize(m.weight.detach())
-    np.testing.assert_array_equal(ops.unpack_ternary(_np(packed), 10), _np(codes).astype(np.int8))
+    np.testing.assert_array_equal(unpack_ternary(_np(packed), 10), _np(codes).astype(np.int8))
     xq = _np(enn.quantize_activations(x))
     expect = reference("TernaryMatMul", xq, _np(packed), _np(scale), in_features=10) + _np(m.bias)
     np.testing.assert_allclose(_np(y), expect, atol=1e-5)
@@ -337,8 +337,8 @@ def test_ternary_cache_follows_the_weights():
     first = m.ternary_weights()[0].clone()
     m.load_state_dict({"weight": -m.weight.detach()})
     assert m._packed is None
-    assert torch.equal(torch.from_numpy(ops.unpack_ternary(_np(m.ternary_weights()[0]), 8)),
-                       -torch.from_numpy(ops.unpack_ternary(_np(first), 8)))
+    assert torch.equal(torch.from_numpy(unpack_ternary(_np(m.ternary_weights()[0]), 8)),
+                       -torch.from_numpy(unpack_ternary(_np(first), 8)))
     with torch.no_grad():
         m.weight.mul_(-1)  # in-place edits bump the version counter
     assert torch.equal(m.ternary_weights()[0], first)

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from edgegate.export import ops
-from edgegate.export.ops import CATALOG, DOMAIN, function_proto, reference
+from edgegate.ops import CATALOG, DOMAIN, pack_ternary, reference, unpack_ternary
+from edgegate.ops import torch_ops as ops
+from edgegate.ops.onnx_function import function_proto
 
 
 def _cases() -> dict[str, tuple[list[np.ndarray], dict[str, int]]]:
@@ -30,8 +31,8 @@ def _cases() -> dict[str, tuple[list[np.ndarray], dict[str, int]]]:
         "TopKGate": ([f(5, 6)], {"k": 2}),
         "ExitDecision": ([f(64, 4, s=3.0), np.array(0.7, np.float32)], {}),
         "LearnedExitDecision": ([f(64), np.array(0.5, np.float32)], {}),
-        "TernaryMatMul": ([f(3, 10), ops.pack_ternary(w), rng.random(6).astype(np.float32)], {"in_features": 10}),
-        "TernaryMatMulPerTensor": ([f(3, 10), ops.pack_ternary(w), np.array(0.7, np.float32)], {"in_features": 10}),
+        "TernaryMatMul": ([f(3, 10), pack_ternary(w), rng.random(6).astype(np.float32)], {"in_features": 10}),
+        "TernaryMatMulPerTensor": ([f(3, 10), pack_ternary(w), np.array(0.7, np.float32)], {"in_features": 10}),
         "LowRankCorrection": ([f(3, 10), f(2, 10), f(6, 2), np.array(0.3, np.float32)], {}),
     }
 
@@ -110,11 +111,11 @@ def test_training_path_is_differentiable_and_matches_the_op():
 @given(st.integers(1, 9), st.integers(1, 23), st.integers(0, 2**31 - 1))
 def test_ternary_pack_roundtrip(n, k, seed):
     w = np.random.default_rng(seed).integers(-1, 2, size=(n, k)).astype(np.int8)
-    packed = ops.pack_ternary(w)
+    packed = pack_ternary(w)
     assert packed.dtype == np.uint8 and packed.shape == (n, (k + 3) // 4)
-    np.testing.assert_array_equal(ops.unpack_ternary(packed, k), w)
+    np.testing.assert_array_equal(unpack_ternary(packed, k), w)
 
 
 def test_pack_ternary_rejects_non_ternary():
     with pytest.raises(ValueError, match="values in"):
-        ops.pack_ternary(np.array([[0, 2]]))
+        pack_ternary(np.array([[0, 2]]))

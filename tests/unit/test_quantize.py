@@ -13,8 +13,8 @@ from edgegate import zoo
 from edgegate.calibration import calibrate
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, find_gates, register
-from edgegate.quantize import Flavor, QuantConfig, decision_layers, plan_from, quantize
-from edgegate.quantize.layers import EmptySafeQuantConv2d, EmptySafeQuantLinear, quant_layer
+from edgegate.quantization import Flavor, QuantConfig, decision_layers, plan_from, quantize
+from edgegate.quantization.layers import EmptySafeQuantConv2d, EmptySafeQuantLinear, quant_layer
 
 # Layers the default policy keeps in float, per zoo model (computed from gate types, asserted by path).
 FLOAT_BY_POLICY = {

@@ -18,10 +18,10 @@ TARGET = SnnTarget()
 
 def _export(model, name: str, quant: str):
     """(lowered ONNX, calibration inputs, test inputs, test labels) the way the pipeline builds them."""
-    from edgegate.export.torch_export import ExportOptions, export_onnx
     from edgegate.gates import find_gates
-    from edgegate.quantize.plan import Flavor
-    from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
 
     entry = zoo.entry(name)
     spec = entry.inputs[0]
@@ -101,7 +101,7 @@ def test_early_exit_models_decide_early_by_default(exported, tmp_path):
 @pytest.mark.parametrize("name, op_type", [("moe", "Add"), ("gated_attention", "ReduceMean"),
                                            ("channel_gate", "ChannelGate")])
 def test_unsupported_zoo_families_are_named(name, op_type):
-    from edgegate.export.torch_export import ExportOptions, export_onnx
+    from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
 
     model = zoo.build(name).eval()
     (x,) = zoo.example_inputs(name, batch=2)
@@ -113,8 +113,8 @@ def test_unsupported_zoo_families_are_named(name, op_type):
 
 def test_neurocorex_sized_digits_network(tmp_path):
     """NeuroCoreX's digits example is a 64 -> 10 network (66 % in its simulation); ours, converted."""
-    from edgegate.export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantize.step import split_data
+    from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantization.step import split_data
     from edgegate.snn.neurocorex import SIZE, WORD_MAX
     from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
 
@@ -153,8 +153,8 @@ def test_neurocorex_refuses_networks_over_90_neurons(exported, tmp_path):
 def test_convolutions_unroll_to_sparse_synapses(tmp_path):
     """Conv + ReLU (stride 2 for downsampling) -> Flatten -> Linear, trained here on 8x8 digits."""
     from edgegate.data import load_data
-    from edgegate.export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantize.step import split_data
+    from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantization.step import split_data
     from edgegate.snn.network import SynapseFormat
     from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate import zoo
-from edgegate.export.torch_export import export_onnx
-from edgegate.quantize.ternary import TernaryPTQLinear, fit_lowrank, ternarize_model, ternarize_weight
+from edgegate.onnx_export.torch_export import export_onnx
+from edgegate.quantization.ternary import TernaryPTQLinear, fit_lowrank, ternarize_model, ternarize_weight
 
 
 def test_ternarize_weight_codes_and_least_squares_scale():

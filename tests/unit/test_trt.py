@@ -22,9 +22,10 @@ pytest.importorskip("tensorrt_rtx_bindings", exc_type=ImportError)
 
 from edgegate import targets, zoo  # noqa: E402
 from edgegate.errors import TargetError  # noqa: E402
-from edgegate.export.ops import DOMAIN, function_proto, pack_ternary, reference  # noqa: E402
-from edgegate.export.passes.cast_fp16 import cast_fp16  # noqa: E402
-from edgegate.export.passes.lower_trt import lower_trt  # noqa: E402
+from edgegate.onnx_export.passes.cast_fp16 import cast_fp16  # noqa: E402
+from edgegate.onnx_export.passes.lower_trt import lower_trt  # noqa: E402
+from edgegate.ops import DOMAIN, pack_ternary, reference  # noqa: E402
+from edgegate.ops.onnx_function import function_proto  # noqa: E402
 from edgegate.targets import CompileContext  # noqa: E402
 from edgegate.targets.trt import ENGINE_FILE, MODEL_FILE, TrtOptions, check_engine  # noqa: E402
 
@@ -34,10 +35,10 @@ TRT = targets.get("trt")
 
 def _export(name, zoo_model):
     """(float ONNX, int8 QDQ ONNX, sample inputs) of a zoo model, as the export pipeline makes them."""
-    from edgegate.export.torch_export import ExportOptions, export_onnx
     from edgegate.gates import find_gates
-    from edgegate.quantize.plan import Flavor
-    from edgegate.quantize.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
+    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
 
     model, _ = zoo_model(name)
     entry = zoo.entry(name)

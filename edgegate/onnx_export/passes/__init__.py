@@ -5,7 +5,7 @@ shape inference after each. To write one: take a ModelProto, never mutate the ca
 the docstring says so, return the new model.
 """
 
-from edgegate.export.passes.attach_functions import attach_functions, iter_nodes
-from edgegate.export.passes.strip_debug_metadata import strip_debug_metadata
+from edgegate.onnx_export.passes.attach_functions import attach_functions, iter_nodes
+from edgegate.onnx_export.passes.strip_debug_metadata import strip_debug_metadata
 
 __all__ = ["attach_functions", "iter_nodes", "strip_debug_metadata"]

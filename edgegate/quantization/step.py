@@ -22,7 +22,7 @@ from torch import nn
 from edgegate.data import Dataset, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap
-from edgegate.quantize.plan import Flavor
+from edgegate.quantization.plan import Flavor
 
 SCHEMES = ("fp32", "fp16", "int8", "ternary")
 
@@ -69,8 +69,8 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
 
 def _int8(model, gate_map, options, flavor, x_cal, held_out, spec) -> Quantized:
     from edgegate.calibration import calibrate, measure_fidelity
-    from edgegate.export.passes.insert_qdq import insert_qdq
-    from edgegate.quantize.config import QuantConfig
+    from edgegate.onnx_export.passes.insert_qdq import insert_qdq
+    from edgegate.quantization.config import QuantConfig
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
@@ -90,9 +90,9 @@ def _int8(model, gate_map, options, flavor, x_cal, held_out, spec) -> Quantized:
 
 
 def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
-    from edgegate.export.passes.lower_ternary import lower_ternary
-    from edgegate.quantize.policy import decision_layers
-    from edgegate.quantize.ternary import ternarize_model
+    from edgegate.onnx_export.passes.lower_ternary import lower_ternary
+    from edgegate.quantization.policy import decision_layers
+    from edgegate.quantization.ternary import ternarize_model
 
     keep = decision_layers(model, gate_map)
     tmodel, report = ternarize_model(model, x_cal, keep_float=set(keep), rank=options.lowrank)

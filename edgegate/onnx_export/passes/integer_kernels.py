@@ -31,7 +31,7 @@ import onnx
 from onnx import helper
 
 from edgegate.errors import ExportError
-from edgegate.quantize.plan import LayerQuant
+from edgegate.quantization.plan import LayerQuant
 
 A16_MAX = 65535
 

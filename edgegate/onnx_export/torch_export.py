@@ -19,9 +19,9 @@ import onnx
 import torch
 
 from edgegate.errors import ExportError
-from edgegate.export.early_exit import CondEarlyExit
-from edgegate.export.ops import onnx_translation_table, register_onnx_schemas
-from edgegate.export.passes import attach_functions, strip_debug_metadata
+from edgegate.onnx_export.early_exit import CondEarlyExit
+from edgegate.onnx_export.passes import attach_functions, strip_debug_metadata
+from edgegate.ops.onnx_function import onnx_translation_table, register_onnx_schemas
 
 log = logging.getLogger(__name__)
 

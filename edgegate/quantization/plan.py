@@ -1,7 +1,7 @@
 """The quantization plan: what calibration decided for each layer, in plain arrays.
 
 Produced by gate-aware calibration (``edgegate.calibration``) from the brevitas quantizers it
-drove; consumed by the ONNX lowering passes (``edgegate.export.passes.insert_qdq``) that put
+drove; consumed by the ONNX lowering passes (``edgegate.onnx_export.passes.insert_qdq``) that put
 QuantizeLinear/DequantizeLinear into the float export. Keeping the hand-off as numpy arrays keyed
 by module path means the exporter never has to trace a brevitas module: the ONNX initializer of a
 layer's weight is named ``<module path>.weight`` by the dynamo exporter.

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgegate.quantize.config import CalibrationMode, GatePrecision, Observer, QuantConfig, Scheme
-from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.config import CalibrationMode, GatePrecision, Observer, QuantConfig, Scheme
+from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 _LAZY = {
-    "quantize": "edgegate.quantize.apply",
-    "plan_from": "edgegate.quantize.apply",
-    "float_layers": "edgegate.quantize.apply",
-    "kept_float": "edgegate.quantize.apply",
-    "decision_layers": "edgegate.quantize.policy",
-    "register_decision_layers": "edgegate.quantize.policy",
+    "quantize": "edgegate.quantization.apply",
+    "plan_from": "edgegate.quantization.apply",
+    "float_layers": "edgegate.quantization.apply",
+    "kept_float": "edgegate.quantization.apply",
+    "decision_layers": "edgegate.quantization.policy",
+    "register_decision_layers": "edgegate.quantization.policy",
 }
 
 __all__ = ["CalibrationMode", "Flavor", "GatePrecision", "LayerKind", "LayerQuant", "Observer", "QuantConfig",
@@ -30,4 +30,4 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'edgegate.quantize' has no attribute {name!r}")
+    raise AttributeError(f"module 'edgegate.quantization' has no attribute {name!r}")

@@ -35,8 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.export.ops import DOMAIN, TERNARY_LUT
-from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.ops import DOMAIN, TERNARY_LUT
 
 OP = "TernaryMatMul"
 _SHARED = {  # decode constants, added once to each graph that needs them (~70 bytes, any model size)

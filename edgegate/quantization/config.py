@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from edgegate.errors import EdgegateError
-from edgegate.quantize.plan import Flavor
+from edgegate.quantization.plan import Flavor
 
 
 class Scheme(StrEnum):

@@ -27,7 +27,7 @@ from torch import nn
 
 from edgegate import nn as enn
 from edgegate.gates import GateInfo, GateMap
-from edgegate.quantize.layers import is_quantizable
+from edgegate.quantization.layers import is_quantizable
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def decision_layers(model: nn.Module, gate_map: GateMap) -> dict[str, str]:
         fn = _lookup(module)
         if fn is None:
             log.warning("gate %s (%s) declares no decision layers; its layers are quantized. Register them "
-                        "with edgegate.quantize.register_decision_layers", info.name, info.module)
+                        "with edgegate.quantization.register_decision_layers", info.name, info.module)
             continue
         for layer, reason in fn(module, info, model):
             if is_quantizable(layer) and id(layer) in path_of:

@@ -29,8 +29,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.export.ops import DOMAIN, unpack_ternary
-from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.ops import DOMAIN, unpack_ternary
 
 TERNARY = "TernaryMatMul"
 

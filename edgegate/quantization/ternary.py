@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgegate.export import ops
+from edgegate.ops import pack_ternary, unpack_ternary
+from edgegate.ops import torch_ops as ops
 
 RIDGE = 1e-3  # relative to the mean activation energy; keeps Σ invertible for dead inputs
 
@@ -63,7 +64,7 @@ class TernaryPTQLinear(nn.Module):
         return y
 
     def dequantized_weight(self) -> torch.Tensor:
-        codes = ops.unpack_ternary(self.packed_weight.numpy(), self.in_features)
+        codes = unpack_ternary(self.packed_weight.numpy(), self.in_features)
         return torch.from_numpy(codes.astype(np.float32)) * self.weight_scale
 
 
@@ -90,7 +91,7 @@ def convert_linear(linear: nn.Linear, x: torch.Tensor | None, rank: int) -> Tern
     codes, scale = ternarize_weight(w)
     out = TernaryPTQLinear(linear.in_features, linear.out_features, linear.bias is not None, rank)
     with torch.no_grad():
-        out.packed_weight.copy_(torch.from_numpy(ops.pack_ternary(codes.to(torch.int8).numpy())))
+        out.packed_weight.copy_(torch.from_numpy(pack_ternary(codes.to(torch.int8).numpy())))
         out.weight_scale.copy_(scale)
         if linear.bias is not None:
             out.bias.copy_(linear.bias.detach())

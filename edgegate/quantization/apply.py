@@ -16,10 +16,10 @@ from torch import nn
 
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
-from edgegate.quantize.config import QuantConfig
-from edgegate.quantize.layers import EmptySafeQuantConv2d, is_quantizable, quant_layer
-from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
-from edgegate.quantize.policy import decision_layers
+from edgegate.quantization.config import QuantConfig
+from edgegate.quantization.layers import EmptySafeQuantConv2d, is_quantizable, quant_layer
+from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.policy import decision_layers
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -120,8 +120,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     import torch
 
     from edgegate.bundle import read_bundle
-    from edgegate.export.torch_export import output_names
     from edgegate.loading import load
+    from edgegate.onnx_export.torch_export import output_names
     from edgegate.pipeline import input_spec
 
     step = on_step or (lambda s: None)
@@ -244,7 +244,7 @@ def _float_row(model: Any, x: np.ndarray, labels: np.ndarray | None, out: dict[s
 
 
 def _is_early_exit(model: Any) -> bool:
-    from edgegate.export.torch_export import is_early_exit
+    from edgegate.onnx_export.torch_export import is_early_exit
 
     return is_early_exit(model)
 
@@ -256,7 +256,7 @@ def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None
                 float_out: dict[str, np.ndarray], config: CompareConfig) -> tuple[Row, Any]:
     """Evaluate one bundle on its target; (row, model.onnx proto for the layer probe or None)."""
     from edgegate import targets
-    from edgegate.bench import BenchConfig, bench
+    from edgegate.benchmark import BenchConfig, bench
 
     m = bundle.manifest
     q = m.get("quant") or {}

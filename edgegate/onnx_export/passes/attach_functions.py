@@ -11,8 +11,9 @@ from __future__ import annotations
 import onnx
 
 from edgegate.errors import ExportError
-from edgegate.export.ops import CATALOG, DOMAIN, DOMAIN_VERSION, function_proto
-from edgegate.export.passes._graph import subgraphs
+from edgegate.onnx_export.passes._graph import subgraphs
+from edgegate.ops import CATALOG, DOMAIN, DOMAIN_VERSION
+from edgegate.ops.onnx_function import function_proto
 
 
 def iter_nodes(graph: onnx.GraphProto):

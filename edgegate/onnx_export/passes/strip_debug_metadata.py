@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx
 
-from edgegate.export.passes.attach_functions import iter_nodes
+from edgegate.onnx_export.passes.attach_functions import iter_nodes
 
 DROPPED_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 

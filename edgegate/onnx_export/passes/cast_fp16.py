@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegate.export.passes._graph import fresh_name, graphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, value_names
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _FLOAT32_ONLY = {("Resize", 2)}  # (op, input index) typed tensor(float) by the ONNX schema

@@ -37,9 +37,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
-from edgegate.export.passes.integer_kernels import lower_integer
-from edgegate.quantize.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes.integer_kernels import lower_integer
+from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 MATCH_REL_ERROR = 0.1  # a MatMul weight is the plan's layer if ||W.T - dequant(plan)|| <= 10 % of its norm

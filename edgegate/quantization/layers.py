@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgegate.quantize.config import Observer, QuantConfig
-from edgegate.quantize.plan import Flavor
+from edgegate.quantization.config import Observer, QuantConfig
+from edgegate.quantization.plan import Flavor
 
 with warnings.catch_warnings():
     # brevitas warns at import about an optional CUDA kernel package we never use.

@@ -1,0 +1,7 @@
+"""``python -m edgegate.cli``: the same as the ``edgegate`` command."""
+
+import sys
+
+from edgegate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""What the subcommands share: the console, argument types, the trust flags, interrupt checks."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (subcommands inherit it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"edgegate: error: {message} (see `{self.prog} --help`)\n")
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def add_trust_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--trust-model", action="store_true",
+                    help="allow model formats that run code when loaded (full pickles, TorchScript, .pt2)")
+    sp.add_argument("--model", dest="model_class", metavar="CLASS_PATH",
+                    help="module.path:Class that rebuilds a plain state_dict or a non-edgegate checkpoint")
+
+
+INTERRUPTED = threading.Event()
+
+
+def raise_interrupt(signum, frame) -> None:
+    # Remembered as well as raised: a KeyboardInterrupt raised inside a library's import machinery or a
+    # finalizer can be swallowed there, so long commands re-check the flag between steps.
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT/SIGTERM arrived, even if a library swallowed the first one."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt

@@ -1,0 +1,92 @@
+"""`edgegate export`: load, find gates, calibrate/quantize, export ONNX, compile, write a bundle."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgegate.cli._common import add_trust_flags, check_interrupted, console, int_at_least
+from edgegate.errors import EdgegateError
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgegate.pipeline import ExportConfig, run_export
+
+    out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
+    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, observer=args.observer,
+                          gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
+                          min_coverage=args.min_coverage,
+                          batch=args.batch, exit_form=args.exit_form,
+                          trust_model=args.trust_model, model_class=args.model_class,
+                          overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
+                          target_options=_target_options(args))
+    con = console()
+    with con.status("exporting") as status:
+        def on_step(step: str) -> None:
+            check_interrupted()
+            status.update(f"export: {step}")
+
+        path = run_export(args.model, out, config, on_step=on_step)
+    from edgegate.bundle import read_bundle
+
+    m = read_bundle(path).manifest
+    steps = ", ".join(f"{k} {v:.2f}s" for k, v in m["timings_s"].items())
+    gates = m["gates"].get("gates", [])
+    con.print(f"wrote [bold]{path}[/] for target {m['target']} ({len(gates)} gates; {steps})")
+    return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgegateError(f"{flag} {item!r} must look like KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _target_options(args: argparse.Namespace) -> dict[str, str]:
+    options = _key_values(args.target_option, "--target-option")
+    for flag, key, value in (("--trt-flavor", "flavor", args.trt_flavor), ("--timesteps", "timesteps", args.timesteps)):
+        if value is not None:
+            if key in options and options[key] != str(value):
+                raise EdgegateError(f"{flag} {value} contradicts --target-option {key}={options[key]}; give one")
+            options[key] = str(value)
+    return options
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory")
+    e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
+    e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
+    e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
+    e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
+                   help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights; "
+                   "fp16: a float graph the target builds in half precision (trt)")
+    e.add_argument("-O", "--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target-specific compile option (repeatable); see `edgegate targets`")
+    e.add_argument("--trt-flavor", choices=["auto", "tensorrt", "rtx"], default=None,
+                   help="trt: datacenter/Jetson TensorRT or TensorRT for RTX (same as -O flavor=...)")
+    e.add_argument("--timesteps", type=int_at_least(1), default=None, metavar="T",
+                   help="snn: simulation timesteps per input (same as -O timesteps=T)")
+    e.add_argument("--calib", metavar="NAME|FILE.npz",
+                   help="calibration data: a built-in dataset or an .npz keyed by input name "
+                   "(default: the dataset the checkpoint was trained on)")
+    e.add_argument("--observer", default="percentile", choices=["minmax", "percentile", "mse"],
+                   help="activation range observer (int8)")
+    e.add_argument("--gate-precision", choices=["float", "int8"], default=None,
+                   help="routers, exit heads and gate predictors: keep float (default) or quantize them too")
+    e.add_argument("--calibration", default="gate_aware", choices=["gate_aware", "naive"],
+                   help="naive: every quantizer sees all data and gates are quantized (a baseline)")
+    e.add_argument("--min-coverage", type=int, default=32, metavar="ROWS",
+                   help="calibration rows each quantizer must see; below it calibration is augmented")
+    e.add_argument("--lowrank", type=int_at_least(0), default=0, metavar="R",
+                   help="with --quant ternary: add a rank-R float correction fitted to the ternary error")
+    e.add_argument("--batch", type=int_at_least(1), default=None, help="static batch size (default: dynamic)")
+    e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
+                   help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    e.add_argument("--keep-intermediate", action="store_true", help="keep each step's output in OUTPUT.steps/")
+    add_trust_flags(e)
+    e.set_defaults(func=cmd_export)

@@ -1,0 +1,192 @@
+"""The ONNX side of the op catalog: each op's model-local FunctionProto, its OpSchema, and the
+dynamo exporter's translation of the torch custom op into one ``edgegate`` node.
+
+Input: ``edgegate.ops.catalog`` entries. Output: ONNX functions recorded by running each op's body on
+an :class:`OnnxBuilder` (standard ops only, default opset ``ONNX_OPSET``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegate.ops.backends import AttrInt
+from edgegate.ops.catalog import CATALOG, DOMAIN, DOMAIN_VERSION, TYPE_CONSTRAINTS
+
+ONNX_OPSET = 20  # function bodies must use the model's default opset
+
+_DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int8": TensorProto.INT8,
+           "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
+
+
+class OnnxBuilder:
+    """Records a body as ONNX nodes (standard domain only) for a model-local FunctionProto."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def _fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"_{hint}{self._n}"
+
+    def _node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> Any:
+        outs = [self._fresh(op.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else tuple(outs)
+
+    def _ints(self, values: list[int]) -> str:
+        return self.const(values, "int64")
+
+    def const(self, value: Any, dtype: str) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        return self._node("Constant", [], value=numpy_helper.from_array(arr))
+
+    def attr(self, a: AttrInt) -> str:
+        # A scalar int64 tensor whose value is the calling node's attribute.
+        out = self._fresh("attr")
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT))
+        node.attribute[-1].ref_attr_name = a.name
+        self.nodes.append(node)
+        return out
+
+    def cast(self, x, dtype: str):
+        return self._node("Cast", [x], to=_DTYPES[dtype])
+
+    def cast_like(self, x, like):
+        return self._node("CastLike", [x, like])
+
+    def add(self, a, b):
+        return self._node("Add", [a, b])
+
+    def sub(self, a, b):
+        return self._node("Sub", [a, b])
+
+    def mul(self, a, b):
+        return self._node("Mul", [a, b])
+
+    def div(self, a, b):
+        return self._node("Div", [a, b])
+
+    def sigmoid(self, x):
+        return self._node("Sigmoid", [x])
+
+    def softmax(self, x):
+        return self._node("Softmax", [x], axis=-1)
+
+    def greater(self, a, b):
+        return self._node("Greater", [a, b])
+
+    def greater_equal(self, a, b):
+        return self._node("GreaterOrEqual", [a, b])
+
+    def reduce_max(self, x):
+        return self._node("ReduceMax", [x, self._ints([-1])], keepdims=0)
+
+    def reduce_sum(self, x):
+        return self._node("ReduceSum", [x, self._ints([-1])], keepdims=1)
+
+    def topk(self, x, k):
+        k1 = self._node("Reshape", [k, self._ints([1])])
+        return self._node("TopK", [x, k1], n_out=2, axis=-1, largest=1, sorted=1)
+
+    def matmul(self, a, b):
+        return self._node("MatMul", [a, b])
+
+    def transpose(self, x):
+        # Function inputs have unknown rank; callers only transpose 2-D weights.
+        return self._node("Transpose", [x], perm=[1, 0])
+
+    def shift_right(self, x, bits: int):
+        return self._node("BitShift", [x, self.const(bits, "uint8")], direction="RIGHT")
+
+    def bit_and(self, x, mask: int):
+        return self._node("BitwiseAnd", [x, self.const(mask, "uint8")])
+
+    def stack_last(self, xs):
+        return self._node("Concat", [self._node("Unsqueeze", [x, self._ints([-1])]) for x in xs], axis=-1)
+
+    def flatten_last2(self, x):
+        # [N, M, 4] -> [N, 4M]: 2-D weights only (the packed-ternary layout).
+        return self._node("Reshape", [x, self._ints([0, -1])])
+
+    def slice_last(self, x, n):
+        n1 = self._node("Reshape", [n, self._ints([1])])
+        return self._node("Slice", [x, self._ints([0]), n1, self._ints([-1])])
+
+    def take(self, table, idx):
+        return self._node("Gather", [table, self.cast(idx, "int64")], axis=0)
+
+    def dequantize_rows(self, w_int8, scale):
+        # Per-output-channel DequantizeLinear: the form TensorRT needs to see in front of a MatMul.
+        return self._node("DequantizeLinear", [w_int8, scale], axis=0)
+
+
+
+@cache
+def function_proto(op_type: str) -> onnx.FunctionProto:
+    """The op's model-local ONNX function (standard ops, default opset ``ONNX_OPSET``)."""
+    op = CATALOG[op_type]
+    b = OnnxBuilder()
+    in_names = [n for n, _ in op.inputs]
+    out = op.body(b, *in_names, **{a: AttrInt(a, 0) for a in op.attrs})
+    outs = out if isinstance(out, tuple) else (out,)
+    for value, (name, _) in zip(outs, op.outputs, strict=True):
+        b.nodes.append(helper.make_node("Identity", [value], [name]))
+    return helper.make_function(
+        DOMAIN, op.name, in_names, [n for n, _ in op.outputs], b.nodes,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)], attributes=list(op.attrs), doc_string=op.doc,
+    )
+
+
+def register_onnx_schemas() -> None:
+    """Register each op's OpSchema so onnx shape inference and onnxscript know its signature."""
+    from onnx import defs
+
+    for op in CATALOG.values():
+        if defs.has(op.name, DOMAIN):
+            continue
+        used = sorted({t for _, t in op.inputs + op.outputs})
+        schema = defs.OpSchema(
+            op.name, DOMAIN, DOMAIN_VERSION, doc=op.doc,
+            inputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.inputs],
+            outputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.outputs],
+            type_constraints=[(t, TYPE_CONSTRAINTS[t], "") for t in used],
+            attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, a) for a in op.attrs],
+        )
+        defs.register_schema(schema)
+
+
+def onnx_translation_table() -> dict:
+    """Exporter translations: each custom op becomes one node of the ``edgegate`` domain."""
+    # torch and onnxscript only here: function_proto and the schemas serve ONNX passes without torch.
+    import torch
+    from onnxscript.values import Opset
+
+    from edgegate.ops.torch_ops import torch_backend
+
+    torch_backend()
+    register_onnx_schemas()
+    opset = Opset(DOMAIN, DOMAIN_VERSION)
+    table = {}
+    for op in CATALOG.values():
+
+        def translate(*args, _op=op, **kwargs):
+            n_in = len(_op.inputs)
+            attrs = dict(zip(_op.attrs, args[n_in:], strict=False)) | kwargs
+            return getattr(opset, _op.name)(*args[:n_in], **{a: int(attrs[a]) for a in _op.attrs})
+
+        params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n, _ in op.inputs]
+        params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+                   for a in op.attrs]
+        translate.__signature__ = inspect.Signature(params)
+        translate.__annotations__ = {a: int for a in op.attrs}
+        translate.__name__ = op.name
+        table[getattr(torch.ops.edgegate, op.torch_name).default] = translate
+    return table
