@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgegate.cli._common import add_trust_flags, check_interrupted, console, int_at_least
+from edgegate.cli._common import add_input_flag, add_trust_flags, check_interrupted, console, fraction, int_at_least
 from edgegate.errors import EdgegateError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from edgegate.loading.inputs import parse_inputs
     from edgegate.pipeline import ExportConfig, run_export
 
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
-    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, observer=args.observer,
+    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, holdout=args.holdout,
+                          inputs=parse_inputs(args.input), observer=args.observer,
                           gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
                           min_coverage=args.min_coverage,
                           batch=args.batch, exit_form=args.exit_form,
@@ -58,7 +60,8 @@ def _target_options(args: argparse.Namespace) -> dict[str, str]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory")
-    e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
+    e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...) or Hugging Face model folder "
+                   "(config.json + *.safetensors)")
     e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
     e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
@@ -73,6 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
                    "(default: the dataset the checkpoint was trained on)")
+    e.add_argument("--holdout", type=fraction, default=None, metavar="FRACTION",
+                   help="set this share of a --calib file's rows aside (the same rows every run) to measure gate "
+                   "fidelity; without it the whole file calibrates and fidelity is measured on it")
+    add_input_flag(e)
     e.add_argument("--observer", default="percentile", choices=["minmax", "percentile", "mse"],
                    help="activation range observer (int8)")
     e.add_argument("--gate-precision", choices=["float", "int8"], default=None,

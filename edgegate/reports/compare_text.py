@@ -54,6 +54,10 @@ def render_text(report: CompareReport) -> str:
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
+    on_calib = [r.name for r in report.rows if r.recorded.get("measured_on") == "calibration"]
+    if on_calib:
+        lines.append(f"gate fidelity recorded at export on the calibration rows, not held-out data (exported "
+                     f"without --holdout): {', '.join(on_calib)}")
     return "\n".join(lines)
 
 
