@@ -61,13 +61,14 @@ class ModelFormat(StrEnum):
 CODE_FORMATS = frozenset({ModelFormat.FULL_PICKLE, ModelFormat.TORCHSCRIPT, ModelFormat.EXPORTED_PROGRAM})
 # Formats that load but cannot be exported, and why (with what to do instead).
 NOT_EXPORTABLE = {
-    ModelFormat.TORCHSCRIPT: "a TorchScript archive has no Python module to trace (edgegate exports through "
-                             "torch.export); export from the original nn.Module (edgegate.export(module, "
-                             "example_inputs)) or save its state_dict and pass --model pkg.module:Class",
-    ModelFormat.EXPORTED_PROGRAM: "a torch.export program (.pt2) is a flat graph with no modules left, so its "
-                                  "gates cannot be found, calibrated or converted; export from the original "
-                                  "nn.Module (edgegate.export(module, example_inputs)) or save its state_dict "
-                                  "and pass --model pkg.module:Class",
+    ModelFormat.TORCHSCRIPT: "it is a TorchScript archive, which has no Python module to trace (--trust-model "
+                             "would load it, but edgegate exports through torch.export); export from the original "
+                             "nn.Module (edgegate.export(module, example_inputs)) or save its state_dict and pass "
+                             "--model pkg.module:Class",
+    ModelFormat.EXPORTED_PROGRAM: "it is a torch.export program (.pt2): a flat graph with no modules left, so its "
+                                  "gates cannot be found, calibrated or converted (--trust-model would not change "
+                                  "that); export from the original nn.Module (edgegate.export(module, "
+                                  "example_inputs)) or save its state_dict and pass --model pkg.module:Class",
 }
 
 

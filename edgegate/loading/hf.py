@@ -209,5 +209,8 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as e:
-        raise ModelFormatError(f"loading a Hugging Face model folder needs transformers: {HF_EXTRA}") from e
+        if e.name == "transformers":
+            raise ModelFormatError(f"loading a Hugging Face model folder needs transformers: {HF_EXTRA}") from e
+        raise ModelFormatError(f"transformers is installed but does not import ({one_line(e, 160)}); "
+                               f"reinstall it: {HF_EXTRA}") from e
     return transformers

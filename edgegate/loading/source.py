@@ -85,11 +85,12 @@ def name_examples(module: Any, example: Any, names: Sequence[str] | None = None)
         inputs = Inputs(dict(example))
     else:
         args = tuple(example) if isinstance(example, tuple) else (example,)
-        want = list(names or _forward_names(module, len(args)))
-        if len(want) != len(args):
-            raise DataError(f"{len(args)} example inputs given for a model that takes {len(want)} "
+        want, required = (list(names), len(names)) if names else _forward_names(module, len(args))
+        if not required <= len(args) <= len(want):
+            takes = f"{required}" if required == len(want) else f"{required} to {len(want)}"
+            raise DataError(f"{len(args)} example input(s) given for a model that takes {takes} "
                             f"({', '.join(want)}); give one per input, or a dict keyed by input name")
-        inputs = Inputs(dict(zip(want, args, strict=True)))
+        inputs = Inputs(dict(zip(want, args, strict=False)))
     return inputs.map(_as_array)
 
 
@@ -106,18 +107,20 @@ def specs_of(examples: Inputs, recorded: Sequence[TensorSpec] = ()) -> tuple[Ten
     return tuple(out)
 
 
-def _forward_names(module: Any, n: int) -> list[str]:
+def _forward_names(module: Any, n: int) -> tuple[list[str], int]:
+    """(input names, how many are required) from the module's ``input_names`` or its ``forward``."""
     declared = getattr(module, "input_names", None)
     if declared:
-        return [str(x) for x in declared]
+        return [str(x) for x in declared], 1
     try:
-        params = inspect.signature(module.forward).parameters.values()
+        params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):  # a builtin or C++ forward: no Python signature
-        return [f"input_{i}" for i in range(n)] if n > 1 else ["input"]
-    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind is p.VAR_POSITIONAL for p in params) and len(names) < n:
+        return [f"input_{i}" for i in range(n)] if n > 1 else ["input"], n
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
         names += [f"input_{i}" for i in range(len(names), n)]
-    return names[:n] if len(names) >= n else names
+    return names, sum(p.default is p.empty for p in positional)
 
 
 def _as_array(x: Any) -> np.ndarray:
