@@ -200,6 +200,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         raise ExportError("--holdout sets aside rows of the calibration data: it needs --quant int8|ternary and "
                           "--calib FILE.npz")
     x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
+    _check_fits(model, x, specs)
     with timer.step("convert"):
         conversion = _verify(original, conversion, calib, x)
     with timer.step("calibrate" if quantized else "quantize"):
@@ -276,7 +277,7 @@ def _convert(model: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
         return model, conversion.module, conversion
     original = model
     conversion = convert(copy.deepcopy(model))
-    return original, conversion.module, conversion
+    return original, conversion.module.eval(), conversion  # replacements are built in training mode
 
 
 def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
@@ -287,6 +288,16 @@ def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
         return conversion
     rows = calib.model_inputs() if calib is not None else golden
     return verify(original, conversion, dict(rows[:VERIFY_ROWS].arrays))
+
+
+def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
+    """The model runs on two samples of its inputs: a wrong --input becomes a DataError, not an exporter trace."""
+    import torch
+
+    from edgegate.calibration.inputs import check_fits
+
+    shown = ", ".join(f"{s.name}:{'x'.join(str(d) for d in ('N', *s.shape))}:{s.dtype}" for s in specs)
+    check_fits(model, x[:2].map(torch.from_numpy), source=f"model inputs {shown} (--input, or as recorded)")
 
 
 def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float | None) -> tuple[Any, Any]:

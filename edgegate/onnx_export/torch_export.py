@@ -123,7 +123,8 @@ def export_onnx(
     return proto
 
 
-# Loggers the exporter writes to while it works, each set to ERROR for the duration of an export.
+# Loggers the exporter writes to while it works (notes, and errors it then raises as the exception we
+# report), each silenced for the duration of an export unless debug logging is on.
 _NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir", "torch.fx.experimental.symbolic_shapes",
                   "torch._export", "torch.export", "torch._dynamo")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -144,7 +145,7 @@ def _quiet_loggers() -> Iterator[None]:
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
