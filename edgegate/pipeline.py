@@ -287,7 +287,11 @@ def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
     if not conversion.converted:
         return conversion
     rows = calib.model_inputs() if calib is not None else golden
-    return verify(original, conversion, dict(rows[:VERIFY_ROWS].arrays))
+    try:
+        return verify(original, conversion, dict(rows[:VERIFY_ROWS].arrays))
+    except TypeError as e:  # verify calls both models with the inputs by name
+        raise ExportError(f"checking the converted model calls it with its inputs by name ({', '.join(rows.names)}) "
+                          f"and it refused them ({e}); name --input after forward's arguments") from e
 
 
 def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
