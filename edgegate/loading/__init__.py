@@ -12,7 +12,8 @@ architecture their config names, never with remote code (``hf``).
 
 Parts: `detect` (format by content), `checkpoint` (the edgegate checkpoint: `save`, its spec),
 `build` (one loader per format: rebuild the module, load its tensors), `hf` (Hugging Face folders),
-`inputs` (what a model takes: recorded in its file or given as ``--input NAME:SHAPE[:DTYPE]``).
+`inputs` (what a model takes: recorded in its file or given as ``--input NAME:SHAPE[:DTYPE]``),
+`source` (what an export starts from: a path, or an ``nn.Module`` with example inputs; imports torch).
 """
 
 from __future__ import annotations

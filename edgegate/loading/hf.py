@@ -15,12 +15,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgegate.data import TensorSpec
 from edgegate.errors import EdgegateError, ModelFormatError, UnsafeModelError, one_line
+from edgegate.loading.detect import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,16 @@ def folder_files(path: Path) -> list[Path]:
 def folder_sha256(path: Path) -> str:
     """sha256 of the lines ``"<sha256 of file>  <file name>\\n"`` over `folder_files` (sorted by name):
     the folder's identity, like ``sha256sum config.json *.safetensors | sha256sum`` after sorting."""
-    from edgegate.bundle import sha256_file
-
-    lines = "".join(f"{sha256_file(f)}  {f.name}\n" for f in folder_files(path))
+    lines = "".join(f"{_sha256(f)}  {f.name}\n" for f in folder_files(path))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -94,17 +102,16 @@ def check_folder(path: Path, config: Mapping[str, Any]) -> str:
 
 def load_folder(path: Path, inputs: Sequence[TensorSpec] = ()) -> tuple[Any, dict[str, Any]]:
     """(module, spec) of the Hugging Face folder at `path`; `inputs` (from ``--input``) replace the default."""
-    from edgegate.loading.detect import check_safetensors
-
     config_dict = read_config(path)
     arch = check_folder(path, config_dict)
     # Our own header checks before transformers reads a byte of the weights.
     headers = [check_safetensors(f).payload for f in sorted(path.glob("*.safetensors"))]
     transformers = _transformers()
+    # transformers (and torch) are imported only once a folder is loaded: `import edgegate` stays light.
     import torch
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config_dict.get("model_type")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise UnsafeModelError(f"{path}: model_type {str(model_type)[:40]!r} is not in transformers "
@@ -175,9 +182,7 @@ def _input_record(spec: TensorSpec, vocab: Any) -> dict[str, Any]:
 
 def _check_size(path: Path, cls: type, config: Any, headers: Sequence[Mapping[str, Any]]) -> None:
     """Build `cls` on the meta device (no memory) and refuse a config whose parameters the files do not hold."""
-    import math
-
-    import torch
+    import torch  # torch side: loading/ itself imports without torch
 
     stored = sum(math.prod(e["shape"]) for h in headers for k, e in h.items() if k != "__metadata__")
     try:
@@ -194,13 +199,17 @@ def _check_size(path: Path, cls: type, config: Any, headers: Sequence[Mapping[st
 
 @contextlib.contextmanager
 def _quiet(transformers: Any) -> Iterator[None]:
-    """No progress bars from transformers while loading (library code never prints); restored after."""
+    """No progress bars or loading reports from transformers while loading (library code never prints; what
+    the reports say, missing or mismatched weights, is checked and raised here); restored after."""
     tlog = transformers.utils.logging
-    had_bar = tlog.is_progress_bar_enabled()
+    had_bar, verbosity = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
     tlog.disable_progress_bar()
+    if not log.isEnabledFor(logging.DEBUG):
+        tlog.set_verbosity_error()
     try:
         yield
     finally:
+        tlog.set_verbosity(verbosity)
         if had_bar:
             tlog.enable_progress_bar()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import DataError, ExportError
@@ -36,8 +37,6 @@ class Source:
 def open_source(model: Any, *, trust_model: bool = False, model_class: str | None = None,
                 inputs: Sequence[TensorSpec] = (), example_inputs: Any = None) -> Source:
     """Load `model` (a path or an nn.Module) for export; `inputs` (``--input``) override what it records."""
-    import torch
-
     given = tuple(inputs)
     if isinstance(example_inputs, dict) and not given:  # named examples name the inputs (an HF folder's too)
         given = specs_of(name_examples(None, example_inputs))
@@ -68,8 +67,6 @@ def from_module(module: Any) -> LoadedModel:
 
 def state_dict_sha256(module: Any) -> str:
     """sha256 over the state_dict, entry by entry in name order: name, dtype, shape, then the raw bytes."""
-    import torch
-
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         a = t.detach().cpu().contiguous()
@@ -124,8 +121,6 @@ def _forward_names(module: Any, n: int) -> tuple[list[str], int]:
 
 
 def _as_array(x: Any) -> np.ndarray:
-    import torch
-
     if isinstance(x, torch.Tensor):
         return np.ascontiguousarray(x.detach().cpu().numpy())
     if isinstance(x, np.ndarray):
