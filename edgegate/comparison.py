@@ -38,6 +38,7 @@ import numpy as np
 
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError
+from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
 from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
@@ -55,8 +56,6 @@ NOTES = (
     "outputs of the deployed graph",
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
 )
-
-
 class CompareError(EdgegateError):
     """A bundle does not belong to the model, or compare cannot run with the given inputs."""
 
@@ -178,7 +177,9 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
             for r in rows] + late
     model_info = {"file": str(model_path), "sha256": loaded.sha256, "class": loaded.spec.get("class"),
                   "outputs": names}
-    return CompareReport(model=model_info, data=data_info, rows=tuple(rows))
+    on_calib = [r.name for r in rows if r.recorded.get("measured_on") == "calibration"]
+    notes = NOTES + ((f"{CALIBRATION_ROWS_NOTE}: {', '.join(on_calib)}",) if on_calib else ())
+    return CompareReport(model=model_info, data=data_info, rows=tuple(rows), notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------ data
