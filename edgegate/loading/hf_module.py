@@ -43,6 +43,8 @@ class HFLogits(nn.Module):
         self._flags = {"use_cache": False} if "use_cache" in params else {}
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if len(args) > len(self.input_names):
+            raise TypeError(f"{len(args)} inputs given; the model takes {', '.join(self.input_names)}")
         feeds = dict(zip(self.input_names, args, strict=False)) | kwargs
         out = self.model(**feeds, **self._flags, return_dict=True)
         logits = getattr(out, "logits", None)

@@ -20,18 +20,17 @@ import torch
 from edgegate.cli import main
 from tests._cli import edgegate
 
-transformers = pytest.importorskip("transformers")
 SEQ = 16
 
 
-def _mixtral():
+def _mixtral(transformers):
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.2)
     return transformers.MixtralForCausalLM(cfg)
 
 
-def _qwen3_moe():
+def _qwen3_moe(transformers):
     cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                       num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
@@ -42,11 +41,12 @@ def _qwen3_moe():
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
     """name -> (folder written by save_pretrained, the transformers model itself); seeded, < 1M parameters."""
+    transformers = pytest.importorskip("transformers")
     work = tmp_path_factory.mktemp("hf")
     out = {}
     for name, build in (("mixtral", _mixtral), ("qwen3_moe", _qwen3_moe)):
         torch.manual_seed(0)
-        model = build().eval()
+        model = build(transformers).eval()
         assert sum(p.numel() for p in model.parameters()) < 1_000_000
         model.save_pretrained(work / name)
         out[name] = (work / name, model)
