@@ -2,9 +2,8 @@
 
 Stage: calibrate (DESIGN §1, §5). Input: a float model, calibration inputs (batch first: one array
 for a single-input model, or a tuple / dict / :class:`Inputs` of several), a :class:`QuantConfig` and
-the model's :class:`GateMap`. Output: the calibrated fake-quant
-model and a :class:`CalibrationRecord` (coverage, augmentation, fallbacks, re-tuned thresholds and
-the :class:`QuantPlan`).
+the model's :class:`GateMap`. Output: the calibrated fake-quant model and a :class:`CalibrationRecord`
+(coverage, augmentation, fallbacks, re-tuned thresholds and the :class:`QuantPlan`).
 
 Steps: validate the data; quantize a copy (gate precision policy); count rows under the deployed
 gating (float model); plan coverage augmentation; run the quantized model's own eager forward once in

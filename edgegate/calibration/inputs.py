@@ -57,13 +57,6 @@ def as_inputs(data: Any, model: nn.Module, specs: Specs = None, source: str = "c
     return out
 
 
-def input_name(model: nn.Module, spec: TensorSpec | None = None) -> str:
-    if spec is not None:
-        return spec.name
-    names = getattr(model, "input_names", None) or ("input",)
-    return str(names[0])
-
-
 def as_input(data: Any, name: str, spec: TensorSpec | None = None, source: str = "calibration data") -> torch.Tensor:
     """``data`` as a tensor once it is non-empty, finite and (with ``spec``) of the right dtype/shape."""
     if isinstance(data, torch.Tensor):
