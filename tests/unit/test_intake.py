@@ -120,7 +120,18 @@ def test_api_exports_a_module_with_two_example_inputs(tmp_path):
         edgegate.export(model, x, out=tmp_path / "c")
     with pytest.raises(edgegate.errors.EdgegateError, match="unknown option 'bogus'"):
         edgegate.export(model, (x, sr), out=tmp_path / "d", bogus=1)
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    with pytest.raises(ExportError, match="--holdout sets aside rows of the calibration data: it needs --quant"):
+        edgegate.export(model, (x, sr), out=tmp_path / "e", holdout=0.2)
+    assert not any((tmp_path / n).exists() for n in "cde")
+
+
+def test_holdout_flag_must_be_a_fraction(capsys):
+    from edgegate.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "m.pt", "--holdout", "1.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--holdout: 1.5 must be a fraction between 0 and 1" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------- convert
