@@ -29,14 +29,13 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    from edgegate import zoo
-    from edgegate.reports.text import num
-
     out = Path(args.output)
     if out.is_dir():
         raise EdgegateError(f"{out} is a directory; give -o a checkpoint file path such as model.pt")
     if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise EdgegateError(f"{out} already exists; pass --overwrite to replace that file or choose another -o")
+    from edgegate import zoo
+    from edgegate.reports.text import num
     with Status("zoo train") as status:
         status.update(f"training {args.name}")
         path = zoo.train_and_save(args.name, out, seed=args.seed)

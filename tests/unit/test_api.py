@@ -15,7 +15,6 @@ import edgegate
 from edgegate import targets
 from edgegate.errors import TargetError
 
-
 # In a fresh interpreter: import every edgegate module (no module skipped silently), then check that each
 # public name is still the documented function, then run `edgegate.export` and `edgegate.quantize` for real.
 IMPORT_ALL = textwrap.dedent(

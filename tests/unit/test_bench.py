@@ -330,7 +330,7 @@ def test_runner_metrics_are_reported(tmp_path: Path) -> None:
     assert m == {"runs": 16, "samples": SAMPLES + 15, "energy_uj": 8.0,
                  "per_layer": {"fc": [0, 1, 2], "long": list(range(20))}}
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert d["version"] == 2 and d["runtime_metrics"] == m
+    assert d["version"] == 3 and d["runtime_metrics"] == m
     text = render_text(report)
     assert ("Runtime      : runs 16, samples 23, energy_uj 8, per_layer.fc [0, 1, 2], "
             "per_layer.long sum 190 over 20") in text
