@@ -151,7 +151,7 @@ def test_report_fields_statistics_and_throughput(tmp_path: Path) -> None:
 def test_json_round_trip_is_versioned(tmp_path: Path) -> None:
     report = bench(_make_bundle(tmp_path / "b", exits=True), QUICK)
     d = report.to_dict()
-    assert (d["format"], d["version"]) == (FORMAT, 2)
+    assert (d["format"], d["version"]) == (FORMAT, 3)
     text = json.dumps(d, allow_nan=False)  # strict JSON: no NaN/Infinity
     assert json.loads(text) == d
     assert set(d) == {"format", "version", *BenchReport.__dataclass_fields__} - {"latencies_ms"}
