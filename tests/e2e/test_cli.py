@@ -78,7 +78,7 @@ def test_existing_bundle_unknown_target_and_corrupt_file(trained, tmp_path):
     (tmp_path / "exists.edgegate").mkdir()
     save(zoo.build("threshold_gate"), tmp_path / "m.pt", meta=zoo.checkpoint_meta("threshold_gate", {}, 0))
     r = edgegate("export", "m.pt", "-o", "exists.edgegate", cwd=tmp_path)
-    _assert_one_line_error(r, "exists.edgegate", "--overwrite")
+    _assert_one_line_error(r, "exists.edgegate", "already exists", "not an edgegate bundle")
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:300])
     r = edgegate("export", "trunc.pt", cwd=tmp_path)
     _assert_one_line_error(r, "trunc.pt")
