@@ -27,6 +27,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                           target_options=_target_options(args))
     began: dict[str, float] = {}  # step -> when it started, in run order (the manifest keys them alphabetically)
     with Status("export") as status:
+        status.update("import")  # torch, onnx and brevitas take seconds to import: say so at once
+
         def on_step(step: str) -> None:
             check_interrupted()
             began.setdefault(step, time.perf_counter())
