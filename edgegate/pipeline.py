@@ -199,9 +199,9 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     elif config.holdout is not None:
         raise ExportError("--holdout sets aside rows of the calibration data: it needs --quant int8|ternary and "
                           "--calib FILE.npz")
-    x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
-    _check_fits(model, x, specs)
-    with timer.step("convert"):
+    with timer.step("convert"):  # the golden samples go through the model first; the conversion is checked on data
+        x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
+        _check_fits(model, x, specs)
         conversion = _verify(original, conversion, calib, x)
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
@@ -295,13 +295,20 @@ def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
 
 
 def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
-    """The model runs on two samples of its inputs: a wrong --input becomes a DataError, not an exporter trace."""
+    """The model runs on two samples of its inputs: a wrong --input becomes a DataError, not an exporter trace.
+    (Like ``calibration.inputs.check_fits``, without importing the calibration stage, which loads brevitas.)"""
     import torch
 
-    from edgegate.calibration.inputs import check_fits
+    from edgegate.errors import DataError
 
-    shown = ", ".join(f"{s.name}:{'x'.join(str(d) for d in ('N', *s.shape))}:{s.dtype}" for s in specs)
-    check_fits(model, x[:2].map(torch.from_numpy), source=f"model inputs {shown} (--input, or as recorded)")
+    try:
+        with torch.no_grad():
+            x[:2].map(torch.from_numpy).run(model)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        shown = ", ".join(f"{s.name}:{'x'.join(str(d) for d in ('N', *s.shape))}:{s.dtype}" for s in specs)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"model inputs {shown} (--input, or as the model records them) do not fit the model "
+                        f"({first}); give each input's shape batch first, in forward's order") from e
 
 
 def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float | None) -> tuple[Any, Any]:

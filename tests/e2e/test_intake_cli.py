@@ -190,7 +190,7 @@ def test_full_pickle_cnn_with_input_flag(user_work, capsys):
     code, _, err = cli(capsys, "export", user_work / "cnn.pt", "--trust-model", "--input", "x:1x1x8", "-o",
                        user_work / "bad.edgegate")
     assert code == 2 and err.count("\n") == 1 and not (user_work / "bad.edgegate").exists()
-    assert err.startswith("edgegate: error: model inputs x:Nx1x8:float32") and "does not fit the model" in err
+    assert err.startswith("edgegate: error: model inputs x:Nx1x8:float32") and "do not fit the model" in err
 
 
 def test_two_input_float_model_int8_bench_compare(user_work, capsys, monkeypatch):
