@@ -20,8 +20,8 @@ from tests._cli import edgegate
 from tests.e2e._tty import on_terminal, screen_lines
 
 BOX = re.compile("[\u2500-\u257f]")  # box-drawing characters
-STEPS = ["import", "load", "find_gates", "load_data", "calibrate", "export_onnx", "check", "compile", "golden",
-         "write_bundle"]
+STEPS = ["import", "load", "convert", "find_gates", "load_data", "calibrate", "export_onnx", "check", "compile",
+         "golden", "write_bundle"]
 
 
 def _labelled(text: str) -> dict[str, list[str]]:

@@ -102,7 +102,7 @@ def test_per_layer_sqnr_covers_every_stage(ee_report):
 
 def test_json_is_versioned_and_strict(ee_report):
     d = ee_report.to_dict()
-    assert (d["format"], d["version"]) == (FORMAT, 1)
+    assert (d["format"], d["version"]) == (FORMAT, 2)
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert set(d) == {"format", "version", "model", "data", "rows", "notes"}
     row = d["rows"][1]
