@@ -20,13 +20,13 @@ import gc
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgegate.errors import DataError
+from edgegate.errors import DataError, one_line
 from edgegate.reports.bench_text import render_text
 from edgegate.reports.stats import (
     CV_WARN,
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 2  # v2 added ``runtime_metrics``; see README, "Report formats"
+FORMAT_VERSION = 3  # v2 added ``runtime_metrics``, v3 ``device``; see README, "Report formats"
 GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]
@@ -112,6 +112,8 @@ class BenchReport:
     # ``runner.metrics()`` after the timed runs, for targets whose runner reports some (e.g. snn: spikes,
     # synaptic ops, timesteps, energy); None when the runner has no ``metrics``.
     runtime_metrics: dict[str, Any] | None = None
+    # Which device agent measured the report (``{"name", "url"}``, edgegate.device); None: measured here.
+    device: dict[str, Any] | None = None
     # Every timed run's latency (only with ``bench(..., keep_latencies=True)``, for plots); not in the JSON.
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
@@ -120,6 +122,61 @@ class BenchReport:
         d = plain(dataclasses.asdict(self))
         d.pop("latencies_ms")
         return {"format": FORMAT, "version": FORMAT_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: Any, latencies_ms: Sequence[float] = ()) -> BenchReport:
+        """The report `to_dict` wrote (e.g. sent by a device agent); BenchError unless it is one this reads."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            shown = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise BenchError(f"not an {FORMAT} report (format {str(shown)[:40]!r})")
+        if d.get("version") != FORMAT_VERSION:
+            raise BenchError(f"{FORMAT} report version {str(d.get('version'))[:20]} is not the one this edgegate "
+                             f"reads ({FORMAT_VERSION}); use the same edgegate version on both sides")
+        try:
+            f = {k: d[k] for k in cls.__dataclass_fields__ if k != "latencies_ms"}
+            _expect(f, int, "batch", "warmup", "runs", "requested_runs", "seed")
+            _expect(f, float, "throughput", "timed_s")
+            _expect(f, str, "bundle", "target")
+            _expect(f, dict, "target_options", "host", "golden", "latency", "memory")
+            _expect(f, (dict, type(None)), "runtime_metrics", "device", "exits")
+            _expect(f["latency"], float, *LatencyStats.__dataclass_fields__)
+            _expect(f["memory"], (float, type(None)), *MemoryStats.__dataclass_fields__)
+            _expect(f["golden"], int, "samples")
+            _expect(f["golden"], float, "atol")
+            _expect(f["golden"], dict, "max_abs_err")
+            _expect(f["golden"]["max_abs_err"], float, *f["golden"]["max_abs_err"])
+            if not isinstance(f["unstable"], bool) or not all(isinstance(w, str) for w in f["warnings"]):
+                raise TypeError("unstable or warnings")
+            return cls(**{
+                **f,
+                "golden": GoldenCheck(**f["golden"]),
+                "latency": LatencyStats(**f["latency"]),
+                "memory": MemoryStats(**f["memory"]),
+                "exits": None if f["exits"] is None else _histogram(f["exits"]),
+                "routes": tuple(_histogram(h) for h in f["routes"]),
+                "warnings": tuple(f["warnings"]),
+                "latencies_ms": tuple(float(v) for v in latencies_ms),
+            })
+        except (KeyError, TypeError, ValueError) as e:
+            raise BenchError(f"malformed {FORMAT} report ({type(e).__name__}: {one_line(e, 80)})") from e
+
+
+def _expect(d: Mapping[str, Any], kind: type | tuple[type, ...], *keys: str) -> None:
+    """`d[key]` is a `kind` for every key (an int passes as a float, a bool never as a number)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    for key in keys:
+        v = d[key]
+        if not isinstance(v, kinds) or isinstance(v, bool) and bool not in kinds:
+            raise TypeError(f"{key} is {type(v).__name__}")
+
+
+def _histogram(h: Any) -> Histogram:
+    _expect(h, (str, type(None)), "kind", "output")
+    _expect(h, (float, type(None)), "mean")
+    return Histogram(**{**h, "counts": tuple(int(c) for c in h["counts"]),
+                        "fractions": tuple(float(x) for x in h["fractions"])})
 
 
 # --------------------------------------------------------------------------------------------- bench

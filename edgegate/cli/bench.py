@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgegate.cli.device import add_device_flags, device_client
+
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
@@ -14,8 +16,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
                          seed=args.seed, max_seconds=args.max_seconds)
+    client = device_client(args)  # --device: measured by the agent there; the report names it
     bar, progress = None, None
-    if sys.stdout.isatty():
+    if client is None and sys.stdout.isatty():
         try:  # rich comes with the compile extra; a runtime-only device simply gets no bar
             from rich.progress import Progress
 
@@ -28,7 +31,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     try:
-        report = bench(args.bundle, config, progress=progress)
+        report = client.bench(args.bundle, config) if client else bench(args.bundle, config, progress=progress)
     finally:
         if bar is not None:
             bar.stop()
@@ -48,4 +51,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0, help="order of the golden samples fed")
     b.add_argument("--max-seconds", type=float, default=None, help="cap on the timed runs")
     b.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    add_device_flags(b)
     b.set_defaults(func=cmd_bench)

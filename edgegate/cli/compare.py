@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from edgegate.cli._common import add_trust_flags, console
+from edgegate.cli.device import add_device_flags, device_client
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -18,11 +19,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = CompareConfig(data=args.data, split=args.split, max_samples=args.max_samples, runs=args.runs,
                            warmup=args.warmup, baseline=args.baseline, trust_model=args.trust_model,
                            model_class=args.model_class)
+    client = device_client(args)  # --device: bundles are timed by the agent there, accuracy measured here
+    measure = client.bench if client else None
     if sys.stdout.isatty():
         with console().status("compare") as status:
-            report = compare(args.model, args.bundles, config, on_step=lambda s: status.update(f"compare: {s}"))
+            report = compare(args.model, args.bundles, config, on_step=lambda s: status.update(f"compare: {s}"),
+                             measure=measure)
     else:
-        report = compare(args.model, args.bundles, config)
+        report = compare(args.model, args.bundles, config, measure=measure)
     print(render_text(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -49,4 +53,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", metavar="OUT", help="also write the report as JSON")
     c.add_argument("--html", metavar="OUT.html", help="also write an HTML report with PNG plots (matplotlib)")
     add_trust_flags(c)
+    add_device_flags(c)
     c.set_defaults(func=cmd_compare)

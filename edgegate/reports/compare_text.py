@@ -52,6 +52,8 @@ def render_text(report: CompareReport) -> str:
              fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*c).rstrip() for c in cells]
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
+    lines += [f"{r.name}: latency measured on device {r.device.get('name')} ({r.device.get('url')})"
+              + (f"; {r.note}" if r.note else "") for r in report.rows if r.status == "ok" and r.device]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
     return "\n".join(lines)
