@@ -198,9 +198,11 @@ class Agent:
     def _bench(self, handler: http.Handler, query: str) -> dict[str, Any]:
         try:
             params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=16)
+            name, config = parse_bench_query(params)
         except ValueError as e:
             raise Refused(400, f"malformed query string ({one_line(e, 80)})") from e
-        name, config = parse_bench_query(params)
+        except DeviceError as e:
+            raise Refused(400, str(e)) from None
         cap = self.config.max_seconds
         config = dataclasses.replace(config, max_seconds=min(config.max_seconds or cap, cap))
         length = _content_length(handler, self.config.limits)
