@@ -125,7 +125,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
 
     `measure(bundle_dir, BenchConfig) -> BenchReport` times the given bundles elsewhere (``compare --device``:
     a device agent's client); accuracy and fidelity are still measured here. A `TargetError` from it (the
-    device cannot run the target) makes that row skipped. Naive baselines are always timed here.
+    device cannot run the target) makes that row skipped.
     """
     import torch
 
@@ -170,7 +170,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                                 note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
-            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure if kind == "bundle" else None)
+            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure)
             rows.append(row)
             if proto is not None:
                 probes.append((len(rows) - 1, proto))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from http.client import HTTPException
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -76,13 +75,11 @@ class DeviceClient:
                               f", this edgegate version {INFO_VERSION}; install the same edgegate on both sides")
         return answer
 
-    def bench(self, bundle_path: str | os.PathLike[str], config: BenchConfig | None = None,
-              on_step: Callable[[str], None] | None = None) -> BenchReport:
+    def bench(self, bundle_path: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
         """Upload the bundle, let the agent verify and time it; the report, with the agent as ``device``."""
-        step = on_step or (lambda s: None)
         config = config or BenchConfig()
+        bundle = read_bundle(bundle_path, verify=False)  # a missing or malformed bundle: said before any upload
         info = self.info()
-        bundle = read_bundle(bundle_path, verify=False)
         agent = str(info.get("name"))
         runs = {t.get("name"): t for t in info.get("targets", []) if isinstance(t, dict)}
         target = runs.get(bundle.target)
@@ -90,7 +87,6 @@ class DeviceClient:
             why = target.get("detail") if target else "not a target it knows"
             raise DeviceTargetError(f"device {agent} ({self.url}) cannot run target {bundle.target} of bundle "
                                     f"{bundle_path}: {why}")
-        step("pack")
         tar, size, name = pack_bundle(bundle_path)
         with tar:
             limit = (info.get("limits") or {}).get("max_upload_bytes")
@@ -100,7 +96,6 @@ class DeviceClient:
             headers = {**self._headers(), "Content-Type": TAR_TYPE, "Content-Length": str(size)}
             request = Request(f"{self.url}{BENCH_PATH}?{bench_query(name, config)}", data=tar, headers=headers,
                               method="POST")
-            step(f"measure on {agent}")
             answer = self._call(request, self.timeout_s)
         try:
             report = BenchReport.from_dict(answer.get("report"), answer.get("latencies_ms") or ())
