@@ -17,7 +17,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from edgegate.device import Agent, AgentConfig, TransferLimits, read_token
 
     limits = TransferLimits(max_bytes=int(args.max_upload_mb * (1 << 20)), seconds=args.upload_seconds)
-    config = AgentConfig(token=read_token(args.token_file), workdir=Path(args.workdir or _default_workdir()),
+    workdir = Path(args.workdir or _default_workdir())
+    config = AgentConfig(token=read_token(args.token_file), workdir=workdir,
                          host=args.host, port=args.port, limits=limits, max_seconds=args.max_seconds,
                          job_seconds=args.job_seconds, queue_total=args.queue, queue_per_client=args.queue_per_client,
                          **({"name": args.name} if args.name else {}))
@@ -25,8 +26,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger("edgegate.device").setLevel(logging.DEBUG if args.debug else logging.INFO)
     agent = Agent(config)
     runs = ", ".join(t["name"] for t in agent.info()["targets"] if t["runs"]) or "none"
-    print(f"edgegate device agent {config.name} serving {agent.url} (targets: {runs}; workdir {agent.workdir.path})",
-          flush=True)
+    print(f"edgegate device agent {config.name} serving {agent.url} (targets: {runs}; workdir {workdir})", flush=True)
     try:
         agent.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the normal way to stop a server
