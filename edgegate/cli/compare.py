@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                            warmup=args.warmup, baseline=args.baseline, trust_model=args.trust_model,
                            model_class=args.model_class)
     client = device_client(args)  # --device: bundles are timed by the agent there, accuracy measured here
-    measure = client.bench if client else None
+    measure = functools.partial(client.bench, latencies=True) if client else None  # latencies: for the plots
     if sys.stdout.isatty():
         with console().status("compare") as status:
             report = compare(args.model, args.bundles, config, on_step=lambda s: status.update(f"compare: {s}"),

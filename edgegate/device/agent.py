@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import parse_qs
 
 import edgegate
@@ -168,14 +168,14 @@ class Agent:
             self._authorize(handler.headers.get("Authorization"))
             path, _, query = handler.path.partition("?")
             if path == INFO_PATH and method == "GET":
-                answer = self.info()
+                handler.send_json(200, self.info())
             elif path == BENCH_PATH and method == "POST":
-                answer = self._bench(handler, query)
+                with self._bench(handler, query) as answer:
+                    handler.send_file(200, answer)
             elif path in (INFO_PATH, BENCH_PATH):
                 raise Refused(405, f"{path} does not take {method}")
             else:
                 raise Refused(404, f"no such endpoint {path[:80]!r}; the agent serves {INFO_PATH} and {BENCH_PATH}")
-            handler.send_json(200, answer)
         except (Refused, TransferError, QueueFull) as e:
             handler.send_json(e.status, {"error": one_line(e, 1000)})
         except EdgegateError as e:  # a bundle that fails verification, a target that is not registered
@@ -195,18 +195,19 @@ class Agent:
     def info(self) -> dict[str, Any]:
         return {**self._static, "queue": self.queue.state()}
 
-    def _bench(self, handler: http.Handler, query: str) -> dict[str, Any]:
+    def _bench(self, handler: http.Handler, query: str) -> BinaryIO:
+        """The measurement's answer, an open file (its job folder already removed): the report is streamed
+        to the client, never held in the agent's memory (a child's peak RSS starts from the agent's)."""
         try:
             params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=16)
-            name, config = parse_bench_query(params)
+            request = parse_bench_query(params)
         except ValueError as e:
             raise Refused(400, f"malformed query string ({one_line(e, 80)})") from e
         except DeviceError as e:
             raise Refused(400, str(e)) from None
         cap = self.config.max_seconds
-        config = dataclasses.replace(config, max_seconds=min(config.max_seconds or cap, cap))
-        length = _content_length(handler, self.config.limits)
-        client = handler.client_address[0]
+        config = dataclasses.replace(request.config, max_seconds=min(request.config.max_seconds or cap, cap))
+        name, length, client = request.bundle, _content_length(handler, self.config.limits), handler.client_address[0]
         with self.queue.turn(client) as waited, self.workdir.job() as job:
             log.info("job %s from %s: bundle %s, %d bytes, waited %.2f s", job.name, client, name, length, waited)
             body = http.Body(handler, length, self.config.limits.seconds)
@@ -217,16 +218,19 @@ class Agent:
             try:
                 self._precheck(upload / name)
                 log.info("job %s: measuring", job.name)
-                result = self._measure(job, upload / name, config)
+                # The worker writes the whole answer; the device field's URL is the client's to fill in.
+                meta = {"config": dataclasses.asdict(config), "latencies": request.latencies, "bundle": name,
+                        "device": {"name": self.config.name, "url": None}, "queued_s": round(waited, 3)}
+                code, out = self._run_worker(job, ["bench", str(upload / name), json.dumps(meta)])
+                if code != 0:
+                    raise Refused(500, f"the measurement process failed (exit code {code}); the agent's log has "
+                                       "its errors")
+                return open(out, "rb")  # noqa: SIM115 (stays readable once the job folder is gone; caller closes)
             except EdgegateError as e:
                 # Paths inside the job folder mean nothing to the client: name the bundle as it sent it.
                 raise Refused(getattr(e, "status", 422), str(e).replace(f"{upload}{os.sep}", "")) from None
             finally:
                 log.info("job %s: done", job.name)
-        result["report"]["bundle"] = name
-        result["report"]["device"] = {"name": self.config.name, "url": None}  # the client knows its URL
-        result["queued_s"] = round(waited, 3)
-        return result
 
     def _precheck(self, path: Path) -> None:
         from edgegate.bundle import read_bundle
@@ -239,14 +243,8 @@ class Agent:
         if not ok:
             raise Refused(422, f"device {self.config.name} cannot run target {bundle.target}: {why}")
 
-    def _measure(self, job: Path, bundle: Path, config: Any) -> dict[str, Any]:
-        code, answer = self._run_worker(job, ["bench", str(bundle), json.dumps(dataclasses.asdict(config))])
-        if code == 0 and isinstance(answer.get("report"), dict):
-            return answer
-        raise Refused(500, f"the measurement process failed (exit code {code}); the agent's log has its errors")
-
-    def _run_worker(self, job: Path, args: list[str]) -> tuple[int, dict[str, Any]]:
-        """Run ``worker.py`` with `args` in `job`; (exit code, its JSON answer). Refusals raise `Refused`."""
+    def _run_worker(self, job: Path, args: list[str]) -> tuple[int, Path]:
+        """Run ``worker.py`` with `args` in `job`: (exit code, its output file). A refusal raises `Refused`."""
         out, err = job / "worker.out", job / "worker.err"
         (job / "tmp").mkdir()
         env = {**os.environ, "TMPDIR": str(job / "tmp"), "ORT_DISABLE_TELEMETRY": "1"}
@@ -268,22 +266,20 @@ class Agent:
                 self._workers.discard(proc)
             assert proc.stdin is not None
             proc.stdin.close()
-        try:
-            answer = json.loads(out.read_bytes().decode().strip().splitlines()[-1])
-        except (ValueError, IndexError, UnicodeDecodeError):
-            answer = None
-        answer = answer if isinstance(answer, dict) else {}
-        if code == WORKER_EXIT_REFUSED and isinstance(answer.get("error"), str):
-            raise Refused(422, answer["error"])
+        if code == WORKER_EXIT_REFUSED:
+            answer = _small_json(out)
+            if isinstance(answer.get("error"), str):
+                raise Refused(422, answer["error"])
         if code != 0:
             log.error("worker %s exited with %s: %s", args[0], code, err.read_bytes()[-4000:].decode(errors="replace"))
-        return code, answer
+        return code, out
 
     def _describe(self) -> dict[str, tuple[bool, str]]:
         """Probe the targets in a worker (the agent never loads a runtime); {target: (runs, why)}."""
         with self.workdir.job() as job:
-            code, answer = self._run_worker(job, ["describe"])
-        if code != 0 or not isinstance(answer.get("targets"), list):
+            code, out = self._run_worker(job, ["describe"])
+            answer = _small_json(out) if code == 0 else {}
+        if not isinstance(answer.get("targets"), list):
             raise DeviceError(f"the agent could not probe this device's targets (worker exit code {code}); "
                               "run `edgegate targets` here to see why")
         limits = self.config.limits
@@ -301,6 +297,15 @@ class Agent:
                        "queue_per_client": self.config.queue_per_client, "queue_seconds": self.config.queue_seconds},
         }
         return {t["name"]: (t["runs"] is True, str(t["detail"])) for t in answer["targets"]}
+
+
+def _small_json(path: Path) -> dict[str, Any]:
+    """The worker's one-line JSON answer in `path` (a refusal or the device probe: small), or {}."""
+    try:
+        answer = json.loads(path.read_bytes()[-(1 << 20):].decode().strip().splitlines()[-1])
+    except (ValueError, IndexError, UnicodeDecodeError, OSError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 def _declared_length(handler: http.Handler) -> int:

@@ -33,6 +33,7 @@ from edgegate.device.protocol import (
     INFO_VERSION,
     JSON_TYPE,
     TAR_TYPE,
+    BenchRequest,
     DeviceError,
     bench_query,
 )
@@ -41,7 +42,7 @@ from edgegate.errors import TargetError, one_line
 
 INFO_TIMEOUT_S = 30.0
 BENCH_TIMEOUT_S = 3600.0  # queue wait + upload + measurement; the agent bounds each of them itself
-MAX_ANSWER_BYTES = 256 << 20  # a report with every run's latency is a few MB at most
+MAX_ANSWER_BYTES = 64 << 20  # a report with every latency of protocol.MAX_LATENCIES runs is about 20 MB
 
 
 class DeviceTargetError(DeviceError, TargetError):
@@ -75,8 +76,12 @@ class DeviceClient:
                               f", this edgegate version {INFO_VERSION}; install the same edgegate on both sides")
         return answer
 
-    def bench(self, bundle_path: str | os.PathLike[str], config: BenchConfig | None = None) -> BenchReport:
-        """Upload the bundle, let the agent verify and time it; the report, with the agent as ``device``."""
+    def bench(self, bundle_path: str | os.PathLike[str], config: BenchConfig | None = None, *,
+              latencies: bool = False) -> BenchReport:
+        """Upload the bundle, let the agent verify and time it; the report, with the agent as ``device``.
+
+        `latencies`: also fetch every timed run's latency (``BenchReport.latencies_ms``, for plots).
+        """
         config = config or BenchConfig()
         bundle = read_bundle(bundle_path, verify=False)  # a missing or malformed bundle: said before any upload
         info = self.info()
@@ -94,8 +99,8 @@ class DeviceClient:
                 raise DeviceError(f"bundle {bundle_path} is {size} bytes as a tar; the agent {agent} takes at most "
                                   f"{limit} (its --max-upload-mb)")
             headers = {**self._headers(), "Content-Type": TAR_TYPE, "Content-Length": str(size)}
-            request = Request(f"{self.url}{BENCH_PATH}?{bench_query(name, config)}", data=tar, headers=headers,
-                              method="POST")
+            query = bench_query(BenchRequest(name, config, latencies))
+            request = Request(f"{self.url}{BENCH_PATH}?{query}", data=tar, headers=headers, method="POST")
             answer = self._call(request, self.timeout_s)
         try:
             report = BenchReport.from_dict(answer.get("report"), answer.get("latencies_ms") or ())

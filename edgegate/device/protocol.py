@@ -7,9 +7,9 @@ The protocol is plain HTTP/1.0 with JSON answers (served by the standard library
 
 - ``GET /v1/info``: the agent's ``edgegate.device`` description (targets it can run, host, GPUs, limits,
   queue); the client reads it before uploading, so refusals it can predict cost no upload;
-- ``POST /v1/bench?bundle=NAME&runs=..&warmup=..``: body = an uncompressed tar of the bundle's files
-  (plain names, no folders), ``Content-Length`` required; answer ``{"report": <edgegate.bench report>,
-  "latencies_ms": [...], "queued_s": s}``;
+- ``POST /v1/bench?bundle=NAME&runs=..&warmup=..[&latencies=1]``: body = an uncompressed tar of the
+  bundle's files (plain names, no folders), ``Content-Length`` required; answer ``{"report": <edgegate.bench
+  report>, "latencies_ms": [...] (with ``latencies=1``, else []), "queued_s": s}``;
 - every request carries ``Authorization: Bearer <token>``; every error is ``{"error": "<one line>"}``.
 
 Runtime side: standard library + numpy only.
@@ -17,6 +17,7 @@ Runtime side: standard library + numpy only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Mapping
@@ -43,10 +44,20 @@ BENCH_FIELDS: dict[str, tuple[type, float]] = {
     "runs": (int, 10_000_000), "warmup": (int, 1_000_000), "threads": (int, 1024), "batch": (int, 1024),
     "seed": (int, 2**32 - 1), "max_seconds": (float, 86_400.0),
 }
+MAX_LATENCIES = 1_000_000  # runs whose every latency may be sent back (about 20 MB of JSON)
 
 
 class DeviceError(EdgegateError):
     """The agent refused a request, could not be reached, or answered something that is not edgegate's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    """What a bench request asks for: the bundle's folder name, the bench settings, every run's latency?"""
+
+    bundle: str
+    config: BenchConfig
+    latencies: bool = False  # send back every timed run's latency (compare plots their distribution)
 
 
 def check_plain_name(name: object, what: str) -> str:
@@ -100,18 +111,22 @@ def read_token(path: str | os.PathLike[str]) -> str:
 # ------------------------------------------------------------------------------------ bench queries
 
 
-def bench_query(bundle_name: str, config: BenchConfig) -> str:
-    """The query string of a bench request (only fields that differ from None are sent)."""
-    params: dict[str, Any] = {"bundle": bundle_name}
+def bench_query(request: BenchRequest) -> str:
+    """The query string of a bench request (only settings that are not None are sent)."""
+    config = request.config
+    params: dict[str, Any] = {"bundle": request.bundle}
     params.update({k: getattr(config, k) for k in BENCH_FIELDS if getattr(config, k) is not None})
+    if request.latencies:
+        params["latencies"] = 1
     return urlencode(params)
 
 
-def parse_bench_query(params: Mapping[str, list[str]]) -> tuple[str, BenchConfig]:
-    """(bundle name, BenchConfig) from a parsed query (``parse_qs``); DeviceError names the bad field."""
-    unknown = sorted(set(params) - set(BENCH_FIELDS) - {"bundle"})
+def parse_bench_query(params: Mapping[str, list[str]]) -> BenchRequest:
+    """The `BenchRequest` of a parsed query (``parse_qs``); DeviceError names the bad field."""
+    unknown = sorted(set(params) - set(BENCH_FIELDS) - {"bundle", "latencies"})
     if unknown:
-        raise DeviceError(f"unknown bench parameter {unknown[0]!r}; known: bundle, {', '.join(BENCH_FIELDS)}")
+        raise DeviceError(f"unknown bench parameter {unknown[0]!r}; known: bundle, latencies, "
+                          f"{', '.join(BENCH_FIELDS)}")
     for key, values in params.items():
         if len(values) != 1:
             raise DeviceError(f"bench parameter {key!r} given {len(values)} times; give it once")
@@ -129,7 +144,14 @@ def parse_bench_query(params: Mapping[str, list[str]]) -> tuple[str, BenchConfig
         if not value <= most:  # `not <=`: NaN is refused too
             raise DeviceError(f"bench parameter {key}={text[:40]} is above the agent's limit of {most:g}")
         kw[key] = value
+    latencies = params.get("latencies", ["0"])[0]
+    if latencies not in ("0", "1"):
+        raise DeviceError(f"bench parameter latencies={latencies[:20]!r} must be 0 or 1")
     try:
-        return name, BenchConfig(**kw)
+        config = BenchConfig(**kw)
     except BenchError as e:
         raise DeviceError(str(e)) from e
+    if latencies == "1" and config.runs > MAX_LATENCIES:
+        raise DeviceError(f"every latency of {config.runs} runs is too much to send back; ask for at most "
+                          f"{MAX_LATENCIES} runs with latencies")
+    return BenchRequest(name, config, latencies == "1")

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgegate.device.protocol import JSON_TYPE
 from edgegate.device.transfer import TransferError
@@ -112,6 +114,20 @@ class Handler(BaseHTTPRequestHandler):
             log.info("could not answer %s: %s", self.client_address[0], e)
         self.close_connection = True
 
+    def send_file(self, status: int, body: BinaryIO) -> None:
+        """Send the JSON in the open file `body` (a measurement's answer) without reading it into memory."""
+        size = os.fstat(body.fileno()).st_size
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(size))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            shutil.copyfileobj(body, self.wfile, 1 << 20)
+        except OSError as e:
+            log.info("could not answer %s: %s", self.client_address[0], e)
+        self.close_connection = True
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server's own refusals (bad request line, long headers, unknown method) in our JSON form.
         text = message or self.responses.get(code, ("error",))[0]
@@ -175,6 +191,7 @@ class Body:
         """Read what follows the tar's end-of-archive (its padding): the whole body must arrive."""
         while self.read(1 << 16):
             pass
+        self.handler.connection.settimeout(self.handler.timeout)  # the answer gets the usual time, not what is left
 
     def _too_slow(self) -> TransferError:
         got = self.length - self.left

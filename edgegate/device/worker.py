@@ -1,9 +1,11 @@
 """The agent's runtime process: probes the device, or measures one uploaded bundle.
 
-Input (command line): ``describe``, or ``bench BUNDLE_DIR CONFIG_JSON`` (the bundle folder inside a job
-folder and the `BenchConfig` as JSON). Output: one JSON line on stdout: for ``describe`` the targets this
-device can run (and why not), host and GPUs; for ``bench`` ``{"report": ..., "latencies_ms": [...]}``;
-on a refusal ``{"error": "<one line>"}`` with exit code 2.
+Input (command line): ``describe``, or ``bench BUNDLE_DIR REQUEST_JSON`` (the bundle folder inside a job
+folder; the `BenchConfig` as a dict, whether to keep every latency, and what the agent adds to the report:
+the bundle's name as the client sent it, ``device``, the seconds queued). Output: one JSON line on stdout:
+for ``describe`` the targets this device can run (and why not), host and GPUs; for ``bench`` the agent's
+whole answer ``{"report": ..., "latencies_ms": [...], "queued_s": s}``, which the agent streams to the
+client unread; on a refusal ``{"error": "<one line>"}`` with exit code 2.
 
 The agent itself never imports a runtime: it starts this process, fresh, for each measurement (and once
 at start-up to probe the targets). So a report's peak memory is the bundle's alone, as in a local
@@ -47,11 +49,16 @@ def describe() -> dict[str, Any]:
             "gpus": {"compute_capabilities": caps, "note": none_why}}
 
 
-def measure(bundle: str, config_json: str) -> dict[str, Any]:
+def measure(bundle: str, request_json: str) -> dict[str, Any]:
+    """The agent's whole answer: the report (named as the client sent it, ``device`` set), latencies, queue time."""
+    import dataclasses
+
     from edgegate.benchmark import BenchConfig, bench
 
-    report = bench(bundle, BenchConfig(**json.loads(config_json)), keep_latencies=True)
-    return {"report": report.to_dict(), "latencies_ms": list(report.latencies_ms)}
+    request = json.loads(request_json)
+    report = bench(bundle, BenchConfig(**request["config"]), keep_latencies=request["latencies"])
+    report = dataclasses.replace(report, bundle=request["bundle"], device=request["device"])
+    return {"report": report.to_dict(), "latencies_ms": list(report.latencies_ms), "queued_s": request["queued_s"]}
 
 
 def _cpu_model() -> str:
@@ -82,7 +89,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"error": one_line(e, 1000)}), flush=True)
         return EXIT_REFUSED
     if out is None:
-        print(json.dumps({"error": "usage: python -m edgegate.device.worker describe | bench DIR CONFIG_JSON"}))
+        print(json.dumps({"error": "usage: python -m edgegate.device.worker describe | bench DIR REQUEST_JSON"}))
         return EXIT_REFUSED
     print(json.dumps(out, allow_nan=False), flush=True)
     return 0

@@ -26,7 +26,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_bench import W, _make_bundle, _model  # noqa: E402
 
-from edgegate.benchmark import BenchConfig, bench  # noqa: E402
+from edgegate.benchmark import BenchConfig, bench, summarize_latencies  # noqa: E402
 from edgegate.bundle import read_bundle, sha256_file, write_bundle  # noqa: E402
 from edgegate.device import DeviceClient  # noqa: E402
 from edgegate.device.transfer import pack_bundle  # noqa: E402
@@ -212,6 +212,8 @@ def test_bench_on_the_agent_matches_a_local_report_in_form(agent: AgentProcess, 
     assert remote["exits"]["counts"] == here["exits"]["counts"]  # same samples, same seed, same decisions
     assert remote["golden"] == here["golden"]
     assert remote["memory"]["peak_rss_before_mib"] < 200  # a fresh process measured it, not the agent's
+    report = DeviceClient(agent.url, TOKEN).bench(tiny, BenchConfig(runs=25, warmup=0), latencies=True)
+    assert len(report.latencies_ms) == 25 and summarize_latencies(report.latencies_ms) == report.latency
     assert _empty_soon(agent.workdir) == []
 
 

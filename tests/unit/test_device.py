@@ -18,7 +18,7 @@ from test_bench import _make_bundle
 
 from edgegate.benchmark import BenchConfig, BenchError, BenchReport, bench
 from edgegate.device.jobs import JOB_PREFIX, MARKER, MeasureQueue, QueueFull, Workdir
-from edgegate.device.protocol import DeviceError, bench_query, parse_bench_query, read_token
+from edgegate.device.protocol import BenchRequest, DeviceError, bench_query, parse_bench_query, read_token
 from edgegate.device.transfer import TransferError, TransferLimits, extract_stream, pack_bundle
 
 LIMITS = TransferLimits(max_bytes=1 << 16, max_files=4, seconds=10)
@@ -203,9 +203,8 @@ def test_read_token(tmp_path: Path) -> None:
 def test_bench_query_round_trip_and_refusals() -> None:
     from urllib.parse import parse_qs
 
-    config = BenchConfig(runs=7, warmup=1, threads=2, max_seconds=1.5)
-    name, back = parse_bench_query(parse_qs(bench_query("m.edgegate", config)))
-    assert name == "m.edgegate" and back == config
+    request = BenchRequest("m.edgegate", BenchConfig(runs=7, warmup=1, threads=2, max_seconds=1.5), latencies=True)
+    assert parse_bench_query(parse_qs(bench_query(request))) == request
     for query, message in [
         ("bundle=m&runs=x", "runs='x' is not an int"),
         ("bundle=m&runs=1&runs=2", "'runs' given 2 times"),
@@ -215,6 +214,8 @@ def test_bench_query_round_trip_and_refusals() -> None:
         ("bundle=m&batch=100000", "batch=100000 is above the agent's limit of 1024"),
         ("bundle=m&max_seconds=nan", "max_seconds=nan is above the agent's limit"),
         ("bundle=m&runs=0", "bench runs=0 must be an int >= 1"),
+        ("bundle=m&latencies=yes", "latencies='yes' must be 0 or 1"),
+        ("bundle=m&latencies=1&runs=2000000", "every latency of 2000000 runs is too much to send back"),
     ]:
         with pytest.raises(DeviceError, match=message):
             parse_bench_query(parse_qs(query))
