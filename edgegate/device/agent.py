@@ -52,6 +52,7 @@ from edgegate.errors import EdgegateError, one_line, os_error_text
 log = logging.getLogger(__name__)
 
 UPLOAD_FOLDER = "upload"  # job/upload/<bundle name>; the worker's own files sit beside it in job/
+CLOSE_SECONDS = 5.0  # at exit, how long a request may take to remove its job folder
 WORKER_EXIT_REFUSED = 2  # worker.EXIT_REFUSED (not imported: worker.py is a program, imported by nothing)
 
 
@@ -116,6 +117,7 @@ class Agent:
         self.queue = MeasureQueue(config.queue_total, config.queue_per_client, config.queue_seconds)
         self._lock = threading.Lock()
         self._workers: set[subprocess.Popen] = set()
+        self._closing = False
         self.internal_errors = 0
         self._static: dict[str, Any] = {}
         self._runnable = self._describe()
@@ -142,10 +144,15 @@ class Agent:
         self.close()
 
     def close(self) -> None:
+        """End running measurements and let their requests remove their job folders (a few seconds at most)."""
+        self.queue.close(0)
         with self._lock:
+            self._closing = True
             workers = list(self._workers)
         for proc in workers:
             proc.kill()
+        if not self.queue.close(CLOSE_SECONDS):
+            log.warning("a job was still running at exit; the next start of the agent removes its folder")
         self._server.server_close()
         self.workdir.unlock()
 
@@ -222,6 +229,8 @@ class Agent:
                 meta = {"config": dataclasses.asdict(config), "latencies": request.latencies, "bundle": name,
                         "device": {"name": self.config.name, "url": None}, "queued_s": round(waited, 3)}
                 code, out = self._run_worker(job, ["bench", str(upload / name), json.dumps(meta)])
+                if code != 0 and self._closing:
+                    raise Refused(503, "the agent was stopped during the measurement; nothing was measured")
                 if code != 0:
                     raise Refused(500, f"the measurement process failed (exit code {code}); the agent's log has "
                                        "its errors")
@@ -248,11 +257,12 @@ class Agent:
         out, err = job / "worker.out", job / "worker.err"
         (job / "tmp").mkdir()
         env = {**os.environ, "TMPDIR": str(job / "tmp"), "ORT_DISABLE_TELEMETRY": "1"}
-        with open(out, "wb") as fo, open(err, "wb") as fe:
+        with open(out, "wb") as fo, open(err, "wb") as fe, self._lock:
+            if self._closing:
+                raise Refused(503, "the agent is stopping; retry when it is back")
             # stdin stays open while the worker runs: it exits when the agent (and so the pipe) is gone.
             proc = subprocess.Popen([sys.executable, "-m", "edgegate.device.worker", *args], stdin=subprocess.PIPE,
                                     stdout=fo, stderr=fe, cwd=job, env=env)
-        with self._lock:
             self._workers.add(proc)
         try:
             code = proc.wait(timeout=self.config.job_seconds)
@@ -270,7 +280,7 @@ class Agent:
             answer = _small_json(out)
             if isinstance(answer.get("error"), str):
                 raise Refused(422, answer["error"])
-        if code != 0:
+        if code != 0 and not self._closing:
             log.error("worker %s exited with %s: %s", args[0], code, err.read_bytes()[-4000:].decode(errors="replace"))
         return code, out
 

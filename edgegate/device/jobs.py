@@ -119,6 +119,7 @@ class MeasureQueue:
         self._running: int | None = None
         self._per: collections.Counter[str] = collections.Counter()
         self._tickets = itertools.count()
+        self._closed = False
 
     def state(self) -> dict[str, int]:
         with self._cond:
@@ -129,6 +130,8 @@ class MeasureQueue:
         """Wait for this client's turn (yields the seconds waited); refuses at once when over a bound."""
         with self._cond:
             admitted = len(self._waiting) + (self._running is not None)
+            if self._closed:
+                raise QueueFull("the agent is stopping; retry when it is back", 503)
             if admitted >= self.total:
                 raise QueueFull(f"the agent's queue is full ({admitted} jobs); retry later", 503)
             if self._per[client] >= self.per_client:
@@ -141,6 +144,8 @@ class MeasureQueue:
             deadline = start + self.max_wait_s
             try:
                 while self._running is not None or self._waiting[0] != ticket:
+                    if self._closed:
+                        raise QueueFull("the agent is stopping; retry when it is back", 503)
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise QueueFull(f"waited {self.max_wait_s:g} s in the agent's queue without a turn; "
@@ -158,6 +163,13 @@ class MeasureQueue:
             with self._cond:
                 self._running = None
                 self._release_client(client)
+
+    def close(self, seconds: float) -> bool:
+        """Admit nothing more, send the waiting away, and wait up to `seconds` for the running job to end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._running is None and not self._waiting, timeout=seconds)
 
     def _release_client(self, client: str) -> None:
         self._per[client] -= 1

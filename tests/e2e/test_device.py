@@ -322,15 +322,19 @@ def test_a_target_the_device_cannot_run(agent: AgentProcess, root: Path, bundles
     assert _empty_soon(agent.workdir) == []
 
 
-def test_agent_killed_mid_measurement(root: Path, bundles: dict[str, Path]) -> None:
+def test_agent_killed_or_stopped_mid_measurement(root: Path, bundles: dict[str, Path]) -> None:
     own = root / "killed"
     own.mkdir()
     (own / "token").write_bytes((root / "token").read_bytes())
     (own / "token").chmod(0o600)
     agent = AgentProcess(own)
-    client = subprocess.Popen([sys.executable, "-m", "edgegate.cli", "bench", str(bundles["tiny"]), "--device",
-                               agent.url, "--token-file", str(own / "token"), "--runs", "10000000", "--max-seconds",
-                               "60"], env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def long_bench(url: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edgegate.cli", "bench", str(bundles["tiny"]), "--device", url,
+                                 "--token-file", str(own / "token"), "--runs", "10000000", "--max-seconds", "60"],
+                                env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    client = long_bench(agent.url)
     try:
         deadline = time.monotonic() + 60
         while ": measuring" not in agent.stderr() and time.monotonic() < deadline:
@@ -357,10 +361,21 @@ def test_agent_killed_mid_measurement(root: Path, bundles: dict[str, Path]) -> N
     try:
         assert list(again.workdir.iterdir()) == []
         assert "removed 1 job folder(s) an earlier agent left" in again.stderr()
-        r = _cli("device", "info", again.url, "--token-file", str(own / "token"))
-        assert r.returncode == 0 and "Queue        : 0 running, 0 waiting" in r.stdout
+        # Stopped (SIGTERM) mid-measurement, the agent ends the measurement and removes the job itself.
+        client = long_bench(again.url)
+        deadline = time.monotonic() + 60
+        while ": measuring" not in again.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(again.workdir.iterdir()), "no job was running"
     finally:
         assert again.stop() == 0
+        if client.poll() is None:
+            client.communicate(timeout=60)
+    out, err = client.communicate()
+    assert client.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"edgegate: error: the device agent at {again.url} ") and "nothing was measured" in err
+    assert list(again.workdir.iterdir()) == []
+    assert "Traceback" not in again.stderr() and "ERROR" not in again.stderr(), again.stderr()
 
 
 def _cwd_inside(folder: Path) -> list[int]:

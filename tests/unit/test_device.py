@@ -135,6 +135,30 @@ def test_queue_bound_per_client_and_wait_limit() -> None:
         assert waited < 0.5
 
 
+def test_queue_close_sends_the_waiting_away_and_waits_for_the_running_job() -> None:
+    q = MeasureQueue(total=4, per_client=4, max_wait_s=10)
+    errors: list[str] = []
+
+    def wait_in_line() -> None:
+        try:
+            with q.turn("b"):
+                errors.append("got a turn")
+        except QueueFull as e:
+            errors.append(f"{e.status} {e}")
+
+    with q.turn("a"):
+        waiter = threading.Thread(target=wait_in_line)
+        waiter.start()
+        time.sleep(0.1)
+        assert q.close(0) is False  # a job is running
+        waiter.join(5)
+        assert errors == ["503 the agent is stopping; retry when it is back"]
+        with pytest.raises(QueueFull, match="the agent is stopping"):
+            with q.turn("c"):
+                pass
+    assert q.close(1) is True and q.state() == {"running": 0, "waiting": 0}
+
+
 # -------------------------------------------------------------------------------------------- workdir
 
 
