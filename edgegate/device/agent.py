@@ -14,7 +14,7 @@ and runnable here, then a fresh measurement process (``worker.py``: ``edgegate.b
 verifies every sha256 before the golden check and the timed runs) under the agent's time limit. The job
 folder is removed whatever happens. Nothing but a verified bundle on a registered target ever runs.
 
-Runtime side: numpy + onnxruntime (+ the served target's runtime) only.
+Runtime side: the standard library and numpy; the runtimes load only in the worker processes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs
 
 import edgegate
+from edgegate.bundle import read_bundle
 from edgegate.device import server as http
 from edgegate.device.jobs import MeasureQueue, QueueFull, Workdir
 from edgegate.device.protocol import (
@@ -52,6 +54,7 @@ from edgegate.errors import EdgegateError, one_line, os_error_text
 log = logging.getLogger(__name__)
 
 UPLOAD_FOLDER = "upload"  # job/upload/<bundle name>; the worker's own files sit beside it in job/
+_DIGITS = re.compile(r"[0-9]{1,20}")
 CLOSE_SECONDS = 5.0  # at exit, how long a request may take to remove its job folder
 WORKER_EXIT_REFUSED = 2  # worker.EXIT_REFUSED (not imported: worker.py is a program, imported by nothing)
 
@@ -242,8 +245,6 @@ class Agent:
                 log.info("job %s: done", job.name)
 
     def _precheck(self, path: Path) -> None:
-        from edgegate.bundle import read_bundle
-
         bundle = read_bundle(path, verify=False)  # names, links, external data; the worker checks sha256
         if bundle.target not in self._runnable:
             raise Refused(422, f"target {bundle.target!r} is not registered on device {self.config.name} (it has "
@@ -333,7 +334,7 @@ def _content_length(handler: http.Handler, limits: TransferLimits) -> int:
     if not values:
         raise Refused(411, "a bench request needs a Content-Length (the tar's size)")
     text = values[0].strip()
-    if len(values) > 1 or not text.isdigit() or len(text) > 20:
+    if len(values) > 1 or not _DIGITS.fullmatch(text):  # ASCII digits: str.isdigit() also takes "²"
         raise Refused(400, f"Content-Length {', '.join(values)[:60]!r} is not one byte count")
     length = int(text)
     if length > limits.max_bytes:

@@ -25,6 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgegate.device.protocol import DeviceError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 from edgegate.errors import os_error_text
 
 log = logging.getLogger(__name__)
@@ -65,9 +70,7 @@ class Workdir:
 
     def lock(self) -> None:
         """Hold the folder for this agent (released at exit): a second agent would remove our job folders."""
-        try:
-            import fcntl
-        except ImportError:  # Windows: no flock; one agent per folder is then the user's to keep
+        if fcntl is None:  # Windows: no flock; one agent per folder is then the user's to keep
             return
         fd = os.open(self.path, os.O_RDONLY)
         try:

@@ -22,23 +22,25 @@ Runtime side: numpy + the bundle target's runtime only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import platform
 import sys
 import threading
 from typing import Any
 
+from edgegate import targets
+from edgegate.benchmark import BenchConfig, bench
 from edgegate.errors import EdgegateError, one_line
+from edgegate.reports.stats import host_info
+from edgegate.targets import trt_api
 
 EXIT_REFUSED = 2
 
 
 def describe() -> dict[str, Any]:
     """Targets ({name, runs, detail}), host (CPUs, runtimes, versions) and NVIDIA GPUs of this device."""
-    from edgegate import targets
-    from edgegate.reports.stats import host_info
-    from edgegate.targets import trt_api
-
     found = []
     for t in targets.all_targets():
         ok, why = t.is_available()
@@ -51,10 +53,6 @@ def describe() -> dict[str, Any]:
 
 def measure(bundle: str, request_json: str) -> dict[str, Any]:
     """The agent's whole answer: the report (named as the client sent it, ``device`` set), latencies, queue time."""
-    import dataclasses
-
-    from edgegate.benchmark import BenchConfig, bench
-
     request = json.loads(request_json)
     report = bench(bundle, BenchConfig(**request["config"]), keep_latencies=request["latencies"])
     report = dataclasses.replace(report, bundle=request["bundle"], device=request["device"])
@@ -62,8 +60,6 @@ def measure(bundle: str, request_json: str) -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    import platform
-
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

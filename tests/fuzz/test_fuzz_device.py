@@ -162,6 +162,15 @@ def test_agent_survives_byte_mutations_of_a_request(served, data: st.DataObject)
     _check(agent, request)
 
 
+@pytest.mark.parametrize("length", [b"10\xb240", "\u0663\u0663".encode(), b"1_0", b"+10", b"10 "])
+def test_found_by_fuzzing_content_length_in_other_digits(served, length: bytes) -> None:
+    """A long run found b"10\\xb240" (read as "10²40"): str.isdigit() took it, int() did not."""
+    agent, seed = served.agent, served.seed
+    request = (f"POST /v1/bench?bundle=tiny.edgegate HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+               + b"Content-Length: " + length + b"\r\n\r\n" + seed)
+    _check(agent, request)
+
+
 def test_agent_still_serves_after_the_fuzz(served) -> None:
     agent, seed = served.agent, served.seed
     answer = _exchange(agent, f"GET /v1/info HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
