@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_FOLDER = "upload"  # job/upload/<bundle name>; the worker's own files sit beside it in job/
 _DIGITS = re.compile(r"[0-9]{1,20}")
-CLOSE_SECONDS = 5.0  # at exit, how long a request may take to remove its job folder
+CLOSE_SECONDS = 5.0  # at exit, how long open requests may take to answer (and remove their job folders)
 WORKER_EXIT_REFUSED = 2  # worker.EXIT_REFUSED (not imported: worker.py is a program, imported by nothing)
 
 
@@ -118,7 +118,8 @@ class Agent:
         if removed:
             log.warning("removed %d job folder(s) an earlier agent left in %s", len(removed), self.workdir.path)
         self.queue = MeasureQueue(config.queue_total, config.queue_per_client, config.queue_seconds)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # guards the workers, the closing flag and the requests in flight
+        self._in_flight = 0
         self._workers: set[subprocess.Popen] = set()
         self._closing = False
         self.internal_errors = 0
@@ -154,8 +155,10 @@ class Agent:
             workers = list(self._workers)
         for proc in workers:
             proc.kill()
-        if not self.queue.close(CLOSE_SECONDS):
-            log.warning("a job was still running at exit; the next start of the agent removes its folder")
+        # The requests then answer (a job's folder is removed before its answer is sent).
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._in_flight == 0, timeout=CLOSE_SECONDS):
+                log.warning("a request was still open at exit; the next start of the agent removes its job folder")
         self._server.server_close()
         self.workdir.unlock()
 
@@ -173,6 +176,16 @@ class Agent:
 
     def dispatch(self, handler: http.Handler, method: str) -> None:
         """Authenticate, route, answer: every outcome is one JSON object."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            self._dispatch(handler, method)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    def _dispatch(self, handler: http.Handler, method: str) -> None:
         try:
             handler.unread = _declared_length(handler)
             self._authorize(handler.headers.get("Authorization"))
