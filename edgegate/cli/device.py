@@ -48,24 +48,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def render_info(info: dict[str, Any], url: str) -> str:
-    h, lim, q, g = info.get("host") or {}, info.get("limits") or {}, info.get("queue") or {}, info.get("gpus") or {}
+    h, lim, q, g = (info.get(k) or {} for k in ("host", "limits", "queue", "gpus"))
     targets = "; ".join(f"{t.get('name')} {'yes' if t.get('runs') else 'no'} ({t.get('detail')})"
                         for t in info.get("targets", []))
-    gpus = ", ".join(f"sm_{c}" for c in g.get("compute_capabilities") or []) or f"none ({g.get('note')})"
+    caps = g.get("compute_capabilities")
+    gpus = ", ".join(f"sm_{c}" for c in caps) if isinstance(caps, list) and caps else f"none ({g.get('note')})"
     mib = (lim.get("max_upload_bytes") or 0) / (1 << 20)
     return "\n".join([
         f"=== edgegate device agent: {info.get('name')} ({url}) ===",
         f"edgegate     : {info.get('edgegate')}, Python {h.get('python')}, numpy {h.get('numpy')}",
         f"Host         : {h.get('cpus_usable')}/{h.get('cpu_count')} CPUs ({h.get('cpu_model')}), "
         f"{h.get('machine')} {h.get('system')}",
-        f"Runtimes     : onnxruntime {h.get('onnxruntime')} [{', '.join(h.get('providers') or [])}]",
+        f"Runtimes     : onnxruntime {h.get('onnxruntime')} [{', '.join(map(str, h.get('providers') or []))}]",
         f"GPUs         : {gpus}",
         f"Targets      : {targets}",
-        f"Limits       : upload {mib:g} MiB, {lim.get('max_files')} files, {lim.get('upload_seconds'):g} s; timed runs "
-        f"{lim.get('max_seconds'):g} s, job {lim.get('job_seconds'):g} s; queue {lim.get('queue_total')} "
+        f"Limits       : upload {mib:g} MiB, {lim.get('max_files')} files, {_g(lim.get('upload_seconds'))} s; timed "
+        f"runs {_g(lim.get('max_seconds'))} s, job {_g(lim.get('job_seconds'))} s; queue {lim.get('queue_total')} "
         f"({lim.get('queue_per_client')} per client)",
         f"Queue        : {q.get('running', 0)} running, {q.get('waiting', 0)} waiting",
     ])
+
+
+def _g(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
 def _default_workdir() -> Path:

@@ -74,6 +74,19 @@ class DeviceClient:
         if answer.get("version") != INFO_VERSION:
             raise DeviceError(f"the agent at {self.url} speaks {INFO_FORMAT} version {str(answer.get('version'))[:20]}"
                               f", this edgegate version {INFO_VERSION}; install the same edgegate on both sides")
+        targets, limits, queue = answer.get("targets"), answer.get("limits"), answer.get("queue")
+        well_formed = (
+            isinstance(answer.get("name"), str)
+            and isinstance(targets, list)
+            and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in targets)
+            and isinstance(limits, dict)
+            and all(_is_number(v) for v in limits.values())
+            and isinstance(queue, dict)
+            and all(_is_number(v) for v in queue.values())
+            and all(isinstance(answer.get(k), (dict, type(None))) for k in ("host", "gpus"))
+        )
+        if not well_formed:
+            raise DeviceError(f"the agent at {self.url} sent a malformed {INFO_FORMAT} description; check the URL")
         return answer
 
     def bench(self, bundle_path: str | os.PathLike[str], config: BenchConfig | None = None, *,
@@ -85,8 +98,8 @@ class DeviceClient:
         config = config or BenchConfig()
         bundle = read_bundle(bundle_path, verify=False)  # a missing or malformed bundle: said before any upload
         info = self.info()
-        agent = str(info.get("name"))
-        runs = {t.get("name"): t for t in info.get("targets", []) if isinstance(t, dict)}
+        agent = info["name"]
+        runs = {t["name"]: t for t in info["targets"]}
         target = runs.get(bundle.target)
         if target is None or target.get("runs") is not True:
             why = target.get("detail") if target else "not a target it knows"
@@ -94,7 +107,7 @@ class DeviceClient:
                                     f"{bundle_path}: {why}")
         tar, size, name = pack_bundle(bundle_path)
         with tar:
-            limit = (info.get("limits") or {}).get("max_upload_bytes")
+            limit = info["limits"].get("max_upload_bytes")
             if isinstance(limit, int) and size > limit:
                 raise DeviceError(f"bundle {bundle_path} is {size} bytes as a tar; the agent {agent} takes at most "
                                   f"{limit} (its --max-upload-mb)")
@@ -141,6 +154,10 @@ class DeviceClient:
             return json.loads(raw)
         except ValueError:
             raise DeviceError(f"{where} sent an answer that is not JSON; check the URL") from None
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _error_text(e: HTTPError) -> str:

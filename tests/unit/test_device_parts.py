@@ -8,15 +8,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import socket
 import tarfile
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from test_bench import _make_bundle
 
 from edgegate.benchmark import BenchConfig, BenchError, BenchReport, bench
+from edgegate.device.client import DeviceClient
 from edgegate.device.jobs import JOB_PREFIX, MARKER, MeasureQueue, QueueFull, Workdir
 from edgegate.device.protocol import BenchRequest, DeviceError, bench_query, parse_bench_query, read_token
 from edgegate.device.transfer import TransferError, TransferLimits, extract_stream, pack_bundle
@@ -262,3 +266,67 @@ def test_bench_report_round_trips_through_json(tmp_path: Path) -> None:
         BenchReport.from_dict({k: v for k, v in d.items() if k != "golden"})
     with pytest.raises(BenchError, match="not an edgegate.bench report"):
         BenchReport.from_dict([1, 2])
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """Answers every GET with the server's `answer` (status, body): an agent that lies or breaks."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        status, body = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+GOOD_INFO = {"format": "edgegate.device", "version": 1, "name": "pi", "targets": [], "limits": {}, "queue": {},
+             "host": None, "gpus": None}
+
+
+@pytest.mark.parametrize(("status", "body", "message"), [
+    (200, b"<html>hello</html>", "sent an answer that is not JSON; check the URL"),
+    (200, b'{"format": "other"}', "did not answer as an edgegate device agent"),
+    (200, json.dumps({**GOOD_INFO, "version": 99}).encode(), "speaks edgegate.device version 99, this edgegate "
+                                                              "version 1"),
+    (200, json.dumps({**GOOD_INFO, "limits": {"max_upload_bytes": "big"}}).encode(), "malformed edgegate.device"),
+    (200, json.dumps({**GOOD_INFO, "targets": "cpu"}).encode(), "malformed edgegate.device"),
+    (500, b"<html>oops</html>", "refused: HTTP 500 Internal Server Error"),
+    (401, b'{"error": "wrong token: use the token file the agent was started with"}',
+     "refused: wrong token: use the token file the agent was started with (HTTP 401)"),
+])
+def test_client_turns_a_hostile_or_broken_agent_into_one_line(hostile, status: int, body: bytes, message: str) -> None:
+    hostile.answer = (status, body)
+    url = f"http://127.0.0.1:{hostile.server_address[1]}"
+    with pytest.raises(DeviceError, match=re.escape(message)) as e:
+        DeviceClient(url, "t" * 20).info()
+    assert "\n" not in str(e.value)
+    hostile.answer = (200, json.dumps(GOOD_INFO).encode())
+    assert DeviceClient(url, "t" * 20).info()["name"] == "pi"
+
+
+def test_client_refuses_bad_urls_and_says_when_nothing_listens() -> None:
+    for url in ("ftp://h:1", "http://", "http://u:p@h:1", "http://h:1/api", "http://h:1?x=1"):
+        with pytest.raises(DeviceError, match="must be"):
+            DeviceClient(url, "t" * 20)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    where = rf"cannot reach the device agent at http://127\.0\.0\.1:{port}: "
+    with pytest.raises(DeviceError, match=where + ".*is `edgegate device serve` running there"):
+        DeviceClient(f"http://127.0.0.1:{port}", "t" * 20).info()
