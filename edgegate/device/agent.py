@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs
 
 import edgegate
+from edgegate.benchmark import BUDGET_MAX_SECONDS
 from edgegate.bundle import read_bundle
 from edgegate.device import server as http
 from edgegate.device.jobs import MeasureQueue, QueueFull, Workdir
@@ -228,8 +229,10 @@ class Agent:
             raise Refused(400, f"malformed query string ({one_line(e, 80)})") from e
         except DeviceError as e:
             raise Refused(400, str(e)) from None
-        cap = self.config.max_seconds
-        config = dataclasses.replace(request.config, max_seconds=min(request.config.max_seconds or cap, cap))
+        # The agent's cap on timed runs; under a time budget its own cap (BUDGET_MAX_SECONDS) stays the default.
+        asked, cap = request.config.max_seconds, self.config.max_seconds
+        default = BUDGET_MAX_SECONDS if request.config.runs is None else cap
+        config = dataclasses.replace(request.config, max_seconds=min(default if asked is None else asked, cap))
         name, length, client = request.bundle, _content_length(handler, self.config.limits), handler.client_address[0]
         with self.queue.turn(client) as waited, self.workdir.job() as job:
             log.info("job %s from %s: bundle %s, %d bytes, waited %.2f s", job.name, client, name, length, waited)

@@ -37,6 +37,7 @@ from edgegate.device.protocol import (
     DeviceError,
     bench_query,
 )
+from edgegate.device.report import read_bench_report
 from edgegate.device.transfer import pack_bundle
 from edgegate.errors import TargetError, one_line
 
@@ -116,7 +117,7 @@ class DeviceClient:
             request = Request(f"{self.url}{BENCH_PATH}?{query}", data=tar, headers=headers, method="POST")
             answer = self._call(request, self.timeout_s)
         try:
-            report = BenchReport.from_dict(answer.get("report"), answer.get("latencies_ms") or ())
+            report = read_bench_report(answer.get("report"), answer.get("latencies_ms") or ())
         except (BenchError, AttributeError, TypeError, ValueError) as e:
             raise DeviceError(f"the agent at {self.url} sent a report this edgegate cannot read: {one_line(e)}") from e
         device = {"name": agent, "url": self.url}

@@ -25,7 +25,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 from urllib.parse import urlencode
 
-from edgegate.benchmark import BenchConfig, BenchError
+from edgegate.benchmark import MAX_RUNS, BenchConfig, BenchError
 from edgegate.errors import EdgegateError, os_error_text
 
 INFO_PATH = "/v1/info"
@@ -40,11 +40,13 @@ TOKEN_MAX_BYTES = 4096
 TOKEN_HINT = "umask 077; python -c 'import secrets; print(secrets.token_urlsafe(32))' > agent.token"
 # BenchConfig fields a client may set: how each is parsed from the query string, and the largest value
 # the agent takes (a batch is built in memory from the golden samples, so it is bounded like a file size).
+# Runs are bounded like bench's time budget bounds them (MAX_RUNS), so every latency sent back with
+# ``latencies=1`` is at most about 20 MB of JSON.
 BENCH_FIELDS: dict[str, tuple[type, float]] = {
-    "runs": (int, 10_000_000), "warmup": (int, 1_000_000), "threads": (int, 1024), "batch": (int, 1024),
-    "seed": (int, 2**32 - 1), "max_seconds": (float, 86_400.0),
+    "runs": (int, MAX_RUNS), "warmup": (int, MAX_RUNS), "threads": (int, 1024), "batch": (int, 1024),
+    "seed": (int, 2**32 - 1), "max_seconds": (float, 86_400.0), "min_seconds": (float, 86_400.0),
+    "min_runs": (int, MAX_RUNS),
 }
-MAX_LATENCIES = 1_000_000  # runs whose every latency may be sent back (about 20 MB of JSON)
 
 
 class DeviceError(EdgegateError):
@@ -151,7 +153,4 @@ def parse_bench_query(params: Mapping[str, list[str]]) -> BenchRequest:
         config = BenchConfig(**kw)
     except BenchError as e:
         raise DeviceError(str(e)) from e
-    if latencies == "1" and config.runs > MAX_LATENCIES:
-        raise DeviceError(f"every latency of {config.runs} runs is too much to send back; ask for at most "
-                          f"{MAX_LATENCIES} runs with latencies")
     return BenchRequest(name, config, latencies == "1")

@@ -195,18 +195,18 @@ def test_info_says_what_the_device_runs(agent: AgentProcess, root: Path) -> None
 def test_bench_on_the_agent_matches_a_local_report_in_form(agent: AgentProcess, root: Path,
                                                            bundles: dict[str, Path]) -> None:
     tiny = str(bundles["tiny"])
-    r = _cli("bench", tiny, "--device", agent.url, "--token-file", str(root / "token"), "--runs", "40",
-             "--json", str(root / "remote.json"), runtime_only=root / "blocker")
+    r = _cli("bench", tiny, "--device", agent.url, "--token-file", str(root / "token"), "--runs", "40", "--warmup",
+             "2", "--json", str(root / "remote.json"), runtime_only=root / "blocker")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[1] == f"Device       : test-device ({agent.url}), measured by its agent"
     remote = json.loads((root / "remote.json").read_text())
-    here = bench(tiny, BenchConfig(runs=40)).to_dict()  # what `edgegate bench --json` writes
+    here = bench(tiny, BenchConfig(runs=40, warmup=2)).to_dict()  # what `edgegate bench --json` writes
 
     def shape(d):  # keys all the way down, and the type of every leaf
         return {k: shape(v) for k, v in d.items()} if isinstance(d, dict) else type(d).__name__
 
     assert shape({**remote, "device": None}) == shape(here)
-    assert (remote["format"], remote["version"]) == ("edgegate.bench", 3) and here["device"] is None
+    assert (remote["format"], remote["version"]) == ("edgegate.bench", 4) and here["device"] is None
     assert remote["device"] == {"name": "test-device", "url": agent.url} and remote["bundle"] == tiny
     assert remote["runs"] == 40 and sum(remote["exits"]["counts"]) == 40  # batch 1: one exit per run
     assert remote["exits"]["counts"] == here["exits"]["counts"]  # same samples, same seed, same decisions
@@ -349,7 +349,7 @@ def test_agent_killed_or_stopped_mid_measurement(root: Path, bundles: dict[str, 
 
     def long_bench(url: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "edgegate.cli", "bench", str(bundles["tiny"]), "--device", url,
-                                 "--token-file", str(own / "token"), "--runs", "10000000", "--max-seconds", "60"],
+                                 "--token-file", str(own / "token"), "--min-seconds", "60", "--max-seconds", "60"],
                                 env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     client = long_bench(agent.url)

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from test_bench import _make_bundle
 
-from edgegate.benchmark import BenchConfig, BenchError, BenchReport, bench
+from edgegate.benchmark import BenchConfig, BenchError, bench
 from edgegate.device.client import DeviceClient
 from edgegate.device.jobs import JOB_PREFIX, MARKER, MeasureQueue, QueueFull, Workdir
 from edgegate.device.protocol import BenchRequest, DeviceError, bench_query, parse_bench_query, read_token
+from edgegate.device.report import read_bench_report
 from edgegate.device.transfer import TransferError, TransferLimits, extract_stream, pack_bundle
 
 LIMITS = TransferLimits(max_bytes=1 << 16, max_files=4, seconds=10)
@@ -233,6 +234,8 @@ def test_bench_query_round_trip_and_refusals() -> None:
 
     request = BenchRequest("m.edgegate", BenchConfig(runs=7, warmup=1, threads=2, max_seconds=1.5), latencies=True)
     assert parse_bench_query(parse_qs(bench_query(request))) == request
+    budget = BenchRequest("m.edgegate", BenchConfig(min_seconds=0.25, min_runs=10))  # runs=None: a time budget
+    assert parse_bench_query(parse_qs(bench_query(budget))) == budget
     for query, message in [
         ("bundle=m&runs=x", "runs='x' is not an int"),
         ("bundle=m&runs=1&runs=2", "'runs' given 2 times"),
@@ -241,9 +244,11 @@ def test_bench_query_round_trip_and_refusals() -> None:
         ("bundle=a%2Fb", "bundle name 'a/b' is not a plain file name"),
         ("bundle=m&batch=100000", "batch=100000 is above the agent's limit of 1024"),
         ("bundle=m&max_seconds=nan", "max_seconds=nan is above the agent's limit"),
+        ("bundle=m&max_seconds=inf", "max_seconds=inf is above the agent's limit"),
         ("bundle=m&runs=0", "bench runs=0 must be an int >= 1"),
         ("bundle=m&latencies=yes", "latencies='yes' must be 0 or 1"),
-        ("bundle=m&latencies=1&runs=2000000", "every latency of 2000000 runs is too much to send back"),
+        ("bundle=m&runs=2000000", "runs=2000000 is above the agent's limit of 1e\\+06"),
+        ("bundle=m&min_seconds=0", "bench min_seconds=0.0 must be a finite number of seconds > 0"),
     ]:
         with pytest.raises(DeviceError, match=message):
             parse_bench_query(parse_qs(query))
@@ -256,16 +261,16 @@ def test_bench_report_round_trips_through_json(tmp_path: Path) -> None:
     report = bench(_make_bundle(tmp_path / "b", exits=True), BenchConfig(runs=10, warmup=1), keep_latencies=True)
     report = report.__class__(**{**report.__dict__, "device": {"name": "pi", "url": "http://127.0.0.1:1"}})
     d = json.loads(json.dumps(report.to_dict()))
-    back = BenchReport.from_dict(d, report.latencies_ms)
+    back = read_bench_report(d, report.latencies_ms)
     assert back == report and back.to_dict() == d and back.latencies_ms == report.latencies_ms
     with pytest.raises(BenchError, match="report version 2 is not the one this edgegate reads"):
-        BenchReport.from_dict({**d, "version": 2})
+        read_bench_report({**d, "version": 2})
     with pytest.raises(BenchError, match="malformed edgegate.bench report .*mean_ms is str"):
-        BenchReport.from_dict({**d, "latency": {**d["latency"], "mean_ms": "fast"}})
+        read_bench_report({**d, "latency": {**d["latency"], "mean_ms": "fast"}})
     with pytest.raises(BenchError, match="malformed edgegate.bench report .*KeyError"):
-        BenchReport.from_dict({k: v for k, v in d.items() if k != "golden"})
+        read_bench_report({k: v for k, v in d.items() if k != "golden"})
     with pytest.raises(BenchError, match="not an edgegate.bench report"):
-        BenchReport.from_dict([1, 2])
+        read_bench_report([1, 2])
 
 
 # --------------------------------------------------------------------------------------------- client
