@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgegate.cli._common import int_at_least
+from edgegate.cli._common import int_at_least, positive_seconds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -73,18 +73,23 @@ def _g(v: Any) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
 def _default_workdir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "edgegate" / "agent"
 
 
-def _positive(text: str) -> float:
+def _megabytes(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not 0 < value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text} must be a number of MiB > 0")
     return value
 
 
@@ -108,8 +113,11 @@ def device_client(args: argparse.Namespace):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("device", help="measure on an edge device over the network: the agent and its info")
-    dsub = d.add_subparsers(dest="device_command", required=True)
+    d = sub.add_parser("device", help="measure on an edge device over the network: the agent and its info",
+                       description="`serve` runs on the device with the runtime install only (numpy, onnxruntime, "
+                       "the served target's runtime); `bench`/`compare --device URL --token-file F` measure on it.")
+    dsub = d.add_subparsers(dest="device_command", metavar="{serve,info}")
+    d.set_defaults(func=lambda args: _print_help(d))  # `edgegate device` alone: its commands, not an error
     s = dsub.add_parser("serve", help="run the device agent (on the device: numpy + onnxruntime + target runtime)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; off a trusted network put TLS or an SSH tunnel "
@@ -118,13 +126,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--token-file", required=True, metavar="F", help="file holding the shared token (chmod 600)")
     s.add_argument("--workdir", metavar="D", help="private folder for uploads (default ~/.cache/edgegate/agent)")
     s.add_argument("--name", help="device name in reports (default: the host name)")
-    s.add_argument("--max-upload-mb", type=_positive, default=512.0, help="largest bundle upload")
-    s.add_argument("--upload-seconds", type=_positive, default=120.0, help="time limit to receive an upload")
-    s.add_argument("--max-seconds", type=_positive, default=300.0, help="cap on one job's timed runs")
-    s.add_argument("--job-seconds", type=_positive, default=600.0,
+    s.add_argument("--max-upload-mb", type=_megabytes, default=512.0, metavar="MB", help="largest bundle upload")
+    s.add_argument("--upload-seconds", type=positive_seconds, default=120.0, metavar="S",
+                   help="time limit to receive an upload")
+    s.add_argument("--max-seconds", type=positive_seconds, default=300.0, metavar="S",
+                   help="cap on one job's timed runs")
+    s.add_argument("--job-seconds", type=positive_seconds, default=600.0, metavar="S",
                    help="a measurement (load, golden check, warm-up, runs) is stopped after this")
-    s.add_argument("--queue", type=int_at_least(1), default=16, help="jobs admitted at once (running + waiting)")
-    s.add_argument("--queue-per-client", type=int_at_least(1), default=4, help="jobs admitted per client address")
+    s.add_argument("--queue", type=int_at_least(1), default=16, metavar="N",
+                   help="jobs admitted at once (running + waiting)")
+    s.add_argument("--queue-per-client", type=int_at_least(1), default=4, metavar="N",
+                   help="jobs admitted per client address")
     s.set_defaults(func=cmd_serve)
     i = dsub.add_parser("info", help="what a device agent can run: targets, runtimes, CPUs/GPUs, limits, queue")
     i.add_argument("url", help="the agent's URL, e.g. http://127.0.0.1:8765")
