@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from edgegate.data import Inputs, TensorSpec
-from edgegate.errors import EdgegateError
+from edgegate.errors import EdgegateError, TargetError
 from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
 from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 FORMAT = "edgegate.compare"
-FORMAT_VERSION = 2  # v2 added ``measured_on`` to ``recorded``; see README, "Report formats"
+FORMAT_VERSION = 2  # v2 added ``measured_on`` to ``recorded`` and the rows' ``device``; see README, "Report formats"
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
 NOTES = (
@@ -56,6 +56,12 @@ NOTES = (
     "outputs of the deployed graph",
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
 )
+DEVICE_NOTE = ("latency of a row with a device: measured on that device by its agent (`--device`), accuracy and "
+               "fidelity here; float = torch eager here")
+# How a bundle's latency is measured when not here: (bundle dir, config) -> its bench report (a device agent's).
+Measure = Callable[[Path, Any], Any]
+
+
 class CompareError(EdgegateError):
     """A bundle does not belong to the model, or compare cannot run with the given inputs."""
 
@@ -100,6 +106,7 @@ class Row:
     layer_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
     histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
 
 
@@ -118,8 +125,13 @@ class CompareReport:
 
 
 def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: CompareConfig,
-            on_step: Callable[[str], None] | None = None) -> CompareReport:
-    """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc)."""
+            on_step: Callable[[str], None] | None = None, *, measure: Measure | None = None) -> CompareReport:
+    """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc).
+
+    `measure(bundle_dir, BenchConfig) -> BenchReport` times the given bundles elsewhere (``compare --device``:
+    a device agent's client); accuracy and fidelity are still measured here. A `TargetError` from it (the
+    device cannot run the target) makes that row skipped.
+    """
     import torch
 
     from edgegate.bundle import read_bundle
@@ -163,7 +175,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                                 note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
-            row, proto = _bundle_row(b, kind, x, labels, float_out, config)
+            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure)
             rows.append(row)
             if proto is not None:
                 probes.append((len(rows) - 1, proto))
@@ -179,6 +191,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                   "outputs": names}
     on_calib = [r.name for r in rows if r.recorded.get("measured_on") == "calibration"]
     notes = NOTES + ((f"{CALIBRATION_ROWS_NOTE}: {', '.join(on_calib)}",) if on_calib else ())
+    notes += (DEVICE_NOTE,) if any(r.device for r in rows) else ()
     return CompareReport(model=model_info, data=data_info, rows=tuple(rows), notes=notes)
 
 
@@ -271,7 +284,7 @@ def _is_early_exit(model: Any) -> bool:
 
 
 def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
-                float_out: dict[str, np.ndarray], config: CompareConfig) -> tuple[Row, Any]:
+                float_out: dict[str, np.ndarray], config: CompareConfig, measure: Measure | None) -> tuple[Row, Any]:
     """Evaluate one bundle on its target; (row, model.onnx proto for the layer probe or None)."""
     from edgegate import targets
     from edgegate.benchmark import BenchConfig, bench
@@ -289,9 +302,20 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     except EdgegateError as e:
         return Row(**head, status="skipped", note=f"skipped: {e}"), None
     ok, why = targets.can_run(target)
-    if not ok:
-        return Row(**head, status="skipped", note=f"skipped: target {bundle.target} cannot run here: {why}"), None
-    report = bench(bundle.path, BenchConfig(runs=config.runs, warmup=config.warmup), keep_latencies=True)
+    timing = BenchConfig(runs=config.runs, warmup=config.warmup)
+    if measure is None:
+        if not ok:
+            return Row(**head, status="skipped", note=f"skipped: target {bundle.target} cannot run here: {why}"), None
+        report = bench(bundle.path, timing, keep_latencies=True)
+    else:
+        try:
+            report = measure(bundle.path, timing)
+        except TargetError as e:  # the device cannot run this target
+            return Row(**head, status="skipped", note=f"skipped: {e}"), None
+    if not ok:  # timed on the device; nothing here runs it to measure accuracy
+        return Row(**head, status="ok", note=f"accuracy and fidelity not measured: target {bundle.target} cannot "
+                   f"run here: {why}", latency=report.latency, batch=report.batch, device=report.device,
+                   latencies_ms=report.latencies_ms), None
     static = (m.get("export") or {}).get("batch")
     with target.load(bundle) as runner:
         out = _run_runner(runner, x, static)
@@ -316,7 +340,7 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
         except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
-              sweep=sweep, histograms=_hists(out), latencies_ms=report.latencies_ms)
+              sweep=sweep, histograms=_hists(out), device=report.device, latencies_ms=report.latencies_ms)
     return row, proto
 
 

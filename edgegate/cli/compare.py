@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from edgegate.cli._common import Status, add_input_flag, add_trust_flags, int_at_least
+from edgegate.cli.device import add_device_flags, device_client
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -20,8 +22,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = CompareConfig(data=args.data, split=args.split, max_samples=args.max_samples, runs=args.runs,
                            warmup=args.warmup, baseline=args.baseline, trust_model=args.trust_model,
                            model_class=args.model_class, inputs=parse_inputs(args.input))
+    client = device_client(args)  # --device: bundles are timed by the agent there, accuracy measured here
+    measure = functools.partial(client.bench, latencies=True) if client else None  # latencies: for the plots
     with Status("compare") as status:
-        report = compare(args.model, args.bundles, config, on_step=status.update)
+        report = compare(args.model, args.bundles, config, on_step=status.update, measure=measure)
     print(render_text(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -50,4 +54,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--html", metavar="OUT.html", help="also write an HTML report with PNG plots (matplotlib)")
     add_input_flag(c)
     add_trust_flags(c)
+    add_device_flags(c)
     c.set_defaults(func=cmd_compare)

@@ -56,6 +56,8 @@ def render_text(report: CompareReport) -> str:
     lines = [f"=== edgegate compare: {report.model['file']} on {d['name']} ({d['split']}, {d['samples']} samples) ===",
              *text.table(headers, cells)]
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
+    lines += [f"{r.name}: latency measured on device {r.device.get('name')} ({r.device.get('url')})"
+              + (f"; {r.note}" if r.note else "") for r in report.rows if r.status == "ok" and r.device]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
     lines += [n for n in report.notes if n.startswith(CALIBRATION_ROWS_NOTE)]

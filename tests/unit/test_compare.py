@@ -107,7 +107,8 @@ def test_json_is_versioned_and_strict(ee_report):
     assert set(d) == {"format", "version", "model", "data", "rows", "notes"}
     row = d["rows"][1]
     assert set(row) == {"name", "kind", "path", "target", "quant", "calibration", "status", "note", "metrics",
-                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "histograms"}
+                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "histograms", "device"}
+    assert row["device"] is None  # measured here, not by a device agent
     assert d["rows"][2]["path"] is None  # the baseline lived in a temp dir
     assert set(row["latency"]) == {"min_ms", "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms",
                                    "std_ms", "cv"}
