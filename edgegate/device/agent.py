@@ -275,8 +275,8 @@ class Agent:
         (job / "tmp").mkdir()
         env = {**os.environ, "TMPDIR": str(job / "tmp"), "ORT_DISABLE_TELEMETRY": "1"}
         with open(out, "wb") as fo, open(err, "wb") as fe, self._lock:
-            if self._closing:
-                raise Refused(503, "the agent is stopping; retry when it is back")
+            if self._closing:  # stopped after the job was taken for measuring, before its process started
+                raise Refused(503, "the agent was stopped during the measurement; nothing was measured")
             # stdin stays open while the worker runs: it exits when the agent (and so the pipe) is gone.
             proc = subprocess.Popen([sys.executable, "-m", "edgegate.device.worker", *args], stdin=subprocess.PIPE,
                                     stdout=fo, stderr=fe, cwd=job, env=env)
