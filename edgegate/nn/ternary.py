@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import ExportError
+from edgegate.gates import GateFamily, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
 from edgegate.ops import pack_ternary
 from edgegate.ops import torch_ops as ops
@@ -139,3 +140,13 @@ class HGFLinear(TernaryLinear):
         if not self.training and not exporting():
             record(self, last_decision=self.g)
         return y
+
+
+# Ternary layers have no data-dependent decision and no nn.Linear inside: nothing stays float for them.
+register_family(TernaryLinear, GateFamily(
+    GateKind.TERNARY, Observe.STATIC, details=lambda m: {"in_features": m.in_features, "out_features": m.out_features},
+    decision_layers=lambda m, info, model: []))
+register_family(HGFLinear, GateFamily(
+    GateKind.LOWRANK, Observe.STATIC,
+    details=lambda m: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank},
+    decision_layers=lambda m, info, model: []))
