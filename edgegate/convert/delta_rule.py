@@ -51,14 +51,15 @@ def chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.
     t, hk, hv = key.shape[1], key.shape[2], value.shape[2]
     if hk != hv:  # grouped value heads: each key head serves hv // hk consecutive value heads
         query, key = (x.repeat_interleave(hv // hk, dim=2) for x in (query, key))
-    query, key, value, beta, g = (x.transpose(1, 2).float() for x in (query, key, value, beta, g))
-    query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
+    # [B, H, T, D] in fp32 (no-op casts are skipped: fewer nodes to export)
+    query, key, value, beta, g = (_fp32(x.transpose(1, 2)) for x in (query, key, value, beta, g))
+    query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6) * query.shape[-1] ** -0.5
     key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
-    query = query * query.shape[-1] ** -0.5
     chunk = min(MAX_CHUNK, 1 << max(0, (t - 1).bit_length()))
     pad = (chunk - t % chunk) % chunk
-    query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
-    beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
+    if pad:
+        query, key, value = (F.pad(x, (0, 0, 0, pad)) for x in (query, key, value))
+        beta, g = (F.pad(x, (0, pad)) for x in (beta, g))
     v_beta, k_beta = value * beta.unsqueeze(-1), key * beta.unsqueeze(-1)
     query, key, k_beta, v_beta = (x.reshape(x.shape[0], x.shape[1], -1, chunk, x.shape[-1])
                                   for x in (query, key, k_beta, v_beta))
@@ -67,19 +68,33 @@ def chunk_gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.
     pair = (decay.unsqueeze(-1) - decay.unsqueeze(-2)).masked_fill(future, float("-inf")).exp()
     inverse = unit_lower_inverse((k_beta @ key.transpose(-1, -2)) * pair)
     new_values = inverse @ v_beta
-    k_cumdecay = inverse @ (k_beta * decay.exp().unsqueeze(-1))
     intra = (query @ key.transpose(-1, -2)) * pair
+    if query.shape[2] == 1:  # one chunk (up to 64 tokens): the state read from before it is zero
+        out = intra @ new_values
+    else:
+        out = _across_chunks(query, key, k_beta, decay, new_values, intra, inverse, value.shape[-1])
+    out = out.reshape(query.shape[0], query.shape[1], -1, value.shape[-1])[:, :, :t]
+    return out.transpose(1, 2).to(dtype)
+
+
+def _across_chunks(query: torch.Tensor, key: torch.Tensor, k_beta: torch.Tensor, decay: torch.Tensor,
+                   new_values: torch.Tensor, intra: torch.Tensor, inverse: torch.Tensor, dv: int) -> torch.Tensor:
+    """The sequential scan over chunks: each reads the recurrent state left by the previous ones."""
+    k_cumdecay = inverse @ (k_beta * decay.exp().unsqueeze(-1))
     query = query * decay.exp().unsqueeze(-1)
     key = key * (decay[..., -1:] - decay).exp().unsqueeze(-1)
     chunk_decay = decay[..., -1].exp()[..., None, None]
-    state = query.new_zeros(query.shape[0], query.shape[1], query.shape[-1], value.shape[-1])
+    state = query.new_zeros(query.shape[0], query.shape[1], query.shape[-1], dv)
     outs = []
-    for i in range(query.shape[2]):  # one step per chunk: a single one for sequences up to 64 tokens
+    for i in range(query.shape[2]):
         v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
         outs.append(query[:, :, i] @ state + intra[:, :, i] @ v_new)
         state = state * chunk_decay[:, :, i] + key[:, :, i].transpose(-1, -2) @ v_new
-    out = torch.stack(outs, dim=2).reshape(query.shape[0], query.shape[1], -1, value.shape[-1])[:, :, :t]
-    return out.transpose(1, 2).to(dtype)
+    return torch.stack(outs, dim=2)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 class DeltaNetExportForm(nn.Module):
