@@ -84,6 +84,7 @@ class GateFamily:
     details: Callable[[Any], dict[str, Any]] = _no_details
     decision_layers: DecisionLayers = _own_decision_layers
     declares_decision_layers: bool = True  # False: a user label without them (the policy warns)
+    summary: str = ""  # what it gates and what stays float, in words (docs/models.md)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers
                             f"exported, and {cls.__qualname__} does not subclass {module}.{name}: {todo}")
     declared = decision_layers is not None or callable(getattr(cls, "decision_layers", None))
     register_family(cls, GateFamily(kind, Observe.DECISION, decision_layers=decision_layers or _own_decision_layers,
-                                    declares_decision_layers=declared))
+                                    declares_decision_layers=declared, summary="a user gate, observed"))
     return cls
 
 

@@ -21,6 +21,7 @@ The converter families, one module each (adding a family is one module plus one 
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Mapping
@@ -131,17 +132,27 @@ def verify(original: nn.Module, conversion: Conversion, inputs: Mapping[str, np.
     import torch
 
     feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    seen: dict[str, list[tuple[tuple, dict, Any]]] = {c.path: [] for c in conversion.converted}
+    seen: dict[str, list[list[Any]]] = {c.path: [] for c in conversion.converted}
 
-    def keep(path: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            seen[path].append((args, kwargs, out))
+    def before(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # A copy: the module may update its inputs in place (a KV cache) before the replay.
+            seen[path].append([copy.deepcopy(args), copy.deepcopy(kwargs), None])
         return hook
 
-    handles = [original.get_submodule(c.path).register_forward_hook(keep(c.path), with_kwargs=True)
-               for c in conversion.converted]
+    def after(path: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            seen[path][-1][2] = out
+        return hook
+
+    handles = []
+    for c in conversion.converted:
+        module = original.get_submodule(c.path)
+        handles += [module.register_forward_pre_hook(before(c.path), with_kwargs=True),
+                    module.register_forward_hook(after(c.path), with_kwargs=True)]
     try:
-        with torch.no_grad():
+        # Eager: third-party layers may be torch.compile'd (BitNet), which would compile on every machine.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             want = _outputs(original(**feeds))
     finally:
         for h in handles:

@@ -82,7 +82,8 @@ def convert_autobitlinear(module: nn.Module) -> tuple[nn.Module, str]:
 
 
 register(f"{_BITNET}:BitLinear", convert_bitlinear, family=str(GateKind.TERNARY), architecture="BitNet b1.58",
-         notes="packed 2-bit checkpoint codes and weight_scale kept; exported as TernaryMatMul (2 bits/weight)")
+         becomes="TernaryLinear with the checkpoint's codes and scale (1 / weight_scale); TernaryMatMul, 2 bits/weight",
+         notes="linear_class bitlinear (packed uint8 checkpoints)")
 register(f"{_BITNET}:AutoBitLinear", convert_autobitlinear, family=str(GateKind.TERNARY),
-         architecture="BitNet b1.58",
-         notes="offline: the checkpoint's codes and scale; online: absmean ternarization of the float weight")
+         architecture="BitNet b1.58", becomes="TernaryLinear; TernaryMatMul, 2 bits/weight",
+         notes="offline: the checkpoint's codes and weight_scale; online: absmean ternarization of the float weight")

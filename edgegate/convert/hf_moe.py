@@ -234,10 +234,23 @@ REFUSED: dict[str, tuple[str, str]] = {
 }
 
 
+def _becomes(spec: BlockSpec) -> str:
+    renorm = ("renormalized" if spec.renormalize is True else "not renormalized" if spec.renormalize is False
+              else f"renormalized if {spec.renormalize.rsplit('.', 1)[-1]}")
+    parts = [f"MoE: {spec.scoring} top-k, {renorm}"]
+    if spec.score_bias:
+        parts.append("score-correction bias")
+    if spec.scale:
+        parts.append("scaled")
+    if spec.shared:
+        parts.append("sigmoid-gated shared expert" if spec.shared_gate else "shared expert")
+    return ", ".join(parts)
+
+
 def _register() -> None:
     for path, spec in SPECS.items():
         register(path, lambda block, _spec=spec: convert_block(block, _spec), family=str(GateKind.ROUTER),
-                 architecture=spec.architecture, notes=spec.notes)
+                 architecture=spec.architecture, becomes=_becomes(spec), notes=spec.notes)
     for path, (architecture, reason) in REFUSED.items():
         refuse(path, reason, architecture=architecture)
 

@@ -104,12 +104,14 @@ def convert_attention(source: nn.Module) -> tuple[nn.Module, str]:
 register_family(GatedAttentionOutput, GateFamily(
     GateKind.SIGMOID, Observe.DECISION,
     details=lambda m: {"n_heads": m.n_heads, "mode": "elementwise", "head_dim": m.head_dim},
-    decision_layers=lambda m, info, model: [(m.gate_proj, "attention output gate projection")]))
+    decision_layers=lambda m, info, model: [(m.gate_proj, "attention output gate projection")],
+    summary="Qwen3-Next attention output x sigmoid(gate) per channel (SigmoidGate); gate_proj stays float"))
 
 register("transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextAttention", convert_attention,
          family=str(GateKind.SIGMOID), architecture="Qwen3-Next",
-         notes="attention output gated per channel by sigmoid(gate rows of q_proj)")
+         becomes="GatedAttentionOutput: q_proj split into query and gate projections, SigmoidGate op",
+         notes="the gate projection stays float (gate precision policy)")
 
 register("transformers.models.qwen3_next.modeling_qwen3_next:Qwen3NextGatedDeltaNet", DeltaNetExportForm.convert,
-         architecture="Qwen3-Next",
-         notes="gated delta-net (linear attention) layers: an export form of the same arithmetic, no gate")
+         architecture="Qwen3-Next", becomes="DeltaNetExportForm: the same layer, compact to export (no gate)",
+         notes="log2(chunk) matrix products invert the chunk's triangular system instead of a 63-step loop")

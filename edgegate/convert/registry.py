@@ -30,6 +30,7 @@ class ConverterInfo:
     converter: Converter | None  # None: refused
     family: str = ""  # gate family of the replacement ("" for none)
     architecture: str = ""  # the model family, for docs/models.md
+    becomes: str = ""  # what replaces it, in words (docs/models.md)
     notes: str = ""
     refusal: str = ""  # why the class is refused (converter is None)
 
@@ -50,10 +51,10 @@ def _add(info: ConverterInfo) -> None:
 
 
 def register(source_class: str, converter: Converter, *, family: str = "", architecture: str = "",
-             notes: str = "") -> None:
+             becomes: str = "", notes: str = "") -> None:
     """Register ``converter`` for the class named ``source_class`` ("module:QualName"); a second
-    registration of the same class is an error."""
-    _add(ConverterInfo(source_class, converter, family, architecture, notes))
+    registration of the same class is an error. The keywords describe it in ``docs/models.md``."""
+    _add(ConverterInfo(source_class, converter, family, architecture, becomes, notes))
 
 
 def refuse(source_class: str, reason: str, *, architecture: str = "") -> None:

@@ -72,4 +72,5 @@ class GatedAttention(nn.Module):
 register_family(GatedAttention, GateFamily(
     GateKind.SIGMOID, Observe.DECISION,
     details=lambda m: {"n_heads": m.n_heads, "mode": m.gate, "d_model": m.d_model},
-    decision_layers=lambda m, info, model: [(m.gate_proj, "attention gate projection")]))
+    decision_layers=lambda m, info, model: [(m.gate_proj, "attention gate projection")],
+    summary="sigmoid gate on the attention output (SigmoidGate); gate_proj stays float"))

@@ -205,4 +205,6 @@ def _exit_layers(net: EarlyExitNet, info: GateInfo, model: nn.Module) -> Iterato
 register_family(EarlyExitNet, GateFamily(
     GateKind.EXIT, Observe.EXITS,
     details=lambda m: {"n_exits": m.n_exits, "policy": m.policy, "thresholds": [float(t) for t in m.thresholds]},
-    decision_layers=_exit_layers))
+    decision_layers=_exit_layers,
+    summary="per-sample exit after each stage (ExitDecision / LearnedExitDecision; ONNX If or compaction); "
+            "exit heads and exit gates stay float"))

@@ -91,8 +91,10 @@ class ChannelGate(nn.Module):
 
 register_family(ThresholdGate, GateFamily(
     GateKind.THRESHOLD, Observe.DECISION, details=lambda m: {"features": m.features},
-    decision_layers=lambda m, info, model: []))  # tau and gain are vectors inside its op, not a layer
+    decision_layers=lambda m, info, model: [],  # tau and gain are vectors inside its op, not a layer
+    summary="hard per-neuron threshold 1[h > tau] (ThresholdGate); no layer to keep float"))
 register_family(ChannelGate, GateFamily(
     GateKind.CHANNEL, Observe.DECISION,
     details=lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels},
-    decision_layers=lambda m, info, model: [(m.predictor, "channel-mask predictor")]))
+    decision_layers=lambda m, info, model: [(m.predictor, "channel-mask predictor")],
+    summary="predicted channel mask (ChannelGate); the predictor stays float"))

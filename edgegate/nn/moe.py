@@ -313,8 +313,10 @@ register_family(TopKRouter, GateFamily(
     GateKind.ROUTER, Observe.ROUTES,
     details=lambda r: {"k": r.k, "n_experts": r.n_experts, "scoring": str(r.scoring), "renormalize": r.renormalize,
                        "score_bias": r.has_score_bias, "scale": r.scale},
-    decision_layers=_router_layers))
+    decision_layers=_router_layers,
+    summary="top-k expert routing (TopKGate); the router projection (and MoE++ const_mix) stays float"))
 register_family(GatedSharedExpert, GateFamily(
     GateKind.SIGMOID, Observe.DECISION,
     details=lambda m: {"d_model": m.expert.d_model, "d_hidden": m.expert.d_hidden, "gates": "shared expert"},
-    decision_layers=lambda m, info, model: [(m.gate, "shared-expert gate projection")]))
+    decision_layers=lambda m, info, model: [(m.gate, "shared-expert gate projection")],
+    summary="a shared expert scaled by sigmoid(gate(x)) (SigmoidGate); the gate projection stays float"))

@@ -184,8 +184,10 @@ register_family(TernaryLinear, GateFamily(
     GateKind.TERNARY, Observe.STATIC,
     details=lambda m: {"in_features": m.in_features, "out_features": m.out_features,
                        "scale": "checkpoint" if m.fixed_scale else "absmean"},
-    decision_layers=lambda m, info, model: []))
+    decision_layers=lambda m, info, model: [],
+    summary="ternary weights, 2 bits each (TernaryMatMul), per-token 8-bit activations; no decision"))
 register_family(HGFLinear, GateFamily(
     GateKind.LOWRANK, Observe.STATIC,
     details=lambda m: {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank},
-    decision_layers=lambda m, info, model: []))
+    decision_layers=lambda m, info, model: [],
+    summary="ternary path + gated low-rank correction (TernaryMatMul + LowRankCorrection)"))

@@ -75,7 +75,10 @@ def test_conversion_preserves_the_logits(exported):
 
 
 def test_onnx_keeps_one_topkgate_per_moe_layer_and_the_sigmoid_gates(exported):
-    ops = Counter(n.op_type for n in exported["float_graph"].graph.node if n.domain == "edgegate")
+    nodes = exported["float_graph"].graph.node
+    ops = Counter(n.op_type for n in nodes if n.domain == "edgegate")
+    # Qwen3-Next's delta-net layers export in their compact form (transformers' own: ~1500 nodes a layer).
+    assert len(nodes) < 1000
     moe_layers, sigmoid_gates = EXPECTED[exported["arch"]]
     assert ops["TopKGate"] == moe_layers
     assert ops["SigmoidGate"] == sigmoid_gates
