@@ -196,8 +196,8 @@ def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers
         return cls
     if kind in _PROTOCOL_OF:
         module, name, todo = _PROTOCOL_OF[kind]
-        raise EdgegateError(f"register: a {kind} gate needs edgegate's {name} protocol to be calibrated and "
-                            f"exported, and {cls.__qualname__} does not subclass {module}.{name}: {todo}")
+        raise EdgegateError(f"register: {cls.__qualname__} does not subclass {module}.{name}, which {kind} gates "
+                            f"need to be calibrated and exported (a label alone does nothing): {todo}")
     declared = decision_layers is not None or callable(getattr(cls, "decision_layers", None))
     register_family(cls, GateFamily(kind, Observe.DECISION, decision_layers=decision_layers or _own_decision_layers,
                                     declares_decision_layers=declared, summary="a user gate, observed"))
