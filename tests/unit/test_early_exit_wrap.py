@@ -142,8 +142,9 @@ def test_register_refuses_labels_without_behaviour():
     class MyExits(nn.Module):
         pass
 
-    with pytest.raises(EdgegateError, match=r"^register: .*MyExits does not subclass edgegate.nn.EarlyExitNet, which "
-                                            r"exit gates need .*EarlyExitNet.wrap\(stages, heads, thresholds, policy\)"):
+    with pytest.raises(EdgegateError, match=r"^register: .*MyExits does not subclass edgegate.nn.EarlyExitNet, "
+                                            r"which exit gates need .*EarlyExitNet.wrap\(stages, heads, thresholds, "
+                                            r"policy\)"):
         register(MyExits, "exit")
     with pytest.raises(EdgegateError, match="does not subclass edgegate.nn.TopKRouter, which router gates need"):
         register(MyExits, GateKind.ROUTER)
