@@ -111,6 +111,9 @@ def test_int8_gate_aware_keeps_the_experts_on_held_out_tokens(exported):
     assert record["plan"]["float_layers"], record["plan"]
     for router in routers:
         assert f"{router}.proj" in record["float_layers"]
+    for gate in exported["gate_map"].by_kind(GateKind.SIGMOID):  # gated shared experts, gated attention
+        projection = "gate" if gate.module == "GatedSharedExpert" else "gate_proj"
+        assert f"{gate.name}.{projection}" in record["float_layers"]
     slots = record["calibrated"]["slots"]
     assert len(slots) == len(routers) and all(min(rows) > 0 for rows in slots.values())
     expert_layers = [p for p in record["calibrated"]["layers"] if ".experts." in p]

@@ -161,8 +161,14 @@ def test_register_refuses_labels_without_behaviour():
             super().__init__()
             self.scorer = nn.Linear(4, 4)
 
+        def forward(self, x):
+            return x * (self.scorer(x) > 0)  # records no last_decision
+
     register(Mask, "channel", decision_layers=lambda m, info, model: [(m.scorer, "my mask scorer")])
     model = nn.Sequential(Mask())
     family = family_of(model[0])
     assert (family.kind, family.observe) == (GateKind.CHANNEL, Observe.DECISION)
     assert decision_layers(model, find_gates(model)) == {"0.scorer": "my mask scorer"}
+    # Observed only through last_decision: a gate that records none is reported as unmeasured.
+    fidelity = measure_fidelity(model, model, np.ones((4, 4), np.float32))
+    assert fidelity["gates"] == {"0": {"kind": "channel", "observed": False}} and fidelity["summary"] == {}
