@@ -160,13 +160,12 @@ def function_proto(op_type: str) -> onnx.FunctionProto:
     )
 
 
-def _schema_attribute(a: AttrDef):
-    from onnx import defs
-
+def _schema_attribute(a: AttrDef) -> onnx.defs.OpSchema.Attribute:
+    schema = onnx.defs.OpSchema
     if a.default is None:
-        kind = defs.OpSchema.AttrType.INT if a.kind is AttrKind.INT else defs.OpSchema.AttrType.FLOAT
-        return defs.OpSchema.Attribute(a.name, kind, a.name)
-    return defs.OpSchema.Attribute(a.name, helper.make_attribute(a.name, a.kind.coerce(a.default)), a.name)
+        kind = schema.AttrType.INT if a.kind is AttrKind.INT else schema.AttrType.FLOAT
+        return schema.Attribute(a.name, kind, a.name)
+    return schema.Attribute(a.name, helper.make_attribute(a.name, a.kind.coerce(a.default)), a.name)
 
 
 def register_onnx_schemas() -> None:
