@@ -132,17 +132,23 @@ def verify(original: nn.Module, conversion: Conversion, inputs: Mapping[str, np.
     import torch
 
     feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
-    seen: dict[str, list[list[Any]]] = {c.path: [] for c in conversion.converted}
+    per_module: dict[str, float] = {c.path or "<model>": 0.0 for c in conversion.converted}
+    pending: dict[str, list[tuple[tuple, dict]]] = {c.path: [] for c in conversion.converted}
 
     def before(path: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            # A copy: the module may update its inputs in place (a KV cache) before the replay.
-            seen[path].append([copy.deepcopy(args), copy.deepcopy(kwargs), None])
+            # A copy: the module may update its inputs in place (a KV cache) before the replacement runs.
+            pending[path].append((copy.deepcopy(args), copy.deepcopy(kwargs)))
         return hook
 
     def after(path: str):
+        replacement = conversion.module.get_submodule(path)
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            seen[path][-1][2] = out
+            # Compared here and dropped: one module's inputs are held at a time, whatever the model's size.
+            args, kwargs = pending[path].pop()
+            err = _max_err(_outputs(out), _outputs(replacement(*args, **kwargs)))
+            per_module[path or "<model>"] = max(per_module[path or "<model>"], err)
         return hook
 
     handles = []
@@ -159,12 +165,6 @@ def verify(original: nn.Module, conversion: Conversion, inputs: Mapping[str, np.
             h.remove()
     with torch.no_grad():
         got = _outputs(conversion.module(**feeds))
-        per_module = {}
-        for c in conversion.converted:
-            replacement = conversion.module.get_submodule(c.path)
-            per_module[c.path or "<model>"] = max(
-                (_max_err(_outputs(out), _outputs(replacement(*args, **kwargs))) for args, kwargs, out in seen[c.path]),
-                default=0.0)
     rows = int(next(iter(feeds.values())).shape[0])
     err = _max_err(want, got)
     rounding = any(c.family == GateKind.TERNARY for c in conversion.converted)  # rounds activations per token
