@@ -55,8 +55,9 @@ def _configs() -> dict[str, Callable[[], object]]:
         "qwen3_moe": lambda: tf.Qwen3MoeConfig(**_COMMON, head_dim=16, intermediate_size=32, moe_intermediate_size=32,
                                                num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
                                                norm_topk_prob=False),
-        "qwen3_next": lambda: tf.Qwen3NextConfig(
-            **_COMMON, head_dim=16, intermediate_size=64, num_hidden_layers=4, linear_conv_kernel_dim=4,
+        "qwen3_next": lambda: tf.Qwen3NextConfig(  # one gated delta-net layer, then one gated full attention
+            **_COMMON, head_dim=16, intermediate_size=64, num_hidden_layers=2,
+            layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
             moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2),
         "deepseek_v3": lambda: tf.DeepseekV3Config(

@@ -199,7 +199,8 @@ def test_verify_names_the_module_that_diverges():
 
 
 def _qwen3_next(**extra):
-    sizes = {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 4,
+    sizes = {"vocab_size": 16, "hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2,
+             "layer_types": ["linear_attention", "full_attention"],
              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "linear_conv_kernel_dim": 4,
              "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
              "linear_num_value_heads": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
@@ -213,18 +214,18 @@ def test_qwen3_next_gated_attention_becomes_a_sigmoid_gate_with_its_own_gate_pro
     model = _qwen3_next()
     original = copy.deepcopy(model)
     conversion = convert(model)
-    attn = model.model.layers[3].self_attn
+    attn = model.model.layers[1].self_attn
     assert type(attn).__name__ == "GatedAttentionOutput"
     # q_proj's rows per head were [query (16), gate (16)]: split, weight-preserving.
-    q = original.model.layers[3].self_attn.q_proj.weight.reshape(2, 2, 16, 32)
+    q = original.model.layers[1].self_attn.q_proj.weight.reshape(2, 2, 16, 32)
     assert torch.equal(attn.q_proj.weight, q[:, 0].reshape(32, 32))
     assert torch.equal(attn.gate_proj.weight, q[:, 1].reshape(32, 32))
     families = {c.path.split(".")[-1]: c.family for c in conversion.converted}
     assert families == {"self_attn": "sigmoid", "mlp": "router", "linear_attn": ""}
     x = torch.randint(0, 16, (2, 8))
     checked = verify(original, conversion, {"input_ids": x.numpy()}, atol=1e-4)
-    assert checked.checks["modules"]["model.layers.3.self_attn"] <= 1e-5
-    gate = find_gates(model)["model.layers.3.self_attn"]
+    assert checked.checks["modules"]["model.layers.1.self_attn"] <= 1e-5
+    gate = find_gates(model)["model.layers.1.self_attn"]
     assert gate.kind == GateKind.SIGMOID and gate.details["mode"] == "elementwise"
     assert attn.last_decision.shape == (2, 8, 32) and ((attn.last_decision > 0) & (attn.last_decision < 1)).all()
 

@@ -22,15 +22,16 @@ pytest.importorskip("transformers")
 from edgegate.convert import convert, verify  # noqa: E402
 from edgegate.data import Dataset, TensorSpec  # noqa: E402
 from edgegate.gates import GateKind, find_gates  # noqa: E402
-from edgegate.onnx_export.torch_export import export_onnx  # noqa: E402
+from edgegate.onnx_export.torch_export import ExportOptions, export_onnx  # noqa: E402
 from edgegate.quantization.plan import Flavor  # noqa: E402
 from edgegate.quantization.step import QuantOptions, quantize_for_export  # noqa: E402
 from edgegate.zoo.training import deterministic  # noqa: E402
 from tests.unit import _hf  # noqa: E402
 
 # (MoE layers, sigmoid gates: gated shared experts + gated attention layers)
-EXPECTED = {"mixtral": (2, 0), "qwen3_moe": (2, 0), "qwen3_next": (4, 5), "deepseek_v3": (2, 0)}
+EXPECTED = {"mixtral": (2, 0), "qwen3_moe": (2, 0), "qwen3_next": (2, 3), "deepseek_v3": (2, 0)}
 CALIB_ROWS, HELD_ROWS = 256, 256  # windows of 8 tokens
+BATCH = 64  # a static batch exports faster; the default dynamic batch is exercised by the CLI tests
 
 
 def _rows(data: Dataset, n: int) -> Dataset:
@@ -51,7 +52,8 @@ def exported(request) -> dict:
         gate_map = find_gates(model)
         spec = TensorSpec("input_ids", (_hf.CONTEXT,), "int64")
         quantized = quantize_for_export(model, gate_map, QuantOptions("int8"), Flavor.CPU, calib, held, spec)
-        float_graph = export_onnx(quantized.export_model, torch.from_numpy(calib.input()[:2]), "input_ids")
+        float_graph = export_onnx(quantized.export_model, torch.from_numpy(calib.input()[:BATCH]), "input_ids",
+                                  ExportOptions(batch=BATCH))
     return {"arch": arch, "original": original, "model": model, "conversion": conversion, "gate_map": gate_map,
             "quantized": quantized, "float_graph": float_graph, "int8_graph": quantized.lower(float_graph),
             "held": held}
@@ -78,7 +80,7 @@ def test_onnx_keeps_one_topkgate_per_moe_layer_and_the_sigmoid_gates(exported):
     nodes = exported["float_graph"].graph.node
     ops = Counter(n.op_type for n in nodes if n.domain == "edgegate")
     # Qwen3-Next's delta-net layers export in their compact form (transformers' own: ~1500 nodes a layer).
-    assert len(nodes) < 1000
+    assert len(nodes) < 600
     moe_layers, sigmoid_gates = EXPECTED[exported["arch"]]
     assert ops["TopKGate"] == moe_layers
     assert ops["SigmoidGate"] == sigmoid_gates
@@ -92,11 +94,11 @@ def test_onnx_keeps_one_topkgate_per_moe_layer_and_the_sigmoid_gates(exported):
 
 
 def test_fp32_onnx_runtime_matches_transformers(exported):
-    x = exported["held"].input()[:64]
+    x = exported["held"].input()[:BATCH]
     with torch.no_grad():
         want = exported["original"](torch.from_numpy(x)).numpy()
     got = _ort(exported["float_graph"], x)
-    assert got.shape == (64, _hf.CONTEXT, _hf.VOCAB)
+    assert got.shape == (BATCH, _hf.CONTEXT, _hf.VOCAB)
     assert float(np.abs(got - want).max()) <= 1e-3
 
 
@@ -121,7 +123,7 @@ def test_int8_gate_aware_keeps_the_experts_on_held_out_tokens(exported):
 
 
 def test_int8_onnx_runtime_follows_the_fake_quant_model(exported):
-    x = exported["held"].input()[:64]
+    x = exported["held"].input()[:BATCH]
     got = _ort(exported["int8_graph"], x)
     with torch.no_grad():
         want = exported["quantized"].reference(torch.from_numpy(x)).numpy()

@@ -101,7 +101,7 @@ def test_wrapped_net_exports_with_if_at_batch_1_and_compaction_otherwise(user_ne
         logits, exit_index = session.run(None, {"x": x[i:i + 1]})
         np.testing.assert_allclose(logits, want_logits[i:i + 1], atol=1e-5)
         assert int(exit_index[0]) == int(want_exit[i])
-    batched = export_onnx(net, torch.from_numpy(x), "x")
+    batched = export_onnx(net, torch.from_numpy(x), "x", ExportOptions(batch=len(x)))
     assert not any(n.op_type == "If" for n in batched.graph.node)
     assert any(n.op_type == "NonZero" for n in batched.graph.node)  # exited samples are dropped
     logits, exit_index = ort.InferenceSession(batched.SerializeToString(),
