@@ -9,6 +9,7 @@ transformers in torch and ONNX Runtime's fp32 error vs transformers, the int8 ga
 top-1 expert agreement on held-out tokens, and the wall seconds of conversion + calibration + export +
 QDQ lowering (what ``edgegate export --quant int8`` spends on the model). The peer, measured in the same
 run: exporting Qwen3-Next with transformers' own delta-net layers instead of edgegate's export form.
+The packed BitNet (``bitnet``) is exported fp32: its errors vs transformers and the bits per weight.
 Reported, never asserted; one thread (``torch.set_num_threads(1)``), as the zoo trains.
 """
 
@@ -72,6 +73,33 @@ def measure(arch: str) -> dict[str, Any]:
             "train_s": round(train_s, 2)}
 
 
+def measure_bitnet() -> dict[str, Any]:
+    """The packed BitNet: converted with its own codes, exported fp32 (TernaryMatMul, 2 bits a weight)."""
+    import onnxruntime as ort
+
+    original = hf.LMLogits(hf.packed_bitnet()).eval()
+    model = copy.deepcopy(original)
+    x = hf.markov()[2].input()[:128]
+    t0 = time.perf_counter()
+    conversion = verify(original, convert(model), {"input_ids": x[:64]}, atol=1e-4)
+    graph = export_onnx(model, torch.from_numpy(x[:2]), "input_ids")
+    export_s = time.perf_counter() - t0
+    got = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {
+        "input_ids": x})[0]
+    with torch.no_grad():
+        want = original(torch.from_numpy(x)).numpy()
+    packed = sum(len(t.raw_data) for t in graph.graph.initializer if t.data_type == 2)  # uint8
+    weights = sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "TernaryLinear")
+    return {"architecture": "bitnet", "params": hf.n_params(original), "ternary_weights": weights,
+            "gates": dict(Counter(str(g.kind) for g in find_gates(model))),
+            "ops": dict(Counter(n.op_type for n in graph.graph.node if n.domain == "edgegate")),
+            "nodes": len(graph.graph.node), "module_err": max(conversion.checks["modules"].values()),
+            "torch_err": conversion.checks["max_abs_err"], "fp32_ort_err": float(np.abs(got - want).max()),
+            "fp32_ort_within_1e-4": float(np.mean(np.abs(got - want) <= 1e-4)),
+            "top1_token_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            "bits_per_ternary_weight": 8 * packed / weights, "export_s": round(export_s, 2)}
+
+
 def peer_delta_net() -> dict[str, Any]:
     """Qwen3-Next export with transformers' delta-net layers (the peer) vs edgegate's export form."""
     from edgegate.convert import converters
@@ -97,16 +125,17 @@ def peer_delta_net() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.byom", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(hf.ARCHS), help=f"comma-separated of {', '.join(hf.ARCHS)}")
+    names = (*hf.ARCHS, "bitnet")
+    parser.add_argument("--only", default=",".join(names), help=f"comma-separated of {', '.join(names)}")
     parser.add_argument("--no-peer", action="store_true", help="skip the Qwen3-Next peer export (minutes)")
     args = parser.parse_args(argv)
     archs = [a for a in args.only.split(",") if a]
-    unknown = [a for a in archs if a not in hf.ARCHS]
+    unknown = [a for a in archs if a not in names]
     if unknown:
-        parser.error(f"unknown architecture {', '.join(unknown)}; choose from {', '.join(hf.ARCHS)}")
+        parser.error(f"unknown architecture {', '.join(unknown)}; choose from {', '.join(names)}")
     torch.set_num_threads(1)
     for arch in archs:  # one JSON object per line, as each finishes
-        sys.stdout.write(json.dumps(measure(arch)) + "\n")
+        sys.stdout.write(json.dumps(measure_bitnet() if arch == "bitnet" else measure(arch)) + "\n")
         sys.stdout.flush()
     if not args.no_peer:
         sys.stdout.write(json.dumps({"qwen3_next_delta_net": peer_delta_net()}) + "\n")

@@ -147,3 +147,53 @@ def trained(arch: str, seed: int = 0) -> LMLogits:
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- BitNet
+
+BITNET_LAYERS = 7  # BitLinear layers per decoder block: q, k, v, o, gate, up, down
+
+
+def bitnet_config(linear_class: str = "bitlinear", mode: str = "offline"):
+    """A tiny BitNet config whose ``quantization_config`` makes transformers build BitNet layers."""
+    import transformers as tf  # the optional hf extra: only when a model is built
+
+    return tf.BitNetConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64,
+        quantization_config={"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": mode})
+
+
+def with_bitnet_layers(config) -> nn.Module:
+    """The model of a bitnet ``config`` with its Linear layers swapped for transformers' BitNet layers, as
+    ``from_pretrained``'s BitNet quantizer does before it loads the tensors (lm_head stays float)."""
+    import transformers as tf  # the optional hf extra: only when a model is built
+    from transformers.integrations.bitnet import replace_with_bitnet_linear
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    model = tf.AutoModelForCausalLM.from_config(config)
+    qc = BitNetQuantConfig.from_dict(config.quantization_config)
+    replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"], quantization_config=qc)
+    return model.to_empty(device="cpu")
+
+
+def packed_bitnet(seed: int = 0) -> nn.Module:
+    """A packed BitNet b1.58 causal LM (``BitLinear``: uint8 codes, 4 per byte, and a ``weight_scale``), with
+    seeded ternary codes and scales standing in for BitNet training; float layers seeded too."""
+    from transformers.integrations.bitnet import BitLinear, pack_weights
+
+    config = bitnet_config()
+    model = with_bitnet_layers(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BitLinear):  # ternary codes and the inverse of the layer's scale
+                codes = torch.randint(-1, 2, (module.out_features, module.in_features), generator=gen)
+                module.weight.copy_(pack_weights(codes))
+                module.weight_scale.fill_(float(torch.empty(()).uniform_(4, 8, generator=gen)))
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(std=0.5, generator=gen)
+            elif "RMSNorm" in type(module).__name__:
+                module.weight.fill_(1.0)
+    model.model.rotary_emb.__init__(config)  # to_empty left its inv_freq buffers unset
+    return model.eval()

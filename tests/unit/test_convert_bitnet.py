@@ -27,35 +27,20 @@ from edgegate.onnx_export.torch_export import ExportOptions, export_onnx  # noqa
 from edgegate.quantization.plan import Flavor  # noqa: E402
 from edgegate.quantization.step import QuantOptions, quantize_for_export  # noqa: E402
 from edgegate.quantization.ternary import TernaryPTQLinear  # noqa: E402
-from tests.unit._hf import VOCAB, LMLogits, markov  # noqa: E402
+from edgegate.zoo.hf import BITNET_LAYERS, bitnet_config, packed_bitnet, with_bitnet_layers  # noqa: E402
+from tests.unit._hf import LMLogits, markov  # noqa: E402
 
-LAYERS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
-
-
-def _config(linear_class: str, mode: str):
-    return transformers.BitNetConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64,
-        quantization_config={"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": mode})
-
-
-def _with_bitnet_layers(config) -> nn.Module:
-    """What from_pretrained does for a bitnet quantization_config before loading the tensors."""
-    from transformers.integrations.bitnet import replace_with_bitnet_linear
-    from transformers.utils.quantization_config import BitNetQuantConfig
-
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    qc = BitNetQuantConfig.from_dict(config.quantization_config)
-    replace_with_bitnet_linear(model, modules_to_not_convert=["lm_head"], quantization_config=qc)
-    return model.to_empty(device="cpu")
+LAYERS_PER_BLOCK = BITNET_LAYERS
 
 
 def _load(folder, config) -> nn.Module:
+    """Read a saved BitNet folder as from_pretrained would (it needs accelerate, which edgegate does not)."""
     from safetensors.torch import load_file
 
-    model = _with_bitnet_layers(config)
-    model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
-    missing = {k for k in model.state_dict() if "rotary_emb" not in k} - set(load_file(folder / "model.safetensors"))
+    model = with_bitnet_layers(config)
+    tensors = load_file(folder / "model.safetensors")
+    model.load_state_dict(tensors, strict=False)
+    missing = {k for k in model.state_dict() if "rotary_emb" not in k} - set(tensors)
     assert not missing, missing
     model.model.rotary_emb.__init__(config)  # its buffers are not in the checkpoint
     return model.eval()
@@ -69,25 +54,8 @@ def _reloaded(packed_checkpoint) -> LMLogits:
 
 @pytest.fixture(scope="module")
 def packed_checkpoint(tmp_path_factory) -> tuple[nn.Module, object]:
-    from transformers.integrations.bitnet import BitLinear, pack_weights
-
-    config = _config("bitlinear", "offline")
-    torch.manual_seed(0)
-    model = _with_bitnet_layers(config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, BitLinear):  # a BitNet-trained layer: ternary codes and the inverse of its scale
-                module.weight.copy_(pack_weights(torch.randint(-1, 2, (module.out_features, module.in_features),
-                                                               generator=gen)))
-                module.weight_scale.fill_(float(torch.empty(()).uniform_(4, 8, generator=gen)))
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(std=0.5, generator=gen)
-            elif "RMSNorm" in type(module).__name__:
-                module.weight.fill_(1.0)
-    model.model.rotary_emb.__init__(config)
     folder = tmp_path_factory.mktemp("bitnet-packed")
-    model.save_pretrained(folder)
+    packed_bitnet().save_pretrained(folder)
     return _load(folder, transformers.AutoConfig.from_pretrained(folder)), folder
 
 
@@ -141,7 +109,7 @@ def test_float_export_of_ternary_layers_is_golden_checked_as_quantized(packed_ch
     spec_args = (Flavor.CPU, calib, None, None)
     fp32 = quantize_for_export(model, find_gates(model), QuantOptions("fp32"), *spec_args)
     assert fp32.exact is False and fp32.export_model is model
-    plain = LMLogits(transformers.AutoModelForCausalLM.from_config(_config("bitlinear", "offline"))).eval()
+    plain = LMLogits(transformers.AutoModelForCausalLM.from_config(bitnet_config())).eval()
     assert quantize_for_export(plain, find_gates(plain), QuantOptions("fp32"), *spec_args).exact is True
 
 
@@ -160,7 +128,7 @@ def test_quant_ternary_keeps_the_checkpoints_own_ternary_layers(packed_checkpoin
 
 
 def test_qat_checkpoint_from_config_and_save_pretrained(tmp_path):
-    config = _config("autobitlinear", "online")
+    config = bitnet_config("autobitlinear", "online")
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)  # float weights on disk
     hf = _load(tmp_path, transformers.AutoConfig.from_pretrained(tmp_path))
