@@ -2,13 +2,28 @@
 
 Input: an ``nn.Module``. Output: a :class:`GateMap`, one :class:`GateInfo` per gating module (its
 path in the model, kind, class, details such as k / n_experts / thresholds), recorded in the bundle
-manifest and used by calibration and compare. Modules are recognized by class through a registry
-pre-filled with the ``edgegate.nn`` families; user modules join with :func:`register`.
+manifest and used by calibration and compare.
+
+A module is a gate because its class belongs to a :class:`GateFamily`: the family says how edgegate
+treats it, not just what to call it:
+
+* ``details(module)`` — what the manifest records about it;
+* ``decision_layers(module, info, model)`` — the layers that compute its decision, which the gate
+  precision policy keeps in float (``edgegate.quantization.policy``);
+* ``observe`` — the protocol calibration and fidelity read (:class:`Observe`): an early-exit net's
+  stages/heads/thresholds, an MoE router's slots, a recorded ``last_decision``, or nothing (static).
+
+Built-in and converted families use the same path: a module that defines a family calls
+:func:`register_family` for its classes when imported, and :data:`FAMILY_MODULES` lists the modules
+that define the built-in ones (the registry lines). Adding a family is one module plus one line.
+:func:`register` is the short form for a user class; it only accepts what edgegate can actually do
+with the class (see there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -17,13 +32,59 @@ from edgegate.errors import EdgegateError
 
 
 class GateKind(StrEnum):
-    SIGMOID = "sigmoid"  # soft multiplicative gate (gated attention)
+    SIGMOID = "sigmoid"  # soft multiplicative gate (gated attention, gated shared expert)
     THRESHOLD = "threshold"  # per-neuron hard threshold (TauGate)
     CHANNEL = "channel"  # predicted channel mask (dynamic pruning)
     ROUTER = "router"  # top-k expert routing
     EXIT = "exit"  # early-exit decisions
     TERNARY = "ternary"  # ternary weights (no data-dependent gate, but packed/quantized specially)
     LOWRANK = "lowrank"  # gated low-rank correction (HGF)
+
+
+class Observe(StrEnum):
+    """The protocol calibration and fidelity use to observe a gate family.
+
+    * ``exits`` — the module is an ``edgegate.nn.EarlyExitNet`` (``stages``, ``heads``, ``thresholds``,
+      ``decide(k, logits)``, ``set_thresholds``): rows per stage, threshold augmentation and re-tuning,
+      exit-index agreement; exported as ``If`` (batch 1) or compaction.
+    * ``routes`` — the module is an ``edgegate.nn.TopKRouter`` inside an ``edgegate.nn.MoE``
+      (``router(x) -> (weights, indices)``, ``router.choice_scores(x)``, ``moe.experts``, ``moe.dispatch``):
+      rows per expert, routing widened for coverage, top-k set agreement.
+    * ``decision`` — the module records ``last_decision`` after each eval forward: fidelity compares it
+      float vs quantized (mask Hamming distance, gate MAE). Nothing else changes at calibration.
+    * ``static`` — no data-dependent decision (ternary weights): nothing to observe.
+    """
+
+    EXITS = "exits"
+    ROUTES = "routes"
+    DECISION = "decision"
+    STATIC = "static"
+
+
+# (gate module, its GateInfo, the whole model) -> (decision layer, why it is one)
+DecisionLayers = Callable[[Any, "GateInfo", Any], Iterable[tuple[Any, str]]]
+
+
+def _no_details(module: Any) -> dict[str, Any]:
+    custom = getattr(module, "gate_details", None)
+    return dict(custom()) if callable(custom) else {}
+
+
+def _own_decision_layers(module: Any, info: GateInfo, model: Any) -> Iterable[tuple[Any, str]]:
+    own = getattr(module, "decision_layers", None)
+    return [(layer, f"decision layer of {info.module}") for layer in own()] if callable(own) else []
+
+
+@dataclass(frozen=True)
+class GateFamily:
+    """How edgegate treats the modules of one class (and its subclasses)."""
+
+    kind: GateKind
+    observe: Observe
+    details: Callable[[Any], dict[str, Any]] = _no_details
+    decision_layers: DecisionLayers = _own_decision_layers
+    declares_decision_layers: bool = True  # False: a user label without them (the policy warns)
+    summary: str = ""  # what it gates and what stays float, in words (docs/models.md)
 
 
 @dataclass(frozen=True)
@@ -77,14 +138,49 @@ class GateMap:
 
 # ------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[type, GateKind] = {}
+# The modules that define the built-in families, each registering its classes on import.
+FAMILY_MODULES = (
+    "edgegate.nn.attention",
+    "edgegate.nn.gating",
+    "edgegate.nn.moe",
+    "edgegate.nn.early_exit",
+    "edgegate.nn.ternary",
+)
+
+_FAMILIES: dict[type, GateFamily] = {}
+
+# Kinds whose behaviour lives in an edgegate.nn protocol class: a user class must subclass it.
+_PROTOCOL_OF = {
+    GateKind.EXIT: ("edgegate.nn", "EarlyExitNet", "wrap the stages and heads with edgegate.nn.EarlyExitNet.wrap("
+                    "stages, heads, thresholds, policy)"),
+    GateKind.ROUTER: ("edgegate.nn", "TopKRouter", "build the block from edgegate.nn.MoE (or register a converter "
+                      "with edgegate.convert.register)"),
+    GateKind.TERNARY: ("edgegate.nn", "TernaryLinear", "use edgegate.nn.TernaryLinear (or register a converter)"),
+    GateKind.LOWRANK: ("edgegate.nn", "HGFLinear", "use edgegate.nn.HGFLinear"),
+}
 
 
-def register(cls: type, kind: GateKind | str) -> type:
-    """Register a module class as a gate of ``kind`` (usable as a decorator: ``@register_as(kind)``).
+def register_family(cls: type, family: GateFamily) -> type:
+    """Declare how edgegate treats ``cls`` (and subclasses). Re-declaring a class with another kind is an
+    error; the same kind replaces the declaration (a module reloaded, a user adding decision layers)."""
+    known = _FAMILIES.get(cls)
+    if known is not None and known.kind != family.kind:
+        raise EdgegateError(f"register: {cls.__qualname__} is already registered as a {known.kind} gate; "
+                            f"it cannot also be a {family.kind} gate")
+    _FAMILIES[cls] = family
+    return cls
 
-    A module class may implement ``gate_details() -> dict`` (JSON-serializable) to describe itself.
-    Registering a class again with another kind is an error.
+
+def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers | None = None) -> type:
+    """Register a user module class as a gate of ``kind``.
+
+    Early exits, routers, ternary and low-rank layers need edgegate's own protocol to be calibrated,
+    exported and measured, so for those kinds ``cls`` must subclass the ``edgegate.nn`` class (a bare
+    label is refused with what to do instead). Sigmoid, threshold and channel gates are *observed*
+    gates: listed in the GateMap, their decision layers (``decision_layers`` here, or a
+    ``decision_layers()`` method) kept in float, and their ``last_decision`` (if the module records
+    one after each eval forward) compared float vs quantized. The ONNX graph keeps such a gate by name
+    only if its forward calls an ``edgegate.ops`` op. ``gate_details() -> dict`` describes it.
     """
     try:
         kind = GateKind(kind)
@@ -92,11 +188,19 @@ def register(cls: type, kind: GateKind | str) -> type:
         raise EdgegateError(f"register: unknown gate kind {kind!r}; use one of "
                             f"{', '.join(k.value for k in GateKind)}") from None
     _ensure_builtins()
-    known = _REGISTRY.get(cls)
-    if known is not None and known != kind:
-        raise EdgegateError(f"register: {cls.__qualname__} is already registered as a {known} gate; "
+    known = family_of_class(cls)
+    if known is not None and known.kind != kind:
+        raise EdgegateError(f"register: {cls.__qualname__} is already registered as a {known.kind} gate; "
                             f"it cannot also be a {kind} gate")
-    _REGISTRY[cls] = kind
+    if known is not None:
+        return cls
+    if kind in _PROTOCOL_OF:
+        module, name, todo = _PROTOCOL_OF[kind]
+        raise EdgegateError(f"register: {cls.__qualname__} does not subclass {module}.{name}, which {kind} gates "
+                            f"need to be calibrated and exported (a label alone does nothing): {todo}")
+    declared = decision_layers is not None or callable(getattr(cls, "decision_layers", None))
+    register_family(cls, GateFamily(kind, Observe.DECISION, decision_layers=decision_layers or _own_decision_layers,
+                                    declares_decision_layers=declared, summary="a user gate, observed"))
     return cls
 
 
@@ -105,13 +209,28 @@ def register_as(kind: GateKind | str) -> Callable[[type], type]:
     return lambda cls: register(cls, kind)
 
 
-def registered_kind(module: Any) -> GateKind | None:
-    """The kind of ``module``'s most specific registered class (an HGFLinear is lowrank, not ternary)."""
+def family_of_class(cls: type) -> GateFamily | None:
+    """The family of ``cls``'s most specific registered class (an HGFLinear is lowrank, not ternary)."""
     _ensure_builtins()
-    for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls]
+    for c in cls.__mro__:
+        if c in _FAMILIES:
+            return _FAMILIES[c]
     return None
+
+
+def family_of(module: Any) -> GateFamily | None:
+    return family_of_class(type(module))
+
+
+def registered_kind(module: Any) -> GateKind | None:
+    family = family_of(module)
+    return None if family is None else family.kind
+
+
+def families() -> dict[type, GateFamily]:
+    """Every registered family by class (built-ins included), for docs and checks."""
+    _ensure_builtins()
+    return dict(_FAMILIES)
 
 
 _BUILTINS_DONE = False
@@ -123,56 +242,28 @@ def _ensure_builtins() -> None:
     if _BUILTINS_DONE:
         return
     _BUILTINS_DONE = True
-    from edgegate import nn as enn
-
-    for cls, kind in ((enn.GatedAttention, GateKind.SIGMOID), (enn.ThresholdGate, GateKind.THRESHOLD),
-                      (enn.ChannelGate, GateKind.CHANNEL), (enn.TopKRouter, GateKind.ROUTER),
-                      (enn.EarlyExitNet, GateKind.EXIT), (enn.TernaryLinear, GateKind.TERNARY),
-                      (enn.HGFLinear, GateKind.LOWRANK)):
-        _REGISTRY[cls] = kind
-
-
-# -------------------------------------------------------------------------------------------- details
-
-
-def _details(module: Any) -> dict[str, Any]:
-    from edgegate import nn as enn
-
-    if isinstance(module, enn.GatedAttention):
-        return {"n_heads": module.n_heads, "mode": module.gate, "d_model": module.d_model}
-    if isinstance(module, enn.ThresholdGate):
-        return {"features": module.features}
-    if isinstance(module, enn.ChannelGate):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels}
-    if isinstance(module, enn.TopKRouter):
-        return {"k": module.k, "n_experts": module.n_experts}
-    if isinstance(module, enn.EarlyExitNet):
-        return {"n_exits": module.n_exits, "policy": module.policy,
-                "thresholds": [float(t) for t in module.thresholds]}
-    if isinstance(module, enn.HGFLinear):
-        return {"in_features": module.in_features, "out_features": module.out_features, "rank": module.rank}
-    if isinstance(module, enn.TernaryLinear):
-        return {"in_features": module.in_features, "out_features": module.out_features}
-    custom = getattr(module, "gate_details", None)
-    return dict(custom()) if callable(custom) else {}
+    for name in FAMILY_MODULES:
+        importlib.import_module(name)
 
 
 def find_gates(model: Any) -> GateMap:
-    """Every registered gating module of ``model`` (itself included), in ``named_modules`` order."""
-    from edgegate import nn as enn
+    """Every registered gating module of ``model`` (itself included), in ``named_modules`` order.
 
+    A family's ``details`` may name the gate's owner: a router's details come with its MoE's path and
+    slot layout (``moe``, ``slot_kinds``...), which calibration uses to find the experts it routes to.
+    """
     _ensure_builtins()
-    moe_of: dict[str, dict[str, Any]] = {}  # router path -> its MoE's slot layout
+    owners: dict[str, dict[str, Any]] = {}  # child path -> details its owner adds (MoE -> router)
     gates = []
     for name, module in model.named_modules():
-        if isinstance(module, enn.MoE):
+        own = getattr(module, "gate_owner_details", None)
+        if callable(own):
             prefix = f"{name}." if name else ""
-            moe_of[f"{prefix}router"] = {
-                "moe": name, "n_ffn": module.n_experts, "n_zero": module.n_zero, "n_copy": module.n_copy,
-                "n_const": module.n_const, "slot_kinds": module.slot_kinds()}
-        kind = registered_kind(module)
-        if kind is None:
+            for child, extra in own(name).items():
+                owners[f"{prefix}{child}"] = extra
+        family = family_of(module)
+        if family is None:
             continue
-        details = {**_details(module), **moe_of.get(name, {})}
-        gates.append(GateInfo(name, kind, type(module).__name__, details))
+        details = {**family.details(module), **owners.get(name, {})}
+        gates.append(GateInfo(name, family.kind, type(module).__name__, details))
     return GateMap(tuple(gates))

@@ -118,6 +118,8 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
         if info.name in f_gates and info.name in q_gates:
             gates[info.name] = _gate_metrics(info.kind, f_gates[info.name], q_gates[info.name],
                                              info.details.get("n_exits"))
+        elif info.kind in _OBSERVED:  # a gate that records no decision is listed as unmeasured, not skipped
+            gates[info.name] = {"kind": str(info.kind), "observed": False}
     result["gates"] = gates
     summary: dict[str, float] = {}
     for metric, higher in HIGHER_IS_BETTER.items():

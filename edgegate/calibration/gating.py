@@ -53,17 +53,22 @@ def dense_dispatch(parts: GatedParts) -> Iterator[None]:
             parts.moes[p].dispatch = mode
 
 
+def _choice_scores(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the router's top-k ranks, from its input: logits from ``proj``'s weights directly, so that a
+    quantized router's input quantizer sees nothing extra."""
+    return router.choice_scores(F.linear(x, router.proj.weight, router.proj.bias))
+
+
 def _widen(k_wide: int):
     def hook(router: nn.Module, args: tuple, out: tuple[torch.Tensor, torch.Tensor]):
         weights, indices = out
         extra = k_wide - indices.shape[1]
         if extra <= 0:
             return None
-        # The router's own logits, without calling proj again (that would feed its quantizer twice).
-        proj = router.proj
-        probs = torch.softmax(F.linear(args[0], proj.weight, proj.bias).float(), dim=-1)
-        probs = probs.scatter(1, indices, float("-inf"))  # the deployed slots stay first and unchanged
-        more = torch.topk(probs, extra, dim=-1).indices
+        # The router's own choice scores, without calling proj (that would feed its quantizer twice).
+        scores = _choice_scores(router, args[0])
+        scores = scores.scatter(1, indices, float("-inf"))  # the deployed slots stay first and unchanged
+        more = torch.topk(scores, extra, dim=-1).indices
         return (torch.cat([weights, weights.new_zeros(weights.shape[0], extra)], dim=1),
                 torch.cat([indices, more], dim=1))
     return hook
@@ -174,8 +179,7 @@ def augment_routing(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: 
         tokens = probe.router_input(path)
         if not slots or not len(tokens):
             continue
-        probs = torch.softmax(F.linear(tokens, router.proj.weight, router.proj.bias).float(), dim=-1)
-        order = torch.topk(probs, router.n_experts, dim=-1).indices  # every slot, best first
+        order = torch.topk(_choice_scores(router, tokens), router.n_experts, dim=-1).indices  # every slot, best first
         need = min(min_coverage, len(tokens))
         deployed = _rows_per_slot(order[:, :router.k], moe)
         short = {s: deployed[s] for s in slots if deployed[s] < need}

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgegate import nn as enn
-from edgegate.gates import GateKind, GateMap
+from edgegate.gates import GateMap, Observe, family_of
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,15 @@ class GatedParts:
 
     @classmethod
     def of(cls, model: nn.Module, gate_map: GateMap) -> GatedParts:
+        """The parts whose gate family observes exits or routes (``edgegate.gates.Observe``)."""
         exits, moes, routers, moe_of = {}, {}, {}, {}
         for info in gate_map:
             module = model.get_submodule(info.name)
-            if info.kind == GateKind.EXIT and isinstance(module, enn.EarlyExitNet):
+            family = family_of(module)
+            observe = family.observe if family is not None else None
+            if observe is Observe.EXITS and isinstance(module, enn.EarlyExitNet):
                 exits[info.name] = module
-            elif info.kind == GateKind.ROUTER and "moe" in info.details:
+            elif observe is Observe.ROUTES and "moe" in info.details:
                 moe = model.get_submodule(info.details["moe"])
                 if isinstance(moe, enn.MoE):  # a bare router has no dispatch of its own to condition on
                     moes[info.details["moe"]], routers[info.name] = moe, module

@@ -8,15 +8,17 @@ Each module has a hard inference mode (``eval()``), records its last hard gate d
 from edgegate.nn.attention import GatedAttention
 from edgegate.nn.early_exit import EarlyExitNet, ExitMLP, exit_gate_mlp
 from edgegate.nn.gating import ChannelGate, ThresholdGate
-from edgegate.nn.moe import Expert, MoE, TopKRouter
+from edgegate.nn.moe import Activation, Expert, GatedSharedExpert, MoE, TopKRouter
 from edgegate.nn.ternary import HGFLinear, TernaryLinear, quantize_activations, ternarize
 
 __all__ = [
+    "Activation",
     "ChannelGate",
     "EarlyExitNet",
     "ExitMLP",
     "Expert",
     "GatedAttention",
+    "GatedSharedExpert",
     "HGFLinear",
     "MoE",
     "TernaryLinear",

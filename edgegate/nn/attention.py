@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import EdgegateError
+from edgegate.gates import GateFamily, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
 from edgegate.ops import torch_ops as ops
 
@@ -66,3 +67,10 @@ class GatedAttention(nn.Module):
         if not self.training and not exporting():
             record(self, last_decision=torch.sigmoid(g))
         return self.o_proj(y.transpose(1, 2).reshape(b, n, self.d_model))
+
+
+register_family(GatedAttention, GateFamily(
+    GateKind.SIGMOID, Observe.DECISION,
+    details=lambda m: {"n_heads": m.n_heads, "mode": m.gate, "d_model": m.d_model},
+    decision_layers=lambda m, info, model: [(m.gate_proj, "attention gate projection")],
+    summary="sigmoid gate on the attention output (SigmoidGate); gate_proj stays float"))

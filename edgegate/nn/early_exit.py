@@ -13,13 +13,14 @@ inference also saves compute; it is ``torch.export``-able (data-dependent sizes 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from edgegate.errors import EdgegateError
+from edgegate.gates import GateFamily, GateInfo, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
 from edgegate.ops import torch_ops as ops
 
@@ -43,7 +44,8 @@ class EarlyExitNet(nn.Module):
     input_names: tuple[str, ...] = ("x",)
 
     def __init__(self, stages: Sequence[nn.Module], heads: Sequence[nn.Module],
-                 thresholds: Sequence[float] | torch.Tensor, policy: str = "maxprob") -> None:
+                 thresholds: Sequence[float] | torch.Tensor, policy: str = "maxprob",
+                 exit_gates: Sequence[nn.Module] | None = None) -> None:
         super().__init__()
         if len(stages) != len(heads) or len(stages) < 1:
             raise EdgegateError(f"EarlyExitNet: needs as many heads as stages (>= 1), got {len(stages)} "
@@ -59,16 +61,50 @@ class EarlyExitNet(nn.Module):
         self.policy = policy
         self.register_buffer("thresholds", thr)
         if policy == "learned":
-            self.exit_gates = nn.ModuleList(exit_gate_mlp() for _ in range(len(stages) - 1))
+            gates = [exit_gate_mlp() for _ in range(len(stages) - 1)] if exit_gates is None else list(exit_gates)
+            if len(gates) != len(stages) - 1:
+                raise EdgegateError(f"EarlyExitNet: needs {len(stages) - 1} exit gates (one per exit but the last), "
+                                    f"got {len(gates)}")
+            self.exit_gates = nn.ModuleList(gates)
+        elif exit_gates is not None:
+            raise EdgegateError("EarlyExitNet: exit_gates are for policy='learned'")
         self.last_decision: torch.Tensor | None = None
+
+    @classmethod
+    def wrap(cls, stages: Sequence[nn.Module], heads: Sequence[nn.Module], thresholds: Sequence[float],
+             policy: str = "maxprob", exit_gates: Sequence[nn.Module] | None = None) -> EarlyExitNet:
+        """An early-exit net made of a user's own, already trained modules, weights kept (no retraining).
+
+        ``stages[k]`` maps the previous stage's output to its own (the first takes the model input) and
+        ``heads[k]`` maps stage k's output to class logits [B, C]. Sample b leaves at exit k < K-1 when
+        ``max softmax(heads[k](h))[b] >= thresholds[k]`` (``policy="maxprob"``), or, with ``policy="learned"``,
+        when ``sigmoid(exit_gates[k](EarlyExitNet.exit_features(logits)))[b] >= thresholds[k]`` (the gates
+        must be given: trained on "head k is right"). Stages must accept any batch size, since samples
+        that leave are removed from the batch before the next stage (compaction).
+
+        The result exports like a built-in early-exit net (ONNX ``If`` at batch 1, compaction otherwise),
+        calibrates gate-aware and reports exit agreement. It has no JSON config: save it whole
+        (``torch.save(net, path)``) and export it with ``--trust-model``, or pass it to ``edgegate.export``.
+        """
+        for what, parts in (("stages", stages), ("heads", heads), ("exit_gates", exit_gates or ())):
+            bad = [i for i, m in enumerate(parts) if not isinstance(m, nn.Module)]
+            if bad:
+                raise EdgegateError(f"EarlyExitNet.wrap: {what}[{bad[0]}] is a {type(parts[bad[0]]).__name__}, not "
+                                    "an nn.Module; pass the modules themselves")
+        if policy == "learned" and exit_gates is None:
+            raise EdgegateError("EarlyExitNet.wrap: policy='learned' needs the trained exit_gates; untrained gates "
+                                "would decide at random (use policy='maxprob' to exit on head confidence)")
+        return cls(list(stages), list(heads), thresholds, policy, exit_gates)
 
     @property
     def n_exits(self) -> int:
         return len(self.stages)
 
     def get_config(self) -> dict[str, Any]:
-        raise EdgegateError(f"{type(self).__name__} was built from modules and has no JSON config; build it "
-                            "with a subclass that has one (e.g. edgegate.nn.ExitMLP) to save it")
+        raise EdgegateError(f"{type(self).__name__} was built from modules and has no JSON config: save it whole "
+                            "with torch.save(net, path) and export that file with --trust-model, or pass the module "
+                            "to edgegate.export; a subclass with get_config (e.g. edgegate.nn.ExitMLP) saves as a "
+                            "checkpoint")
 
     def set_thresholds(self, values: Sequence[float]) -> None:
         """Replace the exit thresholds (e.g. after re-tuning on calibration data)."""
@@ -152,3 +188,23 @@ class ExitMLP(EarlyExitNet):
     def get_config(self) -> dict[str, Any]:
         # Thresholds live in the state_dict buffer too; the config carries the current values.
         return {**self._config, "thresholds": [float(t) for t in self.thresholds]}
+
+
+def _exit_layers(net: EarlyExitNet, info: GateInfo, model: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    # Every module of the heads and exit gates; the policy keeps the quantizable ones. Exit heads produce
+    # both the exit score and the exited samples' logits; the last head is kept with them so every exit
+    # is served alike.
+    for k, head in enumerate(net.heads):
+        for layer in head.modules():
+            yield layer, f"exit head {k}"
+    for k, gate in enumerate(getattr(net, "exit_gates", ())):
+        for layer in gate.modules():
+            yield layer, f"learned exit gate {k}"
+
+
+register_family(EarlyExitNet, GateFamily(
+    GateKind.EXIT, Observe.EXITS,
+    details=lambda m: {"n_exits": m.n_exits, "policy": m.policy, "thresholds": [float(t) for t in m.thresholds]},
+    decision_layers=_exit_layers,
+    summary="per-sample exit after each stage (ExitDecision / LearnedExitDecision; ONNX If or compaction); "
+            "exit heads and exit gates stay float"))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgegate.gates import GateFamily, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
 from edgegate.ops import torch_ops as ops
 
@@ -86,3 +87,14 @@ class ChannelGate(nn.Module):
         if not exporting():
             record(self, last_decision=torch.sigmoid(logits) > 0.5)
         return ops.channel_gate(y, logits.reshape(shape))
+
+
+register_family(ThresholdGate, GateFamily(
+    GateKind.THRESHOLD, Observe.DECISION, details=lambda m: {"features": m.features},
+    decision_layers=lambda m, info, model: [],  # tau and gain are vectors inside its op, not a layer
+    summary="hard per-neuron threshold 1[h > tau] (ThresholdGate); no layer to keep float"))
+register_family(ChannelGate, GateFamily(
+    GateKind.CHANNEL, Observe.DECISION,
+    details=lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels},
+    decision_layers=lambda m, info, model: [(m.predictor, "channel-mask predictor")],
+    summary="predicted channel mask (ChannelGate); the predictor stays float"))

@@ -1,14 +1,19 @@
-"""Mixture of experts: Mixtral top-k routing and MoE++ zero / copy / constant experts.
+"""Mixture of experts: top-k routing (Mixtral, Qwen-MoE, DeepSeek-V3 style) and MoE++ zero / copy /
+constant experts, with optional shared experts.
 
 Stage: model family (``edgegate.nn``). Input: tokens as rows, ``x`` [T, d_model] (any leading dims
-are flattened to rows and restored). Output: ``sum_j w_j * E_{i_j}(x)`` over the k routed slots, same
-shape as ``x``. Routing goes through the ``TopKGate`` custom op (softmax in fp32 over every slot,
-top-k, renormalize), so the exported graph keeps the router by name.
+are flattened to rows and restored). Output: ``sum_j w_j * E_{i_j}(x)`` over the k routed slots, plus
+the shared expert's output when there is one, same shape as ``x``. Routing goes through the
+``TopKGate`` custom op (scores = softmax or sigmoid in fp32, an optional score-correction bias that
+steers only the choice, top-k, optional renormalization, a scale), so the exported graph keeps the
+router by name.
 
 Slot order of the router: ``n_experts`` FFN experts, then ``n_zero`` zero experts (output 0), then
 ``n_copy`` copy experts (output x), then ``n_const`` constant experts (MoE++: ``a1*x + a2*v`` with
 ``[a1, a2] = softmax(W_c x)`` and a learned vector ``v``). Zero-computation experts cost (almost)
-nothing, so tokens the router sends there skip FFN compute.
+nothing, so tokens the router sends there skip FFN compute. A shared expert (``shared_hidden > 0``)
+sees every token; with ``shared_gate`` its output is scaled by ``sigmoid(w_g x)`` through the
+``SigmoidGate`` op (Qwen2-MoE, Qwen3-Next), a gate of its own (:class:`GatedSharedExpert`).
 
 Two formulations of the same output: *dense* (every slot computed for every token, then the routed
 ones gathered: static shapes, what training and ``torch.export`` use) and *sparse dispatch* (each
@@ -18,6 +23,8 @@ gate-aware calibration (``edgegate.calibration``) observe each expert on exactly
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -25,40 +32,86 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import EdgegateError
+from edgegate.gates import GateFamily, GateInfo, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
 from edgegate.ops import torch_ops as ops
+from edgegate.ops.catalog import Scoring
+
+
+class Activation(StrEnum):
+    """The expert's gate activation (SwiGLU with SiLU in Mixtral and most MoE LMs)."""
+
+    SILU = "silu"
+    GELU = "gelu"
+    GELU_TANH = "gelu_tanh"
+    RELU = "relu"
+
+
+_ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
+    Activation.SILU: F.silu,
+    Activation.GELU: F.gelu,
+    Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+    Activation.RELU: F.relu,
+}
+
+
+def _choice(enum: type[StrEnum], value: str, what: str) -> Any:
+    try:
+        return enum(value)
+    except ValueError:
+        raise EdgegateError(f"{what}={value!r} is unknown; use one of {', '.join(e.value for e in enum)}") from None
 
 
 class TopKRouter(nn.Module):
     """Linear router -> ``TopKGate``. Returns ``(weights fp32 [T, k], indices int64 [T, k])``.
 
-    After each forward: ``aux_loss`` (Switch-Transformer load balancing ``E * sum_e f_e * P_e``, with
-    gradients in training), and in eval ``last_decision`` (indices), ``last_weights`` and ``last_load``
-    (fraction of the T*k routed slots that went to each expert; sums to 1).
+    ``scoring``: "softmax" (default) or "sigmoid"; ``renormalize``: divide the k weights by their sum;
+    ``score_bias``: keep a per-expert bias buffer added to the scores for the choice only (DeepSeek-V3's
+    ``e_score_correction_bias``); ``scale``: multiply the weights (``routed_scaling_factor``); ``bias``:
+    the projection has a bias. After each forward: ``aux_loss`` (Switch-Transformer load balancing
+    ``E * sum_e f_e * P_e``, with gradients in training), and in eval ``last_decision`` (indices),
+    ``last_weights`` and ``last_load`` (fraction of the T*k routed slots that went to each expert; sums to 1).
     """
 
-    def __init__(self, d_model: int, n_experts: int, k: int) -> None:
+    def __init__(self, d_model: int, n_experts: int, k: int, scoring: str = "softmax", renormalize: bool = True,
+                 score_bias: bool = False, scale: float = 1.0, bias: bool = False) -> None:
         super().__init__()
         if not 1 <= k <= n_experts:
             raise EdgegateError(f"TopKRouter: k={k} must be between 1 and n_experts={n_experts}")
         self.d_model, self.n_experts, self.k = d_model, n_experts, k
-        self.proj = nn.Linear(d_model, n_experts, bias=False)
+        self.scoring = _choice(Scoring, scoring, "TopKRouter: scoring")
+        self.renormalize, self.has_score_bias, self.scale = bool(renormalize), bool(score_bias), float(scale)
+        self.proj = nn.Linear(d_model, n_experts, bias=bias)
+        # Always a tensor (the op takes one); saved in the state_dict only when the router has a bias.
+        self.register_buffer("score_bias", torch.zeros(n_experts), persistent=self.has_score_bias)
         self.aux_loss: torch.Tensor | None = None
         self.last_decision: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
 
     def get_config(self) -> dict[str, Any]:
-        return {"d_model": self.d_model, "n_experts": self.n_experts, "k": self.k}
+        return {"d_model": self.d_model, "n_experts": self.n_experts, "k": self.k, "scoring": str(self.scoring),
+                "renormalize": self.renormalize, "score_bias": self.has_score_bias, "scale": self.scale,
+                "bias": self.proj.bias is not None}
 
     def train(self, mode: bool = True) -> TopKRouter:
         # The training aux loss holds an autograd graph; drop it so eval models deep-copy and pickle.
         self.aux_loss = None
         return super().train(mode)
 
+    def choice_scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The fp32 scores [T, E] whose top-k the router picks (scores + score bias), from its logits.
+
+        Calibration ranks slots by them to widen routing for coverage; they mirror the ``TopKGate`` body.
+        """
+        logits = logits.float()
+        scores = torch.sigmoid(logits) if self.scoring is Scoring.SIGMOID else torch.softmax(logits, dim=-1)
+        return scores + self.score_bias
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.proj(x)
-        weights, indices = ops.topk_gate(logits, self.k)
+        weights, indices = ops.topk_gate(logits, self.k, self.score_bias, self.scoring, self.renormalize,
+                                         self.scale)
         if self.training or not exporting():
             probs = torch.softmax(logits.float(), dim=-1)
             load = F.one_hot(indices, self.n_experts).sum(1).float().mean(0) / self.k
@@ -71,24 +124,52 @@ class TopKRouter(nn.Module):
 
 
 class Expert(nn.Module):
-    """Mixtral FFN expert: ``w2(silu(w1 x) * w3 x)`` (SwiGLU, no biases)."""
+    """Gated FFN expert: ``w2(act(w1 x) * w3 x)`` (SwiGLU with ``act="silu"``, the Mixtral expert)."""
 
-    def __init__(self, d_model: int, d_hidden: int) -> None:
+    def __init__(self, d_model: int, d_hidden: int, act: str = "silu", bias: bool = False) -> None:
         super().__init__()
         self.d_model, self.d_hidden = d_model, d_hidden
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+        self.act = _choice(Activation, act, "Expert: act")
+        self.w1 = nn.Linear(d_model, d_hidden, bias=bias)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=bias)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=bias)
 
     def get_config(self) -> dict[str, Any]:
-        return {"d_model": self.d_model, "d_hidden": self.d_hidden}
+        return {"d_model": self.d_model, "d_hidden": self.d_hidden, "act": str(self.act),
+                "bias": self.w1.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_ACTIVATIONS[self.act](self.w1(x)) * self.w3(x))
+
+
+class GatedSharedExpert(nn.Module):
+    """A shared expert whose output is scaled per token by ``sigmoid(gate(x))`` (``SigmoidGate`` op).
+
+    ``gate`` is ``Linear(d_model, 1)``; ``last_decision`` (eval) = the gate values [T, 1].
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.expert = Expert(d_model, d_hidden, act, bias)
+        self.gate = nn.Linear(d_model, 1, bias=False)
+        self.last_decision: torch.Tensor | None = None
+
+    def get_config(self) -> dict[str, Any]:
+        return self.expert.get_config()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        if not self.training and not exporting():
+            record(self, last_decision=torch.sigmoid(g))
+        return ops.sigmoid_gate(self.expert(x), g)
 
 
 class MoE(nn.Module):
-    """Top-k mixture over FFN experts plus optional MoE++ zero-computation experts.
+    """Top-k mixture over FFN experts plus optional MoE++ zero-computation experts and a shared expert.
+
+    Router options (``scoring``, ``renormalize``, ``score_bias``, ``scale``, ``router_bias``) are those of
+    :class:`TopKRouter`; ``act`` / ``expert_bias`` those of :class:`Expert`. ``shared_hidden > 0`` adds a
+    shared expert of that width (``self.shared``), sigmoid-gated with ``shared_gate``.
 
     ``last_decision`` (eval) = routed slot indices [T, k]; ``last_load`` = fraction of routed slots per
     slot [n_slots]; ``last_ffn_per_token`` = mean number of FFN experts each token used.
@@ -100,19 +181,31 @@ class MoE(nn.Module):
     """
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int,
-                 n_zero: int = 0, n_copy: int = 0, n_const: int = 0) -> None:
+                 n_zero: int = 0, n_copy: int = 0, n_const: int = 0, *, act: str = "silu", expert_bias: bool = False,
+                 scoring: str = "softmax", renormalize: bool = True, score_bias: bool = False, scale: float = 1.0,
+                 router_bias: bool = False, shared_hidden: int = 0, shared_gate: bool = False,
+                 shared_bias: bool = False) -> None:
         super().__init__()
-        if n_experts < 1 or min(n_zero, n_copy, n_const) < 0:
+        if n_experts < 1 or min(n_zero, n_copy, n_const, shared_hidden) < 0:
             raise EdgegateError(f"MoE: needs n_experts >= 1 and non-negative MoE++ counts, got "
-                                f"{n_experts=}, {n_zero=}, {n_copy=}, {n_const=}")
+                                f"{n_experts=}, {n_zero=}, {n_copy=}, {n_const=}, {shared_hidden=}")
+        if shared_gate and not shared_hidden:
+            raise EdgegateError("MoE: shared_gate needs a shared expert (shared_hidden > 0)")
         self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, k
         self.n_zero, self.n_copy, self.n_const = n_zero, n_copy, n_const
         self.n_slots = n_experts + n_zero + n_copy + n_const
-        self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(n_experts))
+        self._options = {"act": act, "expert_bias": expert_bias, "scoring": scoring, "renormalize": renormalize,
+                         "score_bias": score_bias, "scale": scale, "router_bias": router_bias,
+                         "shared_hidden": shared_hidden, "shared_gate": shared_gate, "shared_bias": shared_bias}
+        self.experts = nn.ModuleList(Expert(d_model, d_hidden, act, expert_bias) for _ in range(n_experts))
         if n_const:
             self.const_vectors = nn.Parameter(torch.randn(n_const, d_model) * 0.02)
             self.const_mix = nn.Linear(d_model, 2 * n_const)
-        self.router = TopKRouter(d_model, self.n_slots, k)
+        self.router = TopKRouter(d_model, self.n_slots, k, scoring, renormalize, score_bias, scale, router_bias)
+        self.shared: nn.Module | None = None
+        if shared_hidden:
+            cls = GatedSharedExpert if shared_gate else Expert
+            self.shared = cls(d_model, shared_hidden, act, shared_bias)
         self.dispatch = "sparse"  # eager-eval formulation; not part of the config (same function either way)
         self.last_decision: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -120,7 +213,13 @@ class MoE(nn.Module):
 
     def get_config(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "d_hidden": self.d_hidden, "n_experts": self.n_experts, "k": self.k,
-                "n_zero": self.n_zero, "n_copy": self.n_copy, "n_const": self.n_const}
+                "n_zero": self.n_zero, "n_copy": self.n_copy, "n_const": self.n_const, **self._options}
+
+    def gate_owner_details(self, path: str) -> dict[str, dict[str, Any]]:
+        """What ``find_gates`` records on this block's router: the block's path and slot layout."""
+        return {"router": {"moe": path, "n_ffn": self.n_experts, "n_zero": self.n_zero, "n_copy": self.n_copy,
+                           "n_const": self.n_const, "slot_kinds": self.slot_kinds(),
+                           "shared_expert": self.shared is not None}}
 
     def slot_kinds(self) -> list[str]:
         """Kind of each router slot, in slot order: "ffn", "zero", "copy", "const"."""
@@ -190,7 +289,34 @@ class MoE(nn.Module):
         else:
             picked = self.sparse_picked(x, indices)
         y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
+        if self.shared is not None:
+            y = y + self.shared(x)
         if not self.training and not exporting():
             record(self, last_decision=indices, last_load=self.router.last_load,
                    last_ffn_per_token=float((indices < self.n_experts).sum(1).float().mean()))
         return y.reshape(shape), indices.reshape(*shape[:-1], indices.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------ gate families
+
+
+def _router_layers(router: TopKRouter, info: GateInfo, model: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    yield router.proj, f"router projection of {info.name or 'the model'}"
+    moe_path = info.details.get("moe")  # find_gates records the MoE that owns this router
+    if moe_path is not None:
+        moe = model.get_submodule(moe_path)
+        if getattr(moe, "n_const", 0):
+            yield moe.const_mix, f"MoE++ constant-expert mixing weights of {moe_path or 'the model'}"
+
+
+register_family(TopKRouter, GateFamily(
+    GateKind.ROUTER, Observe.ROUTES,
+    details=lambda r: {"k": r.k, "n_experts": r.n_experts, "scoring": str(r.scoring), "renormalize": r.renormalize,
+                       "score_bias": r.has_score_bias, "scale": r.scale},
+    decision_layers=_router_layers,
+    summary="top-k expert routing (TopKGate); the router projection (and MoE++ const_mix) stays float"))
+register_family(GatedSharedExpert, GateFamily(
+    GateKind.SIGMOID, Observe.DECISION,
+    details=lambda m: {"d_model": m.expert.d_model, "d_hidden": m.expert.d_hidden, "gates": "shared expert"},
+    decision_layers=lambda m, info, model: [(m.gate, "shared-expert gate projection")],
+    summary="a shared expert scaled by sigmoid(gate(x)) (SigmoidGate); the gate projection stays float"))

@@ -5,8 +5,8 @@
 custom ops live in ``edgegate.ops.torch_ops`` and the ONNX functions in ``edgegate.ops.onnx_function``.
 """
 
-from edgegate.ops.catalog import CATALOG, DOMAIN, DOMAIN_VERSION, OpDef, reference
+from edgegate.ops.catalog import CATALOG, DOMAIN, DOMAIN_VERSION, AttrDef, OpDef, Scoring, reference
 from edgegate.ops.packing import TERNARY_LUT, pack_ternary, unpack_ternary
 
-__all__ = ["CATALOG", "DOMAIN", "DOMAIN_VERSION", "TERNARY_LUT", "OpDef", "pack_ternary", "reference",
-           "unpack_ternary"]
+__all__ = ["CATALOG", "DOMAIN", "DOMAIN_VERSION", "TERNARY_LUT", "AttrDef", "OpDef", "Scoring", "pack_ternary",
+           "reference", "unpack_ternary"]

@@ -7,24 +7,37 @@ ONNX function body made of standard ops only (``edgegate.ops.onnx_function.OnnxB
 ONNX runtime can execute the op unchanged. This module needs numpy only (torch is imported when a
 ``TorchBackend`` is made).
 
-Integer attributes (``k`` of TopKGate, ``in_features`` of TernaryMatMul) reach the body as
-``AttrInt``: a plain int for numpy/torch and a reference to the function attribute for ONNX.
+Op attributes (``k``, ``scoring`` and ``scale`` of TopKGate, ``in_features`` of TernaryMatMul) reach the
+body as :class:`Attr`: its value for numpy/torch, and for ONNX a ``Constant`` that references the calling
+node's attribute, so one function body serves every attribute value. Attributes are integers or floats
+(:class:`AttrKind`); a body never branches on an attribute in Python (the ONNX body is built once):
+it selects with ``choose(flag, if_true, if_false)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 
+class AttrKind(StrEnum):
+    INT = "int"
+    FLOAT = "float"
+
+    def coerce(self, value: Any) -> int | float:
+        return int(value) if self is AttrKind.INT else float(value)
+
+
 @dataclass(frozen=True)
-class AttrInt:
-    """An integer op attribute: ``value`` for eager backends, ``name`` for the ONNX function body."""
+class Attr:
+    """An op attribute: ``value`` for eager backends, ``name`` (and ``kind``) for the ONNX function body."""
 
     name: str
-    value: int
+    kind: AttrKind
+    value: int | float
 
 
 class NumpyBackend:
@@ -33,8 +46,11 @@ class NumpyBackend:
     def const(self, value: Any, dtype: str) -> np.ndarray:
         return np.asarray(value, dtype=dtype)
 
-    def attr(self, a: AttrInt) -> int:
-        return int(a.value)
+    def attr(self, a: Attr) -> int | float:
+        return a.kind.coerce(a.value)
+
+    def choose(self, flag, if_true, if_false):
+        return if_true if flag else if_false
 
     def cast(self, x, dtype: str):
         return np.asarray(x).astype(dtype)
@@ -80,6 +96,9 @@ class NumpyBackend:
         idx = np.argsort(-np.asarray(x), axis=-1, kind="stable")[..., :k].astype(np.int64)
         return np.take_along_axis(x, idx, axis=-1), idx
 
+    def gather_last(self, x, idx):
+        return np.take_along_axis(np.asarray(x), np.asarray(idx).astype(np.int64), axis=-1)
+
     def matmul(self, a, b):
         return np.matmul(a, b)
 
@@ -119,8 +138,11 @@ class TorchBackend:
     def const(self, value: Any, dtype: str):
         return self.torch.tensor(value, dtype=getattr(self.torch, dtype))
 
-    def attr(self, a: AttrInt) -> int:
-        return int(a.value)
+    def attr(self, a: Attr) -> int | float:
+        return a.kind.coerce(a.value)
+
+    def choose(self, flag, if_true, if_false):
+        return if_true if flag else if_false
 
     def cast(self, x, dtype: str):
         return x.to(getattr(self.torch, dtype))
@@ -160,6 +182,9 @@ class TorchBackend:
 
     def topk(self, x, k: int):
         return self.torch.topk(x, k, dim=-1, largest=True, sorted=True)
+
+    def gather_last(self, x, idx):
+        return self.torch.gather(x, -1, idx)
 
     def matmul(self, a, b):
         return a @ b

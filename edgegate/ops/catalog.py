@@ -18,14 +18,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
-from edgegate.ops.backends import NUMPY, AttrInt
+from edgegate.ops.backends import NUMPY, Attr, AttrKind
 from edgegate.ops.packing import TERNARY_LUT
 
 DOMAIN = "edgegate"
 DOMAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AttrDef:
+    """One op attribute: its name, kind and default (``None``: the caller must give it)."""
+
+    name: str
+    kind: AttrKind = AttrKind.INT
+    default: int | float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,33 @@ class OpDef:
     torch_name: str  # torch.ops.edgegate.<torch_name>
     inputs: tuple[tuple[str, str], ...]
     outputs: tuple[tuple[str, str], ...]
-    attrs: tuple[str, ...]  # integer attributes
+    attrs: tuple[AttrDef, ...]
     body: Callable
     doc: str
+
+    def attr_values(self, given: dict[str, object]) -> dict[str, Attr]:
+        """Every attribute as an :class:`Attr`: the given values (coerced to their kind), else defaults."""
+        unknown = set(given) - {a.name for a in self.attrs}
+        if unknown:
+            raise TypeError(f"{self.name}: unknown attribute(s) {sorted(unknown)}")
+        out = {}
+        for a in self.attrs:
+            value = given.get(a.name, a.default)
+            if value is None:
+                raise TypeError(f"{self.name}: attribute {a.name!r} is required")
+            out[a.name] = Attr(a.name, a.kind, a.kind.coerce(value))
+        return out
+
+
+class Scoring(StrEnum):
+    """How router logits become expert scores (TopKGate's ``scoring`` attribute is :attr:`code`)."""
+
+    SOFTMAX = "softmax"  # Mixtral, Qwen-MoE: probabilities over all experts
+    SIGMOID = "sigmoid"  # DeepSeek-V3, GLM-4.5: independent per-expert scores
+
+    @property
+    def code(self) -> int:
+        return list(Scoring).index(self)
 
 
 TYPE_CONSTRAINTS = {
@@ -63,10 +97,14 @@ def _channel_gate(F, x, mask_logits):
     return F.mul(x, F.cast_like(keep, x))
 
 
-def _topk_gate(F, logits, k):
-    p = F.softmax(F.cast(logits, "float32"))
-    w, idx = F.topk(p, F.attr(k))
-    return F.div(w, F.reduce_sum(w)), idx
+def _topk_gate(F, logits, bias, k, scoring, renormalize, scale):
+    x = F.cast(logits, "float32")
+    scores = F.choose(F.attr(scoring), F.sigmoid(x), F.softmax(x))
+    # The bias (score correction, DeepSeek-V3) only steers which experts win; the weights are the scores.
+    _, idx = F.topk(F.add(scores, F.cast(bias, "float32")), F.attr(k))
+    w = F.gather_last(scores, idx)
+    w = F.choose(F.attr(renormalize), F.div(w, F.reduce_sum(w)), w)
+    return F.mul(w, F.attr(scale)), idx
 
 
 def _exit_decision(F, logits, threshold):
@@ -98,14 +136,18 @@ CATALOG: dict[str, OpDef] = {
               _threshold_gate, "y = h * gain * 1[h > tau] (TauGate, hard inference form)"),
         OpDef("ChannelGate", "channel_gate", (("x", "T"), ("mask_logits", "T")), (("y", "T"),), (),
               _channel_gate, "y = x * 1[sigmoid(mask_logits) > 0.5]; mask_logits broadcast to x per channel"),
-        OpDef("TopKGate", "topk_gate", (("logits", "T"),), (("weights", "F"), ("indices", "I")), ("k",),
-              _topk_gate, "softmax over experts in fp32, top-k, renormalize the k weights"),
+        OpDef("TopKGate", "topk_gate", (("logits", "T"), ("bias", "F")), (("weights", "F"), ("indices", "I")),
+              (AttrDef("k"), AttrDef("scoring", default=0), AttrDef("renormalize", default=1),
+               AttrDef("scale", AttrKind.FLOAT, 1.0)),
+              _topk_gate, "scores = softmax (scoring=0) or sigmoid (scoring=1) of the logits in fp32; the top-k of "
+              "scores + bias [E] pick the experts; weights = their scores, divided by their sum when renormalize=1, "
+              "times scale"),
         OpDef("ExitDecision", "exit_decision", (("logits", "T"), ("threshold", "F")), (("exit", "B"),), (),
               _exit_decision, "exit[b] = max softmax(logits[b]) >= threshold"),
         OpDef("LearnedExitDecision", "learned_exit_decision", (("gate_logit", "T"), ("threshold", "F")),
               (("exit", "B"),), (), _learned_exit, "exit[b] = sigmoid(gate_logit[b]) >= threshold"),
         OpDef("TernaryMatMul", "ternary_matmul", (("x", "T"), ("packed_w", "U"), ("scale", "F")), (("y", "T"),),
-              ("in_features",), _ternary_matmul,
+              (AttrDef("in_features"),), _ternary_matmul,
               "y = x @ (unpack(packed_w) * scale)^T; scale per row [N] or per tensor []; 4 weights a byte, LSB first"),
         OpDef("LowRankCorrection", "lowrank_correction", (("x", "T"), ("a", "T"), ("b", "T"), ("g", "T")),
               (("y", "T"),), (), _lowrank_correction, "y = g * (x @ a^T) @ b^T (HGF gated low-rank path)"),
@@ -113,9 +155,9 @@ CATALOG: dict[str, OpDef] = {
 }
 
 
-def reference(op_type: str, *inputs: np.ndarray, **attrs: int):
+def reference(op_type: str, *inputs: np.ndarray, **attrs: int | float):
     """Run an op's numpy reference. Returns an array, or a tuple for multi-output ops."""
     op = CATALOG[op_type]
-    return op.body(NUMPY, *[np.asarray(x) for x in inputs], **{a: AttrInt(a, attrs[a]) for a in op.attrs})
+    return op.body(NUMPY, *[np.asarray(x) for x in inputs], **op.attr_values(attrs))
 
 

@@ -15,11 +15,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegate.ops.backends import AttrInt
-from edgegate.ops.catalog import CATALOG, DOMAIN, DOMAIN_VERSION, TYPE_CONSTRAINTS
+from edgegate.ops.backends import Attr, AttrKind
+from edgegate.ops.catalog import CATALOG, DOMAIN, DOMAIN_VERSION, TYPE_CONSTRAINTS, AttrDef
 
 ONNX_OPSET = 20  # function bodies must use the model's default opset
 
+_ATTR_FIELDS = {AttrKind.INT: ("value_int", onnx.AttributeProto.INT),
+                AttrKind.FLOAT: ("value_float", onnx.AttributeProto.FLOAT)}
 _DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int8": TensorProto.INT8,
            "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
 
@@ -47,14 +49,23 @@ class OnnxBuilder:
         arr = np.asarray(value, dtype=dtype)
         return self._node("Constant", [], value=numpy_helper.from_array(arr))
 
-    def attr(self, a: AttrInt) -> str:
-        # A scalar int64 tensor whose value is the calling node's attribute.
+    def attr(self, a: Attr) -> str:
+        # A scalar tensor (int64 or float32) whose value is the calling node's attribute.
         out = self._fresh("attr")
         node = helper.make_node("Constant", [], [out])
-        node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT))
+        field, kind = _ATTR_FIELDS[a.kind]
+        node.attribute.append(helper.make_attribute_ref(field, kind))
         node.attribute[-1].ref_attr_name = a.name
         self.nodes.append(node)
         return out
+
+    def choose(self, flag, if_true, if_false):
+        # The function body is built once for every attribute value: select at run time.
+        return self._node("Where", [self.cast(flag, "bool"), if_true, if_false])
+
+    def gather_last(self, x, idx):
+        # Router scores are 2-D [T, E]; axis 1 rather than -1, which onnx.reference mishandles for GatherElements.
+        return self._node("GatherElements", [x, idx], axis=1)
 
     def cast(self, x, dtype: str):
         return self._node("Cast", [x], to=_DTYPES[dtype])
@@ -135,14 +146,26 @@ def function_proto(op_type: str) -> onnx.FunctionProto:
     op = CATALOG[op_type]
     b = OnnxBuilder()
     in_names = [n for n, _ in op.inputs]
-    out = op.body(b, *in_names, **{a: AttrInt(a, 0) for a in op.attrs})
+    out = op.body(b, *in_names, **{a.name: Attr(a.name, a.kind, 0) for a in op.attrs})
     outs = out if isinstance(out, tuple) else (out,)
     for value, (name, _) in zip(outs, op.outputs, strict=True):
         b.nodes.append(helper.make_node("Identity", [value], [name]))
+    # Attributes with a default are declared with it (a node that omits one still runs); the others by name.
+    required = [a.name for a in op.attrs if a.default is None]
+    defaults = [helper.make_attribute(a.name, a.kind.coerce(a.default)) for a in op.attrs if a.default is not None]
     return helper.make_function(
         DOMAIN, op.name, in_names, [n for n, _ in op.outputs], b.nodes,
-        opset_imports=[helper.make_opsetid("", ONNX_OPSET)], attributes=list(op.attrs), doc_string=op.doc,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)], attributes=required, attribute_protos=defaults,
+        doc_string=op.doc,
     )
+
+
+def _schema_attribute(a: AttrDef) -> onnx.defs.OpSchema.Attribute:
+    schema = onnx.defs.OpSchema
+    if a.default is None:
+        kind = schema.AttrType.INT if a.kind is AttrKind.INT else schema.AttrType.FLOAT
+        return schema.Attribute(a.name, kind, a.name)
+    return schema.Attribute(a.name, helper.make_attribute(a.name, a.kind.coerce(a.default)), a.name)
 
 
 def register_onnx_schemas() -> None:
@@ -158,7 +181,7 @@ def register_onnx_schemas() -> None:
             inputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.inputs],
             outputs=[defs.OpSchema.FormalParameter(n, t) for n, t in op.outputs],
             type_constraints=[(t, TYPE_CONSTRAINTS[t], "") for t in used],
-            attributes=[defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, a) for a in op.attrs],
+            attributes=[_schema_attribute(a) for a in op.attrs],
         )
         defs.register_schema(schema)
 
@@ -179,14 +202,17 @@ def onnx_translation_table() -> dict:
 
         def translate(*args, _op=op, **kwargs):
             n_in = len(_op.inputs)
-            attrs = dict(zip(_op.attrs, args[n_in:], strict=False)) | kwargs
-            return getattr(opset, _op.name)(*args[:n_in], **{a: int(attrs[a]) for a in _op.attrs})
+            given = dict(zip([a.name for a in _op.attrs], args[n_in:], strict=False)) | kwargs
+            # Every attribute is written on the node, defaults included, so the graph says what it computes.
+            attrs = {name: a.value for name, a in _op.attr_values(given).items()}
+            return getattr(opset, _op.name)(*args[:n_in], **attrs)
 
+        types = {a.name: int if a.kind is AttrKind.INT else float for a in op.attrs}
         params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n, _ in op.inputs]
-        params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+        params += [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=types[a.name])
                    for a in op.attrs]
         translate.__signature__ = inspect.Signature(params)
-        translate.__annotations__ = {a: int for a in op.attrs}
+        translate.__annotations__ = dict(types)
         translate.__name__ = op.name
         table[getattr(torch.ops.edgegate, op.torch_name).default] = translate
     return table

@@ -7,8 +7,8 @@ under ``torch.export`` it calls the custom op, so exported graphs keep the op's 
 
 from __future__ import annotations
 
-from edgegate.ops.backends import AttrInt, TorchBackend
-from edgegate.ops.catalog import CATALOG, DOMAIN, OpDef
+from edgegate.ops.backends import AttrKind, TorchBackend
+from edgegate.ops.catalog import CATALOG, DOMAIN, OpDef, Scoring
 
 _TORCH: TorchBackend | None = None
 
@@ -21,8 +21,12 @@ def torch_backend() -> TorchBackend:
     return _TORCH
 
 
+_SCHEMA_TYPES = {AttrKind.INT: "int", AttrKind.FLOAT: "float"}
+
+
 def _torch_schema(op: OpDef) -> str:
-    args = [f"Tensor {n}" for n, _ in op.inputs] + [f"int {a}" for a in op.attrs]
+    # Attributes are positional after the tensors, in catalog order; call() always passes all of them.
+    args = [f"Tensor {n}" for n, _ in op.inputs] + [f"{_SCHEMA_TYPES[a.kind]} {a.name}" for a in op.attrs]
     outs = "Tensor" if len(op.outputs) == 1 else "(" + ", ".join("Tensor" for _ in op.outputs) + ")"
     return f"({', '.join(args)}) -> {outs}"
 
@@ -34,7 +38,7 @@ def _register_torch_ops() -> None:
 
         def impl(*args, _op=op):
             tensors, attr_vals = args[: len(_op.inputs)], args[len(_op.inputs):]
-            attrs = {a: AttrInt(a, int(v)) for a, v in zip(_op.attrs, attr_vals, strict=True)}
+            attrs = _op.attr_values({a.name: v for a, v in zip(_op.attrs, attr_vals, strict=True)})
             out = _op.body(_TORCH, *tensors, **attrs)
             # custom_op outputs may not alias inputs; contiguous() also materializes broadcasts.
             return tuple(o.contiguous().clone() for o in out) if isinstance(out, tuple) else out.clone()
@@ -50,15 +54,17 @@ def _needs_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 
-def call(op_type: str, *tensors, **attrs: int):
-    """Run an op from torch: autograd-friendly body in training, the named custom op otherwise."""
+def call(op_type: str, *tensors, **attrs: int | float):
+    """Run an op from torch: autograd-friendly body in training, the named custom op otherwise.
+    Attributes not given take their catalog defaults."""
     import torch
 
     op = CATALOG[op_type]
     backend = torch_backend()
+    values = op.attr_values(attrs)
     if not torch.compiler.is_exporting() and _needs_grad(tensors):
-        return op.body(backend, *tensors, **{a: AttrInt(a, int(attrs[a])) for a in op.attrs})
-    return getattr(torch.ops.edgegate, op.torch_name)(*tensors, *[int(attrs[a]) for a in op.attrs])
+        return op.body(backend, *tensors, **values)
+    return getattr(torch.ops.edgegate, op.torch_name)(*tensors, *[values[a.name].value for a in op.attrs])
 
 
 def sigmoid_gate(x, g):
@@ -73,8 +79,15 @@ def channel_gate(x, mask_logits):
     return call("ChannelGate", x, mask_logits)
 
 
-def topk_gate(logits, k: int):
-    return call("TopKGate", logits, k=k)
+def topk_gate(logits, k: int, bias=None, scoring: Scoring | str = Scoring.SOFTMAX, renormalize: bool = True,
+              scale: float = 1.0):
+    """Router top-k (see the catalog's TopKGate). ``bias`` [E] (score correction; zeros when None) only
+    steers the choice of experts."""
+    import torch
+
+    if bias is None:
+        bias = logits.new_zeros(logits.shape[-1], dtype=torch.float32)
+    return call("TopKGate", logits, bias, k=k, scoring=Scoring(scoring).code, renormalize=int(renormalize), scale=scale)
 
 
 def exit_decision(logits, threshold):

@@ -24,7 +24,7 @@ from torch import nn
 
 from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split
 from edgegate.errors import EdgegateError
-from edgegate.gates import GateMap
+from edgegate.gates import GateKind, GateMap
 from edgegate.quantization.plan import Flavor
 
 SCHEMES = ("fp32", "fp16", "int8", "ternary")
@@ -63,7 +63,11 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
     if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
         if options.lowrank:
             raise EdgegateError("--lowrank needs --quant ternary")
-        return Quantized(model, model, _identity, {"scheme": options.scheme})
+        # Ternary layers round their activations per token inside the graph: a value within an ulp of a
+        # rounding boundary may round differently in ORT and torch and move the output by a quantization
+        # step, so such a graph is checked like a quantized one, not to float round-off.
+        rounds = any(g.kind in (GateKind.TERNARY, GateKind.LOWRANK) for g in gate_map)
+        return Quantized(model, model, _identity, {"scheme": options.scheme}, exact=not rounds)
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")

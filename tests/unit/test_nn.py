@@ -146,7 +146,7 @@ def test_router_is_topk_gate_with_load_and_aux_loss():
     x = torch.randn(32, 8)
     with torch.no_grad():
         w, idx = r(x)
-    ref_w, ref_idx = reference("TopKGate", _np(r.proj(x)), k=2)
+    ref_w, ref_idx = reference("TopKGate", _np(r.proj(x)), np.zeros(5, np.float32), k=2)
     np.testing.assert_allclose(_np(w), ref_w, atol=1e-6)
     assert idx.dtype == torch.int64 and np.array_equal(_np(idx), ref_idx)
     torch.testing.assert_close(w.sum(-1), torch.ones(32))

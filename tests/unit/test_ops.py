@@ -28,7 +28,10 @@ def _cases() -> dict[str, tuple[list[np.ndarray], dict[str, int]]]:
         "SigmoidGate": ([f(3, 4), f(3, 4)], {}),
         "ThresholdGate": ([f(3, 4), f(4, s=0.3), f(4)], {}),
         "ChannelGate": ([f(2, 3, 4, 4), f(2, 3, 1, 1)], {}),
-        "TopKGate": ([f(5, 6)], {"k": 2}),
+        "TopKGate": ([f(5, 6), np.zeros(6, np.float32)], {"k": 2}),
+        # Qwen3-MoE: no renormalization; DeepSeek-V3: sigmoid scores, a score-correction bias, a scale.
+        "TopKGateNoRenorm": ([f(5, 6), np.zeros(6, np.float32)], {"k": 2, "renormalize": 0}),
+        "TopKGateSigmoidBias": ([f(5, 6), f(6, s=0.5), ], {"k": 3, "scoring": 1, "renormalize": 1, "scale": 2.5}),
         "ExitDecision": ([f(64, 4, s=3.0), np.array(0.7, np.float32)], {}),
         "LearnedExitDecision": ([f(64), np.array(0.5, np.float32)], {}),
         "TernaryMatMul": ([f(3, 10), pack_ternary(w), rng.random(6).astype(np.float32)], {"in_features": 10}),
@@ -56,19 +59,26 @@ def _single_op_model(op_type: str, inputs: list[np.ndarray], attrs: dict, output
 def test_catalog_covers_the_design_ops():
     assert set(CATALOG) >= {"TopKGate", "ExitDecision", "SigmoidGate", "ThresholdGate", "ChannelGate",
                             "TernaryMatMul", "LowRankCorrection"}
-    assert {c.removesuffix("PerTensor") for c in CASES} == set(CATALOG)
+    assert {_op_type(c) for c in CASES} == set(CATALOG)
+
+
+def _op_type(case: str) -> str:
+    """The catalog op a case exercises: cases are named op type + variant (``TopKGateNoRenorm``)."""
+    return next(name for name in sorted(CATALOG, key=len, reverse=True) if case.startswith(name))
 
 
 @pytest.mark.parametrize("op_type", sorted(CASES))
 def test_reference_torch_ort_and_onnx_reference_agree(op_type):
     inputs, attrs = CASES[op_type]
-    op_type = op_type.removesuffix("PerTensor")
+    op_type = _op_type(op_type)
     ref = reference(op_type, *inputs, **attrs)
     ref = ref if isinstance(ref, tuple) else (ref,)
     got_torch = ops.call(op_type, *[torch.from_numpy(np.array(x)) for x in inputs], **attrs)
     got_torch = got_torch if isinstance(got_torch, tuple) else (got_torch,)
 
-    model = _single_op_model(op_type, inputs, attrs, ref)
+    # Every attribute on the node, as the exporter writes it (the reference evaluator ignores function defaults).
+    written = {name: a.value for name, a in CATALOG[op_type].attr_values(attrs).items()}
+    model = _single_op_model(op_type, inputs, written, ref)
     onnx.checker.check_model(model, full_check=True)
     feeds = {n: x for (n, _), x in zip(CATALOG[op_type].inputs, inputs, strict=True)}
     got_ort = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -91,10 +101,38 @@ def test_decision_ops_take_both_outcomes_in_the_test_data():
 
 def test_topk_gate_semantics():
     logits = np.array([[0.0, 2.0, 1.0, -1.0]], np.float32)
-    w, idx = reference("TopKGate", logits, k=2)
+    zero = np.zeros(4, np.float32)
+    w, idx = reference("TopKGate", logits, zero, k=2)
     assert idx.tolist() == [[1, 2]]
     p = np.exp(logits) / np.exp(logits).sum()
     np.testing.assert_allclose(w, [[p[0, 1] / (p[0, 1] + p[0, 2]), p[0, 2] / (p[0, 1] + p[0, 2])]], rtol=1e-6)
+    w, idx = reference("TopKGate", logits, zero, k=2, renormalize=0)  # Qwen3-MoE norm_topk_prob=False
+    np.testing.assert_allclose(w, [[p[0, 1], p[0, 2]]], rtol=1e-6)
+
+
+def test_topk_gate_sigmoid_bias_steers_the_choice_but_not_the_weights():
+    logits = np.array([[0.0, 2.0, 1.0, -1.0]], np.float32)
+    bias = np.array([0.0, 0.0, 0.0, 5.0], np.float32)  # expert 3 wins by bias alone
+    w, idx = reference("TopKGate", logits, bias, k=2, scoring=1, renormalize=0, scale=2.0)
+    assert idx.tolist() == [[3, 1]]
+    s = 1 / (1 + np.exp(-logits[0]))
+    np.testing.assert_allclose(w, [[2.0 * s[3], 2.0 * s[1]]], rtol=1e-6)
+    w, _ = reference("TopKGate", logits, bias, k=2, scoring=1, renormalize=1, scale=2.0)
+    np.testing.assert_allclose(w, [[2.0 * s[3] / (s[3] + s[1]), 2.0 * s[1] / (s[3] + s[1])]], rtol=1e-6)
+
+
+def test_attributes_left_out_of_a_node_take_the_function_defaults_in_ort():
+    # A hand-made TopKGate node with only k: ORT applies the function's attribute defaults (softmax,
+    # renormalize, scale 1). onnx.reference does not implement function defaults, which is why the
+    # exporter writes every attribute on every node.
+    inputs, _ = CASES["TopKGate"]
+    want = reference("TopKGate", *inputs, k=2)
+    model = _single_op_model("TopKGate", inputs, {"k": 2}, want)
+    onnx.checker.check_model(model, full_check=True)
+    feeds = {"logits": inputs[0], "bias": inputs[1]}
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_training_path_is_differentiable_and_matches_the_op():
