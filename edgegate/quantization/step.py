@@ -55,9 +55,10 @@ def _identity(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, flavor: Flavor,
                         calib: Dataset | None, held_out: Dataset | None,
-                        spec: TensorSpec | Sequence[TensorSpec]) -> Quantized:
-    """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order)."""
-    specs = [spec] if isinstance(spec, TensorSpec) else list(spec)
+                        spec: TensorSpec | Sequence[TensorSpec] | None) -> Quantized:
+    """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order; None:
+    the data's arrays as stored, unchecked)."""
+    specs = [] if spec is None else [spec] if isinstance(spec, TensorSpec) else list(spec)
     if options.scheme not in SCHEMES:
         raise EdgegateError(f"--quant {options.scheme} is unknown; use one of {', '.join(SCHEMES)}")
     if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
@@ -79,7 +80,7 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
 
 def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
     """Every row of ``data`` as torch tensors, one per model input in ``specs`` order."""
-    return data.model_inputs([s.name for s in specs]).map(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+    return data.model_inputs([s.name for s in specs] or None).map(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
 
 
 def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
@@ -91,10 +92,11 @@ def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Qu
         raise EdgegateError("--lowrank needs --quant ternary")
     config = QuantConfig(observer=options.observer, flavor=flavor, gate_precision=options.gate_precision,
                          calibration=options.calibration, min_coverage=options.min_coverage)
-    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
+    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs or None)
     # Without held-out rows, fidelity on the calibration rows is still worth recording; it says so.
     part = held_out if held_out is not None else calib
-    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), part.labels, gate_map, input_spec=specs)
+    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), part.labels, gate_map,
+                                input_spec=specs or None)
     fidelity["measured_on"] = "held_out" if held_out is not None else "calibration"
     record = record.with_fidelity(fidelity)
     deployed = copy.deepcopy(model).eval()
