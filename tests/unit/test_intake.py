@@ -172,7 +172,7 @@ def test_convert_step_runs_verifies_and_records(tmp_path, monkeypatch):
 def test_a_conversion_that_changes_the_outputs_is_refused(tmp_path, monkeypatch):
     _register(monkeypatch, lambda m: _to_threshold_gate(m, shift=0.3))
     torch.manual_seed(0)
-    with pytest.raises(ExportError, match=r"the converted module gate differs from the original by [0-9.]+ \(> 0.001\)"):
+    with pytest.raises(ExportError, match=r"the converted module gate differs from the original by [0-9.]+ \(> 0\.001"):
         edgegate.export(GatedMLP().eval(), torch.randn(32, 6), out=tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
