@@ -1,0 +1,148 @@
+"""`edgegate sweep --ray-address` on a two-node Ray cluster on loopback (head + worker, `ray start`):
+a failing cell is an error row while the others finish; a worker process killed mid-cell gets its cell
+retried and no bundle is half-written; Ctrl-C exits 130 keeping finished cells, and --resume finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgegate.bundle import read_bundle
+from tests.sweep._sweep import children, cmdline, run, write_spec
+
+CELL_TITLE = "ray::sweep_cell"  # Ray names a worker process after the task it runs
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Temp dirs/files of interrupted writes (write_bundle's `.bundle.*.tmp`, JSON's `.*.tmp`)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob(".*") if p.name.endswith(".tmp") or ".old-" in p.name)
+
+
+def _check_bundles(out: Path, rows: list[dict]) -> None:
+    for row in rows:
+        if row["status"] == "ok":
+            assert read_bundle(out / row["bundle"]).manifest["quant"]["scheme"] == row["cell"]["quant"]
+
+
+def _default_sigint() -> None:
+    # A child of a non-interactive shell may inherit SIGINT ignored, and then Python keeps ignoring it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgegate.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+
+
+def test_failing_cell_is_an_error_row_and_the_rest_finish(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
+    write_spec(tmp_path, sweep_models, """
+models = ["MODELS/tg.pt"]
+targets = ["snn"]
+[options]
+snn = { timesteps = [8, 0] }   # 0 is refused by the snn target, in its cell only
+[bench]
+runs = 10
+""")
+    r = run(["sweep", "spec.toml", "-o", "out", "--ray-address", ray_cluster.address], tmp_path, ray_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["summary"] == {"cells": 2, "ok": 1, "error": 1, "pending": 0, "cached": 0}
+    assert sweep["ray"]["nodes"] == 2 and sweep["ray"]["cpus"] == 2 and sweep["ray"]["address"] == ray_cluster.address
+    ok, bad = sweep["rows"]
+    assert (ok["name"], ok["status"], ok["cell"]["options"]) == ("tg/snn/fp32/timesteps=8", "ok", {"timesteps": "8"})
+    assert ok["latency"]["median_ms"] > 0 and 0.8 <= ok["metrics"]["accuracy"] <= 1.0
+    assert bad["name"] == "tg/snn/fp32/timesteps=0" and bad["status"] == "error"
+    assert bad["error"] == "export: snn option timesteps=0 must be an int in 1..65535"
+    assert bad["bundle"] is None and bad["node"]["ip"] and bad["node"]["id"] != ok["node"]["id"]  # SPREAD
+    assert not (out / "cells" / bad["key"][:20] / "bundle").exists()
+    assert "1 ok, 1 error" in r.stdout and "error: export: snn option timesteps=0" in r.stdout
+    _check_bundles(out, sweep["rows"])
+    assert _leftovers(out) == []
+
+
+def test_worker_killed_mid_cell_is_retried(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
+    write_spec(tmp_path, sweep_models, """
+models = ["MODELS/tg.pt"]
+quant = ["fp32", "int8"]
+[bench]
+runs = 10
+[ray]
+max_retries = 2
+""")
+    proc = _popen(["sweep", "spec.toml", "-o", "out", "--ray-address", ray_cluster.address], tmp_path,
+                  ray_cluster.env)
+    victim = None
+    try:
+        deadline = time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            # A cell running on the worker node: a child of that node's raylet, titled after the task.
+            victim = next((p for p in children(ray_cluster.worker_raylet) if cmdline(p).startswith(CELL_TITLE)), None)
+            time.sleep(0.05)
+        assert victim is not None, "no cell ran on the worker node"
+        time.sleep(1.0)  # into the cell's work (its first second imports torch and the exporter)
+        assert cmdline(victim).startswith(CELL_TITLE), "the cell ended before it could be killed"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    out = tmp_path / "out"
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["summary"] == {"cells": 2, "ok": 2, "error": 0, "pending": 0, "cached": 0}, sweep["rows"]
+    assert victim not in {row["node"]["pid"] for row in sweep["rows"]}  # the killed cell ran again elsewhere
+    _check_bundles(out, sweep["rows"])
+    assert _leftovers(out) == []
+    assert "2 cells: 2 ok, 0 error" in stdout
+
+
+def test_interrupt_keeps_finished_cells_and_resume_finishes(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
+    write_spec(tmp_path, sweep_models, """
+models = ["MODELS/tg.pt"]
+quant = ["fp32", "int8"]
+observer = ["percentile", "minmax"]
+[bench]
+runs = 10
+""")
+    proc = _popen(["sweep", "spec.toml", "-o", "out", "--ray-address", ray_cluster.address], tmp_path,
+                  ray_cluster.env)
+    out = tmp_path / "out"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("cells/*/row.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(out.glob("cells/*/row.json")), "no cell finished"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["status"] == "interrupted"
+    finished = sweep["summary"]["ok"]
+    assert finished >= 1 and sweep["summary"]["pending"] == 3 - finished and sweep["summary"]["error"] == 0
+    assert stderr.strip().splitlines()[-1] == (
+        f"edgegate: interrupted; {finished} finished cells are kept in out (run the sweep again, or "
+        "`edgegate sweep --resume -o out`, to do the rest)")
+    assert _leftovers(out) == []
+    for bundle in out.glob("cells/*/bundle"):  # finished or not, a bundle on disk is whole
+        read_bundle(bundle)
+
+    (tmp_path / "spec.toml").unlink()  # --resume reads the spec from out/sweep.json
+    r = run(["sweep", "--resume", "-o", "out", "--ray-address", ray_cluster.address], tmp_path, ray_cluster.env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["summary"] == {"cells": 3, "ok": 3, "error": 0, "pending": 0, "cached": finished}
+    assert sweep["status"] == "complete"
+    _check_bundles(out, sweep["rows"])
+    assert _leftovers(out) == []
