@@ -1,4 +1,4 @@
-"""`edgegate sweep`: every cell of a spec (models x targets x quant variants) as Ray tasks -> sweep.json + report.html."""
+"""`edgegate sweep`: each cell of a spec (models x targets x quant variants) as a Ray task -> sweep.json, report."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from edgegate.errors import EdgegateError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgegate.sweep import RayOptions, load_spec, render_text, run_sweep
+    from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
     from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
 
     out = Path(args.output)
@@ -28,10 +28,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TextColumn("{task.description}"), console=console(), transient=True)
-        task = bar.add_task("", total=None)
+        task = bar.add_task("", total=len(expand(spec)))
 
         def on_row(row: dict, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total, description=f"{row['name']}: {row['status']}")
+            bar.update(task, completed=done, description=f"{row['name']}: {row['status']}")
 
         bar.start()
     try:
@@ -47,7 +47,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = read_sweep_json(out)
     print(render_text(sweep))
     s = sweep["summary"]
-    report = f", {result.report}" if result.report else " (no report.html: no cell finished ok)"
+    report = f", {out / result.report.name}" if result.report else " (no report.html: no cell finished ok)"
     print(f"{s['cells']} cells: {s['ok']} ok, {s['error']} error, {s['cached']} from the cache; "
           f"{result.wall_s:.1f} s; wrote {out / SWEEP_JSON}{report}")
     return 0

@@ -29,7 +29,7 @@ from edgegate.errors import EdgegateError, one_line
 from edgegate.pipeline import ExportConfig, run_export
 from edgegate.reports.stats import THREAD_OPTIONS, plain
 from edgegate.sweep import store
-from edgegate.sweep.spec import BenchSettings, Cell, CompareSettings, SweepError
+from edgegate.sweep.spec import BenchSettings, Cell, CellStatus, CompareSettings, SweepError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,8 +54,9 @@ def run_cell(job: CellJob, *blobs: bytes) -> dict[str, Any]:
     """Run `job`; `blobs` are the contents of `job.inputs`, in order. Never raises for a cell's own failure."""
     cell, out = job.cell, Path(job.out)
     cdir = store.cell_dir(out, job.key)
-    row: dict[str, Any] = {"key": job.key, "name": cell.name, "cell": cell.config(), "status": "ok", "error": None,
-                           "note": "", "bundle": str(cdir.relative_to(out) / store.BUNDLE), "cached": False}
+    row: dict[str, Any] = {"key": job.key, "name": cell.name, "cell": cell.config(), "status": CellStatus.OK,
+                           "error": None, "note": "", "bundle": str(cdir.relative_to(out) / store.BUNDLE),
+                           "cached": False}
     try:
         if job.version != edgegate.__version__:
             raise SweepError(f"this node runs edgegate {edgegate.__version__}, the driver {job.version}; "
@@ -67,10 +68,10 @@ def run_cell(job: CellJob, *blobs: bytes) -> dict[str, Any]:
                  for (src, sha), blob in zip(job.inputs, blobs, strict=True)}
         row.update(_run(job, local))
     except _StageError as e:
-        row.update(status="error", error=str(e))
+        row.update(status=CellStatus.ERROR, error=str(e))
     except EdgegateError as e:
-        row.update(status="error", error=one_line(e))
-    if row["status"] == "error" and not (cdir / store.BUNDLE).is_dir():
+        row.update(status=CellStatus.ERROR, error=one_line(e))
+    if row["status"] == CellStatus.ERROR and not (cdir / store.BUNDLE).is_dir():
         row["bundle"] = None  # failed before its bundle was written
     return row
 
@@ -115,7 +116,7 @@ def _run(job: CellJob, local: Mapping[str, Path]) -> dict[str, Any]:
     bench_report = _stage("bench", lambda: bench(bundle_path, bench_config))
     result.update(latency=plain(dataclasses.asdict(bench_report.latency)), throughput=bench_report.throughput,
                   batch=bench_report.batch, bench_s=round(time.perf_counter() - t0, 3),
-                  note=" ".join(bench_report.warnings))
+                  note="; ".join(bench_report.warnings))
     return plain(result)
 
 

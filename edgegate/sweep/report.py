@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgegate.sweep.spec import SweepError
+from edgegate.sweep.spec import CellStatus, SweepError
 from edgegate.sweep.store import write_bytes
 
 REPORT = "report.html"
@@ -64,7 +64,7 @@ def _data_name(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def front_keys(rows: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
     """Per quality metric, the keys of the rows on its front (ok rows with a latency only)."""
-    timed = [r for r in rows if r["status"] == "ok" and r.get("latency")]
+    timed = [r for r in rows if r["status"] == CellStatus.OK and r.get("latency")]
     out: dict[str, set[str]] = {}
     if not timed:
         return out
@@ -90,7 +90,7 @@ def table(sweep: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
             delta = acc - ref["accuracy"] if acc is not None and ref.get("accuracy") is not None else None
             node = r.get("node") or {}
             starred = "*" * sum(r["key"] in keys for keys in fronts.values())
-            status = r["status"] if r["status"] != "error" else f"error: {r.get('error')}"
+            status = f"error: {r.get('error')}" if r["status"] == CellStatus.ERROR else str(r["status"])
             lines.append([r["name"], status, _num(acc), _num(delta, "+.4f"), _num(gate), _num(lat.get("median_ms")),
                           _num(lat.get("p99_ms")), _num(None if r.get("bundle_bytes") is None
                                                         else r["bundle_bytes"] / 1024, ".1f"),
@@ -142,7 +142,7 @@ def write_report(out: Path, sweep: Mapping[str, Any]) -> Path:
 
 
 def _pareto_figure(plt: Any, model: str, data: str, rows: list[dict[str, Any]]) -> Any:
-    timed = [r for r in rows if r["status"] == "ok" and r.get("latency")]
+    timed = [r for r in rows if r["status"] == CellStatus.OK and r.get("latency")]
     if not timed:
         return None
     metrics = quality_metrics(timed)

@@ -29,7 +29,7 @@ from edgegate.errors import one_line
 from edgegate.sweep import store
 from edgegate.sweep.cell import CellJob, run_cell
 from edgegate.sweep.report import check_report_deps, write_report
-from edgegate.sweep.spec import Cell, SweepError, SweepSpec, expand
+from edgegate.sweep.spec import Cell, CellStatus, SweepError, SweepSpec, SweepStatus, expand
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,16 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
         rows.append(None if row is None else {**row, "name": cell.name, "cell": cell.config(), "cached": True})
     header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": spec.to_dict(),
               "ray": None}
-    done = sum(r is not None for r in rows)
-    for row in rows:
-        if row is not None and on_row:
-            on_row(row, done, len(cells))
+    cached = [r for r in rows if r is not None]
+    for n, row in enumerate(cached, 1):
+        if on_row:
+            on_row(row, n, len(cells))
     todo = [i for i, r in enumerate(rows) if r is None]
     if todo:  # what can be refused without running anything is refused before anything is written
         _import_ray()
         if ray_options.address:
             _check_reachable(ray_options.address)
-    _write_sweep(out, header, cells, keys, rows, "running", time.perf_counter() - start)
+    _write_sweep(out, header, cells, keys, rows, SweepStatus.RUNNING, time.perf_counter() - start)
     if todo:
         for path, sha in shas.items():  # this node's copies, before any cell asks
             store.materialise(out, Path(path).name, sha, None, path)
@@ -101,13 +101,14 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
             header["ray"] = info
             try:
                 _run_cells(ray, spec, out, shas, cells, keys, rows, todo, header, start, on_row)
-            except BaseException:
-                _write_sweep(out, header, cells, keys, rows, "interrupted", time.perf_counter() - start)
+            except BaseException as e:
+                status = SweepStatus.INTERRUPTED if isinstance(e, KeyboardInterrupt) else SweepStatus.STOPPED
+                _write_sweep(out, header, cells, keys, rows, status, time.perf_counter() - start)
                 raise
     wall = time.perf_counter() - start
-    _write_sweep(out, header, cells, keys, rows, "complete", wall)
+    _write_sweep(out, header, cells, keys, rows, SweepStatus.COMPLETE, wall)
     final = [r for r in rows if r is not None]
-    report = write_report(out, store.read_sweep_json(out)) if any(r["status"] == "ok" for r in final) else None
+    report = write_report(out, store.read_sweep_json(out)) if any(r["status"] == CellStatus.OK for r in final) else None
     return SweepResult(out=out, rows=tuple(final), wall_s=wall, report=report)
 
 
@@ -119,34 +120,38 @@ def _run_cells(ray: Any, spec: SweepSpec, out: Path, shas: dict[str, str], cells
     task = ray.remote(sweep_cell).options(
         num_cpus=spec.ray.cpus_per_cell, memory=spec.ray.memory_mib_per_cell << 20,
         max_retries=spec.ray.max_retries, retry_exceptions=False, scheduling_strategy="SPREAD")
-    pending: dict[Any, int] = {}
-    ips: dict[str, str] = {}
+    pending: dict[Any, list[int]] = {}  # task -> the cells it answers (same content under two names: one task)
+    by_key: dict[str, list[int]] = {}
     for i in todo:
-        cell = cells[i]
+        by_key.setdefault(keys[i], []).append(i)
+    ips: dict[str, str] = {}
+    for key, same in by_key.items():
+        cell = cells[same[0]]
         inputs = tuple((p, shas[p]) for p in dict.fromkeys(
             s for s in (str(cell.model), cell.data, cell.calib) if s and os.path.isabs(s)))
-        job = CellJob(cell=cell, key=keys[i], out=str(out), inputs=inputs, bench=spec.bench,
+        job = CellJob(cell=cell, key=key, out=str(out), inputs=inputs, bench=spec.bench,
                       compare=spec.compare, version=edgegate.__version__)
-        pending[task.remote(job, *(blobs[p] for p, _ in inputs))] = i
+        pending[task.remote(job, *(blobs[p] for p, _ in inputs))] = same
     done = len(cells) - len(todo)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
             for ref in ready:
-                i = pending.pop(ref)
-                row = _result(ray, ref, cells[i], keys[i], out, spec.ray.max_retries)
+                same = pending.pop(ref)
+                row = _result(ray, ref, cells[same[0]], keys[same[0]], out, spec.ray.max_retries)
                 if row.get("node"):  # the address the node joined the cluster with (the task sees only its own)
                     row["node"]["ip"] = _node_ip(ray, row["node"]["id"], ips)
-                store.write_json(store.cell_dir(out, keys[i]) / store.ROW_JSON, row)
-                rows[i] = row
-                done += 1
-                _write_sweep(out, header, cells, keys, rows, "running", time.perf_counter() - start)
-                if on_row:
-                    on_row(row, done, len(cells))
+                store.write_json(store.cell_dir(out, keys[same[0]]) / store.ROW_JSON, row)
+                for i in same:
+                    rows[i] = {**row, "name": cells[i].name, "cell": cells[i].config()}
+                    done += 1
+                    _write_sweep(out, header, cells, keys, rows, SweepStatus.RUNNING, time.perf_counter() - start)
+                    if on_row:
+                        on_row(rows[i], done, len(cells))
     except BaseException:  # Ctrl-C (KeyboardInterrupt), SIGTERM via the CLI: stop the cells still running
         _cancel(ray, list(pending))
-        for i in pending.values():
-            store.clean_leftovers(store.cell_dir(out, keys[i]))
+        for same in pending.values():
+            store.clean_leftovers(store.cell_dir(out, keys[same[0]]))
         raise
 
 
@@ -179,8 +184,8 @@ def _result(ray: Any, ref: Any, cell: Cell, key: str, out: Path, retries: int) -
     except ray.exceptions.RayError as e:
         error = f"{type(e).__name__}: {one_line(e, 200)}"
     store.clean_leftovers(store.cell_dir(out, key))
-    return {"key": key, "name": cell.name, "cell": cell.config(), "status": "error", "error": error, "note": "",
-            "bundle": None, "cached": False, "node": None}
+    return {"key": key, "name": cell.name, "cell": cell.config(), "status": CellStatus.ERROR, "error": error,
+            "note": "", "bundle": None, "cached": False, "node": None}
 
 
 def _cancel(ray: Any, refs: list[Any]) -> None:
@@ -284,11 +289,11 @@ def _keep_logs(tmp: Path, out: Path) -> None:
 
 
 def _write_sweep(out: Path, header: dict[str, Any], cells: list[Cell], keys: list[str],
-                 rows: list[dict[str, Any] | None], status: str, wall_s: float) -> None:
-    shown = [r if r is not None else {"key": k, "name": c.name, "cell": c.config(), "status": "pending",
+                 rows: list[dict[str, Any] | None], status: SweepStatus, wall_s: float) -> None:
+    shown = [r if r is not None else {"key": k, "name": c.name, "cell": c.config(), "status": CellStatus.PENDING,
                                       "error": None, "cached": False}
              for c, k, r in zip(cells, keys, rows, strict=True)]
-    counts = {s: sum(r["status"] == s for r in shown) for s in ("ok", "error", "pending")}
+    counts = {s: sum(r["status"] == s for r in shown) for s in CellStatus}
     summary = {"cells": len(shown), **counts, "cached": sum(bool(r.get("cached")) for r in shown)}
     store.write_json(out / store.SWEEP_JSON, {
         "format": store.FORMAT, "version": store.FORMAT_VERSION, "edgegate": edgegate.__version__,

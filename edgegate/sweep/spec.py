@@ -15,6 +15,7 @@ import itertools
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ from edgegate.quantization.config import CalibrationMode, Observer
 QUANTS = ("fp32", "fp16", "int8", "ternary")  # the pipeline's schemes (quantization.step.SCHEMES)
 AXES = ("models", "targets", "quant", "observer", "calibration", "lowrank")
 KEYS = (*AXES, "options", "data", "calib", "device", "bench", "compare", "ray")
+
+
+class CellStatus(StrEnum):
+    OK = "ok"
+    ERROR = "error"  # the row's `error` says why, in one line
+    PENDING = "pending"  # not run yet (an interrupted or running sweep)
+
+
+class SweepStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM
+    STOPPED = "stopped"  # an error stopped the driver
 
 
 class SweepError(EdgegateError):

@@ -31,7 +31,7 @@ from typing import Any
 import edgegate
 from edgegate.bundle import read_bundle, sha256_file
 from edgegate.errors import EdgegateError, one_line, os_error_text
-from edgegate.sweep.spec import Cell, SweepError, SweepSpec
+from edgegate.sweep.spec import Cell, CellStatus, SweepError, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def cached_row(out: Path, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError) as e:
         log.warning("ignoring unreadable %s (%s); the cell runs again", path, one_line(e, 100))
         return None
-    if not isinstance(row, dict) or row.get("key") != key or row.get("status") != "ok":
+    if not isinstance(row, dict) or row.get("key") != key or row.get("status") != CellStatus.OK:
         return None
     bundle = out / str(row.get("bundle") or "")
     if bundle.is_dir() or (row.get("node") or {}).get("hostname") == socket.gethostname():

@@ -40,8 +40,10 @@ def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_failing_cell_is_an_error_row_and_the_rest_finish(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
+    # tg2.pt is tg.pt under another name: the same cells by content, run once and shown under both names.
+    (tmp_path / "tg2.pt").write_bytes((sweep_models / "tg.pt").read_bytes())
     write_spec(tmp_path, sweep_models, """
-models = ["MODELS/tg.pt"]
+models = ["MODELS/tg.pt", "tg2.pt"]
 targets = ["snn"]
 [options]
 snn = { timesteps = [8, 0] }   # 0 is refused by the snn target, in its cell only
@@ -52,16 +54,20 @@ runs = 10
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     sweep = json.loads((out / "sweep.json").read_text())
-    assert sweep["summary"] == {"cells": 2, "ok": 1, "error": 1, "pending": 0, "cached": 0}
+    assert sweep["summary"] == {"cells": 4, "ok": 2, "error": 2, "pending": 0, "cached": 0}
     assert sweep["ray"]["nodes"] == 2 and sweep["ray"]["cpus"] == 2 and sweep["ray"]["address"] == ray_cluster.address
-    ok, bad = sweep["rows"]
+    ok, bad, ok2, bad2 = sweep["rows"]
     assert (ok["name"], ok["status"], ok["cell"]["options"]) == ("tg/snn/fp32/timesteps=8", "ok", {"timesteps": "8"})
     assert ok["latency"]["median_ms"] > 0 and 0.8 <= ok["metrics"]["accuracy"] <= 1.0
     assert bad["name"] == "tg/snn/fp32/timesteps=0" and bad["status"] == "error"
     assert bad["error"] == "export: snn option timesteps=0 must be an int in 1..65535"
     assert bad["bundle"] is None and bad["node"]["ip"] and bad["node"]["id"] != ok["node"]["id"]  # SPREAD
     assert not (out / "cells" / bad["key"][:20] / "bundle").exists()
-    assert "1 ok, 1 error" in r.stdout and "error: export: snn option timesteps=0" in r.stdout
+    for first, twin in ((ok, ok2), (bad, bad2)):  # one task answered both names
+        assert twin["name"] == first["name"].replace("tg/", "tg2/", 1) and twin["cell"]["model"] == "tg2.pt"
+        assert (twin["key"], twin["node"], twin["status"], twin["error"]) == (
+            first["key"], first["node"], first["status"], first["error"])
+    assert "2 ok, 2 error" in r.stdout and "error: export: snn option timesteps=0" in r.stdout
     _check_bundles(out, sweep["rows"])
     assert _leftovers(out) == []
 

@@ -111,7 +111,7 @@ def test_local_sweep_rows_report_and_bundles(local_sweep) -> None:
     assert any(row[-1].startswith("*") for row in body.values())  # each model has a front
 
 
-def test_rerun_recomputes_nothing(local_sweep, ray_env: dict[str, str]) -> None:
+def test_rerun_recomputes_nothing(local_sweep, ray_env: dict[str, str], sweep_models: Path) -> None:
     work, _ = local_sweep
     out = work / "out"
     before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/**/*") if p.is_file()}
@@ -122,6 +122,15 @@ def test_rerun_recomputes_nothing(local_sweep, ray_env: dict[str, str]) -> None:
     assert sweep["ray"] is None  # every cell came from the cache: no Ray was started
     assert all(row["cached"] for row in sweep["rows"])
     assert "4 cells: 4 ok, 0 error, 4 from the cache" in r.stdout
+    # A renamed copy of a model is the same content: its cells come from the cache, under its own name.
+    (work / "tg-copy.pt").write_bytes((sweep_models / "tg.pt").read_bytes())
+    (work / "more.toml").write_text((work / "spec.toml").read_text().replace("models = [", 'models = ["tg-copy.pt", '))
+    r = run(["sweep", "more.toml", "-o", "out"], work, ray_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["summary"] == {"cells": 6, "ok": 6, "error": 0, "pending": 0, "cached": 6}
+    assert [row["name"] for row in sweep["rows"][:2]] == ["tg-copy/cpu/fp32", "tg-copy/cpu/int8/percentile/gate_aware"]
+    assert sweep["rows"][0]["key"] == sweep["rows"][2]["key"] and sweep["rows"][0]["cell"]["model"] == "tg-copy.pt"
     after = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/**/*") if p.is_file()}
     assert after == before and len(before) == 16  # 4 x (row.json + manifest, model.onnx, golden_io.npz)
-    assert len(page_images(out / "report.html")) == 2
+    assert len(page_images(out / "report.html")) == 3  # one Pareto figure per model name

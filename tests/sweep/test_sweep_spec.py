@@ -177,3 +177,16 @@ def test_cli_resume_needs_a_sweep_and_flags_conflict(folder: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.startswith("edgegate: error: cannot reach a Ray head at 127.0.0.1:1")
     assert not (folder / "out").exists()
+
+
+def test_sample_spec_in_docs_expands_to_eight_cells(tmp_path: Path) -> None:
+    sample = Path(__file__).parents[2] / "docs" / "sweep-example.toml"
+    (tmp_path / "sweep-example.toml").write_text(sample.read_text())
+    (tmp_path / "early_exit.pt").write_bytes(b"stands in for the trained checkpoint")
+    spec = load_spec(tmp_path / "sweep-example.toml")
+    cells = expand(spec)
+    assert [c.name for c in cells] == [
+        "early_exit/cpu/fp32",
+        *(f"early_exit/cpu/int8/{o}/{c}" for o in ("minmax", "percentile", "mse") for c in ("gate_aware", "naive")),
+        "early_exit/cpu/ternary"]
+    assert (spec.bench.runs, spec.bench.threads, spec.ray.max_retries) == (200, 1, 2)
