@@ -11,8 +11,12 @@ from edgegate.errors import EdgegateError
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
-    from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
+    try:
+        from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
+        from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
+    except ImportError as e:  # cells export and compare: the compile side, not the runtime-only install
+        raise EdgegateError(f"edgegate sweep exports models and needs {e.name or 'the compile extra'}; "
+                            "pip install 'edgegate[compile,report,cluster]'") from e
 
     out = Path(args.output)
     if args.spec:

@@ -21,7 +21,7 @@ from edgegate.sweep.store import write_bytes
 
 REPORT = "report.html"
 GATE_AGREEMENTS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement")
-HEADERS = ("cell", "status", "accuracy", "vs float", "gate agr", "median ms", "p99 ms", "size KiB", "export s",
+HEADERS = ("#", "cell", "status", "accuracy", "vs float", "gate agr", "median ms", "p99 ms", "size KiB", "export s",
            "node", "cached", "front")
 
 
@@ -83,7 +83,7 @@ def table(sweep: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
     lines = []
     for rows in groups(sweep).values():
         fronts = front_keys(rows)
-        for r in rows:
+        for n, r in enumerate(rows, 1):
             m, ref, lat = r.get("metrics") or {}, r.get("reference") or {}, r.get("latency") or {}
             gate = next((m[g] for g in GATE_AGREEMENTS if g in m), None)
             acc = m.get("accuracy")
@@ -91,9 +91,9 @@ def table(sweep: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
             node = r.get("node") or {}
             starred = "*" * sum(r["key"] in keys for keys in fronts.values())
             status = f"error: {r.get('error')}" if r["status"] == CellStatus.ERROR else str(r["status"])
-            lines.append([r["name"], status, _num(acc), _num(delta, "+.4f"), _num(gate), _num(lat.get("median_ms")),
-                          _num(lat.get("p99_ms")), _num(None if r.get("bundle_bytes") is None
-                                                        else r["bundle_bytes"] / 1024, ".1f"),
+            size = None if r.get("bundle_bytes") is None else r["bundle_bytes"] / 1024
+            lines.append([str(n), r["name"], status, _num(acc), _num(delta, "+.4f"), _num(gate),
+                          _num(lat.get("median_ms")), _num(lat.get("p99_ms")), _num(size, ".1f"),
                           _num(r.get("export_s"), ".2f"), str(node.get("ip") or "-"),
                           "yes" if r.get("cached") else "no", starred or "-"])
     return HEADERS, lines
@@ -134,8 +134,8 @@ def write_report(out: Path, sweep: Mapping[str, Any]) -> Path:
         name = f"pareto_{n}_{re.sub(r'[^A-Za-z0-9_.-]', '_', Path(model).stem)}.png"
         fig.savefig(files / name, dpi=100, bbox_inches="tight")
         plt.close(fig)
-        figures.append((f"{files.name}/{name}", f"{model} on {data}: quality vs median latency "
-                                                f"(marker area: bundle size; line: Pareto front)"))
+        figures.append((f"{files.name}/{name}", f"{model} on {data}: quality vs median latency (numbers: the "
+                                                "table's #; marker area: bundle size; line: Pareto front)"))
     page = out / REPORT
     write_bytes(page, _page(sweep, figures).encode())
     return page
@@ -149,6 +149,7 @@ def _pareto_figure(plt: Any, model: str, data: str, rows: list[dict[str, Any]]) 
     fronts = front_keys(rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     biggest = max(r.get("bundle_bytes") or 1 for r in timed)
+    number = {id(r): n for n, r in enumerate(rows, 1)}  # as in `table`
     for ax, metric in zip(axes[0], metrics, strict=True):
         scored = [r for r in timed if (r.get("metrics") or {}).get(metric) is not None]
         for r in scored:
@@ -156,7 +157,8 @@ def _pareto_figure(plt: Any, model: str, data: str, rows: list[dict[str, Any]]) 
             x, y = r["latency"]["median_ms"], r["metrics"][metric]
             ax.scatter([x], [y], s=30 + 400 * (r.get("bundle_bytes") or 0) / biggest, alpha=0.75 if on else 0.35,
                        color="tab:red" if on else "tab:blue", edgecolors="black", linewidths=0.5)
-            ax.annotate(r["name"].split("/", 1)[-1], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            # The cell's number in the table: names of near-equal cells would overprint each other.
+            ax.annotate(str(number[id(r)]), (x, y), fontsize=8, xytext=(5, 5), textcoords="offset points")
         front = sorted((r["latency"]["median_ms"], r["metrics"][metric]) for r in scored
                        if r["key"] in fronts.get(metric, set()))
         if front:
@@ -176,7 +178,7 @@ def _page(sweep: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
              if ray else "every cell came from the cache")
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>edgegate sweep</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,td:nth-child(2)"
+           "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:nth-child(2),td:nth-child(3)"
            "{text-align:left}img{max-width:100%;display:block;margin:1em 0}</style></head><body>",
            "<h1>edgegate sweep</h1>",
            f"<p>{s.get('cells', 0)} cells: {s.get('ok', 0)} ok, {s.get('error', 0)} error, {s.get('pending', 0)} "

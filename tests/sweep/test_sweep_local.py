@@ -104,10 +104,10 @@ def test_local_sweep_rows_report_and_bundles(local_sweep) -> None:
         assert width >= 500 and height >= 300
     table = _Table()
     table.feed(page.read_text())
-    assert table.rows[0][:3] == ["cell", "status", "accuracy"]
-    body = {row[0]: row for row in table.rows[1:]}
+    assert table.rows[0][:4] == ["#", "cell", "status", "accuracy"]
+    body = {row[1]: row for row in table.rows[1:]}
     assert set(body) == {row["name"] for row in sweep["rows"]}
-    assert all(row[1] == "ok" for row in body.values())
+    assert all(row[2] == "ok" for row in body.values())
     assert any(row[-1].startswith("*") for row in body.values())  # each model has a front
 
 

@@ -130,13 +130,13 @@ def test_table_marks_front_and_errors() -> None:
                       row("c", "m/cpu/int8/mse", 0.85, 0.7), row("d", "m/snn/fp32", None, 1.0, "error")]}
     sweep["rows"][3].update(metrics={}, latency=None, bundle_bytes=None, export_s=None, node=None)
     lines = render_text(sweep).splitlines()
-    assert lines[0].split() == ["cell", "status", "accuracy", "vs", "float", "gate", "agr", "median", "ms", "p99",
+    assert lines[0].split() == ["#", "cell", "status", "accuracy", "vs", "float", "gate", "agr", "median", "ms", "p99",
                                 "ms", "size", "KiB", "export", "s", "node", "cached", "front"]
-    assert lines[2].split() == ["m/cpu/fp32", "ok", "0.9000", "+0.0000", "-", "1.0000", "2.0000", "2.0", "1.50",
+    assert lines[2].split() == ["1", "m/cpu/fp32", "ok", "0.9000", "+0.0000", "-", "1.0000", "2.0000", "2.0", "1.50",
                                 "127.0.0.1", "no", "-"]
-    assert lines[3].split()[-1] == "*" and lines[3].split()[3] == "+0.0100"
+    assert lines[3].split()[-1] == "*" and lines[3].split()[4] == "+0.0100"
     assert lines[4].split()[-2:] == ["yes", "-"]
-    assert lines[5].split()[:4] == ["m/snn/fp32", "error:", "export:", "boom"]
+    assert lines[5].split()[:5] == ["4", "m/snn/fp32", "error:", "export:", "boom"]
 
 
 def test_out_dir_must_be_new_empty_or_a_sweep(tmp_path: Path) -> None:
@@ -151,14 +151,18 @@ def test_out_dir_must_be_new_empty_or_a_sweep(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_cli_without_ray_says_what_to_install(folder: Path) -> None:
+@pytest.mark.parametrize("missing, message", [
+    ("ray", "edgegate sweep runs on Ray; pip install 'edgegate[cluster]'"),
+    ("onnx", "edgegate sweep exports models and needs onnx; pip install 'edgegate[compile,report,cluster]'"),
+])
+def test_cli_without_an_extra_says_what_to_install(folder: Path, missing: str, message: str) -> None:
     spec = spec_at(folder, 'models = ["a.pt"]')
-    # `ray` set to None in sys.modules: `import ray` raises ImportError, as on an install without the extra.
-    code = ("import sys; sys.modules['ray'] = None; from edgegate.cli import main; "
+    # A module set to None in sys.modules makes its import raise ImportError, as on an install without it.
+    code = (f"import sys; sys.modules[{missing!r}] = None; from edgegate.cli import main; "
             f"sys.exit(main(['sweep', {str(spec)!r}, '-o', {str(folder / 'out')!r}]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == "edgegate: error: edgegate sweep runs on Ray; pip install 'edgegate[cluster]'"
+    assert r.stderr.strip() == f"edgegate: error: {message}"
     assert not (folder / "out").exists()  # refused before anything was written
 
 
