@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
         row = store.cached_row(out, key)
         # The same content under another model name is the same cell; show it under this spec's name.
         rows.append(None if row is None else {**row, "name": cell.name, "cell": cell.config(), "cached": True})
-    header = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "spec": spec.to_dict(),
+    header = {"created": datetime.now(UTC).isoformat(timespec="seconds"), "spec": spec.to_dict(),
               "ray": None}
     cached = [r for r in rows if r is not None]
     for n, row in enumerate(cached, 1):
