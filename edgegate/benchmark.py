@@ -53,31 +53,59 @@ __all__ = [
 ]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 2  # v2 added ``runtime_metrics``; see README, "Report formats"
+FORMAT_VERSION = 3  # v2 added ``runtime_metrics``, v3 ``budget`` and ``notes``; see README, "Report formats"
 GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, "int | None"], None]  # (runs done, runs planned; None while a time budget decides)
+
+# The default time budget. A sub-millisecond model timed for 200 runs is timed for ~10 ms: one scheduler
+# hiccup moves its median, so by default the timed runs go on until both 200 runs and 1 s have passed
+# (capped at 10 s for slow models), after a warm-up of at least 0.2 s (CPU clocks, caches, lazy init).
+BUDGET_MIN_RUNS = 200
+BUDGET_MIN_SECONDS = 1.0
+BUDGET_MAX_SECONDS = 10.0
+WARMUP_MIN_SECONDS = 0.2
+WARMUP_MIN_RUNS = 2  # the first run may still initialize; the second shows the steady state
+MAX_RUNS = 1_000_000  # bounds the memory of per-run latencies and gate outputs under a time budget
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    runs: int = 200
-    warmup: int = 20
+    """What to time. ``runs=None`` (default): a time budget decides, at least `min_runs` runs and
+    `min_seconds` of timed runs, capped at `max_seconds` (default BUDGET_MAX_SECONDS). ``runs=N``: exactly
+    N timed runs, capped only by an explicit `max_seconds`. ``warmup=None``: warm up for
+    WARMUP_MIN_SECONDS (and at least WARMUP_MIN_RUNS runs)."""
+
+    runs: int | None = None
+    warmup: int | None = None
     threads: int | None = None  # None: as recorded in the bundle; 0: the runtime picks
     batch: int | None = None  # None: the bundle's static batch, or 1 when the batch is dynamic
     seed: int = 0  # order in which the golden samples are fed
     max_seconds: float | None = None  # stop the timed runs once they took this long (>= 1 run)
+    min_seconds: float = BUDGET_MIN_SECONDS  # time budget only
+    min_runs: int = BUDGET_MIN_RUNS  # time budget only
 
     def __post_init__(self) -> None:
-        for name, low in (("runs", 1), ("warmup", 0), ("threads", 0), ("batch", 1), ("seed", 0)):
+        for name, low in (("runs", 1), ("warmup", 0), ("threads", 0), ("batch", 1), ("seed", 0), ("min_runs", 1)):
             v = getattr(self, name)
-            if v is None and name in ("threads", "batch"):
+            if v is None and name in ("runs", "warmup", "threads", "batch"):
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise BenchError(f"bench {name}={v!r} must be an int >= {low}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise BenchError(f"bench max_seconds={self.max_seconds!r} must be > 0 (or None for no cap)")
+        for name in ("max_seconds", "min_seconds"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise BenchError(f"bench {name}={v!r} must be a finite number of seconds > 0"
+                                 + (" (or None for no cap)" if name == "max_seconds" else ""))
+
+    @property
+    def budget(self) -> dict[str, float] | None:
+        """The time budget in force (None when `runs` fixes the count)."""
+        if self.runs is not None:
+            return None
+        cap = BUDGET_MAX_SECONDS if self.max_seconds is None else self.max_seconds
+        return {"min_runs": self.min_runs, "min_seconds": min(self.min_seconds, cap), "max_seconds": cap}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +123,9 @@ class BenchReport:
     target: str
     target_options: dict[str, Any]
     batch: int
-    warmup: int
+    warmup: int  # warm-up runs done
     runs: int  # timed runs done (fewer than requested_runs when max_seconds stopped them)
-    requested_runs: int
+    requested_runs: int | None  # None: the time budget decided
     seed: int
     golden: GoldenCheck
     latency: LatencyStats
@@ -112,6 +140,11 @@ class BenchReport:
     # ``runner.metrics()`` after the timed runs, for targets whose runner reports some (e.g. snn: spikes,
     # synaptic ops, timesteps, energy); None when the runner has no ``metrics``.
     runtime_metrics: dict[str, Any] | None = None
+    # {min_runs, min_seconds, max_seconds} of the time budget that decided the runs; None with a fixed count.
+    budget: dict[str, float] | None = None
+    # What the target says about reading its lines, e.g. snn: {"exits": why every sample reports the last
+    # exit, "runtime_metrics": that the metrics are of the last run} (the runner's ``bench_notes``).
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
     # Every timed run's latency (only with ``bench(..., keep_latencies=True)``, for plots); not in the JSON.
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
@@ -135,8 +168,9 @@ def bench(
     """Check and time the bundle at `bundle_path`.
 
     `progress(done, total)` is called after every warm-up and timed run, total = warmup + runs (a
-    `max_seconds` cap may end the runs before done reaches total). `keep_latencies` keeps each run's
-    time in ``BenchReport.latencies_ms`` (compare plots their distribution).
+    `max_seconds` cap may end the runs before done reaches total); total is None while a time budget
+    decides. `keep_latencies` keeps each run's time in ``BenchReport.latencies_ms`` (compare plots their
+    distribution).
     """
     from edgegate import targets
     from edgegate.bundle import read_bundle
@@ -167,16 +201,22 @@ def bench(
         golden = _check_golden(runner, golden_in, golden_out, static, atol, name)
         gates = gate_outputs(manifest, runner.output_names)
         counted = {o for _, _, o in gates if o is not None}
-        timed = _time_runs(runner, _feed_cycle(golden_in, batch, config.seed), config, counted, progress)
+        feeds = _feed_cycle(golden_in, batch, config.seed)
+        warmup = _warm_up(runner, feeds, config, progress)
+        timed = _time_runs(runner, feeds, config, warmup, counted, progress)
         metrics = runner.metrics() if callable(getattr(runner, "metrics", None)) else None
+        bench_notes = dict(getattr(runner, "bench_notes", None) or {})
     latencies_ns, seen, timed_s = timed
     rss_after = peak_rss_mib()
 
     per_run_ms = np.asarray(latencies_ns, dtype=np.float64) / 1e6
     latency = summarize_latencies(per_run_ms)
     runs = len(latencies_ns)
+    budget = config.budget
+    stopped = (f"stopped after {runs} of {config.runs} runs: max_seconds reached" if budget is None else
+               f"stopped after {runs} runs (< {budget['min_runs']:g}): the {budget['max_seconds']:g} s cap was reached")
     notes = [
-        (runs < config.runs, f"stopped after {runs} of {config.runs} runs: max_seconds reached"),
+        (runs < (config.runs or 0) or budget is not None and runs < budget["min_runs"], stopped),
         (runs < MIN_RUNS, f"only {runs} timed runs (< {MIN_RUNS}): p95/p99 rest on one or two runs"),
         (latency.cv > CV_WARN, f"latency CV {latency.cv:.2f} > {CV_WARN}: noisy (other load? CPU scaling?)"),
     ]
@@ -187,7 +227,7 @@ def bench(
         target=target.name,
         target_options=options,
         batch=batch,
-        warmup=config.warmup,
+        warmup=warmup,
         runs=runs,
         requested_runs=config.runs,
         seed=config.seed,
@@ -202,19 +242,37 @@ def bench(
         routes=tuple(h for h in hists if h.kind == "route"),
         warnings=tuple(text for flagged, text in notes if flagged),
         runtime_metrics=None if metrics is None else plain(dict(metrics)),
+        budget=budget,
+        notes={str(k): str(v) for k, v in bench_notes.items()},
         latencies_ms=tuple(per_run_ms.tolist()) if keep_latencies else (),
     )
 
 
-def _time_runs(
-    runner: Any, feeds: list[Arrays], config: BenchConfig, counted: set[str], progress: Progress | None
-) -> tuple[list[int], dict[str, list[np.ndarray]], float]:
-    """Warm up, then time each `runner.run`; keep the counted gate outputs. Returns ns, outputs, s."""
-    total = config.warmup + config.runs
-    for i in range(config.warmup):
-        runner.run(feeds[i % len(feeds)])
+def _warm_up(runner: Any, feeds: list[Arrays], config: BenchConfig, progress: Progress | None) -> int:
+    """Untimed runs: `config.warmup` of them, or by default until WARMUP_MIN_SECONDS have passed."""
+    total = None if config.runs is None else (config.warmup or 0) + config.runs
+    done, start = 0, time.perf_counter()
+    while (done < config.warmup if config.warmup is not None else
+           done < WARMUP_MIN_RUNS or time.perf_counter() - start < WARMUP_MIN_SECONDS):
+        runner.run(feeds[done % len(feeds)])
+        done += 1
         if progress:
-            progress(i + 1, total)
+            progress(done, total)
+    return done
+
+
+def _time_runs(
+    runner: Any, feeds: list[Arrays], config: BenchConfig, warmup: int, counted: set[str], progress: Progress | None
+) -> tuple[list[int], dict[str, list[np.ndarray]], float]:
+    """Time each `runner.run`, keeping the counted gate outputs. Returns ns per run, outputs, seconds.
+
+    With a fixed count: `config.runs` runs (an explicit `max_seconds` may stop them early). Under a time
+    budget: until at least `min_runs` runs and `min_seconds` have passed, or `max_seconds` has.
+    """
+    budget = config.budget
+    runs = config.runs if budget is None else MAX_RUNS
+    total = None if config.runs is None else warmup + config.runs
+    cap_s = config.max_seconds if budget is None else budget["max_seconds"]
     latencies_ns: list[int] = []
     seen: dict[str, list[np.ndarray]] = {n: [] for n in counted}
     gc.collect()
@@ -222,8 +280,9 @@ def _time_runs(
     gc.disable()  # a collector pause is Python's latency, not the model's
     try:
         start = time.perf_counter_ns()
-        deadline = None if config.max_seconds is None else start + int(config.max_seconds * 1e9)
-        for i in range(config.runs):
+        deadline = None if cap_s is None else start + int(cap_s * 1e9)
+        enough = None if budget is None else start + int(budget["min_seconds"] * 1e9)
+        for i in range(runs):
             feed = feeds[i % len(feeds)]
             t0 = time.perf_counter_ns()
             out = runner.run(feed)
@@ -232,8 +291,10 @@ def _time_runs(
             for n in counted:  # only the small gate outputs are kept, not the logits
                 seen[n].append(out[n])
             if progress:
-                progress(config.warmup + i + 1, total)
+                progress(warmup + i + 1, total)
             if deadline is not None and t1 >= deadline:
+                break
+            if enough is not None and t1 >= enough and i + 1 >= budget["min_runs"]:
                 break
         timed_s = (time.perf_counter_ns() - start) / 1e9
     finally:

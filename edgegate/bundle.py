@@ -3,7 +3,9 @@
 Input: file contents (bytes or paths) and a manifest dict. Output: a directory holding
 ``manifest.json`` (with per-file sha256 and byte counts), ``model.onnx``, target files and
 ``golden_io.npz``, written to a temp dir beside the destination, fsynced and renamed into place, so
-a reader never sees half a bundle. `read_bundle` checks it (manifest shape, plain file names, every
+a reader never sees half a bundle. Overwriting replaces only a verified bundle that holds nothing but
+its listed files (`check_replaceable`): never a plain file, a link, the current directory, a directory
+holding the input, or any other directory. `read_bundle` checks it (manifest shape, plain file names, every
 file's size and sha256, ONNX external data confined to the bundle) and returns a `Bundle`.
 
 Manifest keys read here: ``manifest_version``, ``files``, ``target`` and ``target_options`` (the
@@ -23,7 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "Bundle",
     "check_destination",
+    "check_replaceable",
     "check_onnx_external_data",
     "external_data_locations",
     "read_bundle",
@@ -115,10 +118,12 @@ def write_bundle(
             raise BundleError(
                 f"cannot write bundle {dest}: file {name} must be bytes or a path, not {type(src)}"
             )
-    if (dest.exists() or dest.is_symlink()) and not overwrite:
-        raise BundleError(
-            f"bundle {dest} already exists; pass overwrite=True (--overwrite) or choose another path"
-        )
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise BundleError(
+                f"bundle {dest} already exists; pass overwrite=True (--overwrite) or choose another path"
+            )
+        check_replaceable(dest)  # never delete what is not a bundle we wrote (the input, the user's files)
     manifest = dict(manifest)  # never mutate the caller's dict
     tmp: Path | None = None
     try:
@@ -148,15 +153,20 @@ def write_bundle(
     return dest
 
 
-def check_destination(dest: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Refuse, before any long work, a bundle destination that `write_bundle` could not write.
+def check_destination(
+    dest: str | os.PathLike[str], overwrite: bool = False, keep: Iterable[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse, before any long work, a bundle destination that `write_bundle` could not or must not write.
 
-    `dest` must not exist (unless `overwrite`), and its nearest existing ancestor must be a directory
-    we may create entries in.
+    `dest` must not exist, or with `overwrite` must be an edgegate bundle that may be replaced (see
+    `check_replaceable`; `keep`: paths, such as the input model, that must not be inside it). Its nearest
+    existing ancestor must be a directory we may create entries in.
     """
     dest = Path(dest)
-    if (dest.exists() or dest.is_symlink()) and not overwrite:
-        raise BundleError(f"{dest} already exists; pass --overwrite to replace it or choose another -o")
+    if dest.exists() or dest.is_symlink():
+        check_replaceable(dest, keep)
+        if not overwrite:
+            raise BundleError(f"bundle {dest} already exists; pass --overwrite to replace it or choose another -o")
     parent = dest.absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -165,6 +175,42 @@ def check_destination(dest: str | os.PathLike[str], overwrite: bool = False) -> 
     if not os.access(parent, os.W_OK | os.X_OK):
         raise BundleError(f"cannot write bundle {dest}: {parent} is not writable (permission denied or "
                           "read-only filesystem); choose another -o")
+
+
+def check_replaceable(dest: str | os.PathLike[str], keep: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Raise unless the existing `dest` is an edgegate bundle that replacing would lose nothing of.
+
+    That is: a real directory (not a link, not the current directory or one above it), not holding any
+    path of `keep`, whose manifest verifies (every listed file present with its sha256) and which holds
+    nothing the manifest does not list. Anything else may be the user's own work, so it is never deleted.
+    """
+    dest = Path(dest)
+    refuse = f"edgegate replaces only a bundle it wrote: choose another -o or remove {dest} yourself"
+    if dest.is_symlink():
+        raise BundleError(f"{dest} already exists and is a link, not a bundle directory; {refuse}")
+    if not dest.is_dir():
+        raise BundleError(f"{dest} already exists and is a file, not a bundle directory; {refuse}")
+    here, target = Path.cwd().resolve(), dest.resolve()
+    if is_inside(here, target):
+        raise BundleError(f"-o {dest} is the current directory or contains it, not a bundle of its own; "
+                          "choose another -o such as out.edgegate")
+    for path in keep:
+        if is_inside(Path(path).resolve(), target):
+            raise BundleError(f"{dest} holds the input {path}; edgegate never replaces a directory that holds "
+                              "its input: choose another -o")
+    if not (dest / MANIFEST_NAME).is_file():
+        raise BundleError(f"{dest} already exists and is not an edgegate bundle (no {MANIFEST_NAME}); {refuse}")
+    try:
+        bundle = read_bundle(dest)
+    except BundleError as e:
+        raise BundleError(f"{dest} already exists but does not verify as an edgegate bundle "
+                          f"(`edgegate inspect {dest}` says why); {refuse}") from e
+    listed = {MANIFEST_NAME, *bundle.files}
+    extra = sorted(p.name for p in dest.iterdir() if p.name not in listed)
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise BundleError(f"bundle {dest} also holds {_show(extra[0])}{more}, which is not part of the bundle; "
+                          f"move it out first, or choose another -o")
 
 
 def _write_file(path: Path, src: bytes | bytearray | memoryview | os.PathLike[str]) -> dict[str, Any]:
@@ -199,8 +245,8 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
     if not (dest.exists() or dest.is_symlink()):
         os.rename(tmp, dest)
         return
-    # Overwrite: move the old bundle aside, rename the new one in, then delete the old one, so a
-    # crash in between leaves either bundle intact under some name, never a mix of the two.
+    # Overwrite (of a bundle `check_replaceable` accepted): move the old bundle aside, rename the new one
+    # in, then delete the old one, so a crash in between leaves either bundle intact under some name.
     old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(dest, old)
     try:
@@ -208,10 +254,7 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
     except BaseException:
         os.rename(old, dest)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def umask() -> int:

@@ -1,7 +1,8 @@
 """What is in a model file, an ONNX model or a bundle: gates, op counts, edgegate functions.
 
-Input: a path. Output: a plain dict (rendered by ``edgegate inspect``, or ``--json``). A bundle and
-an ONNX file are described without torch; a model file needs the compile extra.
+Input: a path. Output: a plain dict (rendered by ``edgegate inspect``, or ``--json``). A bundle is
+described with the standard library alone (its ONNX op counts when onnx is installed), an ONNX file
+needs onnx, a model file the compile extra (torch).
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
     bundle = read_bundle(path)
     m = bundle.manifest
     out = {"kind": "bundle", "path": str(path), "target": m.get("target"), "quant": m.get("quant"),
-           "source": m.get("source"), "gates": m.get("gates"), "export": m.get("export"),
+           "source": m.get("source"), "model": m.get("model"), "gates": m.get("gates"), "export": m.get("export"),
+           "golden": m.get("golden"), "target_options": m.get("target_options"), "created": m.get("created"),
            "versions": m.get("versions"), "timings_s": m.get("timings_s"),
            "files": {k: v["bytes"] for k, v in m.get("files", {}).items()}}
-    onnx_file = path / "model.onnx"
-    if onnx_file.exists():
-        out["onnx"] = describe_onnx(onnx_file.read_bytes())
+    if "model.onnx" in bundle.files:
+        try:
+            out["onnx"] = describe_onnx(bundle.file("model.onnx").read_bytes())
+        except ModuleNotFoundError as e:  # a runtime-only device: the manifest still says what matters
+            if e.name != "onnx":
+                raise
+            out["onnx"] = None
+            out["onnx_note"] = "ONNX op counts need onnx: pip install 'edgegate[compile]'"
     if bundle.target == "trt":
         out["engine"] = describe_engine(bundle, trust_model=trust_model)
     return out
@@ -115,9 +122,9 @@ def _looks_like_onnx(path: Path, head: bytes) -> bool:
     # By content: an ONNX ModelProto starts with field 1 (ir_version, varint) -> byte 0x08.
     if not head.startswith(b"\x08"):
         return False
-    try:
-        import onnx
+    import onnx  # outside the try: without onnx, say which extra reads it rather than guess another format
 
+    try:
         onnx.load_model_from_string(path.read_bytes())
         return True
     except Exception:

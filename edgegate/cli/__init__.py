@@ -2,7 +2,9 @@
 
 One module per subcommand; each has ``register(sub)`` adding its parser. Errors the user can fix
 (``EdgegateError``) print as one line on stderr and exit with code 2; ``--debug`` shows the traceback.
-An interrupted run exits 130 and leaves no partial bundle.
+A command that needs an extra which is not installed (torch on a runtime-only device) says which one
+in the same single line. An interrupted run exits 130 and leaves no partial bundle. Output is plain
+text for people and pipes alike; see ``_common``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from edgegate.cli._common import (
     INTERRUPTED,
     Parser,
     check_interrupted,
+    missing_extra,
     raise_interrupt,
 )
 from edgegate.errors import EdgegateError, os_error_text
@@ -31,10 +34,16 @@ COMMANDS = (export, inspect, bench, compare, targets, zoo, sweep)
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="edgegate", description="Deploy conditional-computation networks to edge targets.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
+    p.set_defaults(func=lambda args: _print_help(p))  # `edgegate` alone: the commands, not an error
     return p
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"edgegate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:  # an optional extra this command needs (torch on a runtime-only device)
+        extra = missing_extra(e)
+        if extra is None or args.debug:
+            raise
+        command = " ".join(c for c in ("edgegate", args.command, getattr(args, "zoo_command", None)) if c)
+        print(f"edgegate: error: `{command}` needs {e.name.split('.')[0]}, which is not installed here: "
+              f"pip install 'edgegate[{extra}]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("edgegate: interrupted; nothing was written", file=sys.stderr)

@@ -1,25 +1,84 @@
-"""What the subcommands share: the console, argument types, the trust flags, interrupt checks."""
+"""What the subcommands share: the parser and its help format, argument types, the trust flags, the live
+status line, the extras a command may need, and interrupt checks.
+
+Output rule for every command: results go to stdout as plain text (aligned columns, no box drawing, no
+wrapping at the terminal width), the same on a terminal and in a pipe; a command with a report has
+``--json``. The live status line goes to stderr and only when stderr is a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
+import sys
 import threading
+import time
+from typing import TextIO
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+# Top-level modules of the optional extras (pyproject.toml) -> the extra that installs them, so a command
+# that needs one on a runtime-only install says what to install instead of printing a traceback.
+EXTRA_OF_MODULE = {
+    "torch": "compile",
+    "onnx": "compile",
+    "onnxscript": "compile",
+    "onnxoptimizer": "compile",
+    "brevitas": "compile",
+    "sklearn": "compile",
+    "safetensors": "compile",
+    "matplotlib": "report",
+    "nir": "snn",
+    "threadpoolctl": "snn",
+    "tensorrt_rtx_bindings": "trt",
+    "tensorrt_rtx_libs": "trt",
+}
 
-def console():
-    from rich.console import Console
 
-    return Console(highlight=False)
+def missing_extra(e: ImportError) -> str | None:
+    """The pip extra that provides the module `e` failed to import, or None when it is not one of ours."""
+    name = getattr(e, "name", None)
+    return EXTRA_OF_MODULE.get(name.split(".")[0]) if isinstance(name, str) else None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default appended where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None or default is False or default == argparse.SUPPRESS
+            or isinstance(default, list) and not default
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line like every other error (subcommands inherit it)."""
+    """argparse, but a usage error is one line like every other error (subcommands inherit it), and a
+    mistyped command or choice suggests the closest one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"edgegate: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, f"edgegate: error: {message}{_suggestion(message)} (see `{self.prog} --help`)\n")
+
+
+def _suggestion(message: str) -> str:
+    # argparse's wording since 3.9: "argument X: invalid choice: 'val' (choose from 'a', 'b', ...)".
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not m:
+        return ""
+    choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+    close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def int_at_least(minimum: int):
@@ -37,11 +96,69 @@ def int_at_least(minimum: int):
     return parse
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
+    return value
+
+
 def add_trust_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--trust-model", action="store_true",
                     help="allow model formats that run code when loaded (full pickles, TorchScript, .pt2)")
     sp.add_argument("--model", dest="model_class", metavar="CLASS_PATH",
                     help="module.path:Class that rebuilds a plain state_dict or a non-edgegate checkpoint")
+
+
+class Status:
+    """One live line on stderr while a command works (``export: calibrate (4/9) 3.2s``), erased at the end.
+
+    Drawn only when stderr is a terminal, and never faster than `interval`: bench reports every run, and
+    the status must not cost the timed loop anything. No thread: the line changes when the command
+    reports progress, so nothing competes with the work for the interpreter.
+    """
+
+    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 0.2) -> None:
+        self.stream = stream or sys.stderr
+        self.live = _isatty(self.stream)
+        self.label, self.interval = label, interval
+        self._start = time.perf_counter()
+        self._last = -interval
+        self._shown = False
+
+    def __enter__(self) -> Status:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def update(self, text: str, force: bool = True) -> None:
+        if not self.live:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        self.stream.write(f"\r\x1b[K{self.label}: {text} {now - self._start:.1f}s")
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 INTERRUPTED = threading.Event()

@@ -1,37 +1,24 @@
-"""`edgegate bench`: golden self-check of a bundle, then its latency on this device."""
+"""`edgegate bench`: golden self-check of a bundle, then its latency on this device (numpy + the runtime only)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
+
+from edgegate.cli._common import Status, int_at_least, positive_seconds
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from edgegate.benchmark import BenchConfig, bench, render_text
 
     config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
-                         seed=args.seed, max_seconds=args.max_seconds)
-    bar, progress = None, None
-    if sys.stdout.isatty():
-        try:  # rich comes with the compile extra; a runtime-only device simply gets no bar
-            from rich.progress import Progress
+                         seed=args.seed, max_seconds=args.max_seconds, min_seconds=args.min_seconds)
+    with Status("bench") as status:
+        def progress(done: int, total: int | None) -> None:
+            status.update(f"{done}/{total} runs" if total else f"{done} runs", force=False)
 
-            bar = Progress(transient=True)
-            bar.start()
-            task = bar.add_task("bench", total=args.warmup + args.runs)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done)
-        except ImportError:
-            pass
-    try:
         report = bench(args.bundle, config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.stop()
     print(render_text(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -39,13 +26,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("bench", help="check a bundle against its golden I/O, then time it on this device")
+    from edgegate.benchmark import BUDGET_MAX_SECONDS, BUDGET_MIN_RUNS, BUDGET_MIN_SECONDS, WARMUP_MIN_SECONDS
+
+    b = sub.add_parser("bench", help="check a bundle against its golden I/O, then time it on this device",
+                       description="Needs numpy + the bundle target's runtime only. By default the timed runs go "
+                       f"on until both {BUDGET_MIN_RUNS} runs and --min-seconds have passed (capped at "
+                       f"{BUDGET_MAX_SECONDS:g} s), so the median is stable.")
     b.add_argument("bundle", help="bundle directory written by `edgegate export`")
-    b.add_argument("--runs", type=int, default=200)
-    b.add_argument("--warmup", type=int, default=20)
-    b.add_argument("--threads", type=int, default=None, help="intra-op threads (0: the runtime picks)")
-    b.add_argument("--batch", type=int, default=None, help="batch per run (default: bundle batch, else 1)")
-    b.add_argument("--seed", type=int, default=0, help="order of the golden samples fed")
-    b.add_argument("--max-seconds", type=float, default=None, help="cap on the timed runs")
-    b.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    b.add_argument("--runs", type=int_at_least(1), default=None,
+                   help=f"exactly this many timed runs (default: a time budget, >= {BUDGET_MIN_RUNS} runs and "
+                   ">= --min-seconds)")
+    b.add_argument("--min-seconds", type=positive_seconds, default=BUDGET_MIN_SECONDS, metavar="S",
+                   help="time budget: time runs for at least this long (ignored with --runs)")
+    b.add_argument("--max-seconds", type=positive_seconds, default=None, metavar="S",
+                   help=f"stop the timed runs after this long (default: {BUDGET_MAX_SECONDS:g} under the time "
+                   "budget, no cap with --runs)")
+    b.add_argument("--warmup", type=int_at_least(0), default=None, metavar="N",
+                   help=f"untimed runs before timing (default: as many as fill {WARMUP_MIN_SECONDS:g} s)")
+    b.add_argument("--threads", type=int_at_least(0), default=None,
+                   help="intra-op threads (default: as recorded in the bundle; 0: the runtime picks)")
+    b.add_argument("--batch", type=int_at_least(1), default=None,
+                   help="batch per run (default: the bundle's static batch, else 1)")
+    b.add_argument("--seed", type=int_at_least(0), default=0, help="order in which the golden samples are fed")
+    b.add_argument("--json", metavar="OUT", help="also write the report as JSON to this file")
+    # `--device URL` (the device agent) slots in here.
     b.set_defaults(func=cmd_bench)

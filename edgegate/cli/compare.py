@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from edgegate.cli._common import add_trust_flags, console
+from edgegate.cli._common import Status, add_trust_flags, int_at_least
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -15,14 +14,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from edgegate.comparison import CompareConfig, compare
     from edgegate.reports.compare_text import render_text
 
+    if args.html:
+        import matplotlib  # noqa: F401  (the report extra: say so now, not after minutes of comparing)
     config = CompareConfig(data=args.data, split=args.split, max_samples=args.max_samples, runs=args.runs,
                            warmup=args.warmup, baseline=args.baseline, trust_model=args.trust_model,
                            model_class=args.model_class)
-    if sys.stdout.isatty():
-        with console().status("compare") as status:
-            report = compare(args.model, args.bundles, config, on_step=lambda s: status.update(f"compare: {s}"))
-    else:
-        report = compare(args.model, args.bundles, config)
+    with Status("compare") as status:
+        report = compare(args.model, args.bundles, config, on_step=status.update)
     print(render_text(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -34,16 +32,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compare", help="float model vs bundles: accuracy, gate fidelity, per-layer SQNR, latency")
+    c = sub.add_parser("compare", help="float model vs bundles: accuracy, gate fidelity, per-layer SQNR, latency",
+                       description="Needs the compile extra (torch, onnx); --html also the report extra.")
     c.add_argument("model", help="the model file the bundles were exported from")
     c.add_argument("bundles", nargs="+", metavar="DIR", help="bundle directories written by `edgegate export`")
     c.add_argument("--data", required=True, metavar="NAME|FILE.npz",
                    help="evaluation data: a built-in dataset (its test split) or an .npz keyed by input name")
     c.add_argument("--split", choices=["train", "val", "test", "all"], default=None,
                    help="part of the data to use (default: test for built-ins, all for .npz)")
-    c.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
-    c.add_argument("--runs", type=int, default=100, help="timed runs per model for latency")
-    c.add_argument("--warmup", type=int, default=10)
+    c.add_argument("--max-samples", type=int_at_least(1), default=None, help="use at most this many samples")
+    c.add_argument("--runs", type=int_at_least(1), default=100, help="timed runs per model for the latency columns")
+    c.add_argument("--warmup", type=int_at_least(0), default=10, help="untimed runs per model before the timed ones")
     c.add_argument("--baseline", choices=["naive"], default=None,
                    help="naive: also export and compare a naive-calibration bundle per gate-aware int8 bundle")
     c.add_argument("--json", metavar="OUT", help="also write the report as JSON")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from edgegate.cli._common import add_trust_flags, check_interrupted, console, int_at_least
+from edgegate.cli._common import Status, add_trust_flags, check_interrupted, int_at_least
 from edgegate.errors import EdgegateError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    from edgegate.bundle import check_destination
     from edgegate.pipeline import ExportConfig, run_export
 
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
+    inputs = [Path(args.model)] + ([Path(args.calib)] if args.calib and Path(args.calib).exists() else [])
+    check_destination(out, args.overwrite, keep=inputs)  # before minutes of work, naming the -o at fault
     config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, observer=args.observer,
                           gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
                           min_coverage=args.min_coverage,
@@ -20,19 +25,26 @@ def cmd_export(args: argparse.Namespace) -> int:
                           trust_model=args.trust_model, model_class=args.model_class,
                           overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
                           target_options=_target_options(args))
-    con = console()
-    with con.status("exporting") as status:
+    began: dict[str, float] = {}  # step -> when it started, in run order (the manifest keys them alphabetically)
+    with Status("export") as status:
+        status.update("import")  # torch, onnx and brevitas take seconds to import: say so at once
+
         def on_step(step: str) -> None:
             check_interrupted()
-            status.update(f"export: {step}")
+            began.setdefault(step, time.perf_counter())
+            status.update(step)
 
         path = run_export(args.model, out, config, on_step=on_step)
+    finished = time.perf_counter()
     from edgegate.bundle import read_bundle
+    from edgegate.reports.export_text import render_export
 
-    m = read_bundle(path).manifest
-    steps = ", ".join(f"{k} {v:.2f}s" for k, v in m["timings_s"].items())
-    gates = m["gates"].get("gates", [])
-    con.print(f"wrote [bold]{path}[/] for target {m['target']} ({len(gates)} gates; {steps})")
+    manifest = read_bundle(path).manifest
+    timings = manifest.get("timings_s") or {}
+    # Before the first step, run_export imports torch, onnx and brevitas (and checks its arguments: ms).
+    steps = {"import": min(began.values(), default=finished) - started}
+    steps.update((s, timings[s] if s in timings else finished - t) for s, t in began.items())
+    print(render_export(path, manifest, steps, finished - started))
     return 0
 
 
@@ -57,9 +69,12 @@ def _target_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory")
-    e.add_argument("model", help="model file (edgegate checkpoint, state_dict, ...)")
-    e.add_argument("--target", default="cpu", help="target name (see `edgegate targets`)")
+    e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory",
+                       description="Load a model, find its gates, calibrate/quantize, export ONNX with edgegate "
+                       "ops, compile for a target and write a verified bundle directory. Needs the compile extra.")
+    e.add_argument("model", help="model file: edgegate checkpoint, state_dict (with --model), Hugging Face folder, "
+                   "or a format that needs --trust-model")
+    e.add_argument("--target", default="cpu", help="cpu, trt or snn (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
     e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
                    help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights; "
@@ -86,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch", type=int_at_least(1), default=None, help="static batch size (default: dynamic)")
     e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
                    help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing edgegate bundle at -o (only a verified bundle, never another directory)")
     e.add_argument("--keep-intermediate", action="store_true", help="keep each step's output in OUTPUT.steps/")
     add_trust_flags(e)
     e.set_defaults(func=cmd_export)

@@ -1,7 +1,9 @@
-"""Stage 8, reports: what ``bench`` and ``compare`` measured -> statistics, terminal text, JSON, HTML.
+"""Stage 8, reports: what ``bench``, ``compare``, ``export`` and ``inspect`` found -> text, JSON, HTML.
 
-``stats`` (latency statistics, gate histograms, host and memory facts) and ``bench_text`` are
-torch-free and need numpy alone, so ``edgegate bench`` runs on a runtime-only device. The compare
-side (``onnx_probe``, ``layer_sqnr``, ``compare_text``, ``html``) imports onnx and torch, and
-matplotlib only to draw plots (``html``).
+Torch-free and onnx-free, numpy or the standard library alone, so a runtime-only device can bench and
+inspect bundles: ``stats`` (latency statistics, gate histograms, host and memory facts), ``text``
+(plain-text tables and labelled lines, the same for a terminal and a pipe), ``bench_text``,
+``bundle_text`` (a manifest's quantization, coverage and fidelity for people), ``inspect_text`` and
+``export_text``. The compare side (``onnx_probe``, ``layer_sqnr``, ``compare_text``, ``html``) imports
+onnx and torch, and matplotlib only to draw plots (``html``).
 """

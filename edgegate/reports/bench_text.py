@@ -20,12 +20,16 @@ def render_text(report: BenchReport) -> str:
         (f"{v}" if v else "auto" for k, v in r.target_options.items() if k in THREAD_OPTIONS), "n/a"
     )
     errs = ", ".join(f"{k} {v:.3g}" for k, v in r.golden.max_abs_err.items())
+    if r.budget:
+        b = r.budget
+        runs = (f"runs {r.runs} (time budget: >= {b['min_runs']:g} runs and >= {b['min_seconds']:g} s, "
+                f"cap {b['max_seconds']:g} s)")
+    else:
+        runs = f"runs {r.runs}" + (f" of {r.requested_runs}" if r.runs != r.requested_runs else "")
     lines = [
         f"=== edgegate bench: {r.bundle} (target {r.target}) ===",
         f"Golden check : passed on {r.golden.samples} samples (max |err|: {errs}; atol {r.golden.atol:g})",
-        f"Setup        : batch {r.batch}, warm-up {r.warmup}, runs {r.runs}"
-        + (f" of {r.requested_runs}" if r.runs != r.requested_runs else "")
-        + f", threads {threads}",
+        f"Setup        : batch {r.batch}, warm-up {r.warmup} runs, {runs}, threads {threads}",
         f"Latency (ms) : min {lat.min_ms:.4f}  mean {lat.mean_ms:.4f}  median {lat.median_ms:.4f}  "
         f"p90 {lat.p90_ms:.4f}  p95 {lat.p95_ms:.4f}  p99 {lat.p99_ms:.4f}  max {lat.max_ms:.4f}",
         f"Spread       : std {lat.std_ms:.4f} ms, CV {lat.cv:.3f}" + ("  [UNSTABLE]" if r.unstable else ""),
@@ -43,9 +47,16 @@ def render_text(report: BenchReport) -> str:
         per = "  ".join(f"{i}: {c} ({f:.1%})" for i, (c, f) in enumerate(pairs))
         depth = f"; mean depth {hist.mean:.2f}" if hist.mean is not None else ""
         label = "Exits" if hist.kind == "exit" else f"Routes {hist.gate}"
-        lines.append(f"{label:<13}: " + (f"{per}{depth} [{hist.output}]" if hist.output else hist.note))
+        counted = f" over {r.runs} timed runs" if hist.kind == "exit" else ""
+        text = f"{per}{depth} [{hist.output}{counted}]" if hist.output else hist.note
+        note = r.notes.get("exits") if hist.kind == "exit" else None
+        lines.append(f"{label:<13}: {text}")
+        if note:
+            lines.append(f"{'':<13}: ({note})")
     if r.runtime_metrics:
         shown = metric_lines(r.runtime_metrics)
+        if r.notes.get("runtime_metrics"):
+            shown.insert(0, r.notes["runtime_metrics"] + ":")
         lines.extend(f"{'Runtime' if i == 0 else '':<13}: {text}" for i, text in enumerate(shown))
     lines.append(
         f"Host         : {h.get('cpus_usable')}/{h.get('cpu_count')} CPUs, {h.get('machine')}, "

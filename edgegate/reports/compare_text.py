@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from edgegate.reports import text
+
 if TYPE_CHECKING:
     from edgegate.comparison import CompareReport, Row
 
@@ -45,12 +47,9 @@ def table(report: CompareReport) -> tuple[list[str], list[list[str]]]:
 def render_text(report: CompareReport) -> str:
     """Plain-text table (columns padded), then skip lines and the method notes."""
     headers, cells = table(report)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     d = report.data
     lines = [f"=== edgegate compare: {report.model['file']} on {d['name']} ({d['split']}, {d['samples']} samples) ===",
-             fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*c).rstrip() for c in cells]
+             *text.table(headers, cells)]
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")

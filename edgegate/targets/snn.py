@@ -208,6 +208,13 @@ class SnnTarget:
 class SnnRunner:
     """Runs the emulator on a core image; ``latencies_ms`` per `run`, ``metrics()`` of the last run."""
 
+    # How to read `edgegate bench`'s lines for this target (shown with them, kept in the report's "notes").
+    bench_notes = {
+        "exits": "the SNN runs every stage and decides early in time instead (timesteps_to_decision), "
+                 "so every sample reports the last exit",
+        "runtime_metrics": "emulator counts of the last timed run (samples = its batch)",
+    }
+
     def __init__(self, image: CoreImage) -> None:
         self.network = image.network
         io = image.io

@@ -216,6 +216,37 @@ def _read_only_dir(a: Path, w: Path) -> str:
     return "m.pt"
 
 
+def _input_folder(a: Path, w: Path) -> str:
+    (w / "s2").mkdir()
+    shutil.copy(a / "m.pt", w / "s2" / "m.pt")
+    return "s2/m.pt"
+
+
+def _plain_dir(a: Path, w: Path) -> str:
+    _copy_model(a, w)
+    (w / "plaindir").mkdir()
+    (w / "plaindir" / "notes.txt").write_text("the user's own file")
+    return "m.pt"
+
+
+def _beside(damage: Callable[[Path, Path], None] | None = None) -> Callable[[Path, Path], str]:
+    """m.pt and a copy of the good bundle as b.edgegate (then damaged), to export over it."""
+
+    def make(a: Path, w: Path) -> str:
+        _copy_model(a, w)
+        shutil.copytree(a / "good.edgegate", w / "b.edgegate")
+        if damage:
+            damage(w / "b.edgegate", w)
+        return "m.pt"
+
+    return make
+
+
+def _link_to_bundle(b: Path, w: Path) -> None:
+    b.rename(w / "real.edgegate")
+    b.symlink_to(w / "real.edgegate")
+
+
 # ------------------------------------------------------------------------------------------- table
 
 
@@ -233,6 +264,11 @@ class Case:
 INT8 = ("export", "m.pt", "--quant", "int8", "-o", "out.edgegate", "--calib", "{in}")
 EXPORT = ("export", "{in}", "-o", "out.edgegate")
 BENCH = ("bench", "{in}", "--runs", "2", "--warmup", "0")
+
+
+def _export_over(out: str) -> tuple[str, ...]:
+    return ("export", "{in}", "-o", out, "--overwrite")
+
 
 CASES = [
     # model files
@@ -278,7 +314,10 @@ CASES = [
          ("cpu", "--target-option", "warp")),
     Case("batch-zero", _copy_model, ("export", "m.pt", "--batch", "0"), ("--batch", "0 must be >= 1")),
     Case("lowrank-not-int", _copy_model, ("export", "m.pt", "--lowrank", "two"), ("--lowrank", "'two'")),
-    Case("bench-negative-runs", _bundle(lambda b, w: None), ("bench", "{in}", "--runs", "-5"), ("runs=-5",)),
+    Case("bench-negative-runs", _bundle(lambda b, w: None), ("bench", "{in}", "--runs", "-5"),
+         ("--runs", "-5 must be >= 1")),
+    Case("mistyped-command", lambda a, w: "", ("exprot",), ("invalid choice: 'exprot'", "did you mean 'export'?")),
+    Case("mistyped-quant", _copy_model, ("export", "m.pt", "--quant", "int9"), ("did you mean 'int8'?",)),
     # bundles
     Case("bundle-tampered", _bundle(_tamper), BENCH, ("b.edgegate", "model.onnx", "sha256"), subprocess=True),
     Case("bundle-no-manifest", _bundle(lambda b, w: (b / "manifest.json").unlink()), BENCH,
@@ -296,7 +335,21 @@ CASES = [
     Case("bundle-golden-not-npz", _bundle(_golden_not_npz), BENCH, ("golden_io.npz", "corrupt .npz")),
     Case("bench-not-a-bundle", _copy_model, ("bench", "m.pt"), ("m.pt", "not a directory")),
     # output
-    Case("output-exists", _exists, EXPORT, ("out.edgegate", "already exists", "--overwrite")),
+    Case("output-exists", _exists, EXPORT, ("out.edgegate", "already exists", "not an edgegate bundle")),
+    Case("output-is-a-bundle", _beside(), ("export", "m.pt", "-o", "b.edgegate"),
+         ("b.edgegate", "already exists", "pass --overwrite")),
+    # --overwrite replaces only a verified edgegate bundle holding nothing else; each of these keeps every file
+    Case("overwrite-plain-dir", _plain_dir, _export_over("plaindir"), ("plaindir", "not an edgegate bundle")),
+    Case("overwrite-input-folder", _input_folder, ("export", "{in}", "-o", "s2", "--overwrite"),
+         ("s2 holds the input s2/m.pt", "never replaces")),
+    Case("overwrite-cwd", _copy_model, _export_over("."), ("-o .", "the current directory"), subprocess=True),
+    Case("overwrite-parent", _copy_model, _export_over(".."), ("-o ..", "the current directory or contains it")),
+    Case("overwrite-file", _parent_is_file, _export_over("afile"), ("afile", "is a file, not a bundle directory")),
+    Case("overwrite-link", _beside(_link_to_bundle), _export_over("b.edgegate"), ("b.edgegate", "is a link")),
+    Case("overwrite-bundle-holding-more", _beside(lambda b, w: (b / "notes.txt").write_text("mine")),
+         _export_over("b.edgegate"), ("b.edgegate", "'notes.txt'", "not part of the bundle")),
+    Case("overwrite-tampered-bundle", _beside(_tamper), _export_over("b.edgegate"),
+         ("b.edgegate", "does not verify as an edgegate bundle")),
     Case("output-parent-is-a-file", _parent_is_file, ("export", "{in}", "-o", "afile/out.edgegate"),
          ("afile", "not a directory")),
     Case("output-read-only-dir", _read_only_dir, ("export", "{in}", "-o", "ro/out.edgegate"), ("ro", "not writable")),
@@ -363,3 +416,15 @@ def test_bad_input(case: Case, assets: Path, tmp_path: Path, monkeypatch: pytest
 
 def test_the_table_is_big_enough() -> None:
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+    assert sum(c.id.startswith("overwrite-") for c in CASES) >= 8
+
+
+def test_overwrite_replaces_a_bundle(assets: Path, tmp_path: Path) -> None:
+    """The one thing --overwrite does: replace a verified bundle (here one of another model) in place."""
+    shutil.copytree(assets / "good.edgegate", tmp_path / "b.edgegate")
+    save_meta = json.loads((tmp_path / "b.edgegate" / "manifest.json").read_text())
+    assert main(["export", str(assets / "m.pt"), "-o", str(tmp_path / "b.edgegate"), "--overwrite",
+                 "--batch", "2"]) == 0
+    m = json.loads((tmp_path / "b.edgegate" / "manifest.json").read_text())
+    assert m["export"]["batch"] == 2 and save_meta["export"]["batch"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.edgegate"]  # no old copy or temp dir left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,12 +16,10 @@ from tests._cli import edgegate
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """`edgegate zoo train early_exit -o model.pt`, as in the README."""
+def trained(early_exit_model, tmp_path_factory) -> Path:
+    """A folder holding the README's `edgegate zoo train early_exit -o model.pt` (conftest trains it once)."""
     work = tmp_path_factory.mktemp("cli")
-    r = edgegate("zoo", "train", "early_exit", "-o", "model.pt", cwd=work)
-    assert r.returncode == 0, r.stderr
-    assert "wrote model.pt" in r.stdout
+    shutil.copy(early_exit_model, work / "model.pt")
     return work
 
 
@@ -79,7 +78,7 @@ def test_existing_bundle_unknown_target_and_corrupt_file(trained, tmp_path):
     (tmp_path / "exists.edgegate").mkdir()
     save(zoo.build("threshold_gate"), tmp_path / "m.pt", meta=zoo.checkpoint_meta("threshold_gate", {}, 0))
     r = edgegate("export", "m.pt", "-o", "exists.edgegate", cwd=tmp_path)
-    _assert_one_line_error(r, "exists.edgegate", "--overwrite")
+    _assert_one_line_error(r, "exists.edgegate", "already exists", "not an edgegate bundle")
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:300])
     r = edgegate("export", "trunc.pt", cwd=tmp_path)
     _assert_one_line_error(r, "trunc.pt")
@@ -97,9 +96,8 @@ def test_targets_lists_cpu(tmp_path):
     assert r.returncode == 0 and "cpu" in r.stdout and "yes" in r.stdout
 
 
-def test_int8_export_records_calibration_and_fidelity(trained):
-    r = edgegate("export", "model.pt", "--quant", "int8", "--calib", "clusters", "-o", "int8.edgegate", cwd=trained)
-    assert r.returncode == 0, r.stderr
+def test_int8_export_records_calibration_and_fidelity(int8_export):
+    trained = int8_export.cwd  # `edgegate export model.pt --quant int8 --calib clusters -o int8.edgegate`
     m = json.loads((trained / "int8.edgegate" / "manifest.json").read_text())
     q = m["quant"]
     assert q["scheme"] == "int8" and q["calibration_data"] == "clusters"

@@ -1,12 +1,13 @@
 """An export interrupted mid-calibration (SIGTERM or SIGINT to the real CLI) exits 130 and leaves nothing.
 
-The CLI shows its current step on a terminal; with ``FORCE_COLOR`` rich draws that status into the
-pipe too, so the test waits until the export reports ``calibrate`` and only then sends the signal.
+The CLI shows its current step on stderr when that is a terminal, so the child's stderr is a
+pseudo-terminal: the test waits until the export shows ``calibrate`` and only then sends the signal.
 """
 
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from tests.e2e._tty import read_all, screen_lines
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +39,25 @@ def test_interrupted_export_exits_130_and_leaves_nothing(model: Path, tmp_path: 
     work.mkdir()
     tmp.mkdir()
     (work / "m.pt").write_bytes(model.read_bytes())
-    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "120", "TMPDIR": str(tmp),
+    env = {**os.environ, "COLUMNS": "120", "TMPDIR": str(tmp),
            "ORT_DISABLE_TELEMETRY": "1"}  # onnxruntime would otherwise drop a telemetry file in TMPDIR
+    master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgegate.cli", "export", "m.pt", "--quant", "int8", "-o", "out.edgegate"],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint,
+        cwd=work, env=env, stdout=subprocess.PIPE, stderr=slave, preexec_fn=_default_sigint,
     )
+    os.close(slave)
     calibrating = threading.Event()
     seen: list[bytes] = []
 
     def watch() -> None:
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        while not calibrating.is_set():
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child exited
+                return
+            if not chunk:
+                return
             seen.append(chunk)
             if b"export: calibrate" in b"".join(seen[-2:]):
                 calibrating.set()
@@ -62,9 +73,11 @@ def test_interrupted_export_exits_130_and_leaves_nothing(model: Path, tmp_path: 
             proc.kill()
             proc.wait()
     reader.join(timeout=10)
-    err = proc.stderr.read().decode()
+    err = b"".join(seen).decode() + read_all(master)
+    os.close(master)
     assert code == 130, err
-    assert err.strip().splitlines()[-1] == "edgegate: interrupted; nothing was written", err
+    shown = [line for line in screen_lines(err) if line.strip()]
+    assert shown[-1] == "edgegate: interrupted; nothing was written", err
     assert "Traceback" not in err
     assert sorted(p.name for p in work.iterdir()) == ["m.pt"]  # no bundle, no .out.edgegate.*.tmp beside it
     # The compile workdir is gone; torch's own compile cache (made when brevitas imports it) may stay.

@@ -4,6 +4,7 @@ inspect, targets, and the one-line errors for what cannot happen here."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,9 @@ pytest.importorskip("tensorrt_rtx_bindings", exc_type=ImportError)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
+def exported(early_exit_model, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("trt-cli")
-    r = edgegate("zoo", "train", "early_exit", "-o", "model.pt", cwd=work)
-    assert r.returncode == 0, r.stderr
+    shutil.copy(early_exit_model, work / "model.pt")
     r = edgegate("export", "model.pt", "--target", "trt", "--trt-flavor", "rtx", "--quant", "int8", "--batch", "1",
                  "-O", "opt_level=0", "-o", "int8.edgegate", cwd=work)
     assert r.returncode == 0, r.stderr
@@ -47,15 +47,23 @@ def test_int8_if_engine_bundle(exported):
     kinds = {layer.get("type") or layer.get("LayerType") for layer in engine["layers"]}
     assert "CONDITION" in kinds or engine["source"] == "engine inspector"  # the If became a conditional
 
+    # The summary names the engine; its layer table (one row per layer) only with --layers.
     r = edgegate("inspect", "int8.edgegate", cwd=exported)
-    assert r.returncode == 0 and "engine layers" in r.stdout
+    assert r.returncode == 0, r.stderr
+    n = len(engine["layers"])
+    assert any(line.startswith("Engine       : rtx ") and f"{n} layers" in line for line in r.stdout.splitlines())
+    assert "edgegate inspect --layers lists them" in r.stdout and "CONDITIONAL_INPUT" not in r.stdout
+    r = edgegate("inspect", "int8.edgegate", "--layers", cwd=exported)
+    lines = r.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["layer", "type", "outputs"])
+    assert len(lines) - header - 2 == n  # the last table: one row per layer under the header and its rule
 
 
 def test_targets_says_whether_trt_builds_and_runs_here(exported):
     r = edgegate("targets", cwd=exported)
     assert r.returncode == 0, r.stderr
-    row = next(line for line in r.stdout.splitlines() if line.strip("│ ").startswith("trt"))
-    assert "yes" in row  # builds: TensorRT-RTX is installed
+    row = next(line for line in r.stdout.splitlines() if line.startswith("trt "))
+    assert row.split()[1] == "yes"  # builds: TensorRT-RTX is installed
 
 
 def test_engine_checks_are_one_line_errors(exported, tmp_path):

@@ -496,10 +496,13 @@ def test_odd_external_locations_are_refused(bundle_dir: Path, parser: str, locat
 
 def test_check_destination(tmp_path: Path) -> None:
     check_destination(tmp_path / "new" / "deeper" / "b")  # missing parents are fine: write_bundle makes them
-    (tmp_path / "exists").mkdir()
+    write_bundle(tmp_path / "exists", {"a.bin": b"x"}, {})
     with pytest.raises(BundleError, match="exists already exists; pass --overwrite"):
         check_destination(tmp_path / "exists")
     check_destination(tmp_path / "exists", overwrite=True)
+    (tmp_path / "plain").mkdir()  # --overwrite replaces only a bundle (tests/e2e/test_bad_inputs.py: the rest)
+    with pytest.raises(BundleError, match="plain already exists and is not an edgegate bundle"):
+        check_destination(tmp_path / "plain", overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(BundleError, match=r"cannot write bundle .*file/b: .*file is not a directory"):
         check_destination(tmp_path / "file" / "b")
