@@ -6,17 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgegate.cli._common import EXIT_INTERRUPTED, console, int_at_least
+from edgegate.cli._common import EXIT_INTERRUPTED, Status, int_at_least
 from edgegate.errors import EdgegateError
+
+BAR_WIDTH = 20
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    try:
-        from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
-        from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
-    except ImportError as e:  # cells export and compare: the compile side, not the runtime-only install
-        raise EdgegateError(f"edgegate sweep exports models and needs {e.name or 'the compile extra'}; "
-                            "pip install 'edgegate[compile,report,cluster]'") from e
+    from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
+    from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
 
     out = Path(args.output)
     if args.spec:
@@ -26,28 +24,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         raise EdgegateError("give the sweep's SPEC.toml, or --resume to finish the sweep recorded in -o DIR")
     ray_options = RayOptions(address=args.ray_address, num_cpus=args.num_cpus)
-    bar, on_row = None, None
-    if sys.stdout.isatty():  # a progress bar on a terminal only; logs and pipes get the table at the end
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.description}"), console=console(), transient=True)
-        task = bar.add_task("", total=len(expand(spec)))
-
-        def on_row(row: dict, done: int, total: int) -> None:
-            bar.update(task, completed=done, description=f"{row['name']}: {row['status']}")
-
-        bar.start()
+    total = len(expand(spec))
     try:
-        result = run_sweep(spec, out, ray_options, on_row=on_row)
+        # A progress bar over cells on stderr, only when it is a terminal (Status); the table goes to stdout.
+        with Status("sweep") as status:
+            status.update(_bar(0, total, "starting"))
+
+            def on_row(row: dict, done: int, total: int) -> None:
+                status.update(_bar(done, total, f"{row['name']}: {row['status']}"))
+
+            result = run_sweep(spec, out, ray_options, on_row=on_row)
     except KeyboardInterrupt:
-        kept = _finished(out)
-        print(f"edgegate: interrupted; {kept} finished cells are kept in {out} (run the sweep again, or "
-              f"`edgegate sweep --resume -o {out}`, to do the rest)", file=sys.stderr)
+        print(f"edgegate: interrupted; {_finished(out)} finished cells are kept in {out} (run the sweep again, "
+              f"or `edgegate sweep --resume -o {out}`, to do the rest)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    finally:
-        if bar is not None:
-            bar.stop()
     sweep = read_sweep_json(out)
     print(render_text(sweep))
     s = sweep["summary"]
@@ -55,6 +45,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{s['cells']} cells: {s['ok']} ok, {s['error']} error, {s['cached']} from the cache; "
           f"{result.wall_s:.1f} s; wrote {out / SWEEP_JSON}{report}")
     return 0
+
+
+def _bar(done: int, total: int, last: str) -> str:
+    filled = BAR_WIDTH * done // max(total, 1)
+    return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} cells; {last}"
 
 
 def _finished(out: Path) -> int:
@@ -67,7 +62,9 @@ def _finished(out: Path) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("sweep", help="export, compare and bench every cell of a sweep spec on Ray; Pareto report")
+    s = sub.add_parser("sweep", help="export, compare and bench every cell of a sweep spec on Ray; Pareto report",
+                       description="Needs the compile, report and cluster extras. Cells run on a local Ray started "
+                       "for the run, or on the cluster at --ray-address; finished cells in DIR are reused.")
     s.add_argument("spec", nargs="?", metavar="SPEC.toml", help="the sweep spec (README, Sweeps)")
     s.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="output folder: sweep.json, report.html, cells/<key>/bundle (an earlier sweep's folder: "

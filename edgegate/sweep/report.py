@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgegate.reports.text import table as text_table
 from edgegate.sweep.spec import CellStatus, SweepError
 from edgegate.sweep.store import write_bytes
 
@@ -100,12 +101,9 @@ def table(sweep: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
 
 
 def render_text(sweep: Mapping[str, Any]) -> str:
+    """The cell table as plain text (aligned columns, the same on a terminal and in a pipe)."""
     headers, lines = table(sweep)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
-    return "\n".join(out)
+    return "\n".join(text_table(headers, lines))
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:

@@ -153,7 +153,7 @@ def test_out_dir_must_be_new_empty_or_a_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("missing, message", [
     ("ray", "edgegate sweep runs on Ray; pip install 'edgegate[cluster]'"),
-    ("onnx", "edgegate sweep exports models and needs onnx; pip install 'edgegate[compile,report,cluster]'"),
+    ("onnx", "`edgegate sweep` needs onnx, which is not installed here: pip install 'edgegate[compile]'"),
 ])
 def test_cli_without_an_extra_says_what_to_install(folder: Path, missing: str, message: str) -> None:
     spec = spec_at(folder, 'models = ["a.pt"]')
