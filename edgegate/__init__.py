@@ -5,8 +5,8 @@ edgegate`` stays cheap and the runtime side (``bench``, bundles) never pulls in 
 
     load -> find_gates -> calibrate / quantize -> export_onnx -> compile -> bench / compare
 
-``export`` runs the whole chain from a model file to a bundle directory (what ``edgegate export``
-does).
+``export`` runs the whole chain from a model file, a Hugging Face folder or an ``nn.Module`` with
+example inputs to a bundle directory (what ``edgegate export`` does).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _API = {
     "quantize": ("edgegate.quantization.apply", "quantize"),
     "export_onnx": ("edgegate.onnx_export.torch_export", "export_onnx"),
     "compile": ("edgegate.targets", "compile_model"),
-    "export": ("edgegate.pipeline", "run_export"),
+    "export": ("edgegate.pipeline", "export"),
     "read_bundle": ("edgegate.bundle", "read_bundle"),
     "bench": ("edgegate.benchmark", "bench"),
     "compare": ("edgegate.comparison", "compare"),

@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 3  # v2 added ``runtime_metrics``, v3 ``budget`` and ``notes``; see README, "Report formats"
+FORMAT_VERSION = 4  # v2 added ``runtime_metrics``, v3 ``budget`` and ``notes``, v4 ``device``; see README
 GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]
@@ -145,6 +145,8 @@ class BenchReport:
     # What the target says about reading its lines, e.g. snn: {"exits": why every sample reports the last
     # exit, "runtime_metrics": that the metrics are of the last run} (the runner's ``bench_notes``).
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Which device agent measured the report (``{"name", "url"}``, edgegate.device); None: measured here.
+    device: dict[str, Any] | None = None
     # Every timed run's latency (only with ``bench(..., keep_latencies=True)``, for plots); not in the JSON.
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 

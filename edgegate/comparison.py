@@ -1,10 +1,12 @@
 """Stage 8, compare: a float model and its bundles -> a `CompareReport` (DESIGN.md §9).
 
-Input: the model file the bundles were exported from, one or more bundle directories, evaluation data
-(a built-in dataset, whose held-out ``test`` split is used, or an ``.npz`` keyed by input name with
-optional ``labels``) and a `CompareConfig`. Every bundle must come from that model (manifest source
-sha256). Output: one `Row` per model variant: the float model (torch), each bundle (run by its own
-target's runner) and, with ``baseline="naive"``, a naive-calibration bundle exported on the fly with
+Input: the model file (or Hugging Face folder) the bundles were exported from, one or more bundle
+directories, evaluation data (a built-in dataset, whose held-out ``test`` split is used, or an ``.npz``
+with one array per model input, keyed by input name, and optional ``labels``) and a `CompareConfig`.
+Every bundle must come from that model (manifest source sha256). The model's inputs are the ones the
+bundles were exported with (``export.inputs``; ``--input`` overrides), and every one is fed to each side.
+Output: one `Row` per model variant: the float model (torch), each bundle (run by its own target's
+runner) and, with ``baseline="naive"``, a naive-calibration bundle exported on the fly with
 the same settings. Per row: accuracy / loss, top-1 agreement and output SQNR vs float, gate fidelity
 measured on the bundle's outputs (exit index, route indices) plus the fidelity recorded at export
 (mask Hamming of channel/threshold gates lives there only: masks are not graph outputs), per-layer
@@ -34,12 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.errors import EdgegateError
+from edgegate.data import Inputs, TensorSpec
+from edgegate.errors import EdgegateError, TargetError
+from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
 from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 FORMAT = "edgegate.compare"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2 added ``measured_on`` to ``recorded`` and the rows' ``device``; see README, "Report formats"
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
 NOTES = (
@@ -52,6 +56,10 @@ NOTES = (
     "outputs of the deployed graph",
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
 )
+DEVICE_NOTE = ("latency of a row with a device: measured on that device by its agent (`--device`), accuracy and "
+               "fidelity here; float = torch eager here")
+# How a bundle's latency is measured when not here: (bundle dir, config) -> its bench report (a device agent's).
+Measure = Callable[[Path, Any], Any]
 
 
 class CompareError(EdgegateError):
@@ -69,6 +77,7 @@ class CompareConfig:
     layer_samples: int = 256  # rows used for per-layer SQNR
     trust_model: bool = False
     model_class: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()  # --input: the model's inputs (default: as the bundles record them)
 
     def __post_init__(self) -> None:
         if self.baseline not in (None, "naive"):
@@ -97,6 +106,7 @@ class Row:
     layer_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
     histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
 
 
@@ -115,29 +125,34 @@ class CompareReport:
 
 
 def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: CompareConfig,
-            on_step: Callable[[str], None] | None = None) -> CompareReport:
-    """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc)."""
+            on_step: Callable[[str], None] | None = None, *, measure: Measure | None = None) -> CompareReport:
+    """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc).
+
+    `measure(bundle_dir, BenchConfig) -> BenchReport` times the given bundles elsewhere (``compare --device``:
+    a device agent's client); accuracy and fidelity are still measured here. A `TargetError` from it (the
+    device cannot run the target) makes that row skipped.
+    """
     import torch
 
     from edgegate.bundle import read_bundle
-    from edgegate.loading import load
+    from edgegate.loading import load, model_inputs
     from edgegate.onnx_export.torch_export import output_names
-    from edgegate.pipeline import input_spec
 
     step = on_step or (lambda s: None)
     if not bundle_paths:
         raise CompareError("compare needs at least one bundle directory after the model")
-    loaded = load(model_path, trust_model=config.trust_model, model_class=config.model_class)
-    model = loaded.module.eval()
-    inp = input_spec(loaded.spec)
     bundles = [read_bundle(p) for p in bundle_paths]
+    given = config.inputs or _bundle_inputs(bundles)
+    loaded = load(model_path, trust_model=config.trust_model, model_class=config.model_class, inputs=given)
+    model = loaded.module.eval()
+    specs = model_inputs(loaded.spec, given)
     for b in bundles:
         src = b.manifest.get("source") or {}
         if src.get("sha256") != loaded.sha256:
             raise CompareError(
                 f"bundle {b.path} was exported from {src.get('file')} (sha256 {str(src.get('sha256'))[:12]}), "
                 f"not from {model_path} (sha256 {loaded.sha256[:12]}); pass the model it was exported from")
-    x, labels, data_info = _eval_data(config, inp)
+    x, labels, data_info = _eval_data(config, specs)
     names = output_names(model)
     step("float model")
     with torch.no_grad():
@@ -160,7 +175,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                                 note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
-            row, proto = _bundle_row(b, kind, x, labels, float_out, config)
+            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure)
             rows.append(row)
             if proto is not None:
                 probes.append((len(rows) - 1, proto))
@@ -174,35 +189,51 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
             for r in rows] + late
     model_info = {"file": str(model_path), "sha256": loaded.sha256, "class": loaded.spec.get("class"),
                   "outputs": names}
-    return CompareReport(model=model_info, data=data_info, rows=tuple(rows))
+    on_calib = [r.name for r in rows if r.recorded.get("measured_on") == "calibration"]
+    notes = NOTES + ((f"{CALIBRATION_ROWS_NOTE}: {', '.join(on_calib)}",) if on_calib else ())
+    notes += (DEVICE_NOTE,) if any(r.device for r in rows) else ()
+    return CompareReport(model=model_info, data=data_info, rows=tuple(rows), notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def _eval_data(config: CompareConfig, inp: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    from edgegate.data import BUILTINS, TensorSpec, load_data, validate_inputs
+def _bundle_inputs(bundles: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    """The inputs the bundles were exported with (``export.inputs``, or the older ``export.input``)."""
+    found = []
+    for b in bundles:
+        ex = b.manifest.get("export") or {}
+        rec = ex.get("inputs") or ([ex["input"]] if ex.get("input") else [])
+        found.append(tuple(TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in rec))
+    other = next((b for b, f in zip(bundles, found, strict=True) if f != found[0]), None)
+    if other is not None:
+        raise CompareError(f"bundles {bundles[0].path} and {other.path} were exported with different inputs; "
+                           "compare them separately")
+    return found[0] if found else ()
 
-    name, shape, dtype = inp["name"], tuple(inp["shape"]), inp["dtype"]
-    data = load_data(config.data, [name], {name: shape})
+
+def _eval_data(config: CompareConfig, specs: Sequence[TensorSpec]) -> tuple[Inputs, np.ndarray | None, dict]:
+    from edgegate.data import BUILTINS, load_data, validate_inputs
+
+    data = load_data(config.data, [s.name for s in specs], {s.name: s.shape for s in specs})
     split = config.split or ("test" if "test" in data.splits and config.data in BUILTINS else "all")
     part = data.split(split)
-    x = part.inputs[name]
+    x = part.model_inputs([s.name for s in specs])
     if config.data in BUILTINS:  # built-ins come as float32/int64 samples; npz files must match exactly
-        x = x.astype(dtype)
+        x = Inputs({s.name: x.arrays[s.name].astype(s.dtype) for s in specs})
     x = x[: config.max_samples] if config.max_samples else x
-    validate_inputs({name: x}, [TensorSpec(name, shape, dtype)], source=f"data {config.data}")
+    validate_inputs(x.arrays, list(specs), source=f"data {config.data}")
     labels = None if part.labels is None else np.asarray(part.labels)[: len(x)]
-    info = {"name": config.data, "split": split, "samples": int(len(x)), "labels": labels is not None}
-    return np.ascontiguousarray(x), labels, info
+    info = {"name": config.data, "split": split, "samples": len(x), "labels": labels is not None}
+    return x.map(np.ascontiguousarray), labels, info
 
 
-def _torch_outputs(model: Any, x: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+def _torch_outputs(model: Any, x: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:
     import torch
 
     chunks: list[tuple] = []
     for i in range(0, len(x), EVAL_BATCH):
-        out = model(torch.from_numpy(x[i:i + EVAL_BATCH]))
+        out = x[i:i + EVAL_BATCH].map(torch.from_numpy).run(model)
         chunks.append(out if isinstance(out, tuple) else (out,))
     if len(chunks[0]) != len(names):
         raise CompareError(f"the model returns {len(chunks[0])} outputs but its export names {len(names)}")
@@ -212,7 +243,7 @@ def _torch_outputs(model: Any, x: np.ndarray, names: Sequence[str]) -> dict[str,
 # ----------------------------------------------------------------------------------------------- float
 
 
-def _float_row(model: Any, x: np.ndarray, labels: np.ndarray | None, out: dict[str, np.ndarray],
+def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, np.ndarray],
                config: CompareConfig) -> Row:
     import torch
 
@@ -223,9 +254,9 @@ def _float_row(model: Any, x: np.ndarray, labels: np.ndarray | None, out: dict[s
     times = []
     with torch.no_grad():
         for i in range(config.warmup + config.runs):
-            xi = torch.from_numpy(x[i % len(x): i % len(x) + 1])
+            xi = x[i % len(x): i % len(x) + 1].map(torch.from_numpy)
             t0 = time.perf_counter_ns()
-            model(xi)
+            xi.run(model)
             if i >= config.warmup:
                 times.append((time.perf_counter_ns() - t0) / 1e6)
     sweep: tuple[dict[str, float], ...] = ()
@@ -252,8 +283,8 @@ def _is_early_exit(model: Any) -> bool:
 # --------------------------------------------------------------------------------------------- bundles
 
 
-def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None,
-                float_out: dict[str, np.ndarray], config: CompareConfig) -> tuple[Row, Any]:
+def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
+                float_out: dict[str, np.ndarray], config: CompareConfig, measure: Measure | None) -> tuple[Row, Any]:
     """Evaluate one bundle on its target; (row, model.onnx proto for the layer probe or None)."""
     from edgegate import targets
     from edgegate.benchmark import BenchConfig, bench
@@ -261,7 +292,8 @@ def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None
     m = bundle.manifest
     q = m.get("quant") or {}
     fidelity = q.get("fidelity") or {}
-    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples") if k in fidelity}
+    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples", "measured_on")
+                if k in fidelity}
     recorded.update(fidelity.get("summary") or {})
     head = dict(name=bundle.path.name, kind=kind, path=str(bundle.path), target=bundle.target,
                 quant=q.get("scheme"), calibration=(q.get("config") or {}).get("calibration"), recorded=recorded)
@@ -270,13 +302,23 @@ def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None
     except EdgegateError as e:
         return Row(**head, status="skipped", note=f"skipped: {e}"), None
     ok, why = targets.can_run(target)
-    if not ok:
-        return Row(**head, status="skipped", note=f"skipped: target {bundle.target} cannot run here: {why}"), None
-    report = bench(bundle.path, BenchConfig(runs=config.runs, warmup=config.warmup), keep_latencies=True)
+    timing = BenchConfig(runs=config.runs, warmup=config.warmup)
+    if measure is None:
+        if not ok:
+            return Row(**head, status="skipped", note=f"skipped: target {bundle.target} cannot run here: {why}"), None
+        report = bench(bundle.path, timing, keep_latencies=True)
+    else:
+        try:
+            report = measure(bundle.path, timing)
+        except TargetError as e:  # the device cannot run this target
+            return Row(**head, status="skipped", note=f"skipped: {e}"), None
+    if not ok:  # timed on the device; nothing here runs it to measure accuracy
+        return Row(**head, status="ok", note=f"accuracy and fidelity not measured: target {bundle.target} cannot "
+                   f"run here: {why}", latency=report.latency, batch=report.batch, device=report.device,
+                   latencies_ms=report.latencies_ms), None
     static = (m.get("export") or {}).get("batch")
     with target.load(bundle) as runner:
-        input_name = runner.input_specs[0].name
-        out = _run_runner(runner, input_name, x, static)
+        out = _run_runner(runner, x, static)
     metrics = _task_metrics(_logits(out), labels)
     metrics.update(_agreement(float_out, out))
     sweep: tuple[dict[str, float], ...] = ()
@@ -291,26 +333,26 @@ def _bundle_row(bundle: Any, kind: str, x: np.ndarray, labels: np.ndarray | None
             if exit_threshold_names(proto):
                 points = []
                 for t in SWEEP:
-                    o = run_onnx(with_thresholds(proto, t), {input_name: x}, static)
+                    o = run_onnx(with_thresholds(proto, t), dict(x.arrays), static)
                     points.append({"threshold": t, **_sweep_point(_logits(o), o["exit_index"], labels)})
                 sweep = tuple(points)
-            proto = (proto, input_name, static)
+            proto = (proto, static)
         except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
-              sweep=sweep, histograms=_hists(out), latencies_ms=report.latencies_ms)
+              sweep=sweep, histograms=_hists(out), device=report.device, latencies_ms=report.latencies_ms)
     return row, proto
 
 
-def _run_runner(runner: Any, name: str, x: np.ndarray, static: int | None) -> dict[str, np.ndarray]:
+def _run_runner(runner: Any, x: Inputs, static: int | None) -> dict[str, np.ndarray]:
     step = static or EVAL_BATCH
     chunks: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(x), step):
         part = x[i:i + step]
         rows = len(part)
         if static and rows < static:  # a static batch takes whole batches: pad with the last row
-            part = np.concatenate([part, np.repeat(part[-1:], static - rows, axis=0)])
-        for k, v in runner.run({name: part}).items():
+            part = part[np.minimum(np.arange(static), rows - 1)]
+        for k, v in runner.run(dict(part.arrays)).items():
             chunks.setdefault(k, []).append(np.asarray(v)[:rows])
     return {k: np.concatenate(v) for k, v in chunks.items()}
 
@@ -375,8 +417,9 @@ def _export_naive(model_path: str | Path, bundle: Any, tmp: Path, config: Compar
     qc = (m.get("quant") or {}).get("config") or {}
     ex = m.get("export") or {}
     cfg = ExportConfig(target=bundle.target, quant="int8", calib=(m.get("quant") or {}).get("calibration_data"),
+                       holdout=(m.get("quant") or {}).get("holdout"),
                        observer=qc.get("observer", "percentile"), calibration="naive",
                        min_coverage=int(qc.get("min_coverage", 32)), batch=ex.get("batch"),
                        exit_form=ex.get("exit_form") or "auto", trust_model=config.trust_model,
-                       model_class=config.model_class)
+                       model_class=config.model_class, inputs=_bundle_inputs([bundle]))
     return run_export(model_path, tmp / bundle.path.name, cfg)

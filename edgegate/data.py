@@ -3,14 +3,15 @@
 Stage: data feeding calibrate / compare / bench. Input: a built-in dataset name (``digits``,
 ``clusters``, ``markov``) or an ``.npz`` file with one array per model input (optional ``labels``).
 Output: a :class:`Dataset` (arrays keyed by model input name, labels, deterministic train/val/test
-splits). Torch-free (numpy; scikit-learn only to build ``digits``/``clusters``) so the runtime side
-can use it. Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (no batch dimension).
+splits; `calibration_split` picks the calibration and held-out rows) and :class:`Inputs`, the batch
+of model inputs every stage passes around (one array per input name, in the model's argument order).
+Torch-free (numpy; scikit-learn only to build ``digits``/``clusters``) so the runtime side can use it.
+Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (no batch dimension).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -18,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.errors import DataError, one_line
+from edgegate.errors import DataError
+from edgegate.npz import read_npz
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+HOLDOUT_SEED = 0  # --holdout rows: fixed, so a re-export holds out the same rows
 LABELS_KEY = "labels"
-# Calibration and eval sets are small; a larger .npz is a mistake or a decompression bomb.
-NPZ_MAX_BYTES = 4 << 30
 
 # Built-in generators are fixed (not user seeds) so every run and every machine sees the same data.
 MARKOV_VOCAB, MARKOV_CONTEXT, MARKOV_CHAINS, MARKOV_STEPS, MARKOV_ALPHA = 16, 8, 64, 1000, 0.12
@@ -46,6 +47,74 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """A batch of model inputs: arrays keyed by input name in the model's argument order, batch first.
+
+    The arrays are numpy arrays or torch tensors (all of one kind). A single-input model is the common
+    case: ``Inputs.of(x)`` wraps one array and ``first`` gives it back. Rows are cut with ``inputs[a:b]``
+    or an index array, joined with `concat`, and the model runs with ``inputs.run(model)``, which calls
+    ``model(*arrays)`` positionally, so a model's inputs are named by its spec, not by its parameter names.
+    """
+
+    arrays: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        if not self.arrays:
+            raise DataError("model inputs are empty: give at least one input array")
+
+    @classmethod
+    def of(cls, data: Any, names: Sequence[str] | None = None) -> Inputs:
+        """`data` as Inputs: an Inputs, a mapping name -> array, a tuple/list of arrays (named by `names`,
+        in order) or one array (named ``names[0]``, default ``input``)."""
+        if isinstance(data, Inputs):
+            return data
+        if isinstance(data, Mapping):
+            return cls(dict(data))
+        if isinstance(data, (tuple, list)):
+            got = list(names or [f"input_{i}" for i in range(len(data))])
+            if len(got) != len(data):
+                raise DataError(f"{len(data)} input arrays given for {len(got)} model inputs ({', '.join(got)}); "
+                                "give one array per input")
+            return cls(dict(zip(got, data, strict=True)))
+        return cls({(names or ["input"])[0]: data})
+
+    def __len__(self) -> int:
+        return int(self.first.shape[0])
+
+    def __getitem__(self, rows: Any) -> Inputs:
+        return Inputs({k: v[rows] for k, v in self.arrays.items()})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.arrays)
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return tuple(self.arrays.values())
+
+    @property
+    def first(self) -> Any:
+        return next(iter(self.arrays.values()))
+
+    def map(self, fn: Callable[[Any], Any]) -> Inputs:
+        return Inputs({k: fn(v) for k, v in self.arrays.items()})
+
+    def run(self, model: Callable[..., Any]) -> Any:
+        """``model(*arrays)``: the inputs go in positionally, in the model's argument order."""
+        return model(*self.args)
+
+    @staticmethod
+    def concat(parts: Sequence[Inputs]) -> Inputs:
+        """Rows of `parts` stacked, input by input (numpy arrays or torch tensors, as given)."""
+        first = parts[0].first
+        if isinstance(first, np.ndarray):
+            return Inputs({k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].names})
+        import torch  # only for tensors, which only the torch side has: data.py stays torch-free
+
+        return Inputs({k: torch.cat([p.arrays[k] for p in parts]) for k in parts[0].names})
+
+
+@dataclass(frozen=True)
 class Dataset:
     """Samples keyed by model input name (each [N, ...]), labels [N] (or None) and split row indices."""
 
@@ -61,6 +130,15 @@ class Dataset:
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(self.inputs)
+
+    @property
+    def is_builtin(self) -> bool:
+        """A built-in dataset (its val/test splits are calibration/held-out), not a user's file."""
+        return self.info.get("kind") == "builtin"
+
+    def model_inputs(self, names: Sequence[str] | None = None) -> Inputs:
+        """Every row as :class:`Inputs`, in the order of `names` (the model's inputs; default: as stored)."""
+        return Inputs({n: self.inputs[n] for n in (names or self.inputs)})
 
     def subset(self, rows: np.ndarray, name: str | None = None) -> Dataset:
         rows = np.asarray(rows, dtype=np.int64)
@@ -169,6 +247,32 @@ def _chain_splits(n: int, chains: int) -> dict[str, np.ndarray]:
     return {"train": rows[: a * per], "val": rows[a * per: b * per], "test": rows[b * per:]}
 
 
+def calibration_split(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
+    """(calibration rows, held-out rows or None) of `dataset`.
+
+    A built-in dataset calibrates on its ``val`` split and holds out ``test``. A user's file is used in
+    full for calibration; with ``holdout`` (0 < f < 1) a seeded random ``round(f * N)`` rows (at least
+    one, leaving at least one) are set aside instead, the same rows on every run, to measure fidelity.
+    """
+    if dataset.is_builtin:
+        if holdout is not None:
+            raise DataError(f"--holdout applies to a --calib file; built-in dataset {dataset.name} already "
+                            "holds out its test split (leave out --holdout)")
+        return dataset.split("val"), dataset.split("test")
+    if holdout is None:
+        return dataset, None
+    if not 0 < holdout < 1:
+        raise DataError(f"--holdout {holdout} must be a fraction between 0 and 1 (e.g. 0.2)")
+    n = len(dataset)
+    if n < 2:
+        raise DataError(f"data {dataset.name} has {n} row; --holdout needs at least 2 "
+                        "(one to calibrate, one to hold out)")
+    n_out = min(max(1, round(holdout * n)), n - 1)
+    perm = np.random.default_rng(HOLDOUT_SEED).permutation(n)
+    return (dataset.subset(np.sort(perm[n_out:]), f"{dataset.name}:calibration"),
+            dataset.subset(np.sort(perm[:n_out]), f"{dataset.name}:held-out"))
+
+
 # ----------------------------------------------------------------------------------------------- load
 
 
@@ -205,7 +309,7 @@ def _load_builtin(name: str, input_names: Sequence[str] | None,
                             f"be reshaped to the model input {names[0]!r} of shape {list(shape)}")
         x = x.reshape(len(x), *shape)
     splits = _chain_splits(len(x), info["chains"]) if name == "markov" else _random_splits(len(x))
-    return Dataset(name, {names[0]: x}, y, splits, info)
+    return Dataset(name, {names[0]: x}, y, splits, {**info, "kind": "builtin"})
 
 
 def _load_npz(path: Path, input_names: Sequence[str] | None,
@@ -227,81 +331,7 @@ def _load_npz(path: Path, input_names: Sequence[str] | None,
             raise DataError(f"data {path}: 'labels' has shape {labels.shape}; it needs one label per sample ({n},)")
         if labels.dtype.kind not in "biu":
             raise DataError(f"data {path}: 'labels' has dtype {labels.dtype}; class labels are integers")
-    return Dataset(path.stem, {k: arrays[k] for k in names}, labels, _random_splits(n), {})
-
-
-def read_npz(path: str | Path, what: str = "data", hint: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of the ``.npz`` file at ``path``, by name; any damaged or hostile file is a :class:`DataError`.
-
-    Reads with numpy's own ``.npy`` reader but checks first what numpy would trust: the file is a zip
-    of ``NAME.npy`` members, no name twice, plain numeric/bool dtypes (no pickled objects, no records),
-    each array's declared size within what its member holds, and at most ``NPZ_MAX_BYTES`` in all,
-    so a few bytes cannot make it allocate gigabytes. ``what`` and ``hint`` word the errors (what the
-    file is; what to do), e.g. ``read_npz(path, "golden file", "re-export the bundle")``.
-    """
-    import zipfile
-
-    path = Path(path)
-    where = f"{what} {path}"
-    hint = hint or "write it with numpy.savez(path, **{input_name: array})"
-    try:
-        with path.open("rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise DataError(f"cannot read {where}: {e.strerror or e}") from e
-    if magic.startswith(b"\x93NUMPY"):
-        raise DataError(f"{where} is a single .npy array, not an .npz keyed by input name; {hint}")
-    if magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
-        raise DataError(f"{where} is not an .npz file (a zip of .npy arrays); {hint}")
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if sum(i.file_size for i in infos) > NPZ_MAX_BYTES:
-                raise DataError(f"{where} unpacks to more than {NPZ_MAX_BYTES >> 30} GiB; "
-                                "use fewer samples for calibration")
-            for info in infos:
-                key = _npz_key(info.filename, where, hint)
-                if key in arrays:
-                    raise DataError(f"{where} holds array {_shown(key)} twice; {hint}")
-                arrays[key] = _read_member(zf, info, key, where)
-    except DataError:
-        raise
-    except Exception as e:  # BadZipFile, zlib.error, EOFError, CRC errors, numpy's ValueError on bad data
-        raise DataError(f"{where} is a truncated or corrupt .npz ({one_line(e, 200)}); {hint}") from e
-    return arrays
-
-
-def _npz_key(member: str, where: str, hint: str) -> str:
-    if not member.endswith(".npy") or len(member) <= 4:
-        raise DataError(f"{where} has a member {_shown(member)} that is not an .npy array; {hint}")
-    return member[:-4]
-
-
-def _read_member(zf: Any, info: Any, key: str, where: str) -> np.ndarray:
-    fmt = np.lib.format
-    with zf.open(info) as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
-            raise DataError(f"{where}: array {_shown(key)} has .npy format version {version}; re-save it")
-    if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None or dtype.kind not in "biuf":
-        raise DataError(f"{where}: array {_shown(key)} has dtype {_shown(str(dtype))}; calibration data must be "
-                        "plain numeric arrays (bool, int, float), not objects, records or strings")
-    declared = math.prod(shape) * dtype.itemsize
-    if declared > info.file_size:
-        raise DataError(f"{where}: array {_shown(key)} declares shape {shape} ({declared} bytes) but holds only "
-                        f"{info.file_size} bytes; the file is truncated or corrupt")
-    with zf.open(info) as f:
-        return fmt.read_array(f, allow_pickle=False)
-
-
-def _shown(text: str, limit: int = 80) -> str:
-    shown = repr(text)  # names come from the file: quoted and cut so the message stays one line
-    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+    return Dataset(path.stem, {k: arrays[k] for k in names}, labels, _random_splits(n), {"kind": "npz"})
 
 
 def _spec_of(name: str, array: np.ndarray | None, shape: Sequence[int] | None) -> TensorSpec:

@@ -1,33 +1,44 @@
-"""The export pipeline: model file -> bundle directory, one named, timed step after another.
+"""The export pipeline: model file, folder or module -> bundle directory, one named, timed step after another.
 
-load -> find_gates -> export_onnx -> target.check -> target.compile -> golden I/O -> write_bundle.
-Each step is a plain function of the previous step's value; ``run_export`` chains them, records
-each step's wall time in the manifest and, with ``keep_intermediate``, keeps each step's output in
-``<out>.steps/`` so a run can be inspected. Quantization and gate-aware calibration slot in between
-``find_gates`` and ``export_onnx``.
+load -> convert -> find_gates -> [load_data -> calibrate/quantize] -> export_onnx -> target.check ->
+target.compile -> golden I/O -> write_bundle. Each step is a plain function of the previous step's value;
+``run_export`` chains them, records each step's wall time in the manifest and, with
+``keep_intermediate``, keeps each step's output in ``<out>.steps/`` so a run can be inspected.
+``export`` is the same from Python with keyword options, and also takes an ``nn.Module`` with example
+inputs. Every model input (``--input``, or what the model records) travels through every step: the
+calibration data, the ONNX graph inputs, ``golden_io.npz`` and the manifest's ``export.inputs``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, ExportError
+from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+
+__all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export", "input_spec",
+           "run_export", "sample_inputs", "versions"]
 
 log = logging.getLogger(__name__)
 
 GOLDEN_SAMPLES = 64
+VERIFY_ROWS = 512  # rows a conversion is checked on (the first calibration rows)
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,7 @@ class ExportConfig:
     target: str = "cpu"
     quant: str = "fp32"  # fp32 | fp16 (a target build flag) | int8 | ternary
     calib: str | None = None  # built-in dataset name or .npz; default: the dataset the checkpoint names
+    holdout: float | None = None  # share of a --calib file's rows held out to measure fidelity
     observer: str = "percentile"
     gate_precision: str | None = None
     calibration: str = "gate_aware"
@@ -44,6 +56,7 @@ class ExportConfig:
     exit_form: str = "auto"
     trust_model: bool = False
     model_class: str | None = None
+    inputs: tuple[TensorSpec, ...] = ()  # --input: the model's inputs, in forward's order
     overwrite: bool = False
     keep_intermediate: bool = False
     target_options: Mapping[str, str] = field(default_factory=dict)  # --target-option KEY=VALUE
@@ -51,7 +64,7 @@ class ExportConfig:
 
 @dataclass
 class StepTimer:
-    """Wall time per named step, in order; ``on_step`` lets the CLI show progress."""
+    """Wall time per named step, in order (a step run twice adds up); ``on_step`` lets the CLI show progress."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     on_step: Callable[[str], None] | None = None
@@ -64,38 +77,43 @@ class StepTimer:
         try:
             yield
         finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 4)
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
 def input_spec(spec: dict) -> dict:
     """The model's single input (name, per-sample shape, dtype) from its checkpoint metadata."""
-    meta = spec.get("meta") or {}
-    inputs = meta.get("inputs")
-    if not inputs:
-        raise ExportError(
-            "the checkpoint does not record its input (meta.inputs); save it with edgegate.save(model, path, "
-            "meta={'inputs': [{'name': ..., 'shape': [...], 'dtype': ...}]})"
-        )
+    from edgegate.loading.inputs import model_inputs
+
+    inputs = model_inputs(spec)
     if len(inputs) != 1:
-        raise ExportError(f"models with {len(inputs)} inputs are not supported yet; edgegate exports one input")
-    return inputs[0]
+        raise ExportError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                          "this needs its one input")
+    return inputs[0].to_dict()
 
 
-def sample_inputs(spec: dict, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` real samples from the model's dataset when it names one, else seeded random ones."""
-    meta = spec.get("meta") or {}
-    inp = input_spec(spec)
-    dataset = meta.get("dataset")
-    if dataset:
+def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
+    """``n`` samples of every model input: the test split of the dataset the model names (single-input
+    models), else seeded random ones (integers in the input's recorded range)."""
+    from edgegate.loading.inputs import model_inputs, value_range
+
+    specs = tuple(inputs) or model_inputs(spec)
+    dataset = (spec.get("meta") or {}).get("dataset")
+    if dataset and len(specs) == 1:
         from edgegate.data import load_data
 
-        x = load_data(dataset, [inp["name"]], {inp["name"]: inp["shape"]}).test_inputs()[:n]
-        return np.ascontiguousarray(x.astype(inp["dtype"]))
+        s = specs[0]
+        x = load_data(dataset, [s.name], {s.name: s.shape}).test_inputs()[:n]
+        return Inputs({s.name: np.ascontiguousarray(x.astype(s.dtype))})
     rng = np.random.default_rng(seed)
-    shape = (n, *inp["shape"])
-    if np.dtype(inp["dtype"]).kind in "iu":
-        return rng.integers(0, int(meta.get("vocab_size", 2)), size=shape).astype(inp["dtype"])
-    return rng.standard_normal(shape).astype(inp["dtype"])
+    out = {}
+    for s in specs:
+        shape = (n, *(1 if d is None else d for d in s.shape))
+        if np.dtype(s.dtype).kind in "iub":
+            low, high = value_range(spec, s.name)
+            out[s.name] = rng.integers(low, max(high, low + 1), size=shape).astype(s.dtype)
+        else:
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return Inputs(out)
 
 
 def versions() -> dict[str, str]:
@@ -109,19 +127,48 @@ def versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
-               on_step: Callable[[str], None] | None = None) -> Path:
-    """Export ``model_path`` for ``config.target`` into the bundle directory ``out``; returns its path."""
+def export(model_or_path: Any, example_inputs: Any = None, *, target: str = "cpu", out: str | Path | None = None,
+           on_step: Callable[[str], None] | None = None, **options: Any) -> Path:
+    """Export a model file / Hugging Face folder, or an ``nn.Module``, into the bundle directory ``out``.
+
+    ``example_inputs`` (a tensor, a tuple in forward's order, or a dict keyed by input name; batch
+    first) name and shape the inputs of a module or of a file that records none, and are the golden
+    samples. ``options`` are `ExportConfig` fields (``quant="int8"``, ``calib="data.npz"``,
+    ``holdout=0.2``, ``inputs=["x:1x3x32x32"]``, ...). ``out`` defaults to ``MODEL.edgegate`` beside a
+    model file. Returns the bundle's path.
+    """
+    import torch
+
+    from edgegate.loading.inputs import parse_input
+
+    known = {f.name for f in dataclasses.fields(ExportConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise EdgegateError(f"edgegate.export got unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    if "inputs" in options:
+        options["inputs"] = tuple(parse_input(i) if isinstance(i, str) else i for i in options["inputs"])
+    if out is None:
+        if isinstance(model_or_path, torch.nn.Module):
+            raise EdgegateError("edgegate.export(module, ...) needs out=DIR, the bundle directory to write")
+        out = Path(model_or_path).with_suffix(".edgegate")
+    return run_export(model_or_path, out, ExportConfig(target=target, **options), on_step,
+                      example_inputs=example_inputs)
+
+
+def run_export(model_path: Any, out: str | Path, config: ExportConfig,
+               on_step: Callable[[str], None] | None = None, *, example_inputs: Any = None) -> Path:
+    """Export ``model_path`` (a model file, a Hugging Face folder or an ``nn.Module``) for ``config.target``
+    into the bundle directory ``out``; returns its path. ``example_inputs``: see `export`."""
     import torch
 
     from edgegate import targets
     from edgegate.bundle import check_destination, write_bundle
-    from edgegate.data import TensorSpec, load_data
+    from edgegate.convert import convert
     from edgegate.gates import find_gates
-    from edgegate.loading import load
+    from edgegate.loading.source import describe, open_source
     from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
     from edgegate.quantization.plan import Flavor
-    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
@@ -134,26 +181,35 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
 
     timer = StepTimer(on_step=on_step)
     with timer.step("load"):
-        loaded = load(model_path, trust_model=config.trust_model, model_class=config.model_class)
+        source = open_source(model_path, trust_model=config.trust_model, model_class=config.model_class,
+                             inputs=config.inputs, example_inputs=example_inputs)
+        loaded, specs = source.loaded, source.inputs
         model = loaded.module.eval()
-        inp = input_spec(loaded.spec)
-        spec = TensorSpec(inp["name"], tuple(inp["shape"]), inp["dtype"])
+    with timer.step("convert"):
+        original, model, conversion = _convert(model, convert)
     with timer.step("find_gates"):
         gate_map = find_gates(model)
-    calib, held_out = None, None
-    source = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
+    source_data = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
     quantized = config.quant in ("int8", "ternary")
     # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
-    if source and (quantized or getattr(target, "needs_calibration", False)):
+    calib, held_out = None, None
+    if source_data and (quantized or getattr(target, "needs_calibration", False)):
         with timer.step("load_data"):
-            calib, held_out = split_data(load_data(source, [spec.name], {spec.name: spec.shape}))
+            calib, held_out = _load_calibration(source_data, specs, config.holdout)
+    elif config.holdout is not None:
+        raise ExportError("--holdout sets aside rows of the calibration data: it needs --quant int8|ternary and "
+                          "--calib FILE.npz")
+    with timer.step("convert"):  # the golden samples go through the model first; the conversion is checked on data
+        x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
+        _check_fits(model, x, specs)
+        conversion = _verify(original, conversion, calib, x)
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
-                                spec)
+                                specs)
+    names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
     with timer.step("export_onnx"):
-        x = sample_inputs(loaded.spec, GOLDEN_SAMPLES)
-        proto = export_onnx(q.export_model, torch.from_numpy(x), inp["name"], options)
+        proto = export_onnx(q.export_model, x.map(torch.from_numpy), names_in, options)
         _keep(config, out, "export_onnx.onnx", proto.SerializeToString())
         proto = q.lower(proto)
         _keep(config, out, "lowered.onnx", proto.SerializeToString())
@@ -162,35 +218,42 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
         if problems:
             raise ExportError(targets.refusal(target.name, problems))
     names = output_names(model)
+    rows = calib.model_inputs(names_in) if calib is not None else x
     context = targets.CompileContext(
-        quant=config.quant, batch=config.batch, input_name=inp["name"], output_names=tuple(names),
-        calibration=calib.inputs[spec.name] if calib is not None else x, dataset=source)
+        quant=config.quant, batch=config.batch, input_name=names_in[0], output_names=tuple(names),
+        calibration=rows.first, dataset=source_data, calibration_inputs=dict(rows.arrays),
+        inputs=tuple(targets.TensorSpec(s.name, (config.batch, *s.shape), np.dtype(s.dtype)) for s in specs))
     topts = targets.options_for_export(target, config.target_options, context)
     with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
         artifact = target.compile(proto, topts, Path(workdir))
     with timer.step("golden"):
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
-            golden, x, got, want = _golden(artifact.files["model.onnx"], q.reference, x, inp["name"], names,
-                                           config.batch, runner, reference_only=target.name != "cpu")
-        golden_record = _check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
+            golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
+                                              runner, reference_only=target.name != "cpu")
+        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
         golden_record["source"] = target.name if runs_here else "onnxruntime"
+    quant_record = {**q.record, "calibration_data": source_data if quantized else None}
+    if quantized:
+        quant_record["holdout"] = config.holdout
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
-        "source": {"file": Path(model_path).name, "sha256": loaded.sha256, "format": str(loaded.format)},
+        "source": describe(loaded),
         "model": {"class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
                   "meta": loaded.spec.get("meta")},
         "target": target.name,
         "target_options": artifact.options,
-        "quant": {**q.record, "calibration_data": source if quantized else None},
+        "quant": quant_record,
+        "conversion": conversion.to_dict(),
         "gates": gate_map.to_dict(),
         "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
-                   "exit_form": _exit_form(q.export_model, options), "input": inp,
+                   "exit_form": _exit_form(q.export_model, options), "input": specs[0].to_dict(),
+                   "inputs": [s.to_dict() for s in specs],
                    "outputs": names, "functions": [f.name for f in proto.functions]},
-        "golden": {"samples": int(x.shape[0]), **golden_record},
+        "golden": {"samples": len(x), **golden_record},
         "timings_s": timer.seconds,
     }
     files = dict(artifact.files)
@@ -203,80 +266,71 @@ def run_export(model_path: str | Path, out: str | Path, config: ExportConfig,
     return path
 
 
-EXACT_ATOL = 1e-4
-MIN_TOP1_AGREEMENT = 0.9
+def _convert(model: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+    """(original, model to export, Conversion): converters run on a copy, so the original (the user's own
+    module, from Python) is left as it was and the conversion can be checked against it."""
+    from edgegate.convert import class_path, converters
+
+    known = converters()
+    if not any(class_path(type(m)) in known for m in model.modules()):
+        conversion = convert(model)  # nothing to replace: the model itself, no copy
+        return model, conversion.module, conversion
+    original = model
+    conversion = convert(copy.deepcopy(model))
+    return original, conversion.module.eval(), conversion  # replacements are built in training mode
 
 
-def _check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str], exact: bool) -> dict:
-    """Float graphs must match torch to float tolerance; integer graphs must follow their fake-quant model.
+def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
+    """The conversion checked on the first calibration rows (the golden samples without calibration data)."""
+    from edgegate.convert import verify
 
-    ``atol`` is what ``edgegate bench`` allows on the device against the outputs stored here: the
-    same runtime on another CPU may pick other integer kernels, so quantized bundles get a tolerance
-    of 2% of the output range rather than float round-off.
-    """
-    from edgegate.quantization.step import agreement
-
-    stats = agreement(got, want, names)
-    if exact:
-        err = max((v for k, v in stats.items() if k.endswith("_max_abs_err")), default=0.0)
-        if err > EXACT_ATOL or any(v < 1.0 for k, v in stats.items() if k.endswith("_agreement")
-                                   and not k.endswith("top1_agreement")):
-            raise ExportError(f"the exported model disagrees with torch by {err:.3g} (> {EXACT_ATOL}) on golden "
-                              "inputs; please report this model")
-        return {"vs_torch": stats, "atol": EXACT_ATOL}
-    low = {k: v for k, v in stats.items() if k.endswith("top1_agreement") and v < MIN_TOP1_AGREEMENT}
-    if low:
-        raise ExportError(f"the quantized ONNX model follows its fake-quant torch model on only {low} of golden "
-                          "inputs; please report this model")
-    scale = max((v for k, v in stats.items() if k.endswith("_scale")), default=1.0)
-    return {"vs_torch": stats, "atol": max(EXACT_ATOL, 0.02 * scale)}
+    if not conversion.converted:
+        return conversion
+    rows = calib.model_inputs() if calib is not None else golden
+    try:
+        return verify(original, conversion, dict(rows[:VERIFY_ROWS].arrays))
+    except TypeError as e:  # verify calls both models with the inputs by name
+        raise ExportError(f"checking the converted model calls it with its inputs by name ({', '.join(rows.names)}) "
+                          f"and it refused them ({e}); name --input after forward's arguments") from e
 
 
-def _golden(onnx_bytes: bytes, model, x: np.ndarray, input_name: str, names: list[str], batch: int | None,
-            runner=None, reference_only: bool = False):
-    """Run the compiled model here and torch: (npz bytes, inputs, device outputs, torch outputs).
-
-    The device outputs come from the target's own ``runner`` when it runs on this machine, else from
-    ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime). ``reference_only``: the graph
-    is another target's (trt), so ORT runs it with basic optimizations only: its CPU fusions would
-    quantize activations on the fly (DQ(int8 weight) -> MatMul), which the target does not do.
-    """
-    import io
-
-    import onnxruntime as ort
+def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
+    """The model runs on two samples of its inputs: a wrong --input becomes a DataError, not an exporter trace.
+    (Like ``calibration.inputs.check_fits``, without importing the calibration stage, which loads brevitas.)"""
     import torch
 
-    if runner is None:
-        so = ort.SessionOptions()
-        if reference_only:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+    from edgegate.errors import DataError
 
-        def run(chunk: np.ndarray) -> list[np.ndarray]:
-            return session.run(names, {input_name: chunk})
-    else:
-        def run(chunk: np.ndarray) -> list[np.ndarray]:
-            out = runner.run({input_name: chunk})
-            return [out[k] for k in names]
-    step = batch or x.shape[0]
-    if x.shape[0] % step:  # whole static batches only: tile or trim the samples
-        x = np.resize(x, (step * max(1, x.shape[0] // step), *x.shape[1:]))
-    outs: list[list[np.ndarray]] = [[] for _ in names]
-    refs: list[list[np.ndarray]] = [[] for _ in names]
-    with torch.no_grad():
-        for i in range(0, x.shape[0], step):
-            chunk = x[i:i + step]
-            for acc, y in zip(outs, run(chunk), strict=True):
-                acc.append(y)
-            ref = model(torch.from_numpy(chunk))
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            for acc, y in zip(refs, ref, strict=True):
-                acc.append(y.numpy())
-    got = [np.concatenate(a) for a in outs]
-    want = [np.concatenate(a) for a in refs]
-    buf = io.BytesIO()
-    np.savez(buf, **{f"input.{input_name}": x}, **{f"output.{k}": v for k, v in zip(names, got, strict=True)})
-    return buf.getvalue(), x, got, want
+    try:
+        with torch.no_grad():
+            x[:2].map(torch.from_numpy).run(model)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        shown = ", ".join(f"{s.name}:{'x'.join(str(d) for d in ('N', *s.shape))}:{s.dtype}" for s in specs)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"model inputs {shown} (--input, or as the model records them) do not fit the model "
+                        f"({first}); give each input's shape batch first, in forward's order") from e
+
+
+def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float | None) -> tuple[Any, Any]:
+    """(calibration rows, held-out rows or None) of ``source`` for every model input; built-in samples are
+    cast to the input dtypes (a user's file must already have them)."""
+    from edgegate.data import load_data
+    from edgegate.quantization.step import split_data
+
+    data = load_data(source, [s.name for s in specs], {s.name: s.shape for s in specs})
+    if data.is_builtin:
+        data = dataclasses.replace(data, inputs={s.name: data.inputs[s.name].astype(s.dtype) for s in specs})
+    return split_data(data, holdout)
+
+
+def _golden_inputs(examples: Inputs | None, spec: dict, specs: Sequence[TensorSpec], data: Any, n: int) -> Inputs:
+    """Golden samples: the example inputs given from Python; the model's own dataset (test split); rows of
+    the --calib data (held-out first); else seeded random samples."""
+    if examples is not None:
+        return examples
+    if data is not None and not (spec.get("meta") or {}).get("dataset"):
+        return data.model_inputs([s.name for s in specs])[:n]
+    return sample_inputs(spec, n, inputs=specs)
 
 
 def _exit_form(model, options) -> str | None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgegate.data import Inputs
+
 
 def _float_op(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Conv2d):
@@ -25,7 +27,7 @@ def _float_op(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
-def correct_biases(qmodel: nn.Module, x: torch.Tensor, swapped: dict[str, nn.Module]) -> dict[str, float]:
+def correct_biases(qmodel: nn.Module, x: Inputs, swapped: dict[str, nn.Module]) -> dict[str, float]:
     """One forward of ``qmodel`` (run it under the calibration gating); returns ``{path: max |change|}``."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -46,7 +48,7 @@ def correct_biases(qmodel: nn.Module, x: torch.Tensor, swapped: dict[str, nn.Mod
     handles = [q.register_forward_hook(hook_for(p)) for p, q in targets.items()]
     try:
         with torch.no_grad():
-            qmodel(x)
+            x.run(qmodel)
     finally:
         for h in handles:
             h.remove()

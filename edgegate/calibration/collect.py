@@ -1,9 +1,9 @@
 """Gate-aware calibration: drive every activation quantizer with exactly what reaches it when deployed.
 
-Stage: calibrate (DESIGN §1, §5). Input: a float model, calibration inputs (one model input, batch
-first), a :class:`QuantConfig` and the model's :class:`GateMap`. Output: the calibrated fake-quant
-model and a :class:`CalibrationRecord` (coverage, augmentation, fallbacks, re-tuned thresholds and
-the :class:`QuantPlan`).
+Stage: calibrate (DESIGN §1, §5). Input: a float model, calibration inputs (batch first: one array
+for a single-input model, or a tuple / dict / :class:`Inputs` of several), a :class:`QuantConfig` and
+the model's :class:`GateMap`. Output: the calibrated fake-quant model and a :class:`CalibrationRecord`
+(coverage, augmentation, fallbacks, re-tuned thresholds and the :class:`QuantPlan`).
 
 Steps: validate the data; quantize a copy (gate precision policy); count rows under the deployed
 gating (float model); plan coverage augmentation; run the quantized model's own eager forward once in
@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import logging
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,11 +30,11 @@ from torch import nn
 
 from edgegate.calibration.bias import correct_biases
 from edgegate.calibration.gating import augment_exits, augment_routing, augmented_gating, naive_gating
-from edgegate.calibration.inputs import as_input, check_fits, input_name
+from edgegate.calibration.inputs import Specs, as_inputs, check_fits
 from edgegate.calibration.probe import GatedParts, Probe
 from edgegate.calibration.record import CalibrationRecord, Coverage, Fallback
 from edgegate.calibration.retune import retune_exit_thresholds
-from edgegate.data import TensorSpec
+from edgegate.data import Inputs
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
 from edgegate.quantization.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
@@ -52,7 +53,7 @@ def _coverage(probe: Probe) -> Coverage:
                     {p: list(v) for p, v in probe.slot_rows.items()})
 
 
-def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: torch.Tensor, fparts: GatedParts,
+def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: Inputs, fparts: GatedParts,
                swapped: dict[str, nn.Module], rows: dict[str, int]) -> list[Fallback]:
     """Calibrate each quantizer that got no rows on its inputs under naive gating (call it inside the
     calibration context). A layer that never runs even then is put back in float."""
@@ -60,7 +61,7 @@ def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: torch.Tensor, fparts: Gated
     if not empty:
         return []
     with naive_gating(fparts), Probe(ref, empty, fparts, keep_inputs=empty) as probe:
-        ref(x)
+        x.run(ref)
     out = []
     for path in empty:
         inputs = probe.layer_input(path)
@@ -78,10 +79,12 @@ def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: torch.Tensor, fparts: Gated
     return out
 
 
-def calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig | None = None,
-              gate_map: GateMap | None = None, *,
-              input_spec: TensorSpec | None = None) -> tuple[nn.Module, CalibrationRecord]:
-    """Quantize a copy of ``model`` and calibrate it on ``data`` (np.ndarray or torch.Tensor, [N, ...]).
+def calibrate(model: nn.Module, data: np.ndarray | torch.Tensor | tuple | dict | Inputs,
+              config: QuantConfig | None = None, gate_map: GateMap | None = None, *,
+              input_spec: Specs = None) -> tuple[nn.Module, CalibrationRecord]:
+    """Quantize a copy of ``model`` and calibrate it on ``data`` ([N, ...] per input: one np.ndarray or
+    torch.Tensor, or several as a tuple in forward's order, a dict or Inputs keyed by input name).
+    ``input_spec``: the model's TensorSpec (or one per input) to check the data against.
 
     Returns ``(quantized model, record)``; ``model`` itself is not modified. Raises ``DataError``
     (naming the input) for empty, NaN/Inf or ill-shaped data before any work. Gate-aware calibration
@@ -96,8 +99,8 @@ def calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantCo
     return qmodel, record
 
 
-def promote_a16(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig, gate_map: GateMap,
-                input_spec: TensorSpec | None, qmodel: nn.Module,
+def promote_a16(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap,
+                input_spec: Specs, qmodel: nn.Module,
                 record: CalibrationRecord) -> tuple[nn.Module, CalibrationRecord]:
     """Greedy mixed precision for exit fidelity: while the calibration samples' exit agreement is below
     the target, recalibrate with each remaining candidate (a quantized Linear in a stage before the
@@ -147,18 +150,17 @@ def _before_last_exit(path: str, parts: GatedParts) -> bool:
     return False
 
 
-def _calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantConfig, gate_map: GateMap,
-               input_spec: TensorSpec | None) -> tuple[nn.Module, CalibrationRecord]:
-    name = input_name(model, input_spec)
-    x = as_input(data, name, input_spec)
+def _calibrate(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap,
+               input_spec: Specs) -> tuple[nn.Module, CalibrationRecord]:
+    x = as_inputs(data, model, input_spec)
     ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
-    check_fits(ref, x, name)
+    check_fits(ref, x)
     qmodel, swapped = quantize(ref, config, gate_map)
     fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
     paths = list(swapped)
     with torch.no_grad():
         with Probe(ref, paths, fparts) as deployed:
-            ref(x)
+            x.run(ref)
         thresholds: dict[str, list[float]] = {}
         k_wide: dict[str, int] = {}
         augmentation = []
@@ -172,7 +174,7 @@ def _calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantC
 
         with calibration_mode(qmodel):
             with gating(), Probe(qmodel, paths, qparts) as seen:
-                qmodel(x)
+                x.run(qmodel)
             rows = dict(seen.rows)
             fallbacks = _fallbacks(ref, qmodel, x, fparts, swapped, rows)
         rows = {p: n for p, n in rows.items() if p in swapped}
@@ -193,7 +195,7 @@ def _calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantC
     reasons = kept_float(ref, config, gate_map)
     reasons.update({f.layer: f.reason for f in fallbacks if f.action == "float"})
     record = CalibrationRecord(
-        config=config, samples=int(x.shape[0]), coverage=_coverage(deployed),
+        config=config, samples=len(x), coverage=_coverage(deployed),
         calibrated=Coverage(rows, {p: list(v) for p, v in seen.stage_rows.items()},
                             {p: list(v) for p, v in seen.slot_rows.items()}),
         augmentation=tuple(augmentation), fallbacks=tuple(fallbacks), thresholds=retuned,

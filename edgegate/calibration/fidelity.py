@@ -1,10 +1,11 @@
 """Gate fidelity: how faithfully the quantized model reproduces the float model's outputs and gates.
 
 Stage: calibration report (DESIGN §5 "Gate fidelity"; shown by ``compare``). Input: the float and the
-quantized model, held-out inputs (and labels). Output: a JSON-able dict: accuracy and loss of both
-models, top-1 agreement, output SQNR, and per gate: exit-index agreement (early exit), top-k set and
-top-1 expert agreement (routers), mask Hamming distance (channel / threshold gates), mean absolute
-gate difference (sigmoid gates); ``summary`` holds the worst value of each gate metric over gates.
+quantized model, held-out inputs (one array, or several keyed by input name) and labels. Output: a
+JSON-able dict: accuracy and loss of both models, top-1 agreement, output SQNR, and per gate:
+exit-index agreement (early exit), top-k set and top-1 expert agreement (routers), mask Hamming
+distance (channel / threshold gates), mean absolute gate difference (sigmoid gates); ``summary``
+holds the worst value of each gate metric over gates.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgegate.calibration.inputs import as_input, as_labels, check_fits, input_name
-from edgegate.data import TensorSpec
+from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
+from edgegate.data import Inputs
 from edgegate.gates import GateKind, GateMap, find_gates
 
 # Metric -> True when higher is better (for comparisons such as gate-aware vs naive calibration).
@@ -50,12 +51,12 @@ def _decisions(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[t
             h.remove()
 
 
-def _run(model: nn.Module, x: torch.Tensor, gate_map: GateMap,
+def _run(model: nn.Module, x: Inputs, gate_map: GateMap,
          batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     outs = []
     with torch.no_grad(), _decisions(model, gate_map) as got:
         for i in range(0, len(x), batch_size):
-            out = model(x[i: i + batch_size])
+            out = x[i: i + batch_size].run(model)
             outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs), {n: torch.cat(v) for n, v in got.items() if v}
 
@@ -84,20 +85,20 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
 
 
-def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: np.ndarray | torch.Tensor,
+def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
                      labels: np.ndarray | torch.Tensor | None = None,
-                     gate_map: GateMap | None = None, *, input_spec: TensorSpec | None = None,
+                     gate_map: GateMap | None = None, *, input_spec: Specs = None,
                      batch_size: int | None = None) -> dict[str, Any]:
-    """Float vs quantized on held-out ``data`` ([N, ...]; ``labels`` [N] class ids, optional).
+    """Float vs quantized on held-out ``data`` ([N, ...] per input, as `calibrate` takes it; ``labels``
+    [N] class ids, optional).
 
     ``batch_size``: rows per forward (default: all at once). Both models run in eval mode with their
     own thresholds (the quantized model's re-tuned ones).
     """
-    name = input_name(float_model, input_spec)
-    x = as_input(data, name, input_spec, source="evaluation data")
+    x = as_inputs(data, float_model, input_spec, source="evaluation data")
     y = as_labels(labels, len(x))
     float_model.eval(), quant_model.eval()
-    check_fits(float_model, x, name, source="evaluation data")
+    check_fits(float_model, x, source="evaluation data")
     gate_map = find_gates(float_model) if gate_map is None else gate_map
     bs = batch_size or len(x)
     f_out, f_gates = _run(float_model, x, gate_map, bs)

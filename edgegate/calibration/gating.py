@@ -25,6 +25,7 @@ from torch import nn
 
 from edgegate.calibration.probe import GatedParts, Probe, exit_score
 from edgegate.calibration.record import Augmentation
+from edgegate.data import Inputs
 
 
 @contextlib.contextmanager
@@ -102,7 +103,7 @@ def _just_above(value: float) -> float:
     return float(np.nextafter(np.float32(value), np.float32(np.inf)))
 
 
-def augment_exits(model: nn.Module, x: torch.Tensor, parts: GatedParts,
+def augment_exits(model: nn.Module, x: Inputs, parts: GatedParts,
                   min_coverage: int) -> tuple[dict[str, list[float]], list[Augmentation]]:
     """Raise exit thresholds, exit by exit, just enough that ``min(min_coverage, reaching)`` samples
     continue past each exit. (DESIGN §5 says "lower"; a sample continues when its score is *below*
@@ -114,7 +115,7 @@ def augment_exits(model: nn.Module, x: torch.Tensor, parts: GatedParts,
     depth = max((net.n_exits for net in parts.exits.values()), default=1)
     for k in range(depth - 1):
         with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_heads=True) as probe:
-            model(x)
+            x.run(model)
         for path, net in parts.exits.items():
             if k >= net.n_exits - 1:
                 continue
@@ -156,14 +157,14 @@ def _rows_per_slot(indices: torch.Tensor, moe: nn.Module) -> dict[int, int]:
     return rows
 
 
-def augment_routing(model: nn.Module, x: torch.Tensor, parts: GatedParts, thresholds: dict[str, list[float]],
+def augment_routing(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: dict[str, list[float]],
                     quantized: set[str], min_coverage: int) -> tuple[dict[str, int], list[Augmentation]]:
     """Smallest k' >= k (up to every slot) giving each quantized expert ``min(min_coverage, tokens)``
     tokens, per router, under the (already exit-augmented) calibration gating."""
     if not parts.routers:
         return {}, []
     with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_router_inputs=True) as probe:
-        model(x)
+        x.run(model)
     k_wide: dict[str, int] = {}
     records: list[Augmentation] = []
     for path, router in parts.routers.items():

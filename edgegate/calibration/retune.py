@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from edgegate.calibration.probe import GatedParts, Probe, exit_score
+from edgegate.data import Inputs
 
 
 def matched_threshold(scores: np.ndarray, n_exit: int, current: float) -> float:
@@ -40,13 +41,13 @@ def matched_threshold(scores: np.ndarray, n_exit: int, current: float) -> float:
     return float(mid)
 
 
-def retune_exit_thresholds(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor, fparts: GatedParts,
+def retune_exit_thresholds(float_model: nn.Module, qmodel: nn.Module, x: Inputs, fparts: GatedParts,
                            qparts: GatedParts) -> dict[str, dict[str, list[float]]]:
     """Refit each net's thresholds on ``qmodel`` (in place) to the float model's exit counts on ``x``."""
     if not qparts.exits:
         return {}
     with torch.no_grad(), Probe(float_model, [], fparts) as ref:
-        float_model(x)
+        x.run(float_model)
     target = {p: np.bincount(ref.exits(p).cpu().numpy(), minlength=net.n_exits)
               for p, net in fparts.exits.items()}
     before = {p: [float(t) for t in net.thresholds] for p, net in qparts.exits.items()}
@@ -54,7 +55,7 @@ def retune_exit_thresholds(float_model: nn.Module, qmodel: nn.Module, x: torch.T
     for k in range(depth - 1):
         # Exits before k are already refitted, so the samples reaching k are the quantized model's own.
         with torch.no_grad(), Probe(qmodel, [], qparts, keep_heads=True) as probe:
-            qmodel(x)
+            x.run(qmodel)
         for path, net in qparts.exits.items():
             if k >= net.n_exits - 1:
                 continue

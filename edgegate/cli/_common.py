@@ -96,6 +96,23 @@ def int_at_least(minimum: int):
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a float strictly between 0 and 1 (--holdout)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a fraction between 0 and 1 (e.g. 0.2)")
+    return value
+
+
+def add_input_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
+                    help="a model input, batch first, e.g. x:1x3x224x224 or input_ids:1x128:int64 (dtype default "
+                    "float32); repeat it for each input in forward's order; replaces the inputs the model records")
+
+
 def positive_seconds(text: str) -> float:
     """An argparse type: a number of seconds > 0."""
     try:

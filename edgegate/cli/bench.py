@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from edgegate.cli._common import Status, int_at_least, positive_seconds
+from edgegate.cli.device import add_device_flags, device_client
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -14,11 +15,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
                          seed=args.seed, max_seconds=args.max_seconds, min_seconds=args.min_seconds)
+    client = device_client(args)  # --device: measured by the agent there; the report names it
     with Status("bench") as status:
         def progress(done: int, total: int | None) -> None:
             status.update(f"{done}/{total} runs" if total else f"{done} runs", force=False)
 
-        report = bench(args.bundle, config, progress=progress)
+        if client is not None:
+            status.update(f"measuring on {client.url}")
+        report = client.bench(args.bundle, config) if client else bench(args.bundle, config, progress=progress)
     print(render_text(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -49,5 +53,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch per run (default: the bundle's static batch, else 1)")
     b.add_argument("--seed", type=int_at_least(0), default=0, help="order in which the golden samples are fed")
     b.add_argument("--json", metavar="OUT", help="also write the report as JSON to this file")
-    # `--device URL` (the device agent) slots in here.
+    add_device_flags(b)
     b.set_defaults(func=cmd_bench)

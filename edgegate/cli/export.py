@@ -6,19 +6,21 @@ import argparse
 import time
 from pathlib import Path
 
-from edgegate.cli._common import Status, add_trust_flags, check_interrupted, int_at_least
+from edgegate.cli._common import Status, add_input_flag, add_trust_flags, check_interrupted, fraction, int_at_least
 from edgegate.errors import EdgegateError
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from edgegate.bundle import check_destination
+    from edgegate.loading.inputs import parse_inputs
     from edgegate.pipeline import ExportConfig, run_export
 
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
     inputs = [Path(args.model)] + ([Path(args.calib)] if args.calib and Path(args.calib).exists() else [])
     check_destination(out, args.overwrite, keep=inputs)  # before minutes of work, naming the -o at fault
-    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, observer=args.observer,
+    config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, holdout=args.holdout,
+                          inputs=parse_inputs(args.input), observer=args.observer,
                           gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
                           min_coverage=args.min_coverage,
                           batch=args.batch, exit_form=args.exit_form,
@@ -72,8 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="quantize, export and compile a model into a bundle directory",
                        description="Load a model, find its gates, calibrate/quantize, export ONNX with edgegate "
                        "ops, compile for a target and write a verified bundle directory. Needs the compile extra.")
-    e.add_argument("model", help="model file: edgegate checkpoint, state_dict (with --model), Hugging Face folder, "
-                   "or a format that needs --trust-model")
+    e.add_argument("model", help="model file: edgegate checkpoint, state_dict (with --model), Hugging Face folder "
+                   "(config.json + *.safetensors), or a format that needs --trust-model")
     e.add_argument("--target", default="cpu", help="cpu, trt or snn (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
     e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
@@ -88,6 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
                    "(default: the dataset the checkpoint was trained on)")
+    e.add_argument("--holdout", type=fraction, default=None, metavar="FRACTION",
+                   help="set this share of a --calib file's rows aside (the same rows every run) to measure gate "
+                   "fidelity; without it the whole file calibrates and fidelity is measured on it")
+    add_input_flag(e)
     e.add_argument("--observer", default="percentile", choices=["minmax", "percentile", "mse"],
                    help="activation range observer (int8)")
     e.add_argument("--gate-precision", choices=["float", "int8"], default=None,

@@ -1,8 +1,8 @@
 """Load a detected model file into an ``nn.Module``: one loader per `ModelFormat`.
 
 Weights-only formats rebuild the module from a class path (the checkpoint's own, if it lives in
-``edgegate``, else the user's ``--model``) and load the tensors into it; code-running formats load
-only with ``trust_model=True``.
+``edgegate``, else the user's ``--model``) and load the tensors into it; Hugging Face folders are built
+by ``transformers`` (``loading.hf``); code-running formats load only with ``trust_model=True``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgegate.data import TensorSpec
 from edgegate.errors import ModelFormatError, UnsafeModelError, one_line
+from edgegate.loading import hf
 from edgegate.loading.checkpoint import read_spec
 from edgegate.loading.detect import (
     CHECKPOINT_FORMAT,
@@ -42,23 +44,31 @@ _CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*([:.][A-Za-z_]\w*)(\.[A
 class LoadedModel:
     module: torch.nn.Module
     format: ModelFormat
-    spec: dict[str, Any]
-    sha256: str
-    path: Path
+    spec: dict[str, Any]  # class, config, meta (meta.inputs: what the model takes, when recorded)
+    sha256: str  # of the file; of a Hugging Face folder, see ``hf.folder_sha256``
+    path: Path | None  # None for a module given from Python
 
 
 def load(
-    path: str | os.PathLike[str], *, trust_model: bool = False, model_class: str | None = None
+    path: str | os.PathLike[str], *, trust_model: bool = False, model_class: str | None = None,
+    inputs: tuple[TensorSpec, ...] = (),
 ) -> LoadedModel:
     """Load the model at `path` safely; see the package docstring for what is accepted by default.
 
     `model_class` ("pkg.module:Class") names the nn.Module to build for a plain state_dict or
     safetensors file, and allows an edgegate checkpoint whose class lives outside ``edgegate.``.
+    `inputs` (``--input``) name the inputs a Hugging Face folder's module takes (default ``input_ids``).
     """
     from edgegate.bundle import sha256_file
 
     path = Path(path)
     found = probe(path)
+    if found.format == ModelFormat.HF_FOLDER:
+        if model_class is not None:
+            raise ModelFormatError(f"{path} is a Hugging Face folder: its config.json names the architecture; "
+                                   "leave out --model")
+        module, spec = hf.load_folder(path, inputs)
+        return LoadedModel(module=module, format=found.format, spec=spec, sha256=_folder_sha256(path), path=path)
     try:
         digest = sha256_file(path)
     except OSError as e:
@@ -164,6 +174,13 @@ _LOADERS: dict[ModelFormat, Callable[[Path, Probe, bool, str | None], tuple[Any,
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _folder_sha256(path: Path) -> str:
+    try:
+        return hf.folder_sha256(path)
+    except OSError as e:
+        raise ModelFormatError(f"cannot read model folder {path}: {e.strerror or e}") from e
 
 
 def _build(cls: type, config: Mapping[str, Any], path: Path, state_dict: Mapping[str, Any]) -> Any:

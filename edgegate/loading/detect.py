@@ -1,7 +1,8 @@
 """Model-file format detection, by content only (DESIGN.md §6).
 
-Input: a path. Output: a `ModelFormat` (and, for weights-only formats, what was read while looking,
-so `load` does not read the file twice). Nothing here runs code from the file: pickles are opened
+Input: a path (a file, or a Hugging Face model folder: a directory holding ``config.json``). Output: a
+`ModelFormat` (and, for weights-only formats, what was read while looking, so `load` does not read the
+file twice). Nothing here runs code from the file: pickles are opened
 only with torch's restricted ``weights_only`` unpickler, and every malformed input ends in a
 `ModelFormatError` naming the file, never in a raw parser exception.
 """
@@ -51,11 +52,24 @@ class ModelFormat(StrEnum):
     TORCHSCRIPT = "torchscript"
     EXPORTED_PROGRAM = "exported-program"
     ONNX = "onnx"
+    HF_FOLDER = "hf-folder"  # config.json + *.safetensors, built by transformers (loading.hf)
+    MODULE = "nn-module"  # an nn.Module handed to edgegate.export from Python (no file)
     UNKNOWN = "unknown"
 
 
 # Formats that execute code from the file when loaded: refused unless the user trusts the file.
 CODE_FORMATS = frozenset({ModelFormat.FULL_PICKLE, ModelFormat.TORCHSCRIPT, ModelFormat.EXPORTED_PROGRAM})
+# Formats that load but cannot be exported, and why (with what to do instead).
+NOT_EXPORTABLE = {
+    ModelFormat.TORCHSCRIPT: "it is a TorchScript archive, which has no Python module to trace (--trust-model "
+                             "would load it, but edgegate exports through torch.export); export from the original "
+                             "nn.Module (edgegate.export(module, example_inputs)) or save its state_dict and pass "
+                             "--model pkg.module:Class",
+    ModelFormat.EXPORTED_PROGRAM: "it is a torch.export program (.pt2): a flat graph with no modules left, so its "
+                                  "gates cannot be found, calibrated or converted (--trust-model would not change "
+                                  "that); export from the original nn.Module (edgegate.export(module, "
+                                  "example_inputs)) or save its state_dict and pass --model pkg.module:Class",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +87,11 @@ def detect_format(path: str | Path) -> ModelFormat:
 
 def probe(path: Path) -> Probe:
     """Detect the format of `path`; raises `ModelFormatError` for missing, empty or damaged files."""
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Probe(ModelFormat.HF_FOLDER)
+        raise ModelFormatError(f"{path} is a directory without config.json; give a model file, or a Hugging Face "
+                               "model folder (config.json + *.safetensors)")
     try:
         if not path.is_file():
             raise ModelFormatError(f"model file {path} does not exist or is not a file; check the path")
@@ -101,6 +120,17 @@ def probe(path: Path) -> Probe:
     if head[0] == 0x08 and size < ONNX_MAX_BYTES and _is_onnx(path):
         return Probe(ModelFormat.ONNX)
     return Probe(ModelFormat.UNKNOWN)
+
+
+def check_safetensors(path: Path) -> Probe:
+    """The checked header of the safetensors file at `path` (one of a Hugging Face folder's weights);
+    anything else there, a pickle named ``.safetensors`` included, is a `ModelFormatError`."""
+    found = probe(path)
+    if found.format not in (ModelFormat.SAFETENSORS, ModelFormat.EDGEGATE_CHECKPOINT) or not isinstance(
+            found.payload, dict) or found.payload.get("format") == CHECKPOINT_FORMAT:
+        raise ModelFormatError(f"weights file {path} is not a safetensors file (it holds {found.format}); "
+                               "re-save the model with save_pretrained")
+    return found
 
 
 def _probe_zip(path: Path, size: int) -> Probe:

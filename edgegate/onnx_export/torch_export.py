@@ -1,23 +1,31 @@
 """Export stage: torch ``nn.Module`` -> ``onnx.ModelProto`` with the ``edgegate`` gating ops kept by name.
 
-Input: a model in eval mode and an example input. Output: an ONNX model (opset 20) in which each
-gating op is one node of domain ``edgegate`` and carries its model-local function, checked with
-``onnx.checker`` (full check). Early-exit models become real control flow: nested ``If`` for batch
-1, the compacting forward (exited samples dropped before the next stage) for batch > 1.
+Input: a model in eval mode and example inputs (one tensor, or several in forward's order, named).
+Output: an ONNX model (opset 20) with one graph input per model input (a shared dynamic batch unless
+``batch`` fixes it) in which each gating op is one node of domain ``edgegate`` and carries its
+model-local function, checked with ``onnx.checker`` (full check). Early-exit models become real
+control flow: nested ``If`` for batch 1, the compacting forward (exited samples dropped before the
+next stage) for batch > 1. An exporter failure is one line (`exporter_error`): its innermost cause,
+without the exporter's own boilerplate; ``--debug`` shows the chained traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
+import re
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import onnx
 import torch
 
+from edgegate.data import Inputs
 from edgegate.errors import ExportError
 from edgegate.onnx_export.early_exit import CondEarlyExit
 from edgegate.onnx_export.passes import attach_functions, strip_debug_metadata
@@ -67,37 +75,43 @@ def resolve_exit_form(model: torch.nn.Module, options: ExportOptions) -> ExitFor
 
 def export_onnx(
     model: torch.nn.Module,
-    example: torch.Tensor,
-    input_name: str = "input",
+    example: torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor] | Inputs,
+    input_name: str | Sequence[str] = "input",
     options: ExportOptions | None = None,
 ) -> onnx.ModelProto:
-    """Export ``model`` (eval mode) traced on ``example`` (its batch size is replaced per ``options``)."""
+    """Export ``model`` (eval mode) traced on ``example``: one tensor, a tuple in forward's order (named by
+    ``input_name``, a name per tensor), or a dict / Inputs keyed by input name. Each input's batch size
+    is replaced per ``options``; all inputs share one batch dimension."""
     options = options or ExportOptions()
     model = model.eval()
+    names = [input_name] if isinstance(input_name, str) else list(input_name)
+    inputs = Inputs.of(example, names)
     form = resolve_exit_form(model, options)
+    if form is ExitForm.IF and len(inputs.arrays) != 1:
+        raise ExportError("early exit as ONNX If takes one model input; export with --exit-form compact")
     module = CondEarlyExit(model) if form is ExitForm.IF else model
     batch = options.batch
     # A dynamic batch must be traced on a batch > 1 (torch.export specializes sizes 0 and 1).
-    trace_batch = batch if batch is not None else max(2, example.shape[0])
-    example = _resize_batch(example, trace_batch)
-    dynamic = None if batch is not None else ({0: torch.export.Dim("batch", min=1, max=65536)},)
+    trace_batch = batch if batch is not None else max(2, len(inputs))
+    inputs = inputs.map(lambda t: _resize_batch(t, trace_batch))
+    dynamic = None if batch is not None else _dynamic_batch(module, len(inputs.arrays))
 
     register_onnx_schemas()
-    # The exporter logs a warning per missing optional torchvision op; not ours to report.
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # "ambiguous empty attribute" notes from the exporter
     sink = io.StringIO()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        # The exporter prints FX graph dumps and step banners on failure: kept out of the user's terminal
+        # (logged at debug level below), as are its notes about optional ops that are not ours to report.
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (example,), dynamo=True, external_data=False, opset_version=OPSET,
-                input_names=[input_name], output_names=output_names(model), dynamic_shapes=dynamic,
+                module, inputs.args, dynamo=True, external_data=False, opset_version=OPSET,
+                input_names=list(inputs.names), output_names=output_names(model), dynamic_shapes=dynamic,
                 custom_translation_table=onnx_translation_table(), verbose=False, report=False,
             )
-    except Exception as e:  # the exporter raises many types; keep the first line, chain the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {first}") from e
+    except Exception as e:  # the exporter raises many types; one line from the innermost cause
+        log.debug("exporter output:\n%s", sink.getvalue())
+        raise ExportError(exporter_error(type(model).__name__, e)) from e
     proto = strip_debug_metadata(attach_functions(program.model_proto))
     proto.producer_name = "edgegate"
     try:
@@ -107,6 +121,80 @@ def export_onnx(
     log.debug("exported %s: %d nodes, %d functions", type(model).__name__, len(proto.graph.node),
               len(proto.functions))
     return proto
+
+
+# Loggers the exporter writes to while it works (notes, and errors it then raises as the exception we
+# report), each silenced for the duration of an export unless debug logging is on.
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "onnx_ir", "torch.fx.experimental.symbolic_shapes",
+                  "torch._export", "torch.export", "torch._dynamo")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+MAX_ERROR = 300
+# torch.export's guard errors when Python branches on a tensor's value (`if x.max() > t:`).
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "Could not guard on data-dependent", "data-dependent expression",
+                   "Could not extract specialized integer from data-dependent")
+CONTROL_FLOW_HINT = ("its forward branches in Python on tensor values, which cannot be exported; for an "
+                     "early-exit network wrap its stages and heads with edgegate.nn.EarlyExitNet.wrap(stages, heads, "
+                     "thresholds, policy), otherwise express the branch with torch.cond")
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    if log.isEnabledFor(logging.DEBUG):  # --debug: let the exporter speak
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def exporter_error(model_name: str, error: BaseException) -> str:
+    """One line for an exporter failure: the innermost cause of ``error`` (the exporter wraps it in step
+    banners and advice), without ANSI codes or graph dumps, at most `MAX_ERROR` characters. A Python branch
+    on tensor values gets its own message saying what to do instead."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    if any(any(m in f"{type(c).__name__}: {c}" for m in _DATA_DEPENDENT) for c in chain):
+        return f"cannot export {model_name}: {CONTROL_FLOW_HINT}"
+    # The innermost explicit cause (``raise ... from``) says what went wrong; an implicit context below it
+    # is what was being handled when it was raised (often the exporter's own follow-up error), used only
+    # when the cause says nothing.
+    cause = chain[0]
+    while cause.__cause__ is not None and cause.__cause__ in chain:
+        cause = cause.__cause__
+    if not str(cause).strip() and cause is not chain[-1]:
+        cause = chain[-1]
+    return f"torch.onnx.export failed for {model_name}: {_first_line(cause)}"
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of ``e`` that says something, cleaned up and bounded."""
+    text = _ANSI.sub("", str(e))
+    text = text.split("Next steps:", 1)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("#", "File "))]
+    line = lines[0] if lines else type(e).__name__
+    if type(e).__name__ not in line:
+        line = f"{type(e).__name__}: {line}"
+    return line if len(line) <= MAX_ERROR else line[: MAX_ERROR - 3] + "..."
+
+
+def _dynamic_batch(module: torch.nn.Module, n: int) -> tuple[Any, ...]:
+    """torch.export's ``dynamic_shapes`` making dim 0 of each of the ``n`` inputs one shared batch dimension;
+    inputs that a ``forward(*args)`` collects go in one tuple, as torch.export binds them."""
+    dim = torch.export.Dim("batch", min=1, max=65536)
+    params = list(inspect.signature(module.forward).parameters.values())
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(named) >= n or not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return tuple({0: dim} for _ in range(n))
+    return (*({0: dim} for _ in named), tuple({0: dim} for _ in range(n - len(named))))
 
 
 def _resize_batch(x: torch.Tensor, n: int) -> torch.Tensor:

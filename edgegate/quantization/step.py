@@ -1,16 +1,19 @@
 """The pipeline's quantize step: float model -> (model to export, ONNX lowering, manifest record).
 
-Input: the loaded float model, its GateMap, calibration / held-out data and the export options.
+Input: the loaded float model, its GateMap, calibration / held-out data (every model input, keyed by
+name), the model's input specs and the export options.
 Output: a ``Quantized`` value: the torch model whose export is the deployed graph (float weights
 with re-tuned exit thresholds for int8, ``TernaryPTQLinear`` layers for ternary), a function that
 lowers that export (QDQ insertion from the calibrated plan), the fake-quant torch reference that
-golden outputs are checked against, and the JSON record for the manifest.
+golden outputs are checked against, and the JSON record for the manifest. Gate fidelity is measured
+on the held-out rows when there are some, else on the calibration rows, and the record says which
+(``fidelity.measured_on``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgegate.data import Dataset, TensorSpec
+from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap
 from edgegate.quantization.plan import Flavor
@@ -51,7 +54,10 @@ def _identity(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, flavor: Flavor,
-                        calib: Dataset | None, held_out: Dataset | None, spec: TensorSpec) -> Quantized:
+                        calib: Dataset | None, held_out: Dataset | None,
+                        spec: TensorSpec | Sequence[TensorSpec]) -> Quantized:
+    """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order)."""
+    specs = [spec] if isinstance(spec, TensorSpec) else list(spec)
     if options.scheme not in SCHEMES:
         raise EdgegateError(f"--quant {options.scheme} is unknown; use one of {', '.join(SCHEMES)}")
     if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
@@ -61,13 +67,18 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")
-    x_cal = torch.from_numpy(calib.input())
+    x_cal = torch_inputs(calib, specs)
     if options.scheme == "ternary":
         return _ternary(model, gate_map, options, flavor, x_cal)
-    return _int8(model, gate_map, options, flavor, x_cal, held_out, spec)
+    return _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs)
 
 
-def _int8(model, gate_map, options, flavor, x_cal, held_out, spec) -> Quantized:
+def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
+    """Every row of ``data`` as torch tensors, one per model input in ``specs`` order."""
+    return data.model_inputs([s.name for s in specs]).map(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+
+
+def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
     from edgegate.calibration import calibrate, measure_fidelity
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.quantization.config import QuantConfig
@@ -76,10 +87,12 @@ def _int8(model, gate_map, options, flavor, x_cal, held_out, spec) -> Quantized:
         raise EdgegateError("--lowrank needs --quant ternary")
     config = QuantConfig(observer=options.observer, flavor=flavor, gate_precision=options.gate_precision,
                          calibration=options.calibration, min_coverage=options.min_coverage)
-    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=spec)
-    if held_out is not None:
-        record = record.with_fidelity(measure_fidelity(model, qmodel, held_out.input(), held_out.labels, gate_map,
-                                                       input_spec=spec))
+    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
+    # Without held-out rows, fidelity on the calibration rows is still worth recording; it says so.
+    part = held_out if held_out is not None else calib
+    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), part.labels, gate_map, input_spec=specs)
+    fidelity["measured_on"] = "held_out" if held_out is not None else "calibration"
+    record = record.with_fidelity(fidelity)
     deployed = copy.deepcopy(model).eval()
     for path, values in record.thresholds.items():
         # The exported graph is the float model with Q/DQ added: give it the re-tuned operating point.
@@ -106,11 +119,10 @@ def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
     return Quantized(tmodel, tmodel, lower_ternary, record, exact=False)
 
 
-def split_data(dataset: Dataset) -> tuple[Dataset, Dataset | None]:
-    """(calibration, held-out): the val/test splits of a built-in; all of a user file, no held-out."""
-    if {"val", "test"} <= set(dataset.splits):
-        return dataset.split("val"), dataset.split("test")
-    return dataset, None
+def split_data(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
+    """(calibration, held-out): the val/test splits of a built-in; all of a user file, or with ``holdout``
+    (a fraction) the file less that share of its rows, which are held out (``data.calibration_split``)."""
+    return calibration_split(dataset, holdout)
 
 
 def agreement(got: list[np.ndarray], want: list[np.ndarray], names: list[str]) -> dict[str, float]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgegate.data import Inputs
 from edgegate.ops import pack_ternary, unpack_ternary
 from edgegate.ops import torch_ops as ops
 
@@ -118,7 +119,7 @@ class TernaryReport:
                 "bits_per_weight": round(self.bits_per_weight(), 4)}
 
 
-def ternarize_model(model: nn.Module, calib: torch.Tensor, keep_float: set[str], rank: int = 0,
+def ternarize_model(model: nn.Module, calib: torch.Tensor | Inputs, keep_float: set[str], rank: int = 0,
                     batch: int = 1024) -> tuple[nn.Module, TernaryReport]:
     """Convert every ``nn.Linear`` not in ``keep_float`` (module paths); the input model is not modified.
 
@@ -126,6 +127,7 @@ def ternarize_model(model: nn.Module, calib: torch.Tensor, keep_float: set[str],
     behind a gate (an exit, an expert) is fitted on the activations that actually reach it.
     """
     model = copy.deepcopy(model).eval()
+    calib = Inputs.of(calib)
     targets = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n not in keep_float}
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in targets}
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
@@ -133,7 +135,7 @@ def ternarize_model(model: nn.Module, calib: torch.Tensor, keep_float: set[str],
     try:
         with torch.no_grad():
             for i in range(0, len(calib), batch) if rank else ():
-                model(calib[i:i + batch])
+                calib[i:i + batch].run(model)
     finally:
         for h in hooks:
             h.remove()

@@ -35,6 +35,8 @@ def render_text(report: BenchReport) -> str:
         f"Spread       : std {lat.std_ms:.4f} ms, CV {lat.cv:.3f}" + ("  [UNSTABLE]" if r.unstable else ""),
         f"Throughput   : {r.throughput:.1f} samples/s (batch / mean latency); timed {r.timed_s:.3f} s",
     ]
+    if r.device:  # measured by a device agent (`--device`)
+        lines.insert(1, f"Device       : {r.device.get('name')} ({r.device.get('url')}), measured by its agent")
     if mem.peak_rss_after_mib is not None:
         lines.append(
             f"Peak RSS     : {mem.peak_rss_before_mib:.1f} MiB before load, "

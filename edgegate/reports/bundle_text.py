@@ -44,9 +44,10 @@ def bundle_lines(m: Mapping[str, Any]) -> list[str]:
     lines = labelled("Model", [f"{model_class} from {src.get('file', '?')} ({src.get('format', '?')}, "
                                f"sha256 {str(src.get('sha256', '?'))[:12]}...)"])
     if export:
-        inp = export.get("input") or {}
+        ins = export.get("inputs") or [export.get("input") or {}]  # "input" alone: bundles before several inputs
+        shown = ", ".join(f"{i.get('name')} {i.get('dtype')} {i.get('shape')}" for i in ins)
         batch = export.get("batch") or "dynamic"
-        text = (f"input {inp.get('name')} {inp.get('dtype')} {inp.get('shape')}, batch {batch}; outputs "
+        text = (f"input{'s' if len(ins) > 1 else ''} {shown}, batch {batch}; outputs "
                 f"{', '.join(export.get('outputs') or []) or '-'}; opset {export.get('opset')}")
         if export.get("exit_form"):
             form = EXIT_FORMS.get(export["exit_form"], export["exit_form"])
@@ -120,7 +121,8 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
 
 
 def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
-    """Float vs quantized on held-out data (manifest ``quant.fidelity``), per gate, and re-tuned thresholds."""
+    """Float vs quantized on held-out data, or the calibration rows without --holdout (manifest
+    ``quant.fidelity``), per gate, and re-tuned thresholds."""
     q = m.get("quant") or {}
     fid = q.get("fidelity") or {}
     if not fid:
@@ -132,7 +134,8 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
     for key in ("accuracy", "loss"):
         if isinstance(fid.get(key), Mapping):
             parts.append(f"{key} {_fixed(fid[key].get('float'))} -> {_fixed(fid[key].get('quant'))}")
-    lines = labelled("Fidelity", [", ".join(parts) + f" (float -> quantized, {fid.get('samples', '?')} held-out "
+    rows = "calibration" if fid.get("measured_on") == "calibration" else "held-out"  # no --holdout: calibration
+    lines = labelled("Fidelity", [", ".join(parts) + f" (float -> quantized, {fid.get('samples', '?')} {rows} "
                                   "samples)"])
     by_name = _gates_by_name(m)
     per_gate = []

@@ -10,6 +10,11 @@ from edgegate.reports import text
 if TYPE_CHECKING:
     from edgegate.comparison import CompareReport, Row
 
+# The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
+# measured on their calibration rows; the text repeats it under the table.
+CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
+                         "(exported without --holdout)")
+
 # (header, where the value lives, metric key, format): "m" = measured here, "r" = recorded at export.
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("acc", "m", "accuracy", "{:.4f}"),
@@ -51,8 +56,11 @@ def render_text(report: CompareReport) -> str:
     lines = [f"=== edgegate compare: {report.model['file']} on {d['name']} ({d['split']}, {d['samples']} samples) ===",
              *text.table(headers, cells)]
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
+    lines += [f"{r.name}: latency measured on device {r.device.get('name')} ({r.device.get('url')})"
+              + (f"; {r.note}" if r.note else "") for r in report.rows if r.status == "ok" and r.device]
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
+    lines += [n for n in report.notes if n.startswith(CALIBRATION_ROWS_NOTE)]
     return "\n".join(lines)
 
 

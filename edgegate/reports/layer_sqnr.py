@@ -1,7 +1,7 @@
 """Per-layer SQNR of bundles vs the float model, for compare (definition in ``edgegate.comparison``).
 
-Input: compare's rows, each probed bundle's ``model.onnx`` (with its input name and static batch), the
-float torch model, evaluation inputs and the float outputs. Output: the rows with ``layer_sqnr_db``
+Input: compare's rows, each probed bundle's ``model.onnx`` (with its static batch), the float torch
+model, evaluation inputs (every model input) and the float outputs. Output: the rows with ``layer_sqnr_db``
 filled: ``{torch module path: dB}``, scored on the rows that reach each layer under the float gating.
 A lowered layer's output is picked among its candidate tensors (``onnx_probe.layer_outputs``) as the
 one closest to the float module's output; the other candidates are partial results of that layer.
@@ -17,20 +17,21 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.data import Inputs
 from edgegate.onnx_export.torch_export import is_early_exit
 from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, sqnr_db, with_thresholds
 
 
-def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x: np.ndarray,
+def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x: Inputs,
                     float_out: dict[str, np.ndarray]) -> list[Any]:
     """Per-layer SQNR for each probed row (see the module doc for the definition)."""
     import torch
 
     plans = {}
-    for i, (proto, name, static) in probes:
+    for i, (proto, static) in probes:
         if is_early_exit(model):
             proto = with_thresholds(proto, NEVER_EXIT)
-        plans[i] = (proto, name, static, layer_outputs(proto))
+        plans[i] = (proto, static, layer_outputs(proto))
     paths = sorted({p for *_, layers in plans.values() for p in layers})
     ref = copy.deepcopy(model).eval()
     if is_early_exit(ref):
@@ -45,15 +46,15 @@ def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x
         for p in paths if p in modules]
     try:
         with torch.no_grad():
-            ref(torch.from_numpy(x))
+            x.map(torch.from_numpy).run(ref)
     finally:
         for h in handles:
             h.remove()
     reach = rows_reaching(ref, paths, float_out.get("exit_index", np.zeros(0))[: len(x)])
     new = list(rows)
-    for i, (proto, name, static, layers) in plans.items():
+    for i, (proto, static, layers) in plans.items():
         try:
-            got = run_layers(proto, {name: x}, sorted({t for ts in layers.values() for t in ts}), static)
+            got = run_layers(proto, dict(x.arrays), sorted({t for ts in layers.values() for t in ts}), static)
         except ProbeError as e:
             new[i] = dataclasses.replace(rows[i], note=f"no per-layer SQNR: {e}")
             continue

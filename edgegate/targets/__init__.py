@@ -55,12 +55,23 @@ class Artifact:
 
 
 @dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A runner input: dims are ints, or a str/None for a dynamic dim; dtype None if numpy has none."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: np.dtype | None
+
+
+@dataclasses.dataclass(frozen=True)
 class CompileContext:
     """What the export pipeline knows beyond the ONNX graph, for targets that need it.
 
-    ``calibration`` holds representative inputs (the calibration split when the export quantizes,
-    else the golden samples): the snn target balances thresholds on them, trt may build int8
-    calibration-free from the graph's Q/DQ scales and ignore them.
+    ``calibration_inputs`` holds representative inputs, one array per model input (the calibration
+    split when the export quantizes, else the golden samples): the snn target balances thresholds on
+    them, trt may build int8 calibration-free from the graph's Q/DQ scales and ignore them.
+    ``inputs`` describes every model input (batch first: None when dynamic); ``input_name`` and
+    ``calibration`` are the first input's, for targets that take one input.
     """
 
     quant: str = "fp32"  # fp32 | fp16 | int8 | ternary
@@ -69,15 +80,8 @@ class CompileContext:
     output_names: tuple[str, ...] = ()
     calibration: np.ndarray | None = None
     dataset: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A runner input: dims are ints, or a str/None for a dynamic dim; dtype None if numpy has none."""
-
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: np.dtype | None
+    inputs: tuple[TensorSpec, ...] = ()
+    calibration_inputs: Mapping[str, np.ndarray] | None = None
 
 
 @runtime_checkable

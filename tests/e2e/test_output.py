@@ -20,8 +20,8 @@ from tests._cli import edgegate
 from tests.e2e._tty import on_terminal, screen_lines
 
 BOX = re.compile("[\u2500-\u257f]")  # box-drawing characters
-STEPS = ["import", "load", "find_gates", "load_data", "calibrate", "export_onnx", "check", "compile", "golden",
-         "write_bundle"]
+STEPS = ["import", "load", "convert", "find_gates", "load_data", "calibrate", "export_onnx", "check", "compile",
+         "golden", "write_bundle"]
 
 
 def _labelled(text: str) -> dict[str, list[str]]:
@@ -105,7 +105,7 @@ def test_bench_defaults_to_a_time_budget(int8_export) -> None:
     r = edgegate("bench", "int8.edgegate", "--json", "default.json", cwd=work)
     assert r.returncode == 0, r.stderr
     report = json.loads((work / "default.json").read_text())
-    assert (report["format"], report["version"]) == ("edgegate.bench", 3)
+    assert (report["format"], report["version"]) == ("edgegate.bench", 4)
     assert report["budget"] == {"min_runs": 200, "min_seconds": 1.0, "max_seconds": 10.0}
     assert report["requested_runs"] is None and report["runs"] >= 200 and report["timed_s"] >= 1.0
     assert report["warmup"] >= 2 and sum(report["exits"]["counts"]) == report["runs"]

@@ -50,12 +50,11 @@ IMPORT_ALL = textwrap.dedent(
 
     from edgegate import zoo
     from edgegate.loading import save
-    from edgegate.pipeline import ExportConfig
 
     work = Path(sys.argv[1])
     model = zoo.build("threshold_gate")  # seeded random weights: enough to export
     save(model, work / "m.pt", meta=zoo.checkpoint_meta("threshold_gate", {}, 0))
-    bundle = edgegate.export(work / "m.pt", work / "m.edgegate", ExportConfig())
+    bundle = edgegate.export(work / "m.pt", out=work / "m.edgegate")
     qmodel, layers = edgegate.quantize(model)
     print(json.dumps({"imported": imported, "skipped": skipped, "api": api, "all": edgegate.__all__,
                       "bundle": edgegate.read_bundle(bundle).target, "quant_layers": sorted(layers)}))

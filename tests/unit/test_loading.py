@@ -430,7 +430,7 @@ def test_self_nested_pickle_is_not_a_recursion_error(tmp_path: Path) -> None:
 
 def test_unreadable_model_file_is_a_format_error(tmp_path: Path) -> None:
     (tmp_path / "dir.pt").mkdir()
-    with pytest.raises(ModelFormatError, match="does not exist or is not a file"):
+    with pytest.raises(ModelFormatError, match="dir.pt is a directory without config.json"):
         load(tmp_path / "dir.pt")
 
 

@@ -1,0 +1,94 @@
+"""Golden I/O of an export: the compiled model run here next to its torch reference, checked and stored.
+
+Stage: golden (after compile, before the bundle is written). Input: the bundle's ``model.onnx`` (or the
+target's own runner), the torch model the outputs must follow, the golden samples (every model input)
+and the output names. Output: ``golden_io.npz`` bytes (``input.<name>``, ``output.<name>``) that
+``edgegate bench`` checks on the device, and the record for the manifest (errors, tolerance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgegate.data import Inputs
+from edgegate.errors import ExportError
+
+EXACT_ATOL = 1e-4
+MIN_TOP1_AGREEMENT = 0.9
+
+
+def check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str], exact: bool) -> dict:
+    """Float graphs must match torch to float tolerance; integer graphs must follow their fake-quant model.
+
+    ``atol`` is what ``edgegate bench`` allows on the device against the outputs stored here: the
+    same runtime on another CPU may pick other integer kernels, so quantized bundles get a tolerance
+    of 2% of the output range rather than float round-off.
+    """
+    from edgegate.quantization.step import agreement  # torch side: loaded when an export runs, not on import
+
+    stats = agreement(got, want, names)
+    if exact:
+        err = max((v for k, v in stats.items() if k.endswith("_max_abs_err")), default=0.0)
+        if err > EXACT_ATOL or any(v < 1.0 for k, v in stats.items() if k.endswith("_agreement")
+                                   and not k.endswith("top1_agreement")):
+            raise ExportError(f"the exported model disagrees with torch by {err:.3g} (> {EXACT_ATOL}) on golden "
+                              "inputs; please report this model")
+        return {"vs_torch": stats, "atol": EXACT_ATOL}
+    low = {k: v for k, v in stats.items() if k.endswith("top1_agreement") and v < MIN_TOP1_AGREEMENT}
+    if low:
+        raise ExportError(f"the quantized ONNX model follows its fake-quant torch model on only {low} of golden "
+                          "inputs; please report this model")
+    scale = max((v for k, v in stats.items() if k.endswith("_scale")), default=1.0)
+    return {"vs_torch": stats, "atol": max(EXACT_ATOL, 0.02 * scale)}
+
+
+def run_golden(onnx_bytes: bytes, model: Any, x: Inputs, names: list[str], batch: int | None, runner: Any = None,
+               reference_only: bool = False) -> tuple[bytes, Inputs, list[np.ndarray], list[np.ndarray]]:
+    """Run the compiled model here and torch on every input of ``x``: (npz bytes, inputs, device outputs,
+    torch outputs). The npz holds ``input.<name>`` per model input and ``output.<name>`` per output.
+
+    The device outputs come from the target's own ``runner`` when it runs on this machine, else from
+    ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime). ``reference_only``: the graph
+    is another target's (trt), so ORT runs it with basic optimizations only: its CPU fusions would
+    quantize activations on the fly (DQ(int8 weight) -> MatMul), which the target does not do.
+    """
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    if runner is None:
+        so = ort.SessionOptions()
+        if reference_only:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        session = ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+
+        def run(chunk: Inputs) -> list[np.ndarray]:
+            return session.run(names, dict(chunk.arrays))
+    else:
+        def run(chunk: Inputs) -> list[np.ndarray]:
+            out = runner.run(dict(chunk.arrays))
+            return [out[k] for k in names]
+    n = len(x)
+    step = batch or n
+    if n % step:  # whole static batches only: tile or trim the samples (every input alike)
+        x = x[np.arange(step * max(1, n // step)) % n]
+    outs: list[list[np.ndarray]] = [[] for _ in names]
+    refs: list[list[np.ndarray]] = [[] for _ in names]
+    with torch.no_grad():
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            for acc, y in zip(outs, run(chunk), strict=True):
+                acc.append(y)
+            ref = chunk.map(torch.from_numpy).run(model)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            for acc, y in zip(refs, ref, strict=True):
+                acc.append(y.numpy())
+    got = [np.concatenate(a) for a in outs]
+    want = [np.concatenate(a) for a in refs]
+    buf = io.BytesIO()
+    np.savez(buf, **{f"input.{k}": v for k, v in x.arrays.items()},
+             **{f"output.{k}": v for k, v in zip(names, got, strict=True)})
+    return buf.getvalue(), x, got, want
