@@ -1,7 +1,9 @@
 """One sweep cell, run on whichever node Ray picks: export -> compare -> bench -> one row (a JSON-able dict).
 
-Input: a `CellJob` (the cell, its key, the sweep folder, bench/compare settings) and the bytes of the
-files it reads (model, .npz data), sent through Ray's object store so nodes need no shared folder.
+Input: a `CellJob` (the cell, its key, the sweep folder, bench/compare settings, the device agent if
+the spec names one) and the bytes of the files it reads (model, .npz data), sent through Ray's object
+store so nodes need no shared folder. With a device, the bench runs on the agent (its client uploads
+the bundle) and compare's accuracy and fidelity are still measured on this node.
 Output: the row (README, "Sweeps"). The bundle is written on this node by the pipeline's
 ``write_bundle`` (temp dir + rename) under ``DIR/cells/<key>/bundle``; an attempt killed mid-write
 leaves only a temp dir, which the next attempt removes first. A cell that fails returns an error
@@ -22,9 +24,10 @@ from typing import Any, TypeVar
 
 import edgegate
 from edgegate import targets
-from edgegate.benchmark import BenchConfig, bench
+from edgegate.benchmark import BenchConfig, BenchReport, bench
 from edgegate.bundle import read_bundle
 from edgegate.comparison import CompareConfig, compare
+from edgegate.device import DeviceClient, DeviceTargetError
 from edgegate.errors import EdgegateError, one_line
 from edgegate.pipeline import ExportConfig, run_export
 from edgegate.reports.stats import THREAD_OPTIONS, plain
@@ -44,6 +47,8 @@ class CellJob:
     bench: BenchSettings
     compare: CompareSettings
     version: str  # the driver's edgegate version; a node running another one refuses the cell
+    device_url: str | None = None  # bench on this device agent instead of on the node
+    device_token: str | None = dataclasses.field(default=None, repr=False)
 
 
 class _StageError(Exception):
@@ -93,30 +98,54 @@ def _run(job: CellJob, local: Mapping[str, Path]) -> dict[str, Any]:
     if not data:
         raise SweepError(f"model {cell.model.name} names no dataset to compare on; give data = NAME|FILE.npz "
                          "in the spec")
-    t0 = time.perf_counter()
-    # compare's own latency runs are kept to one: the cell's latency is the bench below, with the spec's runs.
-    report = _stage("compare", lambda: compare(model, [bundle_path], CompareConfig(
-        data=data, max_samples=job.compare.max_samples, runs=1, warmup=0)))
-    compare_s = time.perf_counter() - t0
-    float_row, row = report.rows[0], report.rows[1]
-    result: dict[str, Any] = {
-        "metrics": plain(row.metrics), "reference": plain(float_row.metrics), "fidelity": plain(row.recorded),
-        "data": report.data, "latency": None, "throughput": None, "batch": None,
-        "bundle_bytes": sum(p.stat().st_size for p in bundle_path.iterdir() if p.is_file()),
-        "export_s": round(export_s, 3), "compare_s": round(compare_s, 3), "bench_s": None,
-        "timings_s": m.get("timings_s") or {},
-    }
-    ok, why = targets.can_run(targets.get(bundle.target))
-    if not ok:  # e.g. trt: the engine builds here, but runs only on a GPU
-        result["note"] = f"not benched: target {bundle.target} cannot run on this node: {why}"
-        return result
     threads = job.bench.threads if _takes_threads(bundle.target) else None
     bench_config = BenchConfig(runs=job.bench.runs, warmup=job.bench.warmup, threads=threads)
+    measured: list[tuple[BenchReport, float]] = []
+    measure = None
+    if job.device_url:
+        client = DeviceClient(job.device_url, job.device_token or "")
+
+        def measure(path: Path, timing: BenchConfig) -> BenchReport:  # compare's timing, with the spec's runs
+            t = time.perf_counter()
+            try:
+                measured.append((client.bench(path, bench_config), time.perf_counter() - t))
+            except DeviceTargetError:
+                raise  # compare makes it a skipped row: this device cannot run the target
+            except EdgegateError as e:  # unreachable agent, refusal, a measurement that died: the bench's fault
+                raise _StageError(f"bench: {one_line(e)}") from e
+            return measured[-1][0]
+
+    # Here compare's own latency runs are kept to one: the cell's latency is the bench below. With a device,
+    # compare's timing is that bench, done by the agent (accuracy is still measured here).
+    runs, warmup = (job.bench.runs, job.bench.warmup) if measure else (1, 0)
     t0 = time.perf_counter()
-    bench_report = _stage("bench", lambda: bench(bundle_path, bench_config))
+    report = _stage("compare", lambda: compare(model, [bundle_path], CompareConfig(
+        data=data, max_samples=job.compare.max_samples, runs=runs, warmup=warmup), measure=measure))
+    compare_s = time.perf_counter() - t0
+    float_row, row = report.rows[0], report.rows[1]
+    if row.status != "ok":  # the device cannot run this target
+        raise _StageError(f"bench: {row.note.removeprefix('skipped: ')}")
+    result: dict[str, Any] = {
+        "metrics": plain(row.metrics), "reference": plain(float_row.metrics), "fidelity": plain(row.recorded),
+        "data": report.data, "latency": None, "throughput": None, "batch": None, "device": None,
+        "bundle_bytes": sum(p.stat().st_size for p in bundle_path.iterdir() if p.is_file()),
+        "export_s": round(export_s, 3), "compare_s": round(compare_s, 3), "bench_s": None,
+        "timings_s": m.get("timings_s") or {}, "note": row.note,
+    }
+    if measured:
+        bench_report, bench_s = measured[-1]
+        result["compare_s"] = round(compare_s - bench_s, 3)
+    else:
+        ok, why = targets.can_run(targets.get(bundle.target))
+        if not ok:  # e.g. trt: the engine builds here, but runs only on a GPU
+            result["note"] = f"not benched: target {bundle.target} cannot run on this node: {why}"
+            return plain(result)
+        t0 = time.perf_counter()
+        bench_report = _stage("bench", lambda: bench(bundle_path, bench_config))
+        bench_s = time.perf_counter() - t0
     result.update(latency=plain(dataclasses.asdict(bench_report.latency)), throughput=bench_report.throughput,
-                  batch=bench_report.batch, bench_s=round(time.perf_counter() - t0, 3),
-                  note="; ".join(bench_report.warnings))
+                  batch=bench_report.batch, bench_s=round(bench_s, 3), device=bench_report.device,
+                  note="; ".join(n for n in (row.note, *bench_report.warnings) if n))
     return plain(result)
 
 

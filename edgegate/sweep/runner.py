@@ -2,11 +2,12 @@
 
 Input: a validated spec, the output folder, where Ray runs (`RayOptions`: a local instance started
 for the run by default, or an existing cluster's address). Steps: hash the input files, expand the
-cells and key them by content (``store.key_of``), take finished rows from disk (the cache), start or
-join Ray, submit one task per remaining cell (declared CPUs and memory, spread over the nodes,
-``max_retries`` when a worker or node dies), write each row atomically as it arrives, then the
-report. Ctrl-C cancels what is still running (the cancelled tasks' ``write_bundle`` removes its temp
-dir) and re-raises after writing ``sweep.json``: finished cells stay usable. Output: `SweepResult`.
+cells and key them by content (``store.key_of``), take finished rows from disk (the cache), check the
+device agent when the spec names one, start or join Ray, submit one task per remaining cell (declared
+CPUs and memory, spread over the nodes, ``max_retries`` when a worker or node dies), write each row
+atomically as it arrives, then the report. Ctrl-C cancels what is still running (the cancelled tasks'
+``write_bundle`` removes its temp dir) and re-raises after writing ``sweep.json``: finished cells stay
+usable. Output: `SweepResult`.
 """
 
 from __future__ import annotations
@@ -89,10 +90,15 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
         if on_row:
             on_row(row, n, len(cells))
     todo = [i for i, r in enumerate(rows) if r is None]
+    token = None
     if todo:  # what can be refused without running anything is refused before anything is written
         _import_ray()
         if ray_options.address:
             _check_reachable(ray_options.address)
+        if spec.device is not None:
+            client = spec.device.client()
+            client.info()  # reachable, our token, an edgegate agent: or one line now, not one per cell
+            token = client.token
     _write_sweep(out, header, cells, keys, rows, SweepStatus.RUNNING, time.perf_counter() - start)
     if todo:
         for path, sha in shas.items():  # this node's copies, before any cell asks
@@ -100,7 +106,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
         with _ray_session(ray_options, out) as (ray, info):
             header["ray"] = info
             try:
-                _run_cells(ray, spec, out, shas, cells, keys, rows, todo, header, start, on_row)
+                _run_cells(ray, spec, out, shas, cells, keys, rows, todo, header, start, on_row, token)
             except BaseException as e:
                 status = SweepStatus.INTERRUPTED if isinstance(e, KeyboardInterrupt) else SweepStatus.STOPPED
                 _write_sweep(out, header, cells, keys, rows, status, time.perf_counter() - start)
@@ -114,7 +120,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, ray_options: RayOptions | None =
 
 def _run_cells(ray: Any, spec: SweepSpec, out: Path, shas: dict[str, str], cells: list[Cell], keys: list[str],
                rows: list[dict[str, Any] | None], todo: list[int], header: dict[str, Any], start: float,
-               on_row: OnRow | None) -> None:
+               on_row: OnRow | None, device_token: str | None) -> None:
     _check_fits(ray, spec)
     blobs = {path: ray.put(Path(store.file_copy(out, Path(path).name, s)).read_bytes()) for path, s in shas.items()}
     task = ray.remote(sweep_cell).options(
@@ -130,7 +136,8 @@ def _run_cells(ray: Any, spec: SweepSpec, out: Path, shas: dict[str, str], cells
         inputs = tuple((p, shas[p]) for p in dict.fromkeys(
             s for s in (str(cell.model), cell.data, cell.calib) if s and os.path.isabs(s)))
         job = CellJob(cell=cell, key=key, out=str(out), inputs=inputs, bench=spec.bench,
-                      compare=spec.compare, version=edgegate.__version__)
+                      compare=spec.compare, version=edgegate.__version__, device_url=cell.device,
+                      device_token=device_token)
         pending[task.remote(job, *(blobs[p] for p, _ in inputs))] = same
     done = len(cells) - len(todo)
     try:

@@ -5,8 +5,9 @@ Every key is checked before anything runs; a bad key raises `SweepError` naming 
 Output: `SweepSpec` (frozen; paths resolved against the spec's folder) and, by `expand`, one `Cell`
 per combination of models x targets x quant x observer x calibration x lowrank x per-target options,
 with the axes a scheme ignores collapsed (observer/calibration exist for int8 only, lowrank for
-ternary only), so no two cells do the same work. `SweepSpec.to_dict` / `from_dict` round-trip the
-spec through ``sweep.json`` so ``--resume`` needs no spec file.
+ternary only), so no two cells do the same work. ``[device]`` sends every cell's bench to a device
+agent (``edgegate device serve``). `SweepSpec.to_dict` / `from_dict` round-trip the spec through
+``sweep.json`` (the token file's path, never the token) so ``--resume`` needs no spec file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from edgegate import targets as targets_registry
 from edgegate.data import BUILTINS
+from edgegate.device import DeviceClient, DeviceError, read_token
 from edgegate.errors import EdgegateError, one_line, os_error_text
 from edgegate.quantization.config import CalibrationMode, Observer
 
@@ -72,6 +74,17 @@ class RaySettings:
 
 
 @dataclass(frozen=True)
+class DeviceSettings:
+    """``[device]``: the agent that benches every cell (compare still runs on the node that made the bundle)."""
+
+    url: str
+    token_file: str  # absolute path; the token itself is read by the driver and never written to sweep.json
+
+    def client(self) -> DeviceClient:
+        return DeviceClient(self.url, read_token(self.token_file))
+
+
+@dataclass(frozen=True)
 class Cell:
     """One export + compare + bench. ``options`` are the target's ``-O KEY=VALUE`` strings."""
 
@@ -84,12 +97,13 @@ class Cell:
     options: tuple[tuple[str, str], ...] = ()
     data: str | None = None  # built-in name or absolute .npz path; None: the model's own dataset
     calib: str | None = None
+    device: str | None = None  # the URL of the agent that benches it; None: the node that made it
 
     def config(self) -> dict[str, Any]:
         """The normalised cell config (JSON-able; the model as its file name)."""
         return {"model": self.model.name, "target": self.target, "quant": self.quant, "observer": self.observer,
                 "calibration": self.calibration, "lowrank": self.lowrank, "options": dict(self.options),
-                "data": _shown(self.data), "calib": _shown(self.calib)}
+                "data": _shown(self.data), "calib": _shown(self.calib), "device": self.device}
 
     @property
     def name(self) -> str:
@@ -115,6 +129,7 @@ class SweepSpec:
     bench: BenchSettings = BenchSettings()
     compare: CompareSettings = CompareSettings()
     ray: RaySettings = RaySettings()
+    device: DeviceSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form with absolute paths (stored in sweep.json; `from_dict` reads it back)."""
@@ -123,7 +138,8 @@ class SweepSpec:
                 "lowrank": list(self.lowrank),
                 "options": {t: [dict(v) for v in variants] for t, variants in self.options.items()},
                 "data": self.data, "calib": self.calib,
-                "bench": _fields(self.bench), "compare": _fields(self.compare), "ray": _fields(self.ray)}
+                "bench": _fields(self.bench), "compare": _fields(self.compare), "ray": _fields(self.ray),
+                "device": None if self.device is None else _fields(self.device)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> SweepSpec:
@@ -134,7 +150,8 @@ class SweepSpec:
                        options={t: tuple(tuple(sorted(v.items())) for v in variants)
                                 for t, variants in d["options"].items()},
                        data=d["data"], calib=d["calib"], bench=BenchSettings(**d["bench"]),
-                       compare=CompareSettings(**d["compare"]), ray=RaySettings(**d["ray"]))
+                       compare=CompareSettings(**d["compare"]), ray=RaySettings(**d["ray"]),
+                       device=None if d.get("device") is None else DeviceSettings(**d["device"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SweepError(f"{where}: the recorded spec is damaged ({one_line(e, 120)}); "
                              "run the sweep again with its SPEC.toml") from e
@@ -169,9 +186,6 @@ def load_spec(path: str | Path) -> SweepSpec:
 def parse_spec(raw: Mapping[str, Any], base: Path, where: str) -> SweepSpec:
     """Validate the TOML table `raw` of the spec `where` (paths relative to `base`)."""
     _known(raw, KEYS, where, "")
-    if "device" in raw:
-        raise SweepError(f"{where}: key 'device' is not available yet (the device agent has not landed); "
-                         "remove it to bench on the node that runs each cell")
     if "models" not in raw:
         raise SweepError(f"{where}: key 'models' is missing; list the model files to sweep, e.g. "
                          "models = [\"model.pt\"]")
@@ -197,7 +211,8 @@ def parse_spec(raw: Mapping[str, Any], base: Path, where: str) -> SweepSpec:
                      calib=_source(raw.get("calib"), "calib", base, where),
                      bench=_settings(raw.get("bench", {}), BenchSettings, "bench", where),
                      compare=_settings(raw.get("compare", {}), CompareSettings, "compare", where),
-                     ray=_settings(raw.get("ray", {}), RaySettings, "ray", where))
+                     ray=_settings(raw.get("ray", {}), RaySettings, "ray", where),
+                     device=_device(raw.get("device"), base, where))
 
 
 def _known(table: Mapping[str, Any], known: Sequence[str], where: str, prefix: str) -> None:
@@ -285,6 +300,26 @@ def _options(value: Any, targets: Sequence[str], where: str) -> dict[str, tuple[
     return out
 
 
+def _device(value: Any, base: Path, where: str) -> DeviceSettings | None:
+    """``[device] url = "http://HOST:PORT", token_file = "agent.token"`` (the file beside the spec)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SweepError(f"{where}: key 'device' must be a table: [device] url = \"http://HOST:PORT\", "
+                         "token_file = \"agent.token\"")
+    _known(value, ("url", "token_file"), where, "device.")
+    for key in ("url", "token_file"):
+        if not isinstance(value.get(key), str) or not value[key].strip():
+            raise SweepError(f"{where}: key 'device.{key}' is missing or not a string")
+    token_file = str((base / value["token_file"]).absolute())
+    try:  # the URL's form, then the token file (owner-only, one token): now, not in every cell
+        url = DeviceClient(value["url"], token="").url  # as the client spells it
+        read_token(token_file)
+    except DeviceError as e:
+        raise SweepError(f"{where}: key 'device': {e}") from e
+    return DeviceSettings(url=url, token_file=token_file)
+
+
 def _option_text(v: str | int | float | bool) -> str:
     # What `-O KEY=VALUE` would pass: targets parse strings ("true"/"false" for booleans).
     return ("true" if v else "false") if isinstance(v, bool) else str(v)
@@ -325,5 +360,6 @@ def expand(spec: SweepSpec) -> list[Cell]:
         uses_calib = quant in ("int8", "ternary") or getattr(targets_registry.get(target), "needs_calibration", False)
         calib = spec.calib if uses_calib else None
         for observer, calibration, rank, options in itertools.product(observers, calibrations, ranks, variants):
-            cells[Cell(model, target, quant, observer, calibration, rank, options, spec.data, calib)] = None
+            cells[Cell(model, target, quant, observer, calibration, rank, options, spec.data, calib,
+                       None if spec.device is None else spec.device.url)] = None
     return list(cells)

@@ -1,21 +1,48 @@
 """`edgegate sweep --ray-address` on a two-node Ray cluster on loopback (head + worker, `ray start`):
-a failing cell is an error row while the others finish; a worker process killed mid-cell gets its cell
-retried and no bundle is half-written; Ctrl-C exits 130 keeping finished cells, and --resume finishes."""
+a failing cell is an error row while the others finish (their bench done by a real device agent on
+loopback, `edgegate device serve`); a worker process killed mid-cell gets its cell retried and no
+bundle is half-written; Ctrl-C exits 130 keeping finished cells, and --resume finishes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from edgegate.bundle import read_bundle
 from tests.sweep._sweep import children, cmdline, run, write_spec
 
 CELL_TITLE = "ray::sweep_cell"  # Ray names a worker process after the task it runs
+TOKEN = "sweep-device-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def device_agent(tmp_path_factory: pytest.TempPathFactory, ray_env: dict[str, str]) -> Iterator[tuple[str, Path]]:
+    """`edgegate device serve` on loopback (port 0: its URL is on its first line); (URL, token file)."""
+    root = tmp_path_factory.mktemp("agent")
+    token = root / "agent.token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    cmd = [sys.executable, "-m", "edgegate.cli", "device", "serve", "--port", "0", "--token-file", str(token),
+           "--workdir", str(root / "work"), "--name", "sweep-device"]
+    with open(root / "agent.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=ray_env, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving (http://127\.0\.0\.1:\d+) ", line)
+        assert match, (line, (root / "agent.log").read_text())
+        yield match.group(1), token
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, (root / "agent.log").read_text()
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -39,16 +66,23 @@ def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
-def test_failing_cell_is_an_error_row_and_the_rest_finish(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
+def test_failing_cell_is_an_error_row_and_the_rest_finish(ray_cluster, sweep_models: Path, tmp_path: Path,
+                                                          device_agent: tuple[str, Path]) -> None:
     # tg2.pt is tg.pt under another name: the same cells by content, run once and shown under both names.
     (tmp_path / "tg2.pt").write_bytes((sweep_models / "tg.pt").read_bytes())
-    write_spec(tmp_path, sweep_models, """
+    url, token = device_agent
+    (tmp_path / "agent.token").write_bytes(token.read_bytes())
+    (tmp_path / "agent.token").chmod(0o600)
+    write_spec(tmp_path, sweep_models, f"""
 models = ["MODELS/tg.pt", "tg2.pt"]
 targets = ["snn"]
 [options]
-snn = { timesteps = [8, 0] }   # 0 is refused by the snn target, in its cell only
+snn = {{ timesteps = [8, 0] }}   # 0 is refused by the snn target, in its cell only
 [bench]
 runs = 10
+[device]                        # every bench on the agent; accuracy still measured on the Ray nodes
+url = "{url}"
+token_file = "agent.token"
 """)
     r = run(["sweep", "spec.toml", "-o", "out", "--ray-address", ray_cluster.address], tmp_path, ray_cluster.env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -59,6 +93,10 @@ runs = 10
     ok, bad, ok2, bad2 = sweep["rows"]
     assert (ok["name"], ok["status"], ok["cell"]["options"]) == ("tg/snn/fp32/timesteps=8", "ok", {"timesteps": "8"})
     assert ok["latency"]["median_ms"] > 0 and 0.8 <= ok["metrics"]["accuracy"] <= 1.0
+    assert ok["device"] == {"name": "sweep-device", "url": url} and ok["cell"]["device"] == url
+    assert ok["bench_s"] > 0 and ok["throughput"] > 0
+    assert TOKEN not in (out / "sweep.json").read_text()  # the spec records the token file, not the token
+    assert sweep["spec"]["device"] == {"url": url, "token_file": str(tmp_path / "agent.token")}
     assert bad["name"] == "tg/snn/fp32/timesteps=0" and bad["status"] == "error"
     assert bad["error"] == "export: snn option timesteps=0 must be an int in 1..65535"
     assert bad["bundle"] is None and bad["node"]["ip"] and bad["node"]["id"] != ok["node"]["id"]  # SPREAD
@@ -152,3 +190,18 @@ runs = 10
     assert sweep["status"] == "complete"
     _check_bundles(out, sweep["rows"])
     assert _leftovers(out) == []
+
+
+def test_a_device_that_refuses_the_token_stops_the_sweep_before_it_starts(sweep_models: Path, tmp_path: Path,
+                                                                          device_agent: tuple[str, Path],
+                                                                          ray_env: dict[str, str]) -> None:
+    url, _ = device_agent
+    (tmp_path / "wrong.token").write_text("not-the-agents-token-000\n")
+    (tmp_path / "wrong.token").chmod(0o600)
+    write_spec(tmp_path, sweep_models, f'models = ["MODELS/tg.pt"]\n[device]\nurl = "{url}"\n'
+                                       'token_file = "wrong.token"\n')
+    r = run(["sweep", "spec.toml", "-o", "out"], tmp_path, ray_env)
+    assert r.returncode == 2 and r.stderr.startswith("edgegate: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.strip() == (f"edgegate: error: the device agent at {url} refused: wrong token: use the token "
+                                "file the agent was started with (HTTP 401)")
+    assert not (tmp_path / "out").exists()  # refused before anything was written or any Ray started

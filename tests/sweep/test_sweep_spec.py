@@ -45,7 +45,11 @@ def spec_at(folder: Path, text: str) -> Path:
     ('models = ["a.pt"]\n[bench]\nruns = 0', "key 'bench.runs' = 0 is not valid; give a whole number >= 1"),
     ('models = ["a.pt"]\n[bench]\nrepeat = 3', "unknown key 'bench.repeat' (known: runs, warmup, threads)"),
     ('models = ["a.pt"]\n[ray]\ncpus_per_cell = 0', "key 'ray.cpus_per_cell' = 0 is not valid; give a number"),
-    ('models = ["a.pt"]\ndevice = "http://127.0.0.1:8000"', "key 'device' is not available yet"),
+    ('models = ["a.pt"]\ndevice = "http://127.0.0.1:8000"', "key 'device' must be a table"),
+    ('models = ["a.pt"]\n[device]\nurl = "http://127.0.0.1:8000"', "key 'device.token_file' is missing"),
+    ('models = ["a.pt"]\n[device]\nurl = "ftp://h:1"\ntoken_file = "t"', "key 'device': device URL 'ftp://h:1'"),
+    ('models = ["a.pt"]\n[device]\nurl = "http://h:1"\ntoken_file = "none"', "key 'device': token file"),
+    ('models = ["a.pt"]\n[device]\nurl = "http://h:1"\ntoken_file = "t"\nname = 1', "unknown key 'device.name'"),
     ('models = ["a.pt"\n', "is not valid TOML"),
 ])
 def test_bad_spec_is_refused_in_one_line_naming_the_key(folder: Path, text: str, message: str) -> None:
