@@ -153,7 +153,7 @@ def _calibrate(model: nn.Module, data: np.ndarray | torch.Tensor, config: QuantC
     x = as_input(data, name, input_spec)
     ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
     check_fits(ref, x, name)
-    qmodel, swapped = quantize(ref, config, gate_map)
+    qmodel, swapped = quantize(ref, config, gate_map, example=x)
     fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
     paths = list(swapped)
     with torch.no_grad():
