@@ -11,8 +11,9 @@ checkpoint's ``.npz`` dataset, and 64 other test crops. Per model, three ONNX fi
 with the same session options (all optimizations, 1 intra-op thread, batch 1 and 32):
 
 * ``fp32``: the ``edgegate export --quant fp32`` bundle's ``model.onnx``,
-* ``edgegate``: the ``--quant int8`` bundle's (BatchNorm folded, every op that runs quantized quantized,
-  regions measured slower in INT8 kept float by the cpu target),
+* ``edgegate``: the ``--quant int8 --observer minmax`` bundle's (BatchNorm folded, every op that runs quantized
+  quantized, regions measured slower in INT8 kept float by the cpu target). Min-max is the range estimator
+  ``quantize_static`` uses, so the comparison is about placement and kernels, not about the estimator,
 * ``ort_static``: ``onnxruntime.quantization.quantize_static`` of the FP32 file on the same 64 calibration
   crops (QDQ, uint8 activations, int8 per-channel weights, after ``quant_pre_process``).
 
@@ -41,8 +42,9 @@ FULL = {"models": tuple(MODELS), "size": 224, "calib": 64, "test": 64, "batches"
         "child": True}
 # Smoke size (CI): a ResNet-18 of width 8 at 32 x 32, exported in this process (no peak RSS of its own).
 SMOKE = {"models": ("resnet18",), "size": 32, "calib": 16, "test": 16, "batches": (1, 4),
-         "config": {"resnet18": {"width": 8}}, "child": False}
+         "config": {"resnet18": {"width": 8, "n_classes": 10}}, "child": False}
 SPEEDUP_GOAL = 3.0  # ResNet-18 INT8 vs FP32, batch 1, 1 thread
+OBSERVER = "minmax"  # the range estimator of quantize_static, the peer
 THREADS = 1
 _MEAN, _STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -88,9 +90,9 @@ def make_checkpoint(root: Path, name: str, size: int, calib: np.ndarray, config:
 _CHILD = """
 import json, resource, sys, time
 from edgegate.pipeline import ExportConfig, run_export
-ckpt, out, quant, cls = sys.argv[1:5]
+ckpt, out, quant, cls, observer = sys.argv[1:6]
 t0 = time.perf_counter()
-path = run_export(ckpt, out, ExportConfig(quant=quant, overwrite=True, model_class=cls))
+path = run_export(ckpt, out, ExportConfig(quant=quant, observer=observer, overwrite=True, model_class=cls))
 print(json.dumps({"wall_s": round(time.perf_counter() - t0, 3),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "timings_s": json.loads((path / "manifest.json").read_text())["timings_s"]}))
@@ -102,7 +104,7 @@ def export_here(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
     from edgegate.pipeline import ExportConfig, run_export
 
     t0 = time.perf_counter()
-    path = run_export(ckpt, out, ExportConfig(quant=quant, overwrite=True, model_class=cls))
+    path = run_export(ckpt, out, ExportConfig(quant=quant, observer=OBSERVER, overwrite=True, model_class=cls))
     wall = round(time.perf_counter() - t0, 3)
     return {"wall_s": wall, "peak_rss_mib": None, "process_wall_s": wall,
             "timings_s": json.loads((path / "manifest.json").read_text())["timings_s"]}
@@ -114,7 +116,7 @@ def export_child(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(out), quant, cls], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(out), quant, cls, OBSERVER], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
@@ -128,7 +130,7 @@ def export_child(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
 
 def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:
     noise = float(np.sum((got.astype(np.float64) - want) ** 2))
-    return round(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30)), 2)
+    return round(float(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30))), 2)
 
 
 def bench_model(ws: Workspace, name: str, sizes: Sizes, spec: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ def _run(proto, calib, x, y, tmp_path, **options):
         return art, acc, runner.metrics()
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8"])
+@pytest.mark.parametrize("quant", ["int8"])
 def test_default_energy_below_int8_ann_at_one_point(zoo_model, tmp_path, quant):
     proto, calib, x, y = _export(zoo_model("threshold_gate")[0], "threshold_gate", quant)
     art, acc, m = _run(proto, calib, x, y, tmp_path)
