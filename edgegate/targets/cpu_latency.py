@@ -90,7 +90,7 @@ def _feeds(inputs: np.ndarray, input_name: str, static_batch: int | None) -> lis
 
 def keep_fast_regions(model, inputs: np.ndarray, options: Any) -> tuple[Any, dict[str, Any]]:
     """(model with slow INT8 regions in float, the decision record for the manifest)."""
-    from edgegate.onnx_export.passes.float_regions import regions, to_float, with_node_names
+    from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
 
     model = with_node_names(model)
     found = regions(model)
@@ -121,14 +121,14 @@ def keep_fast_regions(model, inputs: np.ndarray, options: Any) -> tuple[Any, dic
         if not keep:
             current, current_bytes = candidate, candidate_bytes
             current_session = timer.session(current_bytes)
-    all_float = to_float(current, [n for _, names in found for n in names])
-    times = timer.compare({"int8": current_session, "float": timer.session(all_float.SerializeToString())})
+    fp32 = all_float(model)
+    times = timer.compare({"int8": current_session, "float": timer.session(fp32.SerializeToString())})
     speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
     final = {"int8_ms": {str(b): t["int8"] for b, t in times.items()},
              "float_ms": {str(b): t["float"] for b, t in times.items()},
              "int8_speedup": {str(b): s for b, s in speedups.items()}}
     if not all(s >= 1.0 for s in speedups.values()):
-        current = all_float
+        current = fp32
         final["kept"] = "float (the decided graph measured slower than all-float)"
     else:
         final["kept"] = "decided graph"

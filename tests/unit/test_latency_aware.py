@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import TargetError
-from edgegate.onnx_export.passes.float_regions import regions, to_float, with_node_names
+from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
 from edgegate.targets.cpu import CpuOptions, CpuTarget
 
 SHAPE = [1, 32, 64, 64]
@@ -53,7 +53,8 @@ def test_slower_int8_region_is_made_float_and_recorded(compiled):
     assert record["min_speedup"] == 1.02 and record["batches"] == [1] and record["threads"] == 1
     model = onnx.load_from_string(artifact.files["model.onnx"])
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("HardSwish") == CHAIN and ops.count("QuantizeLinear") == 1  # only the output's Q/DQ stays
+    # Only the output's Q/DQ may stay (the graph decided region by region), or none (the all-float form won).
+    assert ops.count("HardSwish") == CHAIN and ops.count("QuantizeLinear") <= 1
     # Float is at least as exact as the quantized chain, against the chain computed in float64.
     from edgegate.targets.cpu import _session
 
@@ -102,3 +103,11 @@ def test_regions_and_to_float_keep_neighbours_int8():
     assert readers["hardswish0"] == ["x"] and readers["hardswish1"] == ["h0"]  # float inside the region
     assert readers["hardswish2"] == ["d2"] and readers["hardswish3"] == ["d3"]  # INT8 input kept outside
     onnx.checker.check_model(first, full_check=True)
+
+
+def test_all_float_drops_every_activation_qdq():
+    model = all_float(with_node_names(hardswish_chain()))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops and ops.count("HardSwish") == CHAIN
+    assert [o.name for o in model.graph.output] == ["y"]
+    onnx.checker.check_model(model, full_check=True)

@@ -139,6 +139,26 @@ def to_float(model: onnx.ModelProto, node_names: list[str]) -> onnx.ModelProto:
     return out
 
 
+def all_float(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every quantized node in float (``to_float`` of all of them) and every activation QuantizeLinear ->
+    DequantizeLinear pair removed: the FP32 graph the INT8 one came from, with its weights rounded."""
+    out = to_float(model, [n.name for n in quantized_nodes(model.graph)])
+    graph = out.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        # An Identity keeps the DequantizeLinear's output name (a graph output may carry it).
+        dq.op_type, dq.domain = "Identity", ""
+        del dq.input[:]
+        dq.input.append(q.input[0])
+        del dq.attribute[:]
+    _prune(out)
+    return out
+
+
 def _dequantized(graph: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, names: set[str]) -> str:
     """A float initializer with DequantizeLinear's value of a constant (per-tensor or per-axis)."""
     q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
