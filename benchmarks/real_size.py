@@ -6,8 +6,9 @@ run in milliseconds, where arithmetic does. Both architectures are written out i
 real image crops (``recalibrate_batchnorm``), so activations have the per-channel scale of a trained net.
 
 Data: 224 x 224 crops (random position, random horizontal flip, ImageNet normalization) of the two photos
-scikit-learn ships (``sklearn.datasets.load_sample_images``): 64 calibration crops, written as the
-checkpoint's ``.npz`` dataset, and 64 other test crops. Per model, three ONNX files run by ONNX Runtime
+scikit-learn ships (``sklearn.datasets.load_sample_images``): the checkpoint's ``.npz`` dataset, whose val
+split (64 crops) is what the pipeline calibrates on and what ``quantize_static`` gets, and 64 other test
+crops. Per model, three ONNX files run by ONNX Runtime
 with the same session options (all optimizations, 1 intra-op thread, batch 1 and 32):
 
 * ``fp32``: the ``edgegate export --quant fp32`` bundle's ``model.onnx``,
@@ -45,6 +46,7 @@ SMOKE = {"models": ("resnet18",), "size": 32, "calib": 16, "test": 16, "batches"
          "config": {"resnet18": {"width": 8, "n_classes": 10}}, "child": False}
 SPEEDUP_GOAL = 3.0  # ResNet-18 INT8 vs FP32, batch 1, 1 thread
 OBSERVER = "minmax"  # the range estimator of quantize_static, the peer
+SPLIT_VAL = 0.15  # edgegate.data's val fraction of a user .npz: the rows the pipeline calibrates on
 THREADS = 1
 _MEAN, _STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -66,24 +68,31 @@ def image_crops(n: int, size: int, seed: int) -> np.ndarray:
     return out
 
 
-def make_checkpoint(root: Path, name: str, size: int, calib: np.ndarray, config: dict[str, Any]) -> Path:
-    """The model with seeded weights and BatchNorm statistics from the calibration crops, saved as an edgegate
-    checkpoint whose dataset is the calibration ``.npz``."""
+def make_checkpoint(root: Path, name: str, size: int, calib_rows: int,
+                    config: dict[str, Any]) -> tuple[Path, np.ndarray]:
+    """The model with seeded weights and BatchNorm statistics from image crops, saved as an edgegate checkpoint
+    whose dataset is an ``.npz`` of crops. The pipeline calibrates on that file's ``val`` split (15 %), so the
+    file holds enough crops for ``calib_rows`` of them to be in it; returns (checkpoint, the val-split crops),
+    the very rows ``quantize_static`` gets."""
     import torch
 
     from benchmarks import models
+    from edgegate.data import load_data
     from edgegate.loading import save
 
+    n = int(np.ceil(calib_rows / SPLIT_VAL)) + 1
+    crops = image_crops(n, size, seed=1)
+    data = root / f"{name}.calib.npz"
+    np.savez(data, x=crops)
+    calib = load_data(str(data), ["x"], {"x": (3, size, size)}).split("val").input()[:calib_rows]
     cls = getattr(models, MODELS[name].split(":")[1])
     torch.manual_seed(0)
     model = cls(**config)
-    models.recalibrate_batchnorm(model, torch.from_numpy(calib))
-    data = root / f"{name}.calib.npz"
-    np.savez(data, x=calib)
+    models.recalibrate_batchnorm(model, torch.from_numpy(crops[:max(calib_rows, 64)]))
     path = root / f"{name}.pt"
     save(model, path, meta={"dataset": str(data), "seed": 0,
                             "inputs": [{"name": "x", "shape": [3, size, size], "dtype": "float32"}]})
-    return path
+    return path, np.ascontiguousarray(calib)
 
 
 # The child reports its own peak RSS (ru_maxrss, KiB on Linux): the export's, not this process's.
@@ -139,9 +148,8 @@ def bench_model(ws: Workspace, name: str, sizes: Sizes, spec: dict[str, Any]) ->
     root = ws.root / f"real-{name}"
     root.mkdir(exist_ok=True)
     size = spec["size"]
-    calib = image_crops(spec["calib"], size, seed=1)
     test = image_crops(spec["test"], size, seed=2)
-    ckpt = make_checkpoint(root, name, size, calib, spec["config"].get(name, {}))
+    ckpt, calib = make_checkpoint(root, name, size, spec["calib"], spec["config"].get(name, {}))
     exports = {}
     export = export_child if spec["child"] else export_here
     for quant in ("fp32", "int8"):
