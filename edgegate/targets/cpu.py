@@ -102,8 +102,8 @@ class CpuOptions:
                     raise TargetError(f"cpu option latency_aware={text!r} must be true or false")
                 values[key] = text.lower() in _TRUE
             else:
-                raise TargetError(f"cpu takes no option {key!r}; options: graph_optimization, intra_op_threads, "
-                                  "latency_aware")
+                raise TargetError(f"cpu takes no --target-option {key!r}; options: graph_optimization, "
+                                  "intra_op_threads, latency_aware")
         return cls(**values, timing_inputs=inputs)
 
     def to_manifest(self) -> dict[str, Any]:

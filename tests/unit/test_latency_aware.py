@@ -85,7 +85,7 @@ def test_cpu_options_from_strings():
     assert CpuOptions.from_strings({"intra_op_threads": "2", "latency_aware": "off"}).intra_op_threads == 2
     with pytest.raises(TargetError, match="latency_aware='maybe' must be true or false"):
         CpuOptions.from_strings({"latency_aware": "maybe"})
-    with pytest.raises(TargetError, match="cpu takes no option 'warp'"):
+    with pytest.raises(TargetError, match="cpu takes no --target-option 'warp'"):
         CpuOptions.from_strings({"warp": "9"})
 
 
