@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MIN_SPEEDUP = 1.02
 REPEATS = 7
-REPEAT_MS = 25.0  # calls per repeat: about this long, at most MAX_CALLS
+REPEAT_MS = 15.0  # calls per repeat: about this long, at most MAX_CALLS
 MAX_CALLS = 20
 BUDGET_S = 90.0
 LARGE_BATCH = 8

@@ -69,7 +69,8 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
 def _lower(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) -> onnx.ModelProto:
     """Layers, then functional ops (``insert_op_qdq``), then one quantizer per tensor (``merge_qdq``)."""
     out = _insert(model, plan, integer)
-    if plan.ops:
+    if plan.ops or any(q.out_after_relu for q in plan.layers.values()):
+        # Functional ops and ReLU-fused outputs share one quantizer per tensor with the layers that read them.
         out = merge_qdq(insert_op_qdq(out, plan))
     return out
 

@@ -87,7 +87,8 @@ def _merge(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> bool:
 def _prune(model: onnx.ModelProto) -> None:
     """Remove nodes whose outputs nothing reads (repeatedly), then unread initializers."""
     while True:
-        used = {i for g in graphs(model.graph) for n in g.node for i in n.input} | {o.name for o in model.graph.output}
+        used = ({i for g in graphs(model.graph) for n in g.node for i in n.input}
+                | {o.name for g in graphs(model.graph) for o in g.output})
         removed = False
         for g in graphs(model.graph):
             outs = {o.name for o in g.output}
@@ -98,7 +99,9 @@ def _prune(model: onnx.ModelProto) -> None:
                 removed = True
         if not removed:
             break
-    used = {i for g in graphs(model.graph) for n in g.node for i in n.input} | {o.name for o in model.graph.output}
+    # Every graph's outputs count as read: a subgraph (an If branch) may return an initializer directly.
+    used = ({i for g in graphs(model.graph) for n in g.node for i in n.input}
+            | {o.name for g in graphs(model.graph) for o in g.output})
     inputs = {i.name for g in graphs(model.graph) for i in g.input}  # an initializer that is an input stays
     for g in graphs(model.graph):
         keep_init = [t for t in g.initializer if t.name in used or t.name in inputs]
