@@ -231,7 +231,12 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
             golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
                                               runner, reference_only=target.name != "cpu")
-        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
+            also = None
+            if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
+                   .get("regions", [])):  # regions run in float: the float model is a reference there too
+                also = run_golden(artifact.files["model.onnx"], q.export_model, x, names, config.batch,
+                                  runner, reference_only=target.name != "cpu")[3]
+        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True), also)
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
         golden_record["source"] = target.name if runs_here else "onnxruntime"

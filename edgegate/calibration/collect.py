@@ -155,7 +155,7 @@ def _calibrate(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateM
     x = as_inputs(data, model, input_spec)
     ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
     check_fits(ref, x)
-    qmodel, swapped = quantize(ref, config, gate_map)
+    qmodel, swapped = quantize(ref, config, gate_map, example=x)
     fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
     paths = list(swapped)
     with torch.no_grad():

@@ -87,9 +87,12 @@ def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Qu
     from edgegate.calibration import calibrate, measure_fidelity
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.quantization.config import QuantConfig
+    from edgegate.quantization.fold import fold_batchnorm
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
+    # Calibrate and export the model the runtime computes: BatchNorm folded into its conv.
+    model, folded = fold_batchnorm(model, x_cal[:8])
     config = QuantConfig(observer=options.observer, flavor=flavor, gate_precision=options.gate_precision,
                          calibration=options.calibration, min_coverage=options.min_coverage)
     qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs or None)
@@ -105,7 +108,7 @@ def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Qu
         deployed.get_submodule(path).set_thresholds(values["after"])
     plan = record.plan
     return Quantized(deployed, qmodel.eval(), lambda proto: insert_qdq(proto, plan),
-                     {"scheme": "int8", **record.to_dict()}, exact=False)
+                     {"scheme": "int8", **record.to_dict(), "folded_batchnorm": folded}, exact=False)
 
 
 def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
