@@ -110,8 +110,9 @@ def feeders(model: nn.Module, x: Inputs, gate_map: GateMap) -> dict[str, list[st
             seen.setdefault(name, list(dict.fromkeys(order)))  # its first call: what ran before it
         return hook
 
-    handles = [m.register_forward_pre_hook(ran(p)) for p, m in model.named_modules() if is_quantizable(m)]
-    handles += [point.register_forward_pre_hook(decides(name)) for name, point in points.items()]
+    # Decision points first: when the point is itself a layer (an exit head), it has not run yet.
+    handles = [point.register_forward_pre_hook(decides(name)) for name, point in points.items()]
+    handles += [m.register_forward_pre_hook(ran(p)) for p, m in model.named_modules() if is_quantizable(m)]
     try:
         with torch.no_grad(), naive_gating(GatedParts.of(model, gate_map)):
             x[:FEEDER_ROWS].run(model)
