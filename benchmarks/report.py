@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks import fidelity_seeds
+
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(v: Any) -> str:
@@ -86,7 +88,9 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8: edgegate vs ORT FP32 vs ORT quantize_sta
              "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
              "ternary": ("3. Ternary 2-bit linear vs FP32 MatMul", _ternary),
              "snn": ("4. SNN emulator vs snnTorch", _snn),
-             "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time)}
+             "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time),
+             "fidelity_seeds": ("6. Gate fidelity over seeds: gate-aware vs naive int8",
+                                lambda s: fidelity_seeds.render(s, _table))}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:

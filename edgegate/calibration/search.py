@@ -16,7 +16,7 @@ only gates are soft (sigmoid), the top-1 agreement of its prediction.
 1. ``int8``: path-conditional observers alone;
 2. ``retune``: + exit thresholds re-tuned on the quantized model (early-exit models);
 3. ``bias_correction``: + each layer's mean output error removed on its own rows (1-3 finish one
-   observation of the quantizers three ways);
+   observation of the quantizers three ways and are all judged: equally free, the best is kept);
 4. ``observer``: the other activation observers (minmax, percentile, mse) on the best of 1-3;
 5. ``a16w8``: 16-bit inputs (int8 weights, still integer kernels on cpu) for Linear layers that feed a
    failing gate, greedily, most helpful first (router inputs, channel-gate predictors' inputs, the stages
@@ -24,6 +24,7 @@ only gates are soft (sigmoid), the top-1 agreement of its prediction.
 6. ``float``: layers that feed a failing gate kept in float, greedily; at most ``max_promoted_layers``
    layers over 5 and 6.
 
+The search stops at the first try (the best of 1-3) that meets the target, else keeps the best of all.
 A try meets the target when, for every gate metric it applies to, both the counted value on the
 calibration rows and the value expected from the decision margins less one standard error
 (``calibration.margins``) meet it: a few hundred rows cannot resolve half a percent by counting alone,
@@ -174,8 +175,9 @@ class _Search:
                                   and margin(e, self.target) < 0))
 
     def promote(self, means: Means, quantized: dict[str, LayerKind], fed: dict[str, list[str]]) -> None:
-        """Greedy: add the one layer (feeding a failing gate) whose promotion helps most, until the target
-        is met, ``max_promoted_layers`` is reached or no candidate helps."""
+        """Greedy, on top of the best try so far: promote each layer feeding a failing gate in turn (nearest
+        first); stop at the first that meets the target, else keep the most helpful one and go on, until
+        ``max_promoted_layers`` layers are promoted or no candidate helps."""
         base = self.config
         while not self.met:
             start = self.best_config()
@@ -209,12 +211,14 @@ class _Search:
             ladder.append((Means.RETUNE, dataclasses.replace(ladder[-1][1], retune_thresholds=True)))
         if c.bias_correction:
             ladder.append((Means.BIAS, dataclasses.replace(ladder[-1][1], bias_correction=True)))
-        # These three differ only after the quantizers are observed: observe once, finish each on a copy.
+        # These differ only after the quantizers are observed: observe once, finish each on a copy. All of them
+        # are judged: they cost nothing at inference and nothing more to calibrate, so the best one is kept.
         observed = observe(self.model, self.x, ladder[0][1], self.gate_map, None)
         for means, cfg in ladder:
-            if self.attempt(means, cfg, observed).passed:
-                return self.finish()
+            self.attempt(means, cfg, observed)
         del observed
+        if self.met:
+            return self.finish()
         free = self.best_config()
         for observer in (o for o in OBSERVERS if o != free.observer):
             if self.attempt(Means.OBSERVER, dataclasses.replace(free, observer=observer)).passed:
