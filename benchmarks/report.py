@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks import fidelity_seeds
+
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(v: Any) -> str:
@@ -118,7 +120,9 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "snn": ("4. SNN emulator vs snnTorch", _snn),
              "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time),
              "real_size": ("6. Real-size CNNs (224 x 224): edgegate INT8 vs ORT FP32 vs ORT quantize_static",
-                           _real_size)}
+                           _real_size),
+             "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
+                                lambda s: fidelity_seeds.render(s, _table))}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:

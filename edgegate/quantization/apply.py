@@ -42,9 +42,11 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict[str, str]:
     """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``.
 
-    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations.
+    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations; ``float_layers``
+    (chosen for gate fidelity) stay float everywhere.
     """
     keep = decision_layers(model, gate_map) if config.gates_in_float else {}
+    keep.update({p: "feeds a gate decision; kept float for gate fidelity" for p in config.float_layers})
     if config.flavor is Flavor.TRT:
         keep.update({p: "decision-critical (A16W8 on cpu); TensorRT has no int16 activations"
                      for p in config.a16_layers})
