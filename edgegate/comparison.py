@@ -42,10 +42,13 @@ import numpy as np
 from edgegate.calibration.interval import wilson
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, TargetError
-from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
 from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
+# The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
+# measured on their calibration rows; the text repeats it under the table.
+CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
+                         "(exported without --holdout)")
 FORMAT = "edgegate.compare"
 # v3 added ``intervals`` (rows + Wilson 95%); v2 ``measured_on`` and the rows' ``device``; README, "Report formats"
 FORMAT_VERSION = 3

@@ -196,7 +196,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     quantized = config.quant in ("int8", "ternary")
     # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
     calib, held_out = None, None
-    if source_data and (quantized or getattr(target, "needs_calibration", False)):
+    if source_data and (quantized or target.needs_calibration):
         with timer.step("load_data"):
             calib, held_out = _load_calibration(source_data, specs, config.holdout)
     elif config.holdout is not None:
@@ -207,7 +207,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         _check_fits(model, x, specs)
         conversion = _verify(original, conversion, calib, x)
     with timer.step("calibrate" if quantized else "quantize"):
-        q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
+        q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
@@ -233,12 +233,12 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
             golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
-                                              runner, reference_only=target.name != "cpu")
+                                              runner, reference_only=target.golden_on_reference)
             also = None
             if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
                    .get("regions", [])):  # regions run in float: the float model is a reference there too
                 also = run_golden(artifact.files["model.onnx"], q.export_model, x, names, config.batch,
-                                  runner, reference_only=target.name != "cpu")[3]
+                                  runner, reference_only=target.golden_on_reference)[3]
         golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True), also)
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))

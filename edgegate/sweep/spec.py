@@ -357,7 +357,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
         ranks: Sequence[int] = spec.lowrank if quant == "ternary" else (0,)
         variants = spec.options.get(target, ((),))
         # Calibration data reaches quantized exports and targets that balance on data themselves (snn).
-        uses_calib = quant in ("int8", "ternary") or getattr(targets_registry.get(target), "needs_calibration", False)
+        uses_calib = quant in ("int8", "ternary") or targets_registry.get(target).needs_calibration
         calib = spec.calib if uses_calib else None
         for observer, calibration, rank, options in itertools.product(observers, calibrations, ranks, variants):
             cells[Cell(model, target, quant, observer, calibration, rank, options, spec.data, calib,
