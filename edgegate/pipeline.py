@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +247,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     if quantized:
         quant_record["holdout"] = config.holdout
     manifest = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "source": describe(loaded),
         "model": {"class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
