@@ -32,6 +32,7 @@ from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, ExportError
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.schemes import QuantScheme
 
 __all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export", "input_spec",
            "run_export", "sample_inputs", "versions"]
@@ -193,7 +194,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     with timer.step("find_gates"):
         gate_map = find_gates(model)
     source_data = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
-    quantized = config.quant in ("int8", "ternary")
+    quantized = QuantScheme.parse(config.quant).calibrated
     # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
     calib, held_out = None, None
     if source_data and (quantized or target.needs_calibration):

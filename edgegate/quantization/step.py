@@ -33,13 +33,12 @@ from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
-
-SCHEMES = ("fp32", "fp16", "int8", "ternary")
+from edgegate.schemes import QuantScheme
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    scheme: str = "fp32"
+    scheme: QuantScheme = QuantScheme.FP32
     observer: str = "percentile"
     gate_precision: str | None = None  # None: float for gate-aware, int8 for naive
     calibration: str = "gate_aware"
@@ -67,21 +66,20 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
     """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order; None:
     the data's arrays as stored, unchecked)."""
     specs = [] if spec is None else [spec] if isinstance(spec, TensorSpec) else list(spec)
-    if options.scheme not in SCHEMES:
-        raise EdgegateError(f"--quant {options.scheme} is unknown; use one of {', '.join(SCHEMES)}")
-    if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
+    scheme = QuantScheme.parse(options.scheme)
+    if not scheme.calibrated:  # fp16 is a build flag of the target (trt), the graph stays float
         if options.lowrank:
             raise EdgegateError("--lowrank needs --quant ternary")
         # Ternary layers round their activations per token inside the graph: a value within an ulp of a
         # rounding boundary may round differently in ORT and torch and move the output by a quantization
         # step, so such a graph is checked like a quantized one, not to float round-off.
         rounds = any(g.kind in (GateKind.TERNARY, GateKind.LOWRANK) for g in gate_map)
-        return Quantized(model, model, _identity, {"scheme": options.scheme}, exact=not rounds)
+        return Quantized(model, model, _identity, {"scheme": str(scheme)}, exact=not rounds)
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")
     x_cal = torch_inputs(calib, specs)
-    if options.scheme == "ternary":
+    if scheme is QuantScheme.TERNARY:
         return _ternary(model, gate_map, options, flavor, x_cal)
     return _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs)
 

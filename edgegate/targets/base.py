@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.schemes import QuantScheme
 
 if TYPE_CHECKING:
     import onnx
@@ -75,7 +76,7 @@ class CompileContext:
     ``calibration`` are the first input's, for targets that take one input.
     """
 
-    quant: str = "fp32"  # fp32 | fp16 | int8 | ternary
+    quant: QuantScheme = QuantScheme.FP32
     batch: int | None = None
     input_name: str = "x"
     output_names: tuple[str, ...] = ()
@@ -153,6 +154,10 @@ class Target(Protocol):
         None when there is nothing more."""
         ...
 
+    def option_names(self) -> list[str]:
+        """The ``-O`` keys the target takes (``edgegate targets`` lists them)."""
+        ...
+
 
 class TargetBase:
     """Defaults for `Target`'s optional members; the built-in targets and plugins may subclass it."""
@@ -178,6 +183,13 @@ class TargetBase:
 
     def describe(self, bundle: Bundle, *, trust_model: bool = False) -> dict[str, Any] | None:
         return None
+
+    def option_names(self) -> list[str]:
+        """The ``-O`` keys: the fields of ``options_type`` that are settings (data fields compare=False are
+        not), then the aliases as ``alias=key``."""
+        names = [f.name for f in dataclasses.fields(self.options_type) if f.compare] \
+            if dataclasses.is_dataclass(self.options_type) else []
+        return names + [f"{a}={k}" for a, k in self.option_aliases.items()]
 
     def bundle_for(self, x: Bundle | str | os.PathLike[str]) -> Bundle:
         """``x`` read and verified as a bundle (a `Bundle` is taken as it is) of this target."""

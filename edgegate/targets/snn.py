@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.schemes import QuantScheme
 from edgegate.snn.network import NO_DECAY
 from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, CompileContext, TargetBase, TensorSpec
 
@@ -42,7 +43,7 @@ _RUNTIME_KEYS = ("exact", "golden_atol", "tuning")  # written by compile for the
 
 @dataclasses.dataclass(frozen=True)
 class SnnOptions:
-    """Compile options (``-O key=value``; ``--timesteps T``). Recorded in the manifest without the data."""
+    """Compile options (``-O key=value``, e.g. ``-O timesteps=64``). Recorded in the manifest without the data."""
 
     timesteps: int | None = None  # None: chosen from calibration (edgegate.snn.tune), at most MAX_AUTO_TIMESTEPS
     early_decision: str = "auto"  # auto: on or off, and its margin, chosen from calibration
@@ -91,7 +92,7 @@ class SnnOptions:
             except ValueError:
                 raise TargetError(f"snn option {key}={text!r} must be a {kind.__name__}") from None
         if context is not None:
-            if context.quant == "fp16":
+            if context.quant == QuantScheme.FP16:
                 raise TargetError("the snn target has no fp16 mode (its state is integer); export with --quant "
                                   "fp32, int8 or ternary")
             if context.dataset is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgegate.errors import TargetError
+from edgegate.schemes import QuantScheme
 from edgegate.targets import trt_api as api
 from edgegate.targets.base import Artifact, CheckIssue, CompileContext, TargetBase, refusal
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from edgegate.targets.trt_runner import TrtRunner
 
 MODEL_FILE, ENGINE_FILE, CACHE_FILE, LAYERS_FILE = "model.onnx", "engine.plan", "timing.cache", "network.json"
-PRECISIONS = ("fp32", "fp16", "int8", "ternary")
+PRECISIONS = tuple(QuantScheme)  # a build per export scheme
 FP16_GOLDEN_ATOL = 0.01  # floor on |engine - golden| for fp16 engines (fp16 accumulation, other kernels)
 _NOT_OPTIONS = ("build", "golden_atol", "exact")  # manifest keys beside the options
 
@@ -102,6 +103,7 @@ class TrtTarget(TargetBase):
     options_type = TrtOptions
     flavor = "trt"  # the pipeline's quantization flavor: symmetric int8 Q/DQ, zero point 0
     golden_on_reference = True  # model.onnx is the parsed network; the engine is what runs
+    option_aliases = {"runtime": "flavor"}  # -O runtime=rtx: which TensorRT builds, not the quantized form
 
     # ------------------------------------------------------------------------------------ availability
 
@@ -140,7 +142,7 @@ class TrtTarget(TargetBase):
             else:
                 fields = [f.name for f in dataclasses.fields(TrtOptions) if f.name != "precision"]
                 raise TargetError(f"unknown trt option {key!r}; known: {', '.join(fields)}")
-        if context.quant == "fp16":
+        if context.quant == QuantScheme.FP16:
             if kw.get("fp16") is False:
                 raise TargetError("--quant fp16 contradicts -O fp16=false; give one")
             kw["fp16"] = True
