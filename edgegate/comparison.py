@@ -39,10 +39,17 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.calibration.interval import wilson
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, TargetError
-from edgegate.reports.onnx_probe import sqnr_db
+from edgegate.metrics import (
+    exit_agreement,
+    routed_rows,
+    sqnr_db,
+    top1_agreement,
+    top1_expert_agreement,
+    topk_set_agreement,
+    wilson,
+)
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 # The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
@@ -389,16 +396,16 @@ def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, 
     """Bundle vs float on the outputs both have: logits, exit index, route indices."""
     fl, ql = _logits(f), _logits(q)
     out: dict[str, float | None] = {
-        "top1_agreement": float((fl.argmax(-1) == ql.argmax(-1)).mean()),
+        "top1_agreement": top1_agreement(fl, ql),
         "output_sqnr_db": sqnr_db(fl, ql),
     }
     if "exit_index" in f and "exit_index" in q:
-        out["exit_agreement"] = float((f["exit_index"] == q["exit_index"]).mean())
+        out["exit_agreement"] = exit_agreement(f["exit_index"], q["exit_index"])
         out["mean_exit_depth"] = float(q["exit_index"].mean() + 1)
     r = next((k for k in f if k.startswith("route")), None)
     if r and r in q and f[r].shape == q[r].shape:
-        out["topk_set_agreement"] = float((np.sort(f[r], -1) == np.sort(q[r], -1)).all(-1).mean())
-        out["top1_expert_agreement"] = float((f[r][..., 0] == q[r][..., 0]).mean())
+        out["topk_set_agreement"] = topk_set_agreement(f[r], q[r])
+        out["top1_expert_agreement"] = top1_expert_agreement(f[r], q[r])
     return out
 
 
@@ -407,7 +414,7 @@ def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) ->
     tokens (every leading dim of the route output) for the expert agreements."""
     samples = len(_logits(f))
     r = next((k for k in f if k.startswith("route")), None)
-    tokens = int(f[r].size // f[r].shape[-1]) if r else samples
+    tokens = routed_rows(f[r]) if r else samples
     rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
             "topk_set_agreement": tokens, "top1_expert_agreement": tokens}
     return {m: wilson(metrics[m], n).to_dict() for m, n in rows.items() if metrics.get(m) is not None}

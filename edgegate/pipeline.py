@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.data import Inputs, TensorSpec
+from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import EdgegateError, ExportError
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.schemes import QuantScheme
 
-__all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export", "input_spec",
+__all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export",
            "run_export", "sample_inputs", "versions"]
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,6 @@ class StepTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-def input_spec(spec: dict) -> dict:
-    """The model's single input (name, per-sample shape, dtype) from its checkpoint metadata."""
-    from edgegate.loading.inputs import model_inputs
-
-    inputs = model_inputs(spec)
-    if len(inputs) != 1:
-        raise ExportError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                          "this needs its one input")
-    return inputs[0].to_dict()
-
-
 def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
     """``n`` samples of every model input: the test split of the dataset the model names (single-input
     models), else seeded random ones (integers in the input's recorded range)."""
@@ -102,8 +91,6 @@ def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec
     specs = tuple(inputs) or model_inputs(spec)
     dataset = (spec.get("meta") or {}).get("dataset")
     if dataset and len(specs) == 1:
-        from edgegate.data import load_data
-
         s = specs[0]
         x = load_data(dataset, [s.name], {s.name: s.shape}).test_inputs()[:n]
         return Inputs({s.name: np.ascontiguousarray(x.astype(s.dtype))})
@@ -323,9 +310,6 @@ def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
 def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float | None) -> tuple[Any, Any]:
     """(calibration rows, held-out rows or None) of ``source`` for every model input; built-in samples are
     cast to the input dtypes (a user's file must already have them)."""
-    from edgegate.data import load_data
-    from edgegate.quantization.step import split_data
-
     data = load_data(source, [s.name for s in specs], {s.name: s.shape for s in specs})
     if data.is_builtin:
         data = dataclasses.replace(data, inputs={s.name: data.inputs[s.name].astype(s.dtype) for s in specs})

@@ -18,7 +18,6 @@ on the held-out rows, or a target the search could not meet, is a warning in the
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +27,10 @@ import onnx
 import torch
 from torch import nn
 
-from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split
+from edgegate.data import Dataset, Inputs, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
+from edgegate.metrics import wilson
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
 from edgegate.schemes import QuantScheme
@@ -139,7 +139,6 @@ def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, ca
 def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     """One line per shortfall: the search's own (target not met on the calibration rows), and each gate metric
     that misses ``target`` on the held-out rows although the search met it."""
-    from edgegate.calibration.interval import wilson  # brevitas: int8 exports only (see _int8)
     from edgegate.calibration.search import WORDS
 
     search = record.get("search") or {}
@@ -174,31 +173,3 @@ def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
     # layers take float activations, which the lowering quantizes dynamically, so the graph follows
     # torch to within a few output steps rather than float round-off.
     return Quantized(tmodel, tmodel, lower_ternary, record, exact=False)
-
-
-def split_data(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
-    """(calibration, held-out). A built-in calibrates on its ``val`` split and holds out every other row:
-    its ``test`` split first, then ``train`` (the held-out Dataset keeps both as splits, so accuracy can
-    be taken on ``test`` alone). A user file is used in full, or with ``holdout`` (a fraction) less that
-    share of its rows, which are held out (``data.calibration_split``)."""
-    calib, held = calibration_split(dataset, holdout)
-    if not dataset.is_builtin or held is None:
-        return calib, held
-    test, train = dataset.splits["test"], dataset.splits["train"]
-    held = dataset.subset(np.concatenate([test, train]), f"{dataset.name}:held-out")
-    splits = {"test": np.arange(len(test)), "train": np.arange(len(test), len(test) + len(train))}
-    return calib, dataclasses.replace(held, splits=splits)
-
-
-def agreement(got: list[np.ndarray], want: list[np.ndarray], names: list[str]) -> dict[str, float]:
-    """How closely a quantized runtime follows its torch reference (top-1 and exit agreement, errors)."""
-    out: dict[str, float] = {}
-    for name, g, w in zip(names, got, want, strict=True):
-        if g.dtype.kind in "iub":
-            out[f"{name}_agreement"] = float(np.mean(g == w))
-            continue
-        out[f"{name}_max_abs_err"] = float(np.max(np.abs(g.astype(np.float64) - w)))
-        out[f"{name}_scale"] = float(np.max(np.abs(w)))
-        if g.ndim >= 2:
-            out[f"{name}_top1_agreement"] = float(np.mean(g.argmax(-1) == w.argmax(-1)))
-    return out

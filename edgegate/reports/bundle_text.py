@@ -169,7 +169,7 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
 
 
 def ci(interval: Mapping[str, Any] | None) -> str:
-    """`` [low, high]``: a Wilson 95% interval as recorded (``calibration.interval``), or nothing."""
+    """`` [low, high]``: a Wilson 95% interval as recorded (``edgegate.metrics``), or nothing."""
     if not isinstance(interval, Mapping) or interval.get("low") is None:
         return ""
     return f" [{interval['low']:.4f}, {interval['high']:.4f}]"
