@@ -26,11 +26,11 @@ from edgegate.benchmark import (
     BenchError,
     BenchReport,
     bench,
-    render_text,
     summarize_latencies,
 )
 from edgegate.bundle import read_bundle, sha256_file, write_bundle
 from edgegate.errors import BundleError, EdgegateError, TargetError
+from edgegate.reports.bench_text import render_text
 from edgegate.targets.cpu import CpuTarget
 
 W = np.array(
