@@ -75,6 +75,8 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("moe_pp", "moe", "digits", "MoE++: 4 FFN + zero, copy and 2 constant experts, top-2",
                  _x(64), lambda: m.MoEClassifier(n_experts=4, k=2, n_zero=1, n_copy=1, n_const=2),
                  recipes.train_moe),
+        ZooEntry("acm", "acm", "clusters", "Adaptive Computation Module: 4 learners, 0-4 run per token (~50%)",
+                 _x(n_feat), lambda: m.ACMClassifier(n_feat, n_classes=n_cls), recipes.train_acm),
         ZooEntry("early_exit", "early_exit", "clusters", "3-stage MLP with max-prob exits (~60% leave at 1)",
                  _x(n_feat), lambda: ExitMLP(n_feat, hidden=[16, 32, 64], n_classes=n_cls, n_stages=3),
                  recipes.train_early_exit),
