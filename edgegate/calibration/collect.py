@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from edgegate.calibration.bias import correct_biases
-from edgegate.calibration.gating import augment_exits, augment_routing, augmented_gating, naive_gating
+from edgegate.calibration.gating import (
+    augment_exits,
+    augment_learners,
+    augment_routing,
+    augmented_gating,
+    naive_gating,
+)
 from edgegate.calibration.inputs import Specs, as_inputs, check_fits
 from edgegate.calibration.probe import GatedParts, Probe
 from edgegate.calibration.record import CalibrationRecord, Coverage, Fallback
@@ -48,9 +54,10 @@ with warnings.catch_warnings():
 log = logging.getLogger(__name__)
 
 
-def _coverage(probe: Probe) -> Coverage:
-    return Coverage(dict(probe.rows), {p: list(v) for p, v in probe.stage_rows.items()},
-                    {p: list(v) for p, v in probe.slot_rows.items()})
+def _coverage(probe: Probe, rows: dict[str, int] | None = None) -> Coverage:
+    return Coverage(dict(probe.rows) if rows is None else rows, {p: list(v) for p, v in probe.stage_rows.items()},
+                    {p: list(v) for p, v in probe.slot_rows.items()},
+                    {p: list(v) for p, v in probe.learner_rows.items()})
 
 
 def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: Inputs, fparts: GatedParts,
@@ -163,14 +170,16 @@ def _calibrate(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateM
             x.run(ref)
         thresholds: dict[str, list[float]] = {}
         k_wide: dict[str, int] = {}
+        extra: dict[str, int] = {}
         augmentation = []
         if config.gate_aware and config.augment:
             thresholds, on_exits = augment_exits(ref, x, fparts, config.min_coverage)
             k_wide, on_routes = augment_routing(ref, x, fparts, thresholds, set(paths), config.min_coverage)
-            augmentation = on_exits + on_routes
+            extra, on_learners = augment_learners(ref, x, fparts, thresholds, set(paths), config.min_coverage)
+            augmentation = on_exits + on_routes + on_learners
 
         def gating() -> contextlib.AbstractContextManager:
-            return augmented_gating(qparts, thresholds, k_wide) if config.gate_aware else naive_gating(qparts)
+            return augmented_gating(qparts, thresholds, k_wide, extra) if config.gate_aware else naive_gating(qparts)
 
         with calibration_mode(qmodel):
             with gating(), Probe(qmodel, paths, qparts) as seen:
@@ -196,8 +205,7 @@ def _calibrate(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateM
     reasons.update({f.layer: f.reason for f in fallbacks if f.action == "float"})
     record = CalibrationRecord(
         config=config, samples=len(x), coverage=_coverage(deployed),
-        calibrated=Coverage(rows, {p: list(v) for p, v in seen.stage_rows.items()},
-                            {p: list(v) for p, v in seen.slot_rows.items()}),
+        calibrated=_coverage(seen, rows),
         augmentation=tuple(augmentation), fallbacks=tuple(fallbacks), thresholds=retuned,
         bias_corrections=corrections,
         float_layers={p: reasons.get(p, "") for p in plan.float_layers}, plan=plan)

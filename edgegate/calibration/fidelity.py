@@ -4,8 +4,8 @@ Stage: calibration report (DESIGN §5 "Gate fidelity"; shown by ``compare``). In
 quantized model, held-out inputs (one array, or several keyed by input name) and labels. Output: a
 JSON-able dict: accuracy and loss of both models, top-1 agreement, output SQNR, and per gate:
 exit-index agreement (early exit), top-k set and top-1 expert agreement (routers), mask Hamming
-distance (channel / threshold gates), mean absolute gate difference (sigmoid gates); ``summary``
-holds the worst value of each gate metric over gates.
+distance (channel / threshold gates), mean absolute gate difference (sigmoid gates), learner-count
+agreement (ACM); ``summary`` holds the worst value of each gate metric over gates.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from edgegate.gates import GateKind, GateMap, find_gates
 HIGHER_IS_BETTER = {
     "accuracy": True, "loss": False, "top1_agreement": True, "output_sqnr_db": True,
     "exit_agreement": True, "topk_set_agreement": True, "top1_expert_agreement": True,
-    "mask_hamming": False, "gate_mae": False,
+    "mask_hamming": False, "gate_mae": False, "count_agreement": True,
 }
 _WORST = {True: min, False: max}
-_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID)
+_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID,
+             GateKind.LEARNERS)
 
 
 @contextlib.contextmanager
@@ -73,6 +74,9 @@ def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int
         same_set = (f.sort(dim=-1).values == q.sort(dim=-1).values).all(dim=-1)
         return {"kind": str(kind), "topk_set_agreement": float(same_set.float().mean()),
                 "top1_expert_agreement": float((f[..., 0] == q[..., 0]).float().mean())}
+    if kind == GateKind.LEARNERS:  # ACM: how many learners each token runs
+        return {"kind": str(kind), "count_agreement": float((f == q).float().mean()),
+                "mean_count": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
     if kind == GateKind.SIGMOID:
         return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean())}
     return {"kind": str(kind), "mask_hamming": float((f != q).float().mean()),

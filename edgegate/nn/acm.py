@@ -98,11 +98,8 @@ class ACM(nn.Module):
             return torch.full((x.shape[0],), int(self.fixed_k), dtype=torch.int64, device=x.device)
         return ops.learner_count(self.gate_logits(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_counted(x)[0]
-
-    def forward_counted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, k)``: the output and the learner count per token, int64 over ``x``'s leading dims."""
+    def forward(self, x: torch.Tensor, return_counts: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``y``, or with ``return_counts`` ``(y, k)``: k per token, int64 over ``x``'s leading dims."""
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         if self.training:
@@ -112,7 +109,12 @@ class ACM(nn.Module):
             y = self._forward_if(x, k) if self._use_if(x) else self._forward_compact(x, k)
             if not exporting():
                 record(self, last_decision=k)
-        return y.reshape(shape), k.reshape(shape[:-1])
+        y = y.reshape(shape)
+        return (y, k.reshape(shape[:-1])) if return_counts else y
+
+    def forward_counted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, k)`` through ``__call__``, so hooks on the module (calibration, fidelity) see the call."""
+        return self(x, return_counts=True)
 
     def forward_dense(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Every learner on every token, masked by ``k`` [T] (the reference the sparse forms are tested on)."""

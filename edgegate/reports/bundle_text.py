@@ -26,6 +26,7 @@ GATE_METRICS = (
     ("top1_expert_agreement", "top-1 expert agreement"),
     ("mask_hamming", "mask Hamming distance"),
     ("gate_mae", "gate mean |error|"),
+    ("count_agreement", "learner-count agreement"),
 )
 
 
@@ -107,6 +108,8 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
         cov.append(f"rows per stage of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
     for path, rows in (coverage.get("slots") or {}).items():
         cov.append(f"rows per expert of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
+    for path, rows in (coverage.get("learners") or {}).items():
+        cov.append(f"rows per learner of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
     layer_rows = coverage.get("layers") or {}
     if layer_rows:
         least = min(layer_rows, key=layer_rows.get)
@@ -148,6 +151,9 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
             what = "exits" if "exit_fractions" in g else "open"
             shown.append(f"{what} float {_fractions(fractions.get('float'))}, "
                          f"quant {_fractions(fractions.get('quant'))}")
+        if isinstance(g.get("mean_count"), Mapping):
+            shown.append(f"mean learners float {_fixed(g['mean_count'].get('float'))}, "
+                         f"quant {_fixed(g['mean_count'].get('quant'))}")
         per_gate.append(f"{gate_label(by_name.get(name), name)}: {', '.join(shown) or '-'}")
     lines += labelled("Gate fidelity", per_gate)
     thresholds = [f"{gate_label(by_name.get(p), p)}: {_floats(t.get('before'))} -> {_floats(t.get('after'))}"
