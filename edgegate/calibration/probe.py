@@ -126,7 +126,8 @@ class Probe:
         moe = self.parts.moe_of_router[path]
 
         def hook(module: enn.TopKRouter, args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-            counts = torch.bincount(out[1].reshape(-1), minlength=module.n_experts)
+            routed = module.mark_skipped(*out)  # slots the router skipped reach no expert
+            counts = torch.bincount(routed[routed >= 0], minlength=module.n_experts)
             self.slot_rows[moe] = [a + int(b) for a, b in zip(self.slot_rows[moe], counts, strict=True)]
             if self.keep_router_inputs:
                 self.router_inputs[path].append(args[0].detach())

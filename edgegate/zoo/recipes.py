@@ -68,13 +68,23 @@ def train_channel_gate(model: ChannelGateCNN, data: Dataset, seed: int,
             "dynamic_channel_fraction": dynamic}
 
 
-def train_moe(model: MoEClassifier, data: Dataset, seed: int, aux_weight: float = 0.05) -> Metrics:
-    """Top-k MoE and MoE++ alike: task loss + Switch load-balancing loss over every router slot."""
+def train_moe(model: MoEClassifier, data: Dataset, seed: int, aux_weight: float = 0.05,
+              skip_training: float = 0.0) -> Metrics:
+    """Top-k MoE and MoE++ alike: task loss + Switch load-balancing loss over every router slot.
+
+    ``skip_training > 0``: each batch routes with a MoDES skip threshold drawn from U(0, skip_training)
+    (slots whose weight falls below it are dropped), so the model learns not to lean on weakly weighted
+    experts and tolerates the expert skipping ``export --moe-skip`` calibrates; evaluated without it."""
+    router = model.moe.router
+    draws = torch.Generator().manual_seed(seed + 1)
 
     def loss_fn(m: MoEClassifier, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if skip_training:
+            router.set_skip(1.0, float(torch.rand((), generator=draws)) * skip_training)
         return F.cross_entropy(m(xb), yb) + aux_weight * m.moe.aux_loss
 
     fit(model, *tensors(data, "train"), loss_fn, epochs=25, batch_size=64, lr=3e-3, seed=seed)
+    router.set_skip(1.0, 0.0)
     acc = _test_acc(model, data)
     moe = model.moe
     return {"test_acc": acc, "slot_load": [float(v) for v in moe.last_load], "slot_kinds": moe.slot_kinds(),
