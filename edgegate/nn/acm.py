@@ -33,6 +33,7 @@ from torch import nn
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateFamily, GateInfo, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
+from edgegate.nn.moe import Activation
 from edgegate.ops import torch_ops as ops
 
 
@@ -47,27 +48,35 @@ class ACMForm(StrEnum):
     COMPACT = "compact"
 
 
-def learner(d_model: int, d_hidden: int) -> nn.Module:
-    """One learner: a two-layer MLP d_model -> d_hidden -> d_model (GELU), as in the ACM paper."""
-    return nn.Sequential(nn.Linear(d_model, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_model))
+_ACTIVATIONS: dict[Activation, type[nn.Module]] = {Activation.GELU: nn.GELU, Activation.RELU: nn.ReLU,
+                                                   Activation.SILU: nn.SiLU}
+
+
+def learner(d_model: int, d_hidden: int, act: Activation = Activation.GELU) -> nn.Module:
+    """One learner: a two-layer MLP d_model -> d_hidden -> d_model (GELU in the ACM paper)."""
+    return nn.Sequential(nn.Linear(d_model, d_hidden), _ACTIVATIONS[act](), nn.Linear(d_hidden, d_model))
 
 
 class ACM(nn.Module):
     """N learners and a gate choosing k in {0..N} per token; ``last_decision`` (eval) = k int64 [T].
 
-    ``gate_hidden > 0`` makes the gate Linear -> ReLU -> Linear (else one Linear), N+1 logits.
+    ``gate_hidden > 0`` makes the gate Linear -> ReLU -> Linear (else one Linear), N+1 logits. ``act``: the
+    learners' activation ("gelu", "relu" or "silu").
     ``coverage_extra`` (calibration only, see ``edgegate.calibration.gating``): each token also runs the
     next ``coverage_extra`` learners with weight 0, so quantizers of rarely used learners see more rows
     while the output stays exactly the deployed one.
     """
 
-    def __init__(self, d_model: int, n_learners: int, d_hidden: int, gate_hidden: int = 0) -> None:
+    def __init__(self, d_model: int, n_learners: int, d_hidden: int, gate_hidden: int = 0, act: str = "gelu") -> None:
         super().__init__()
         if n_learners < 1 or d_hidden < 1 or gate_hidden < 0:
             raise EdgegateError(f"ACM: needs n_learners >= 1, d_hidden >= 1 and gate_hidden >= 0, got "
                                 f"{n_learners=}, {d_hidden=}, {gate_hidden=}")
         self.d_model, self.n_learners, self.d_hidden, self.gate_hidden = d_model, n_learners, d_hidden, gate_hidden
-        self.learners = nn.ModuleList(learner(d_model, d_hidden) for _ in range(n_learners))
+        if act not in {str(a) for a in _ACTIVATIONS}:
+            raise EdgegateError(f"ACM: act={act!r} is unknown; use one of {', '.join(map(str, _ACTIVATIONS))}")
+        self.act = Activation(act)
+        self.learners = nn.ModuleList(learner(d_model, d_hidden, self.act) for _ in range(n_learners))
         self.gate = (nn.Sequential(nn.Linear(d_model, gate_hidden), nn.ReLU(), nn.Linear(gate_hidden, n_learners + 1))
                      if gate_hidden else nn.Linear(d_model, n_learners + 1))
         # Not part of the config: how the module is being trained / exported / calibrated right now.
@@ -81,7 +90,7 @@ class ACM(nn.Module):
 
     def get_config(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "n_learners": self.n_learners, "d_hidden": self.d_hidden,
-                "gate_hidden": self.gate_hidden}
+                "gate_hidden": self.gate_hidden, "act": str(self.act)}
 
     def train(self, mode: bool = True) -> ACM:
         # The training loss holds an autograd graph; drop it so eval models deep-copy and pickle.
@@ -166,6 +175,8 @@ class ACM(nn.Module):
         reach = k + self.coverage_extra if self.coverage_extra else k
         for i, m in enumerate(self.learners):
             rows = torch.nonzero(reach > i).squeeze(1)
+            if not exporting() and rows.numel() == 0:
+                break  # counts are nested: no later learner has rows either (eager only: export keeps shapes)
             out = m(x[rows])
             if self.coverage_extra:  # widened rows are computed (calibration) but add nothing
                 out = out * (k[rows] > i).unsqueeze(-1).to(out.dtype)

@@ -73,7 +73,29 @@ def bundle_lines(m: Mapping[str, Any]) -> list[str]:
 
 
 def quant_lines(m: Mapping[str, Any]) -> list[str]:
-    """Scheme and calibration, coverage, fidelity, thresholds and what was kept in higher precision."""
+    """Scheme and calibration, coverage, fidelity, thresholds and what was kept in higher precision, then
+    MoE expert skipping when the export calibrated it."""
+    return [*_scheme_lines(m), *skip_lines(m)]
+
+
+def skip_lines(m: Mapping[str, Any]) -> list[str]:
+    """MoDES expert skipping (manifest ``moe_skip``): tau, alpha per router, skip rate and metric."""
+    s = m.get("moe_skip") or {}
+    if not s:
+        return []
+    budget = s.get("budget") or 0
+    unit = f"{budget * 100:g} % of loss" if s.get("metric") == "lm_loss" else f"{budget * 100:g} pt"
+    alphas = ", ".join(f"{p or 'model'} {num(a)}" for p, a in (s.get("importance") or {}).items())
+    parts = [f"{s.get('mode')}, tau {num(s.get('tau'))} (alpha: {alphas}; budget {unit})"]
+    for rows in ("calibration", "held_out"):
+        r = s.get(rows) or {}
+        if r:
+            parts.append(f"{rows.replace('_', '-')} rows: {_fractions(r.get('skip_rate'))} of routed slots skipped, "
+                         f"{s.get('metric')} {_fixed(r.get('unskipped'))} -> {_fixed(r.get('skipped'))}")
+    return labelled("MoE skip", parts)
+
+
+def _scheme_lines(m: Mapping[str, Any]) -> list[str]:
     q = m.get("quant") or {}
     scheme = q.get("scheme") or "fp32"
     if scheme == "int8":

@@ -142,13 +142,13 @@ class ACMClassifier(nn.Module):
     output_names = ("logits", "learner_count")
 
     def __init__(self, in_features: int = 16, d_model: int = 32, n_learners: int = 4, d_hidden: int = 8,
-                 gate_hidden: int = 16, n_classes: int = 4) -> None:
+                 gate_hidden: int = 16, n_classes: int = 4, act: str = "relu") -> None:
         super().__init__()
         self._config = {"in_features": in_features, "d_model": d_model, "n_learners": n_learners,
-                        "d_hidden": d_hidden, "gate_hidden": gate_hidden, "n_classes": n_classes}
+                        "d_hidden": d_hidden, "gate_hidden": gate_hidden, "n_classes": n_classes, "act": act}
         self.embed = nn.Linear(in_features, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.acm = ACM(d_model, n_learners, d_hidden, gate_hidden)
+        self.acm = ACM(d_model, n_learners, d_hidden, gate_hidden, act)
         self.head = nn.Linear(d_model, n_classes)
 
     def get_config(self) -> dict[str, Any]:
