@@ -11,8 +11,11 @@ the same settings. Per row: accuracy / loss, top-1 agreement and output SQNR vs 
 measured on the bundle's outputs (exit index, route indices) plus the fidelity recorded at export
 (mask Hamming of channel/threshold gates lives there only: masks are not graph outputs), per-layer
 SQNR, latency (bench of the bundle; torch eager at batch 1 for float) and, for early-exit models, an
-exit-threshold sweep. `CompareReport.to_dict` is the versioned JSON (``"format": "edgegate.compare"``,
-README, "Report formats"); ``reports.compare_text`` and ``reports.html`` render it.
+exit-threshold sweep. Every agreement and accuracy, measured here or recorded at export, comes with the
+rows it was counted over and its Wilson 95% interval (``intervals``): on a few hundred rows one row is a
+third of a percent, so a difference the interval does not clear is not one. `CompareReport.to_dict` is
+the versioned JSON (``"format": "edgegate.compare"``, README, "Report formats"); ``reports.compare_text``
+and ``reports.html`` render it.
 
 How the two measured-by-probing quantities are defined (also written into the report's notes):
 - per-layer SQNR: the float torch module's output vs the same layer's output in the bundle's
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.calibration.interval import wilson
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
@@ -43,7 +47,9 @@ from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 FORMAT = "edgegate.compare"
-FORMAT_VERSION = 3  # v2: ``recorded.measured_on``, rows' ``device``; v3: ``skip_sweep``, ACM/skip metrics; README
+# v4 added ``skip_sweep`` and the ACM / skip columns; v3 ``intervals`` (rows + Wilson 95%); v2 ``measured_on``
+# and the rows' ``device``; README, "Report formats"
+FORMAT_VERSION = 4
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
 NOTES = (
@@ -58,6 +64,8 @@ NOTES = (
     "skip sweep (bundles exported with --moe-skip): one threshold tau for every router at multiples of the deployed "
     "one, alpha_l as calibrated; float in torch, bundle = its model.onnx on ONNX Runtime with TopKGate's "
     "skip_threshold replaced; skip rate = routed slots given weight 0",
+    "intervals: Wilson 95% score intervals over the rows each rate was counted on (samples; tokens for routes; "
+    "samples, not bits, for a mask Hamming distance recorded at export, which makes that interval conservative)",
 )
 DEVICE_NOTE = ("latency of a row with a device: measured on that device by its agent (`--device`), accuracy and "
                "fidelity here; float = torch eager here")
@@ -111,6 +119,7 @@ class Row:
     skip_sweep: tuple[dict[str, float], ...] = ()  # {tau, skip_rate, accuracy}: MoE expert skipping
     histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
+    intervals: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)  # metric -> Wilson 95%
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
 
 
@@ -302,8 +311,8 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     m = bundle.manifest
     q = m.get("quant") or {}
     fidelity = q.get("fidelity") or {}
-    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples", "measured_on")
-                if k in fidelity}
+    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples", "measured_on",
+                                         "trained_rows", "intervals") if k in fidelity}
     recorded.update(fidelity.get("summary") or {})
     head = dict(name=bundle.path.name, kind=kind, path=str(bundle.path), target=bundle.target,
                 quant=q.get("scheme"), calibration=(q.get("config") or {}).get("calibration"), recorded=recorded)
@@ -331,6 +340,7 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
         out = _run_runner(runner, x, static)
     metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
     metrics.update(_agreement(float_out, out))
+    intervals = _intervals(metrics, float_out)
     sweep: tuple[dict[str, float], ...] = ()
     skip_sweep: tuple[dict[str, float], ...] = ()
     proto, note = None, ""
@@ -356,7 +366,7 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
               sweep=sweep, skip_sweep=skip_sweep, histograms=_hists(out), device=report.device,
-              latencies_ms=report.latencies_ms)
+              intervals=intervals, latencies_ms=report.latencies_ms)
     return row, proto
 
 
@@ -419,6 +429,20 @@ def _gate_outputs(out: dict[str, np.ndarray]) -> dict[str, float]:
     if r is not None and out[r].size:
         got["skip_rate"] = float((out[r] < 0).mean())
     return got
+
+
+def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) -> dict[str, dict[str, float | int]]:
+    """Wilson 95% interval of each rate in ``metrics`` over the rows it was counted on: samples, or routed
+    tokens (every leading dim of the route output) for the expert agreements, tokens (every element of the
+    learner-count output) for the learner-count agreement."""
+    samples = len(_logits(f))
+    r = next((k for k in f if k.startswith("route")), None)
+    tokens = int(f[r].size // f[r].shape[-1]) if r else samples
+    c = next((k for k in f if k.startswith("learner")), None)
+    rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
+            "topk_set_agreement": tokens, "top1_expert_agreement": tokens,
+            "count_agreement": int(f[c].size) if c else samples}
+    return {m: wilson(metrics[m], n).to_dict() for m, n in rows.items() if metrics.get(m) is not None}
 
 
 def _hists(out: dict[str, np.ndarray]) -> dict[str, list[float]]:

@@ -206,7 +206,7 @@ def test_bench_on_the_agent_matches_a_local_report_in_form(agent: AgentProcess, 
         return {k: shape(v) for k, v in d.items()} if isinstance(d, dict) else type(d).__name__
 
     assert shape({**remote, "device": None}) == shape(here)
-    assert (remote["format"], remote["version"]) == ("edgegate.bench", 4) and here["device"] is None
+    assert (remote["format"], remote["version"]) == ("edgegate.bench", 5) and here["device"] is None
     assert remote["device"] == {"name": "test-device", "url": agent.url} and remote["bundle"] == tiny
     assert remote["runs"] == 40 and sum(remote["exits"]["counts"]) == 40  # batch 1: one exit per run
     assert remote["exits"]["counts"] == here["exits"]["counts"]  # same samples, same seed, same decisions

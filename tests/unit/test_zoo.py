@@ -19,7 +19,7 @@ DIGITS_MODELS = ["gated_attention", "threshold_gate", "channel_gate", "moe", "mo
 
 def test_registry_lists_every_family():
     assert set(NAMES) == {"gated_attention", "threshold_gate", "channel_gate", "moe", "moe_pp", "early_exit",
-                          "ternary_lm", "hgf_lm", "float_lm"}
+                          "ternary_lm", "hgf_lm", "float_lm", "acm"}
     for e in zoo.list_models():
         assert e.dataset in builtin_names() and e.description
         assert e.input_names == type(zoo.build(e.name)).input_names
