@@ -123,3 +123,17 @@ def test_acm_exports_compacted_int8_with_learner_count_agreement(acm_int8, zoo_m
     learners = bench(bundle, BENCH).learners[0]
     assert (learners.gate, learners.output, len(learners.counts)) == ("acm", "learner_count", 5)
     assert sum(learners.counts) == BENCH.runs * 64 and learners.mean <= 0.6 * 4
+
+
+def test_acm_int8_builds_a_tensorrt_engine(zoo_model, tmp_path_factory):
+    # TensorRT-RTX builds engines without a GPU; running one needs a GPU, so ORT checks the lowered graph here.
+    bundle, _, stdout = _export(zoo_model, tmp_path_factory, "acm", "--target", "trt", "--calib", "clusters",
+                                "--fidelity-target", "0.99")
+    m = json.loads((bundle / "manifest.json").read_text())
+    build = m["target_options"]["build"]
+    assert m["target"] == "trt" and build["plugins"] == {"LearnerCount": "inlined"}
+    assert (bundle / "engine.plan").stat().st_size == build["engine_bytes"] > 0
+    layers = [layer["type"] for layer in json.loads((bundle / "network.json").read_text())["layers"]]
+    assert layers.count("SCATTER") == 4 and "QUANTIZE" in layers  # per-learner compaction, int8 learners
+    assert m["golden"]["vs_torch"]["learner_count_agreement"] >= 0.98
+    assert m["quant"]["fidelity"]["summary"]["count_agreement"] >= 0.99

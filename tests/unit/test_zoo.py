@@ -55,6 +55,15 @@ def test_channel_gate_prunes_per_sample(zoo_model):
     assert max(m["dynamic_channel_fraction"]) > 0, m  # some channels depend on the sample
 
 
+def test_acm_runs_at_most_60_percent_of_its_learners_within_a_point_of_all(zoo_model):
+    model, m = zoo_model("acm")
+    assert m["n_learners"] == model.acm.n_learners == 4
+    assert m["mean_learner_fraction"] <= 0.6 and m["test_acc"] >= m["all_learners_acc"] - 0.01, m
+    hist = m["learner_histogram"]
+    assert len(hist) == 5 and sum(hist) == pytest.approx(1.0) and sum(v > 0.1 for v in hist) >= 2, m  # k varies
+    assert m["acc_per_k"][0] < m["all_learners_acc"] - 0.02, m  # the learners matter: skipping them all costs
+
+
 def test_moe_top2_is_balanced(zoo_model):
     model, m = zoo_model("moe")
     assert m["max_expert_load"] <= 0.4 and m["ffn_per_token"] == 2.0, m
