@@ -63,7 +63,8 @@ NOTES = (
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
     "skip sweep (bundles exported with --moe-skip): one threshold tau for every router at multiples of the deployed "
     "one, alpha_l as calibrated; float in torch, bundle = its model.onnx on ONNX Runtime with TopKGate's "
-    "skip_threshold replaced; skip rate = routed slots given weight 0",
+    "skip_threshold replaced; skip rate = routed slots given weight 0; such a bundle's agreements are counted "
+    "against the float model skipping as its manifest records",
     "intervals: Wilson 95% score intervals over the rows each rate was counted on (samples; tokens for routes; "
     "samples, not bits, for a mask Hamming distance recorded at export, which makes that interval conservative)",
 )
@@ -194,7 +195,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                                 note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
-            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure)
+            reference = _skipping_reference(model, x, names, b.manifest, float_out)
+            row, proto = _bundle_row(b, kind, x, labels, reference, config, measure)
             rows.append(row)
             if proto is not None:
                 probes.append((len(rows) - 1, proto))
@@ -368,6 +370,22 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
               sweep=sweep, skip_sweep=skip_sweep, histograms=_hists(out), device=report.device,
               intervals=intervals, latencies_ms=report.latencies_ms)
     return row, proto
+
+
+def _skipping_reference(model: Any, x: Inputs, names: list[str], manifest: Mapping[str, Any],
+                        float_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a bundle's agreements are counted against: the float model's outputs, or for a bundle exported
+    with ``--moe-skip`` the float model skipping as its manifest records (same alpha_l and tau), so a slot
+    both skip agrees and the route sets compare like with like."""
+    skip = manifest.get("moe_skip")
+    if not skip:
+        return float_out
+    import torch
+
+    from edgegate.reports.skip_sweep import skipping
+
+    with skipping(model, skip), torch.no_grad():
+        return _torch_outputs(model, x, names)
 
 
 def _run_runner(runner: Any, x: Inputs, static: int | None) -> dict[str, np.ndarray]:

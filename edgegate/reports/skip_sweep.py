@@ -10,7 +10,8 @@ all routed slots; accuracy only with labels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,24 @@ def _point(tau: float, logits: np.ndarray, weights: list[np.ndarray], labels: np
     if labels is not None and logits.ndim == 2:
         point["accuracy"] = float((logits.argmax(-1) == labels).mean())
     return point
+
+
+@contextlib.contextmanager
+def skipping(model: Any, skip: Mapping[str, Any], tau: float | None = None) -> Iterator[dict[str, Any]]:
+    """``model``'s routers named in the manifest record ``skip`` set to skip with its alpha_l and ``tau``
+    (default: its own), as deployed; restored on exit. Yields the routers by path."""
+    from edgegate.nn import TopKRouter  # torch: only the float side of compare comes here
+
+    found = {p: model.get_submodule(p) for p in skip.get("importance") or {}}
+    found = {p: r for p, r in found.items() if isinstance(r, TopKRouter)}
+    saved = {p: (r.skip_importance, r.skip_threshold) for p, r in found.items()}
+    try:
+        for p, r in found.items():
+            r.set_skip(float(skip["importance"][p]), float(skip["tau"] if tau is None else tau))
+        yield found
+    finally:
+        for p, r in found.items():
+            r.set_skip(*saved[p])
 
 
 def float_sweep(model: Any, x: Inputs, labels: np.ndarray | None, skip: Mapping[str, Any]) -> tuple[dict, ...]:

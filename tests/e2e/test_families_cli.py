@@ -137,3 +137,31 @@ def test_acm_int8_builds_a_tensorrt_engine(zoo_model, tmp_path_factory):
     assert layers.count("SCATTER") == 4 and "QUANTIZE" in layers  # per-learner compaction, int8 learners
     assert m["golden"]["vs_torch"]["learner_count_agreement"] >= 0.98
     assert m["quant"]["fidelity"]["summary"]["count_agreement"] >= 0.99
+
+
+def test_compare_reports_the_skip_sweep_and_learner_counts(moe_skip, acm_int8):
+    from edgegate.comparison import CompareConfig, compare
+    from edgegate.reports.compare_text import render_text
+
+    bundle, _, _ = moe_skip
+    report = compare(bundle.parent / "moe.pt", [bundle], CompareConfig("digits", runs=5, warmup=1, layer_samples=32))
+    d = report.to_dict()
+    assert d["version"] == 4
+    float_row, row = d["rows"]
+    skip = json.loads((bundle / "manifest.json").read_text())["moe_skip"]
+    for r in (float_row, row):
+        sweep = r["skip_sweep"]
+        assert [p["tau"] for p in sweep] == pytest.approx([f * skip["tau"] for f in (0, .25, .5, .75, 1, 1.25, 1.5, 2)])
+        rates = [p["skip_rate"] for p in sweep]
+        assert rates[0] == 0 and rates == sorted(rates) and rates[4] >= 0.25
+    assert row["metrics"]["skip_rate"] == pytest.approx(row["skip_sweep"][4]["skip_rate"], abs=0.01)
+    assert row["metrics"]["topk_set_agreement"] >= 0.99 and row["intervals"]["topk_set_agreement"]["rows"] == 270
+    assert "skip sweep" in render_text(report)
+
+    bundle, _, _ = acm_int8
+    d = compare(bundle.parent / "acm.pt", [bundle], CompareConfig("clusters", runs=5, warmup=1,
+                                                                  layer_samples=32)).to_dict()
+    float_row, row = d["rows"]
+    assert row["metrics"]["count_agreement"] >= 0.99 and row["intervals"]["count_agreement"]["rows"] == 600
+    assert row["metrics"]["mean_learners"] <= 0.6 * 4 and float_row["skip_sweep"] == []
+    assert len(row["histograms"]["learner_count"]) == 5
