@@ -496,5 +496,7 @@ def _export_naive(model_path: str | Path, bundle: Any, tmp: Path, config: Compar
                        observer=qc.get("observer", "percentile"), calibration="naive",
                        min_coverage=int(qc.get("min_coverage", 32)), batch=ex.get("batch"),
                        exit_form=ex.get("exit_form") or "auto", trust_model=config.trust_model,
-                       model_class=config.model_class, inputs=_bundle_inputs([bundle]))
+                       model_class=config.model_class, inputs=_bundle_inputs([bundle]),
+                       # the same expert skipping: tau as recorded (alpha_l re-calibrated on the same rows)
+                       moe_skip=repr(float(m["moe_skip"]["tau"])) if m.get("moe_skip") else "off")
     return run_export(model_path, tmp / bundle.path.name, cfg)
