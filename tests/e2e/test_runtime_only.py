@@ -158,7 +158,7 @@ def test_every_command_works_or_names_the_extra(int8_export, tmp_path: Path) -> 
     for label, needle in [("Quantization", "int8 (cpu form), gate-aware calibration on clusters"),
                           ("Fidelity", "top-1 agreement 0."),
                           ("Gate fidelity", "ExitMLP (whole model): exit agreement"),
-                          ("A16 layers", "stages.0.0: 16-bit activations"), ("Kept float", "heads.0 (exit head 0)"),
+                          ("A16 layers", ": 16-bit activations, int8 weights"), ("Kept float", "heads.0 (exit head 0)"),
                           ("Files", "model.onnx"), ("ONNX ops", "need onnx: pip install 'edgegate[compile]'")]:
         assert any(line.startswith(f"{label:<13}: ") and needle in line for line in lines), (label, inspect["out"])
     info = json.loads(inspect_json["out"])
