@@ -230,7 +230,7 @@ def test_compare_measures_latency_on_the_agent(agent: AgentProcess, root: Path, 
     assert r.returncode == 0, r.stderr
     assert f"ee.edgegate: latency measured on device test-device ({agent.url})" in r.stdout
     report = json.loads((root / "cmp.json").read_text())
-    assert (report["format"], report["version"]) == ("edgegate.compare", 3)
+    assert (report["format"], report["version"]) == ("edgegate.compare", 4)
     flt, ee = report["rows"]
     assert flt["device"] is None and ee["device"] == {"name": "test-device", "url": agent.url}
     assert ee["metrics"]["top1_agreement"] == 1.0 and ee["metrics"]["exit_agreement"] == 1.0  # fp32: measured here
