@@ -39,7 +39,7 @@ def hardswish_chain() -> onnx.ModelProto:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-    options = CpuOptions(intra_op_threads=1, timing_inputs=x)
+    options = CpuOptions(intra_op_threads=1, timing_inputs={"x": x})
     return CpuTarget().compile(hardswish_chain(), options, tmp_path_factory.mktemp("cpu")), x
 
 
