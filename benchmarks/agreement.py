@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.metrics import exit_agreement, mask_hamming, top1_agreement, top1_expert_agreement, topk_set_agreement
+from edgegate.metrics import decision_agreement, mask_hamming, top1_agreement, top1_expert_agreement, topk_set_agreement
 
 # op type -> (where the decision tensor is: ("out"|"in", index), ONNX element type, kind)
 _DECISIONS = {
@@ -123,7 +123,7 @@ def compare(ref: dict[str, Any], got: dict[str, Any], labels: np.ndarray | None)
         out["accuracy"] = round(float(np.mean(pred == labels)), 4)
     out["top1_agreement"] = round(top1_agreement(ref["logits"], got["logits"]), 4)
     if "exit_index" in ref and "exit_index" in got:
-        out["exit_agreement"] = round(exit_agreement(ref["exit_index"], got["exit_index"]), 4)
+        out["exit_agreement"] = round(decision_agreement(ref["exit_index"], got["exit_index"]), 4)
     gates: dict[str, float] = {}
     for label, (kind, a) in ref["gates"].items():
         if label not in got["gates"]:

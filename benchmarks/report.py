@@ -113,6 +113,13 @@ def _export_time(s: dict[str, Any]) -> list[str]:
     return _table(["model", "wall s (median)", "first s", "repeats", *steps], rows) + _errors(s)
 
 
+def _gated_families(s: dict[str, Any]) -> list[str]:
+    rows = [[m["family"], m["what"], m["batch"], m["used_fraction"], m["measured_ms"], m["ideal_ms"], m["all_ms"],
+             m["measured_over_ideal"], m["all_over_measured"]] for m in s["models"]]
+    return _table(["family", "model", "batch", "work used", "measured ms", "ideal ms", "all work ms",
+                   "measured/ideal", "×all work"], rows) + _errors(s)
+
+
 _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound): edgegate vs ORT FP32 vs ORT "
                           "quantize_static", _cpu_int8),
              "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
@@ -122,7 +129,9 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "real_size": ("6. Real-size CNNs (224 x 224): edgegate INT8 vs ORT FP32 vs ORT quantize_static",
                            _real_size),
              "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
-                                lambda s: fidelity_seeds.render(s, _table))}
+                                lambda s: fidelity_seeds.render(s, _table)),
+             "gated_families": ("8. ACM and MoDES expert skipping: measured vs ideal (unused work removed)",
+                                _gated_families)}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:

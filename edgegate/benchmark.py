@@ -4,10 +4,11 @@ Input: a bundle written by ``edgegate export`` and a `BenchConfig`. Steps: read 
 (sha256), load its target's runner, run ``golden_io.npz`` through it and compare with the recorded
 outputs (a bundle that no longer reproduces its export is not worth timing), warm up, then time each
 run. Output: a `BenchReport` with trtexec-style latency statistics, throughput, peak memory, host
-info, for gated models exit/route histograms, and the runner's own ``metrics()`` when its target
-reports some (snn: spikes, synaptic ops, energy); `BenchReport.to_dict` is the versioned JSON form
-(``"format": "edgegate.bench"``, README, "Report formats") and `render_text` (``reports.bench_text``) the
-terminal block. Statistics and histograms live in ``edgegate.reports.stats``.
+info, for gated models exit/route/learner-count histograms (with routers' skipped-slot fraction), and
+the runner's own ``metrics()`` when its target reports some (snn: spikes, synaptic ops, energy);
+`BenchReport.to_dict` is the versioned JSON form (``"format": "edgegate.bench"``, README, "Report
+formats") and `render_text` (``reports.bench_text``) the terminal block. Statistics and histograms live
+in ``edgegate.reports.stats``.
 
 Runtime side: numpy + onnxruntime (or the bundle target's runtime) only; torch and onnx are never
 imported here, so ``edgegate bench`` runs on a device that has only the runtime installed.
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 FORMAT = "edgegate.bench"
-FORMAT_VERSION = 4  # v2 added ``runtime_metrics``, v3 ``budget`` and ``notes``, v4 ``device``; see README
+FORMAT_VERSION = 5  # v2 ``runtime_metrics``, v3 ``budget``/``notes``, v4 ``device``, v5 ``learners``/skips; README
 GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]
@@ -146,6 +147,8 @@ class BenchReport:
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
     # Which device agent measured the report (``{"name", "url"}``, edgegate.device); None: measured here.
     device: dict[str, Any] | None = None
+    # Learner-count histograms of the model's ACMs (``kind="learners"``), one per ACM with a count output.
+    learners: tuple[Histogram, ...] = ()
     # Every timed run's latency (only with ``bench(..., keep_latencies=True)``, for plots); not in the JSON.
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
@@ -241,6 +244,7 @@ def bench(
         host=host_info(),
         exits=next((h for h in hists if h.kind == "exit"), None),
         routes=tuple(h for h in hists if h.kind == "route"),
+        learners=tuple(h for h in hists if h.kind == "learners"),
         warnings=tuple(text for flagged, text in notes if flagged),
         runtime_metrics=None if metrics is None else plain(dict(metrics)),
         budget=budget,

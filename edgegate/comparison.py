@@ -42,7 +42,7 @@ import numpy as np
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.metrics import (
-    exit_agreement,
+    decision_agreement,
     routed_rows,
     sqnr_db,
     top1_agreement,
@@ -57,8 +57,9 @@ from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
                          "(exported without --holdout)")
 FORMAT = "edgegate.compare"
-# v3 added ``intervals`` (rows + Wilson 95%); v2 ``measured_on`` and the rows' ``device``; README, "Report formats"
-FORMAT_VERSION = 3
+# v4 added ``skip_sweep`` and the ACM / skip columns; v3 ``intervals`` (rows + Wilson 95%); v2 ``measured_on``
+# and the rows' ``device``; README, "Report formats"
+FORMAT_VERSION = 4
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
 NOTES = (
@@ -70,6 +71,10 @@ NOTES = (
     "mask Hamming (channel/threshold gates) is the value recorded at export on held-out data: masks are not "
     "outputs of the deployed graph",
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
+    "skip sweep (bundles exported with --moe-skip): one threshold tau for every router at multiples of the deployed "
+    "one, alpha_l as calibrated; float in torch, bundle = its model.onnx on ONNX Runtime with TopKGate's "
+    "skip_threshold replaced; skip rate = routed slots given weight 0; such a bundle's agreements are counted "
+    "against the float model skipping as its manifest records",
     "intervals: Wilson 95% score intervals over the rows each rate was counted on (samples; tokens for routes; "
     "samples, not bits, for a mask Hamming distance recorded at export, which makes that interval conservative)",
 )
@@ -122,6 +127,7 @@ class Row:
     batch: int | None = None
     layer_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
     sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
+    skip_sweep: tuple[dict[str, float], ...] = ()  # {tau, skip_rate, accuracy}: MoE expert skipping
     histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
     intervals: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)  # metric -> Wilson 95%
@@ -176,6 +182,12 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     with torch.no_grad():
         float_out = _torch_outputs(model, x, names)
     float_row = _float_row(model, x, labels, float_out, config)
+    skip = next((b.manifest["moe_skip"] for b in bundles if b.manifest.get("moe_skip")), None)
+    if skip:
+        step("float skip sweep")
+        from edgegate.reports.skip_sweep import float_sweep
+
+        float_row = dataclasses.replace(float_row, skip_sweep=float_sweep(model, x, labels, skip))
     rows = [float_row]
     probes: list[tuple[int, Any]] = []
     jobs = [(b, "bundle") for b in bundles]
@@ -193,7 +205,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                                 note="skipped: the naive baseline is the twin of a gate-aware int8 bundle; none given"))
         for b, kind in jobs:
             step(f"bundle {b.path.name}")
-            row, proto = _bundle_row(b, kind, x, labels, float_out, config, measure)
+            reference = _skipping_reference(model, x, names, b.manifest, float_out)
+            row, proto = _bundle_row(b, kind, x, labels, reference, config, measure)
             rows.append(row)
             if proto is not None:
                 probes.append((len(rows) - 1, proto))
@@ -265,7 +278,7 @@ def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, 
                config: CompareConfig) -> Row:
     import torch
 
-    metrics = _task_metrics(_logits(out), labels)
+    metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
     hists = _hists(out)
     if "exit_index" in out:
         metrics["mean_exit_depth"] = float(out["exit_index"].mean() + 1)
@@ -337,10 +350,11 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     static = (m.get("export") or {}).get("batch")
     with target.load(bundle) as runner:
         out = _run_runner(runner, x, static)
-    metrics = _task_metrics(_logits(out), labels)
+    metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
     metrics.update(_agreement(float_out, out))
     intervals = _intervals(metrics, float_out)
     sweep: tuple[dict[str, float], ...] = ()
+    skip_sweep: tuple[dict[str, float], ...] = ()
     proto, note = None, ""
     if "model.onnx" in bundle.files:
         import onnx
@@ -349,6 +363,10 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
 
         proto = onnx.load(str(bundle.file("model.onnx")))
         try:
+            if m.get("moe_skip"):
+                from edgegate.reports.skip_sweep import bundle_sweep
+
+                skip_sweep = bundle_sweep(proto, x, labels, static, m["moe_skip"])
             if exit_threshold_names(proto):
                 points = []
                 for t in SWEEP:
@@ -359,9 +377,25 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
         except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
-              sweep=sweep, histograms=_hists(out), device=report.device, intervals=intervals,
-              latencies_ms=report.latencies_ms)
+              sweep=sweep, skip_sweep=skip_sweep, histograms=_hists(out), device=report.device,
+              intervals=intervals, latencies_ms=report.latencies_ms)
     return row, proto
+
+
+def _skipping_reference(model: Any, x: Inputs, names: list[str], manifest: Mapping[str, Any],
+                        float_out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a bundle's agreements are counted against: the float model's outputs, or for a bundle exported
+    with ``--moe-skip`` the float model skipping as its manifest records (same alpha_l and tau), so a slot
+    both skip agrees and the route sets compare like with like."""
+    skip = manifest.get("moe_skip")
+    if not skip:
+        return float_out
+    import torch
+
+    from edgegate.reports.skip_sweep import skipping
+
+    with skipping(model, skip), torch.no_grad():
+        return _torch_outputs(model, x, names)
 
 
 def _run_runner(runner: Any, x: Inputs, static: int | None) -> dict[str, np.ndarray]:
@@ -400,32 +434,52 @@ def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, 
         "output_sqnr_db": sqnr_db(fl, ql),
     }
     if "exit_index" in f and "exit_index" in q:
-        out["exit_agreement"] = exit_agreement(f["exit_index"], q["exit_index"])
+        out["exit_agreement"] = decision_agreement(f["exit_index"], q["exit_index"])
         out["mean_exit_depth"] = float(q["exit_index"].mean() + 1)
     r = next((k for k in f if k.startswith("route")), None)
-    if r and r in q and f[r].shape == q[r].shape:
+    if r and r in q and f[r].shape == q[r].shape:  # a skipped slot is -1 in both: set agreement counts skips
         out["topk_set_agreement"] = topk_set_agreement(f[r], q[r])
         out["top1_expert_agreement"] = top1_expert_agreement(f[r], q[r])
+    c = next((k for k in f if k.startswith("learner")), None)
+    if c and c in q and f[c].shape == q[c].shape:
+        out["count_agreement"] = decision_agreement(f[c], q[c])
     return out
+
+
+def _gate_outputs(out: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean learners per token (an ACM's ``learner_count`` output) and the skipped-slot rate of the route
+    output (-1 marks a slot the router skipped)."""
+    got: dict[str, float] = {}
+    c = next((k for k in out if k.startswith("learner")), None)
+    if c is not None and out[c].size:
+        got["mean_learners"] = float(out[c].mean())
+    r = next((k for k in out if k.startswith("route")), None)
+    if r is not None and out[r].size:
+        got["skip_rate"] = float((out[r] < 0).mean())
+    return got
 
 
 def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) -> dict[str, dict[str, float | int]]:
     """Wilson 95% interval of each rate in ``metrics`` over the rows it was counted on: samples, or routed
-    tokens (every leading dim of the route output) for the expert agreements."""
+    tokens (every leading dim of the route output) for the expert agreements, tokens (every element of the
+    learner-count output) for the learner-count agreement."""
     samples = len(_logits(f))
     r = next((k for k in f if k.startswith("route")), None)
     tokens = routed_rows(f[r]) if r else samples
+    c = next((k for k in f if k.startswith("learner")), None)
     rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
-            "topk_set_agreement": tokens, "top1_expert_agreement": tokens}
+            "topk_set_agreement": tokens, "top1_expert_agreement": tokens,
+            "count_agreement": int(f[c].size) if c else samples}
     return {m: wilson(metrics[m], n).to_dict() for m, n in rows.items() if metrics.get(m) is not None}
 
 
 def _hists(out: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """Fractions of samples per exit and of routed slots per expert."""
+    """Fractions of samples per exit or learner count, and of routed slots per expert (skipped slots left out)."""
     hists = {}
     for k, v in out.items():
-        if k == "exit_index" or k.startswith("route"):
-            counts = np.bincount(v.reshape(-1).astype(np.int64))
+        if k == "exit_index" or k.startswith(("route", "learner")):
+            values = v.reshape(-1).astype(np.int64)
+            counts = np.bincount(values[values >= 0])
             hists[k] = (counts / max(counts.sum(), 1)).tolist()
     return hists
 
@@ -452,5 +506,7 @@ def _export_naive(model_path: str | Path, bundle: Any, tmp: Path, config: Compar
                        observer=qc.get("observer", "percentile"), calibration="naive",
                        min_coverage=int(qc.get("min_coverage", 32)), batch=ex.get("batch"),
                        exit_form=ex.get("exit_form") or "auto", trust_model=config.trust_model,
-                       model_class=config.model_class, inputs=_bundle_inputs([bundle]))
+                       model_class=config.model_class, inputs=_bundle_inputs([bundle]),
+                       # the same expert skipping: tau as recorded (alpha_l re-calibrated on the same rows)
+                       moe_skip=repr(float(m["moe_skip"]["tau"])) if m.get("moe_skip") else "off")
     return run_export(model_path, tmp / bundle.path.name, cfg)

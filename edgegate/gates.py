@@ -39,6 +39,7 @@ class GateKind(StrEnum):
     EXIT = "exit"  # early-exit decisions
     TERNARY = "ternary"  # ternary weights (no data-dependent gate, but packed/quantized specially)
     LOWRANK = "lowrank"  # gated low-rank correction (HGF)
+    LEARNERS = "learners"  # how many of a module's learners each token runs (ACM)
 
 
 class Observe(StrEnum):
@@ -50,6 +51,9 @@ class Observe(StrEnum):
     * ``routes`` — the module is an ``edgegate.nn.TopKRouter`` inside an ``edgegate.nn.MoE``
       (``router(x) -> (weights, indices)``, ``router.choice_scores(x)``, ``moe.experts``, ``moe.dispatch``):
       rows per expert, routing widened for coverage, top-k set agreement.
+    * ``learners`` — the module is an ``edgegate.nn.ACM`` (``learners``, ``counts(x)``, ``coverage_extra``):
+      rows per learner, counts widened for coverage, agreement of the chosen count; exported as ``If``
+      (one token) or per-learner compaction.
     * ``decision`` — the module records ``last_decision`` after each eval forward: fidelity compares it
       float vs quantized (mask Hamming distance, gate MAE). Nothing else changes at calibration.
     * ``static`` — no data-dependent decision (ternary weights): nothing to observe.
@@ -57,6 +61,7 @@ class Observe(StrEnum):
 
     EXITS = "exits"
     ROUTES = "routes"
+    LEARNERS = "learners"
     DECISION = "decision"
     STATIC = "static"
 
@@ -145,6 +150,7 @@ FAMILY_MODULES = (
     "edgegate.nn.moe",
     "edgegate.nn.early_exit",
     "edgegate.nn.ternary",
+    "edgegate.nn.acm",
 )
 
 _FAMILIES: dict[type, GateFamily] = {}
@@ -157,6 +163,7 @@ _PROTOCOL_OF = {
                       "with edgegate.convert.register)"),
     GateKind.TERNARY: ("edgegate.nn", "TernaryLinear", "use edgegate.nn.TernaryLinear (or register a converter)"),
     GateKind.LOWRANK: ("edgegate.nn", "HGFLinear", "use edgegate.nn.HGFLinear"),
+    GateKind.LEARNERS: ("edgegate.nn", "ACM", "build the block from edgegate.nn.ACM"),
 }
 
 
@@ -174,9 +181,9 @@ def register_family(cls: type, family: GateFamily) -> type:
 def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers | None = None) -> type:
     """Register a user module class as a gate of ``kind``.
 
-    Early exits, routers, ternary and low-rank layers need edgegate's own protocol to be calibrated,
-    exported and measured, so for those kinds ``cls`` must subclass the ``edgegate.nn`` class (a bare
-    label is refused with what to do instead). Sigmoid, threshold and channel gates are *observed*
+    Early exits, routers, learner counts (ACM), ternary and low-rank layers need edgegate's own protocol
+    to be calibrated, exported and measured, so for those kinds ``cls`` must subclass the ``edgegate.nn``
+    class (a bare label is refused with what to do instead). Sigmoid, threshold and channel gates are *observed*
     gates: listed in the GateMap, their decision layers (``decision_layers`` here, or a
     ``decision_layers()`` method) kept in float, and their ``last_decision`` (if the module records
     one after each eval forward) compared float vs quantized. The ONNX graph keeps such a gate by name

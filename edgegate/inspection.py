@@ -38,7 +38,7 @@ def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
     out = {"kind": "bundle", "path": str(path), "target": m.get("target"), "quant": m.get("quant"),
            "source": m.get("source"), "model": m.get("model"), "gates": m.get("gates"), "export": m.get("export"),
            "golden": m.get("golden"), "target_options": m.get("target_options"), "created": m.get("created"),
-           "versions": m.get("versions"), "timings_s": m.get("timings_s"),
+           "versions": m.get("versions"), "timings_s": m.get("timings_s"), "moe_skip": m.get("moe_skip"),
            "files": {k: v["bytes"] for k, v in m.get("files", {}).items()}}
     if "model.onnx" in bundle.files:
         try:

@@ -65,8 +65,8 @@ def top1_agreement(reference: Any, test: Any) -> float:
     return float(np.mean(np.asarray(reference).argmax(-1) == np.asarray(test).argmax(-1)))
 
 
-def exit_agreement(reference: Any, test: Any) -> float:
-    """Share of samples that leave at the same exit."""
+def decision_agreement(reference: Any, test: Any) -> float:
+    """Share of rows with the same discrete decision: the exit a sample leaves at, the learners a token runs."""
     return float(np.mean(np.asarray(reference) == np.asarray(test)))
 
 

@@ -63,6 +63,8 @@ class ExportConfig:
     overwrite: bool = False
     keep_intermediate: bool = False
     target_options: Mapping[str, str] = field(default_factory=dict)  # --target-option KEY=VALUE
+    moe_skip: str = "off"  # --moe-skip auto | off | TAU (MoDES expert skipping)
+    moe_skip_budget: float = 0.005  # --moe-skip-budget: accuracy points (or relative loss) the search may lose
 
 
 @dataclass
@@ -162,6 +164,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
 
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
+    skipping = _skip_option(config)
     target = targets.get(config.target)
     ok, why = target.is_available()
     if not ok:
@@ -182,9 +185,11 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         gate_map = find_gates(model)
     source_data = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
     quantized = QuantScheme.parse(config.quant).calibrated
+    if skipping is not None and not source_data:
+        raise ExportError("--moe-skip calibrates on data: pass --calib NAME|FILE.npz (the model names no dataset)")
     # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
     calib, held_out = None, None
-    if source_data and (quantized or target.needs_calibration):
+    if source_data and (quantized or skipping is not None or target.needs_calibration):
         with timer.step("load_data"):
             calib, held_out = _load_calibration(source_data, specs, config.holdout)
     elif config.holdout is not None:
@@ -194,6 +199,13 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
         _check_fits(model, x, specs)
         conversion = _verify(original, conversion, calib, x)
+    skip_record = None
+    if skipping is not None:
+        from edgegate.calibration.expert_skip import skip_for_export
+
+        with timer.step("moe_skip"):  # the routers skip from here on: calibration and export see it
+            skip_record = skip_for_export(model, gate_map, skipping, calib, held_out, [s.name for s in specs])
+            gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
                                 specs)
@@ -245,6 +257,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         "quant": quant_record,
         "conversion": conversion.to_dict(),
         "gates": gate_map.to_dict(),
+        "moe_skip": skip_record,
         "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
                    "exit_form": _exit_form(q.export_model, options), "input": specs[0].to_dict(),
                    "inputs": [s.to_dict() for s in specs],
@@ -260,6 +273,16 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     path = write_bundle(out, files, manifest, overwrite=config.overwrite)
     log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))
     return path
+
+
+def _skip_option(config: ExportConfig) -> Any:
+    """``--moe-skip`` parsed (None for off), before anything is loaded."""
+    if str(config.moe_skip).strip().lower() == "off":
+        return None
+    # Imported here like the other stages run_export uses: the calibration package loads brevitas.
+    from edgegate.calibration.expert_skip import SkipOption
+
+    return SkipOption.parse(config.moe_skip, config.moe_skip_budget)
 
 
 def _convert(model: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:

@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 from edgegate.calibration.bias import correct_biases
-from edgegate.calibration.gating import augment_exits, augment_routing, augmented_gating, naive_gating
+from edgegate.calibration.gating import (
+    augment_exits,
+    augment_learners,
+    augment_routing,
+    augmented_gating,
+    naive_gating,
+)
 from edgegate.calibration.inputs import Specs, as_inputs, check_fits
 from edgegate.calibration.probe import GatedParts, Probe
 from edgegate.calibration.record import Augmentation, CalibrationRecord, Coverage, Fallback
@@ -49,9 +55,10 @@ with warnings.catch_warnings():
 log = logging.getLogger(__name__)
 
 
-def _coverage(probe: Probe) -> Coverage:
-    return Coverage(dict(probe.rows), {p: list(v) for p, v in probe.stage_rows.items()},
-                    {p: list(v) for p, v in probe.slot_rows.items()})
+def _coverage(probe: Probe, rows: dict[str, int] | None = None) -> Coverage:
+    return Coverage(dict(probe.rows) if rows is None else rows, {p: list(v) for p, v in probe.stage_rows.items()},
+                    {p: list(v) for p, v in probe.slot_rows.items()},
+                    {p: list(v) for p, v in probe.learner_rows.items()})
 
 
 def _fallbacks(ref: nn.Module, qmodel: nn.Module, x: Inputs, fparts: GatedParts,
@@ -96,11 +103,12 @@ class Observed:
     fallbacks: tuple[Fallback, ...]
     thresholds: dict[str, list[float]]  # calibration-only exit thresholds (coverage augmentation)
     k_wide: dict[str, int]  # calibration-only top-k (coverage augmentation)
+    extra: dict[str, int] = dataclasses.field(default_factory=dict)  # ACM: calibration-only extra learners
 
     def gating(self, qparts: GatedParts) -> contextlib.AbstractContextManager:
         """The gating the quantizers were calibrated under, on the quantized model ``qparts`` belong to."""
         if self.config.gate_aware:
-            return augmented_gating(qparts, self.thresholds, self.k_wide)
+            return augmented_gating(qparts, self.thresholds, self.k_wide, self.extra)
         return naive_gating(qparts)
 
 
@@ -117,13 +125,15 @@ def observe(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap,
             x.run(ref)
         thresholds: dict[str, list[float]] = {}
         k_wide: dict[str, int] = {}
+        extra: dict[str, int] = {}
         augmentation = []
         if config.gate_aware and config.augment:
             thresholds, on_exits = augment_exits(ref, x, fparts, config.min_coverage)
             k_wide, on_routes = augment_routing(ref, x, fparts, thresholds, set(paths), config.min_coverage)
-            augmentation = on_exits + on_routes
+            extra, on_learners = augment_learners(ref, x, fparts, thresholds, set(paths), config.min_coverage)
+            augmentation = on_exits + on_routes + on_learners
         observed = Observed(config, gate_map, x, ref, qmodel, _coverage(deployed), Coverage(),
-                            tuple(augmentation), (), thresholds, k_wide)
+                            tuple(augmentation), (), thresholds, k_wide, extra)
         with calibration_mode(qmodel):
             with observed.gating(qparts), Probe(qmodel, paths, qparts) as seen:
                 x.run(qmodel)
@@ -136,9 +146,7 @@ def observe(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap,
     if below:
         log.info("calibration: %d layer(s) below min_coverage=%d rows: %s", len(below), config.min_coverage,
                  ", ".join(below))
-    calibrated = Coverage(rows, {p: list(v) for p, v in seen.stage_rows.items()},
-                          {p: list(v) for p, v in seen.slot_rows.items()})
-    return dataclasses.replace(observed, calibrated=calibrated, fallbacks=tuple(fallbacks))
+    return dataclasses.replace(observed, calibrated=_coverage(seen, rows), fallbacks=tuple(fallbacks))
 
 
 def finish(observed: Observed, config: QuantConfig | None = None, *,

@@ -4,11 +4,11 @@ Stage: calibration report (DESIGN §5 "Gate fidelity"; shown by ``compare``). In
 quantized model, held-out inputs (one array, or several keyed by input name) and labels. Output: a
 JSON-able dict: accuracy and loss of both models, top-1 agreement, output SQNR, and per gate:
 exit-index agreement (early exit), top-k set and top-1 expert agreement (routers), mask Hamming
-distance (channel / threshold gates), mean absolute gate difference (sigmoid gates); ``summary``
-holds the worst value of each gate metric over gates. Each rate comes with the rows it was counted over
-and its Wilson 95% interval (``intervals``, per gate and for the result): exits and routes count samples /
-tokens; a mask's Hamming distance counts samples, not bits, since the bits of one sample move together
-(the interval is then conservative).
+distance (channel / threshold gates), mean absolute gate difference (sigmoid gates), learner-count
+agreement (ACM); ``summary`` holds the worst value of each gate metric over gates. Each rate comes with
+the rows it was counted over and its Wilson 95% interval (``intervals``, per gate and for the result):
+exits and routes count samples / tokens, learner counts tokens; a mask's Hamming distance counts samples,
+not bits, since the bits of one sample move together (the interval is then conservative).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
 from edgegate.data import Inputs
 from edgegate.gates import GateKind, GateMap, find_gates
 from edgegate.metrics import (
-    exit_agreement,
+    decision_agreement,
     mask_hamming,
     routed_rows,
     sqnr_db,
@@ -40,11 +40,13 @@ from edgegate.metrics import (
 HIGHER_IS_BETTER = {
     "accuracy": True, "loss": False, "top1_agreement": True, "output_sqnr_db": True,
     "exit_agreement": True, "topk_set_agreement": True, "top1_expert_agreement": True,
-    "mask_hamming": False, "gate_mae": False,
+    "mask_hamming": False, "gate_mae": False, "count_agreement": True,
 }
 _WORST = {True: min, False: max}
-INTERVAL_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming")
-_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID)
+INTERVAL_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming",
+                    "count_agreement")
+_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID,
+             GateKind.LEARNERS)
 
 
 @contextlib.contextmanager
@@ -81,17 +83,22 @@ def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int
         n = n_exits or int(max(f.max(), q.max())) + 1
         frac = {name: [float(v) for v in torch.bincount(t, minlength=n).float() / len(t)]
                 for name, t in (("float", f), ("quant", q))}
-        out = {"kind": str(kind), "exit_agreement": exit_agreement(f.numpy(), q.numpy()), "exit_fractions": frac}
+        out = {"kind": str(kind), "exit_agreement": decision_agreement(f.numpy(), q.numpy()), "exit_fractions": frac}
     elif kind == GateKind.ROUTER:
         out = {"kind": str(kind), "topk_set_agreement": topk_set_agreement(f.numpy(), q.numpy()),
                "top1_expert_agreement": top1_expert_agreement(f.numpy(), q.numpy())}
+    elif kind == GateKind.LEARNERS:  # ACM: how many learners each token runs
+        out = {"kind": str(kind), "count_agreement": decision_agreement(f.numpy(), q.numpy()),
+               "mean_count": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
     elif kind == GateKind.SIGMOID:
         return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean()), "rows": len(f)}
     else:
         out = {"kind": str(kind), "mask_hamming": mask_hamming(f.numpy(), q.numpy()),
                "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
-    # Decisions per row: one exit per sample, one route per token (leading dims), a mask per sample.
-    rows = routed_rows(f.numpy()) if kind == GateKind.ROUTER else len(f)
+    # Decisions per row: one exit per sample, one route per token (leading dims), one learner count per token,
+    # a mask per sample.
+    rows = routed_rows(f.numpy()) if kind == GateKind.ROUTER else int(f.numel()) if kind == GateKind.LEARNERS \
+        else len(f)
     out["rows"] = rows
     out["intervals"] = {m: wilson(out[m], rows).to_dict() for m in INTERVAL_METRICS if m in out}
     return out

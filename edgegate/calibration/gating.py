@@ -9,8 +9,10 @@ also on error) and the coverage augmentation plan with its :class:`Augmentation`
   samples reach each stage; MoE routing widened from top-k to top-k' so that each expert gets at least
   ``min_coverage`` tokens. The extra routes carry weight 0, so the block output (and everything
   downstream of it) is exactly the deployed one; only the under-covered experts see more tokens.
-* Naive (baseline): no sample exits (every stage and head sees every sample, as ``forward_all``)
-  and MoE blocks dispatch densely (every expert sees every token).
+  ACM learner counts likewise widened from k to k + s per token, the extra learners at weight 0.
+* Naive (baseline): no sample exits (every stage and head sees every sample, as ``forward_all``),
+  MoE blocks dispatch densely (every expert sees every token) and every ACM learner runs on every
+  token (at weight 0 where the token does not use it).
 """
 
 from __future__ import annotations
@@ -87,17 +89,33 @@ def widened_routing(parts: GatedParts, k_wide: dict[str, int]) -> Iterator[None]
 
 
 @contextlib.contextmanager
+def widened_learners(parts: GatedParts, extra: dict[str, int]) -> Iterator[None]:
+    """Each token of the named ACMs also runs its next ``extra`` learners, at weight 0 (calibration
+    coverage only; outputs unchanged)."""
+    saved = {p: parts.acms[p].coverage_extra for p in extra}
+    try:
+        for p, s in extra.items():
+            parts.acms[p].coverage_extra = s
+        yield
+    finally:
+        for p, s in saved.items():
+            parts.acms[p].coverage_extra = s
+
+
+@contextlib.contextmanager
 def naive_gating(parts: GatedParts) -> Iterator[None]:
-    """The gate-unaware baseline: no early exit (threshold +inf never fires), dense MoE dispatch."""
+    """The gate-unaware baseline: no early exit (threshold +inf never fires), dense MoE dispatch, every
+    ACM learner on every token."""
     never = {p: [float("inf")] * (net.n_exits - 1) for p, net in parts.exits.items()}
-    with exit_thresholds(parts, never), dense_dispatch(parts):
+    every = {p: acm.n_learners for p, acm in parts.acms.items()}
+    with exit_thresholds(parts, never), dense_dispatch(parts), widened_learners(parts, every):
         yield
 
 
 @contextlib.contextmanager
-def augmented_gating(parts: GatedParts, thresholds: dict[str, list[float]],
-                     k_wide: dict[str, int]) -> Iterator[None]:
-    with exit_thresholds(parts, thresholds), widened_routing(parts, k_wide):
+def augmented_gating(parts: GatedParts, thresholds: dict[str, list[float]], k_wide: dict[str, int],
+                     extra: dict[str, int] | None = None) -> Iterator[None]:
+    with exit_thresholds(parts, thresholds), widened_routing(parts, k_wide), widened_learners(parts, extra or {}):
         yield
 
 
@@ -193,3 +211,35 @@ def augment_routing(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: 
         records.append(Augmentation(gate=path, kind="top_k", index=None, before=float(router.k), after=float(k),
                                     rows_before=min(short.values()), rows_after=min(rows[s] for s in slots)))
     return k_wide, records
+
+
+def augment_learners(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: dict[str, list[float]],
+                     quantized: set[str], min_coverage: int) -> tuple[dict[str, int], list[Augmentation]]:
+    """Smallest widening s >= 0 per ACM giving each quantized learner ``min(min_coverage, tokens)`` tokens:
+    learner i then also sees the tokens with k <= i < k + s, those fewest learners short of using it
+    (the population most like the one it serves), under the (already exit-augmented) calibration gating."""
+    if not parts.acms:
+        return {}, []
+    with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_acm_counts=True) as probe:
+        x.run(model)
+    extra: dict[str, int] = {}
+    records: list[Augmentation] = []
+    for path, acm in parts.acms.items():
+        prefix = f"{path}." if path else ""
+        used = [i for i in range(acm.n_learners) if any(p.startswith(f"{prefix}learners.{i}.") for p in quantized)]
+        k = probe.acm_counts(path)
+        if not used or not len(k):
+            continue
+        need = min(min_coverage, len(k))
+
+        def fewest(s: int) -> int:
+            return min(int((k + s > i).sum()) for i in used)  # noqa: B023 (used now, in this iteration)
+
+        s = 0
+        while s < acm.n_learners and fewest(s) < need:
+            s += 1
+        if s:
+            extra[path] = s
+            records.append(Augmentation(gate=path, kind="learner_count", index=None, before=0.0, after=float(s),
+                                        rows_before=fewest(0), rows_after=fewest(s)))
+    return extra, records

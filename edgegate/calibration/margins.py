@@ -7,8 +7,9 @@ disagreement rate, its bootstrap standard error, and the counted one.
 Why not count flips alone: on a few hundred calibration rows a decision flips for one or two rows, so
 a count tells 0.996 from 0.993 by luck (one row of 270 is 0.37%). Every gate decision is the sign of a
 *margin* (exit: logit of the exit score minus logit of the threshold; top-k set: the k-th best expert
-score minus the best of the rest; top-1: best minus second; channel mask: the mask logit; threshold
-gate: ``h - tau``). Quantization adds an error ``e = margin_quant - margin_float``. Pairing each row's
+score minus the best of the rest; top-1: best minus second; ACM learner count: the chosen count's gate
+logit minus the best other; channel mask: the mask logit; threshold gate: ``h - tau``). Quantization
+adds an error ``e = margin_quant - margin_float``. Pairing each row's
 float margin with every row's error of the same decision group (one exit, one router, one channel)
 estimates the probability that this row's decision flips; the mean over rows is the expected
 disagreement, a U-statistic that uses every row's margin and error instead of the few that flipped.
@@ -40,7 +41,7 @@ _CLIP = 1e-7  # exit scores are compared in logit space; clip so a saturated sof
 OUTPUT = "(output)"  # the "gate" of top-1 agreement: the model's class prediction
 # Metrics that count disagreeing decisions per row (``agreement = 1 - disagreement``), and the one that
 # is a disagreement itself (mask Hamming distance).
-AGREEMENTS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement")
+AGREEMENTS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement", "count_agreement")
 DISAGREEMENTS = ("mask_hamming",)
 
 
@@ -196,7 +197,8 @@ def _per_feature(gate: str, fm: torch.Tensor, qm: torch.Tensor) -> Decisions:
 
 @contextlib.contextmanager
 def _captured(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Hooks keeping each gate's decision scores: router scores, channel-mask logits, threshold margins."""
+    """Hooks keeping each gate's decision scores: router scores, ACM gate logits, channel-mask logits,
+    threshold margins."""
     got: dict[str, list[torch.Tensor]] = {}
     handles = []
 
@@ -211,6 +213,9 @@ def _captured(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[to
                 scores = getattr(_r, "choice_scores", None)  # what top-k ranks (softmax is monotone)
                 keep(_n, (scores(out) if callable(scores) else out).float())
             handles.append(module.proj.register_forward_hook(on_router))
+        elif isinstance(module, enn.ACM):
+            handles.append(module.gate.register_forward_hook(
+                lambda m, args, out, _n=info.name: keep(_n, out.reshape(-1, out.shape[-1]).float())))
         elif isinstance(module, enn.ChannelGate):
             handles.append(module.predictor.register_forward_hook(
                 lambda m, args, out, _n=info.name: keep(_n, out.float())))
@@ -240,6 +245,8 @@ def pair(f: Capture, q: Capture, gate_map: GateMap, *, top1: bool = False) -> li
             if k < fs.shape[-1]:
                 out.append(_ranked(fs, qs, k, info.name, "topk_set_agreement"))
             out.append(_ranked(fs, qs, 1, info.name, "top1_expert_agreement"))
+        elif info.kind == GateKind.LEARNERS:  # k = argmax of the N+1 gate logits
+            out.append(_ranked(fs, qs, 1, info.name, "count_agreement"))
         elif info.kind in (GateKind.CHANNEL, GateKind.THRESHOLD):
             out.append(_per_feature(info.name, fs, qs))
     fl, ql = f.logits, q.logits

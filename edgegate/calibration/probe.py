@@ -2,16 +2,16 @@
 
 Stage: calibration (DESIGN §5, "Path-conditional statistics" and "Coverage"). Input: a model in
 eval mode and the paths of its quantized layers and gates. Output: row counts per layer (samples
-for convs, tokens for linears), per early-exit stage and per router slot, and on request the head
-logits of each exit and the routers' inputs. Hooks only: the model runs its own eager forward, so
-what is counted is exactly what the deployed gating computes (EarlyExitNet compaction, MoE sparse
-dispatch).
+for convs, tokens for linears), per early-exit stage, per router slot and per ACM learner, and on
+request the head logits of each exit, the routers' inputs and each ACM's learner counts. Hooks only:
+the model runs its own eager forward, so what is counted is exactly what the deployed gating
+computes (EarlyExitNet compaction, MoE sparse dispatch, ACM per-learner compaction).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 import torch
@@ -23,17 +23,18 @@ from edgegate.gates import GateMap, Observe, family_of
 
 @dataclass(frozen=True)
 class GatedParts:
-    """The gate modules calibration drives, by path: early-exit nets, MoE blocks and their routers."""
+    """The gate modules calibration drives, by path: early-exit nets, MoE blocks and their routers, ACMs."""
 
     exits: dict[str, enn.EarlyExitNet]
     moes: dict[str, enn.MoE]  # MoE path -> module
     routers: dict[str, enn.TopKRouter]  # router path -> module (routers of MoE blocks only)
     moe_of_router: dict[str, str]
+    acms: dict[str, enn.ACM] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, gate_map: GateMap) -> GatedParts:
-        """The parts whose gate family observes exits or routes (``edgegate.gates.Observe``)."""
-        exits, moes, routers, moe_of = {}, {}, {}, {}
+        """The parts whose gate family observes exits, routes or learners (``edgegate.gates.Observe``)."""
+        exits, moes, routers, moe_of, acms = {}, {}, {}, {}, {}
         for info in gate_map:
             module = model.get_submodule(info.name)
             family = family_of(module)
@@ -45,7 +46,9 @@ class GatedParts:
                 if isinstance(moe, enn.MoE):  # a bare router has no dispatch of its own to condition on
                     moes[info.details["moe"]], routers[info.name] = moe, module
                     moe_of[info.name] = info.details["moe"]
-        return cls(exits, moes, routers, moe_of)
+            elif observe is Observe.LEARNERS and isinstance(module, enn.ACM):
+                acms[info.name] = module
+        return cls(exits, moes, routers, moe_of, acms)
 
 
 def rows_of(module: nn.Module, x: torch.Tensor) -> int:
@@ -71,10 +74,12 @@ class Probe:
     """Context manager: forward hooks counting rows per layer / stage / slot over every forward run
     inside it. ``keep_heads``: also keep each exit head's logits (the samples that reached it);
     ``keep_router_inputs``: also keep each MoE router's input tokens; ``keep_inputs``: layer paths
-    whose inputs are kept (to calibrate them directly)."""
+    whose inputs are kept (to calibrate them directly); ``keep_acm_counts``: also keep each ACM's learner
+    count per token. ``learner_rows`` counts the tokens each ACM learner ran on."""
 
     def __init__(self, model: nn.Module, layers: Iterable[str], parts: GatedParts, *, keep_heads: bool = False,
-                 keep_router_inputs: bool = False, keep_inputs: Iterable[str] = ()) -> None:
+                 keep_router_inputs: bool = False, keep_inputs: Iterable[str] = (),
+                 keep_acm_counts: bool = False) -> None:
         self.model, self.parts = model, parts
         self.layer_paths = list(layers)
         self.keep_heads, self.keep_router_inputs = keep_heads, keep_router_inputs
@@ -87,6 +92,9 @@ class Probe:
         self.exit_index: dict[str, list[torch.Tensor]] = {p: [] for p in parts.exits}
         self.router_inputs: dict[str, list[torch.Tensor]] = {p: [] for p in parts.routers}
         self.inputs: dict[str, list[torch.Tensor]] = {p: [] for p in self.keep_inputs}
+        self.keep_acm_counts = keep_acm_counts
+        self.learner_rows = {p: [0] * acm.n_learners for p, acm in parts.acms.items()}
+        self.counts: dict[str, list[torch.Tensor]] = {p: [] for p in parts.acms}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     # --------------------------------------------------------------------------------------- hooks
@@ -118,10 +126,22 @@ class Probe:
         moe = self.parts.moe_of_router[path]
 
         def hook(module: enn.TopKRouter, args: tuple, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-            counts = torch.bincount(out[1].reshape(-1), minlength=module.n_experts)
+            routed = module.mark_skipped(*out)  # slots the router skipped reach no expert
+            counts = torch.bincount(routed[routed >= 0], minlength=module.n_experts)
             self.slot_rows[moe] = [a + int(b) for a, b in zip(self.slot_rows[moe], counts, strict=True)]
             if self.keep_router_inputs:
                 self.router_inputs[path].append(args[0].detach())
+        return hook
+
+    def _learner_hook(self, path: str, i: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.learner_rows[path][i] += int(args[0].shape[0])
+        return hook
+
+    def _acm_hook(self, path: str):
+        def hook(module: enn.ACM, args: tuple, out: object) -> None:
+            if module.last_decision is not None:  # eval forward: the counts it chose
+                self.counts[path].append(module.last_decision)
         return hook
 
     def __enter__(self) -> Probe:
@@ -137,6 +157,11 @@ class Probe:
             add(net.register_forward_hook(self._exit_hook(path)))
         for path, router in self.parts.routers.items():
             add(router.register_forward_hook(self._router_hook(path)))
+        for path, acm in self.parts.acms.items():
+            for i, learner in enumerate(acm.learners):
+                add(learner.register_forward_pre_hook(self._learner_hook(path, i)))
+            if self.keep_acm_counts:
+                add(acm.register_forward_hook(self._acm_hook(path)))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -159,3 +184,7 @@ class Probe:
 
     def router_input(self, path: str) -> torch.Tensor:
         return torch.cat(self.router_inputs[path])
+
+    def acm_counts(self, path: str) -> torch.Tensor:
+        """The learner count of every token ACM ``path`` saw (int64 [T])."""
+        return torch.cat(self.counts[path]) if self.counts[path] else torch.zeros(0, dtype=torch.int64)

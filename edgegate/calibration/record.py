@@ -17,20 +17,24 @@ from edgegate.quantization.plan import QuantPlan
 
 @dataclass(frozen=True)
 class Coverage:
-    """Calibration rows per quantized layer, per early-exit stage (by net path) and per router slot
-    (by MoE path; FFN experts first, then zero / copy / constant slots)."""
+    """Calibration rows per quantized layer, per early-exit stage (by net path), per router slot
+    (by MoE path; FFN experts first, then zero / copy / constant slots) and per ACM learner (by ACM path)."""
 
     layers: dict[str, int] = field(default_factory=dict)
     stages: dict[str, list[int]] = field(default_factory=dict)
     slots: dict[str, list[int]] = field(default_factory=dict)
+    learners: dict[str, list[int]] = field(default_factory=dict)
 
     def below(self, min_rows: int) -> list[str]:
         """Layers with fewer than ``min_rows`` rows."""
         return [p for p, n in self.layers.items() if n < min_rows]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layers": dict(self.layers), "stages": {p: list(v) for p, v in self.stages.items()},
-                "slots": {p: list(v) for p, v in self.slots.items()}}
+        out: dict[str, Any] = {"layers": dict(self.layers), "stages": {p: list(v) for p, v in self.stages.items()},
+                               "slots": {p: list(v) for p, v in self.slots.items()}}
+        if self.learners:  # models with ACMs only
+            out["learners"] = {p: list(v) for p, v in self.learners.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Augmentation:
     ``kind="exit_threshold"``: threshold ``index`` of net ``gate`` raised from ``before`` to ``after``;
     rows = samples continuing past that exit. ``kind="top_k"``: router ``gate`` widened from k=``before``
     to ``after`` (extra routes weigh 0); rows = tokens of the least covered quantized expert.
+    ``kind="learner_count"``: ACM ``gate``'s per-token learner counts widened by ``after`` (the extra
+    learners weigh 0); rows = tokens of the least covered quantized learner.
     """
 
     gate: str

@@ -10,7 +10,8 @@ target, the one-line warning naming the best value reached. One calibration is
 The means, tried in order of cost: those free at inference first (in order of calibration time), then
 those that cost latency. Each try is a full calibration (gate-aware: every observer sees the rows that
 reach it, each expert its own tokens) judged on the calibration rows, on the gate metrics the model
-has: exit agreement, top-k set and top-1 expert agreement, 1 - mask Hamming distance; for a model whose
+has: exit agreement, top-k set and top-1 expert agreement, 1 - mask Hamming distance, learner-count
+agreement (ACM); for a model whose
 only gates are soft (sigmoid), the top-1 agreement of its prediction.
 
 1. ``int8``: path-conditional observers alone;
@@ -71,13 +72,13 @@ class Means(StrEnum):
     FLOAT = "float"
 
 
-GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming")
+GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming", "count_agreement")
 OBSERVERS = (Observer.MINMAX, Observer.PERCENTILE, Observer.MSE)  # by calibration time
 MAX_CANDIDATES = 4  # feeders tried per greedy step, nearest to the failing gate first
 FEEDER_ROWS = 4  # rows of the forward that orders layers and gates
 WORDS = {"exit_agreement": "exit agreement", "topk_set_agreement": "top-k set agreement",
          "top1_expert_agreement": "top-1 expert agreement", "mask_hamming": "mask Hamming distance",
-         "top1_agreement": "top-1 agreement"}
+         "count_agreement": "learner-count agreement", "top1_agreement": "top-1 agreement"}
 
 def margin(e: Estimate, target: float) -> float:
     """How far ``e`` clears ``target``, counted and expected-less-one-SE alike (negative: it misses)."""

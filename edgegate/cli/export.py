@@ -26,7 +26,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                           inputs=parse_inputs(args.input), observer=args.observer,
                           gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
                           min_coverage=args.min_coverage, fidelity_target=args.fidelity_target,
-                          batch=args.batch, exit_form=args.exit_form,
+                          batch=args.batch, exit_form=args.exit_form, moe_skip=args.moe_skip,
+                          moe_skip_budget=args.moe_skip_budget / 100,
                           trust_model=args.trust_model, model_class=args.model_class,
                           overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
                           target_options=_target_options(args))
@@ -118,6 +119,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch", type=int_at_least(1), default=None, help="static batch size (default: dynamic)")
     e.add_argument("--exit-form", default="auto", choices=["auto", "if", "compact"],
                    help="early exit as ONNX If (batch 1) or batch compaction (auto: If when --batch 1)")
+    e.add_argument("--moe-skip", default="off", metavar="auto|off|TAU",
+                   help="MoDES dynamic expert skipping: a routed slot with alpha_l * weight < TAU gets weight 0 "
+                   "(alpha_l: each MoE layer's importance, calibrated on --calib data); auto searches the largest "
+                   "TAU whose accuracy (LMs: loss) stays within --moe-skip-budget of no skipping")
+    e.add_argument("--moe-skip-budget", type=float, default=0.5, metavar="PT",
+                   help="with --moe-skip auto: accuracy points the search may lose (LMs: percent of loss)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing edgegate bundle at -o (only a verified bundle, never another directory)")
     e.add_argument("--keep-intermediate", action="store_true", help="keep each step's output in OUTPUT.steps/")

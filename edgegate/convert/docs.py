@@ -15,6 +15,7 @@ _OBSERVE = {
     Observe.ROUTES: "routes: rows per expert, routing widened for coverage, top-k set / top-1 agreement",
     Observe.DECISION: "decision: `last_decision` compared float vs quantized (mask Hamming / gate MAE)",
     Observe.STATIC: "static: nothing data-dependent to observe",
+    Observe.LEARNERS: "learners: rows per learner, counts widened for coverage, learner-count agreement",
 }
 
 _INTRO = """\

@@ -62,6 +62,7 @@ def read_bench_report(d: Any, latencies_ms: Sequence[float] = ()) -> BenchReport
             "memory": MemoryStats(**f["memory"]),
             "exits": None if f["exits"] is None else _histogram(f["exits"]),
             "routes": tuple(_histogram(h) for h in f["routes"]),
+            "learners": tuple(_histogram(h) for h in f["learners"]),
             "warnings": tuple(f["warnings"]),
             "latencies_ms": tuple(float(v) for v in latencies_ms),
         })

@@ -5,6 +5,7 @@ Each module has a hard inference mode (``eval()``), records its last hard gate d
 ``get_config()`` so ``type(m)(**m.get_config())`` rebuilds it.
 """
 
+from edgegate.nn.acm import ACM, ACMForm, ACMTraining
 from edgegate.nn.attention import GatedAttention
 from edgegate.nn.early_exit import EarlyExitNet, ExitMLP, exit_gate_mlp
 from edgegate.nn.gating import ChannelGate, ThresholdGate
@@ -12,6 +13,9 @@ from edgegate.nn.moe import Activation, Expert, GatedSharedExpert, MoE, TopKRout
 from edgegate.nn.ternary import HGFLinear, TernaryLinear, quantize_activations, ternarize
 
 __all__ = [
+    "ACM",
+    "ACMForm",
+    "ACMTraining",
     "Activation",
     "ChannelGate",
     "EarlyExitNet",

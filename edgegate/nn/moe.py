@@ -71,10 +71,15 @@ class TopKRouter(nn.Module):
     the projection has a bias. After each forward: ``aux_loss`` (Switch-Transformer load balancing
     ``E * sum_e f_e * P_e``, with gradients in training), and in eval ``last_decision`` (indices),
     ``last_weights`` and ``last_load`` (fraction of the T*k routed slots that went to each expert; sums to 1).
+
+    MoDES dynamic expert skipping (off by default): after top-k and renormalisation, a slot with
+    ``skip_importance * weight < skip_threshold`` gets weight 0 and the others keep theirs (``set_skip``;
+    ``edgegate.calibration.expert_skip`` calibrates both). ``skips`` says whether it is on.
     """
 
     def __init__(self, d_model: int, n_experts: int, k: int, scoring: str = "softmax", renormalize: bool = True,
-                 score_bias: bool = False, scale: float = 1.0, bias: bool = False) -> None:
+                 score_bias: bool = False, scale: float = 1.0, bias: bool = False, skip_importance: float = 1.0,
+                 skip_threshold: float = 0.0) -> None:
         super().__init__()
         if not 1 <= k <= n_experts:
             raise EdgegateError(f"TopKRouter: k={k} must be between 1 and n_experts={n_experts}")
@@ -88,11 +93,23 @@ class TopKRouter(nn.Module):
         self.last_decision: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
+        self.set_skip(skip_importance, skip_threshold)
 
     def get_config(self) -> dict[str, Any]:
+        skip = {"skip_importance": self.skip_importance, "skip_threshold": self.skip_threshold} if self.skips else {}
         return {"d_model": self.d_model, "n_experts": self.n_experts, "k": self.k, "scoring": str(self.scoring),
                 "renormalize": self.renormalize, "score_bias": self.has_score_bias, "scale": self.scale,
-                "bias": self.proj.bias is not None}
+                "bias": self.proj.bias is not None, **skip}
+
+    def set_skip(self, importance: float, threshold: float) -> None:
+        """Drop a routed slot when ``importance * weight < threshold`` (MoDES); threshold 0 turns skipping off."""
+        if not (importance >= 0 and threshold >= 0):  # also refuses NaN
+            raise EdgegateError(f"TopKRouter: skip importance {importance} and threshold {threshold} must be >= 0")
+        self.skip_importance, self.skip_threshold = float(importance), float(threshold)
+
+    @property
+    def skips(self) -> bool:
+        return self.skip_threshold > 0
 
     def train(self, mode: bool = True) -> TopKRouter:
         # The training aux loss holds an autograd graph; drop it so eval models deep-copy and pickle.
@@ -111,16 +128,25 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.proj(x)
         weights, indices = ops.topk_gate(logits, self.k, self.score_bias, self.scoring, self.renormalize,
-                                         self.scale)
+                                         self.scale, self.skip_importance, self.skip_threshold)
         if self.training or not exporting():
             probs = torch.softmax(logits.float(), dim=-1)
             load = F.one_hot(indices, self.n_experts).sum(1).float().mean(0) / self.k
             aux = self.n_experts * (load * probs.mean(0)).sum()
             if self.training:
                 self.aux_loss = aux  # keeps its graph: the trainer adds it to the loss
-            else:
-                record(self, aux_loss=aux, last_decision=indices, last_weights=weights, last_load=load)
+            else:  # a skipped slot is decided as "no expert" (-1): fidelity compares skips too
+                record(self, aux_loss=aux, last_decision=self.mark_skipped(weights, indices), last_weights=weights,
+                       last_load=load)
         return weights, indices
+
+    def mark_skipped(self, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``indices`` with -1 in the deployed slots (the first k) that skipping dropped; unchanged when it is
+        off. Slots past k (calibration's widened routes, weight 0 by design) keep their ids."""
+        if not self.skips:
+            return indices
+        deployed = torch.where(weights[:, : self.k] == 0, -1, indices[:, : self.k])
+        return deployed if indices.shape[1] == self.k else torch.cat([deployed, indices[:, self.k:]], dim=1)
 
 
 class Expert(nn.Module):
@@ -247,7 +273,7 @@ class MoE(nn.Module):
         """The routed slots' outputs [T, k, d], each slot run only on the tokens routed to it.
 
         Same values as gathering :meth:`slot_outputs` at ``indices``; an expert that no token chose is
-        not called at all (so it also sees no calibration rows).
+        not called at all (so it also sees no calibration rows). A slot id -1 (skipped) stays zero.
         """
         t, d = x.shape
         picked = x.new_zeros(t, indices.shape[1], d)
@@ -275,7 +301,8 @@ class MoE(nn.Module):
         return self.forward_routed(x)[0]
 
     def forward_routed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(y, indices)``: the output and the routed slot ids, int64 [..., k] over ``x``'s leading dims.
+        """``(y, indices)``: the output and the routed slot ids, int64 [..., k] over ``x``'s leading dims (-1 for
+        a slot the router skipped).
 
         Models that export their routing (e.g. the zoo's ``MoEClassifier``, output ``route_indices``)
         return these indices so a deployed bundle can report its route histogram.
@@ -283,18 +310,19 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         weights, indices = self.router(x)
+        routed = self.router.mark_skipped(weights, indices)  # -1: a slot the router skipped (MoDES)
         if self.training or exporting() or self.dispatch == "dense":
             outs = self.slot_outputs(x)
             picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
         else:
-            picked = self.sparse_picked(x, indices)
+            picked = self.sparse_picked(x, routed)  # a skipped slot (-1) is not computed
         y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
         if self.shared is not None:
             y = y + self.shared(x)
         if not self.training and not exporting():
-            record(self, last_decision=indices, last_load=self.router.last_load,
-                   last_ffn_per_token=float((indices < self.n_experts).sum(1).float().mean()))
-        return y.reshape(shape), indices.reshape(*shape[:-1], indices.shape[-1])
+            record(self, last_decision=routed, last_load=self.router.last_load,
+                   last_ffn_per_token=float(((routed >= 0) & (routed < self.n_experts)).sum(1).float().mean()))
+        return y.reshape(shape), routed.reshape(*shape[:-1], routed.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------ gate families
@@ -312,7 +340,9 @@ def _router_layers(router: TopKRouter, info: GateInfo, model: nn.Module) -> Iter
 register_family(TopKRouter, GateFamily(
     GateKind.ROUTER, Observe.ROUTES,
     details=lambda r: {"k": r.k, "n_experts": r.n_experts, "scoring": str(r.scoring), "renormalize": r.renormalize,
-                       "score_bias": r.has_score_bias, "scale": r.scale},
+                       "score_bias": r.has_score_bias, "scale": r.scale,
+                       **({"skip_importance": r.skip_importance, "skip_threshold": r.skip_threshold} if r.skips
+                          else {})},
     decision_layers=_router_layers,
     summary="top-k expert routing (TopKGate); the router projection (and MoE++ const_mix) stays float"))
 register_family(GatedSharedExpert, GateFamily(

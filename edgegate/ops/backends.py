@@ -91,6 +91,9 @@ class NumpyBackend:
     def reduce_sum(self, x):
         return np.sum(x, axis=-1, keepdims=True)
 
+    def argmax_last(self, x):
+        return np.argmax(np.asarray(x), axis=-1).astype(np.int64)
+
     def topk(self, x, k: int):
         # Stable descending order: ties resolve to the lower index, as in ONNX TopK and torch.topk on CPU.
         idx = np.argsort(-np.asarray(x), axis=-1, kind="stable")[..., :k].astype(np.int64)
@@ -179,6 +182,9 @@ class TorchBackend:
 
     def reduce_sum(self, x):
         return x.sum(dim=-1, keepdim=True)
+
+    def argmax_last(self, x):
+        return self.torch.argmax(x, dim=-1)
 
     def topk(self, x, k: int):
         return self.torch.topk(x, k, dim=-1, largest=True, sorted=True)

@@ -97,14 +97,23 @@ def _channel_gate(F, x, mask_logits):
     return F.mul(x, F.cast_like(keep, x))
 
 
-def _topk_gate(F, logits, bias, k, scoring, renormalize, scale):
+def _topk_gate(F, logits, bias, k, scoring, renormalize, scale, skip_importance, skip_threshold):
     x = F.cast(logits, "float32")
     scores = F.choose(F.attr(scoring), F.sigmoid(x), F.softmax(x))
     # The bias (score correction, DeepSeek-V3) only steers which experts win; the weights are the scores.
     _, idx = F.topk(F.add(scores, F.cast(bias, "float32")), F.attr(k))
     w = F.gather_last(scores, idx)
     w = F.choose(F.attr(renormalize), F.div(w, F.reduce_sum(w)), w)
+    # MoDES dynamic expert skipping: a routed slot whose importance-weighted weight falls below the
+    # threshold is dropped (weight 0), and the others are NOT renormalised. Threshold 0 keeps every slot.
+    keep = F.greater_equal(F.mul(w, F.attr(skip_importance)), F.attr(skip_threshold))
+    w = F.mul(w, F.cast_like(keep, w))
     return F.mul(w, F.attr(scale)), idx
+
+
+def _learner_count(F, logits):
+    # Ties resolve to the lower count (first maximum), as in numpy, torch and ONNX ArgMax.
+    return F.argmax_last(F.cast(logits, "float32"))
 
 
 def _exit_decision(F, logits, threshold):
@@ -138,10 +147,15 @@ CATALOG: dict[str, OpDef] = {
               _channel_gate, "y = x * 1[sigmoid(mask_logits) > 0.5]; mask_logits broadcast to x per channel"),
         OpDef("TopKGate", "topk_gate", (("logits", "T"), ("bias", "F")), (("weights", "F"), ("indices", "I")),
               (AttrDef("k"), AttrDef("scoring", default=0), AttrDef("renormalize", default=1),
-               AttrDef("scale", AttrKind.FLOAT, 1.0)),
+               AttrDef("scale", AttrKind.FLOAT, 1.0), AttrDef("skip_importance", AttrKind.FLOAT, 1.0),
+               AttrDef("skip_threshold", AttrKind.FLOAT, 0.0)),
               _topk_gate, "scores = softmax (scoring=0) or sigmoid (scoring=1) of the logits in fp32; the top-k of "
-              "scores + bias [E] pick the experts; weights = their scores, divided by their sum when renormalize=1, "
-              "times scale"),
+              "scores + bias [E] pick the experts; weights = their scores, divided by their sum when renormalize=1; "
+              "a slot with skip_importance * weight < skip_threshold gets weight 0 (MoDES expert skipping, no "
+              "renormalisation after it); times scale"),
+        OpDef("LearnerCount", "learner_count", (("logits", "T"),), (("count", "I"),), (), _learner_count,
+              "count[t] = argmax over the N+1 gate logits of token t (first maximum): how many of an Adaptive "
+              "Computation Module's N learners token t runs"),
         OpDef("ExitDecision", "exit_decision", (("logits", "T"), ("threshold", "F")), (("exit", "B"),), (),
               _exit_decision, "exit[b] = max softmax(logits[b]) >= threshold"),
         OpDef("LearnedExitDecision", "learned_exit_decision", (("gate_logit", "T"), ("threshold", "F")),

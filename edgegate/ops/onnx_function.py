@@ -103,6 +103,9 @@ class OnnxBuilder:
     def reduce_sum(self, x):
         return self._node("ReduceSum", [x, self._ints([-1])], keepdims=1)
 
+    def argmax_last(self, x):
+        return self._node("ArgMax", [x], axis=-1, keepdims=0, select_last_index=0)
+
     def topk(self, x, k):
         k1 = self._node("Reshape", [k, self._ints([1])])
         return self._node("TopK", [x, k1], n_out=2, axis=-1, largest=1, sorted=1)

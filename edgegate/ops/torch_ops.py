@@ -80,14 +80,20 @@ def channel_gate(x, mask_logits):
 
 
 def topk_gate(logits, k: int, bias=None, scoring: Scoring | str = Scoring.SOFTMAX, renormalize: bool = True,
-              scale: float = 1.0):
+              scale: float = 1.0, skip_importance: float = 1.0, skip_threshold: float = 0.0):
     """Router top-k (see the catalog's TopKGate). ``bias`` [E] (score correction; zeros when None) only
-    steers the choice of experts."""
+    steers the choice of experts; a slot with ``skip_importance * weight < skip_threshold`` gets weight 0."""
     import torch
 
     if bias is None:
         bias = logits.new_zeros(logits.shape[-1], dtype=torch.float32)
-    return call("TopKGate", logits, bias, k=k, scoring=Scoring(scoring).code, renormalize=int(renormalize), scale=scale)
+    return call("TopKGate", logits, bias, k=k, scoring=Scoring(scoring).code, renormalize=int(renormalize), scale=scale,
+                skip_importance=skip_importance, skip_threshold=skip_threshold)
+
+
+def learner_count(logits):
+    """How many learners each token of an ACM runs: argmax of the gate logits [T, N+1] -> int64 [T]."""
+    return call("LearnerCount", logits)
 
 
 def exit_decision(logits, threshold):

@@ -42,13 +42,15 @@ def render_text(report: BenchReport) -> str:
             f"Peak RSS     : {mem.peak_rss_before_mib:.1f} MiB before load, "
             f"{mem.peak_rss_after_mib:.1f} MiB after runs (+{mem.delta_mib:.1f} MiB)"
         )
-    for hist in (r.exits, *r.routes):
+    for hist in (r.exits, *r.routes, *r.learners):
         if hist is None:
             continue
         pairs = zip(hist.counts, hist.fractions, strict=True)
         per = "  ".join(f"{i}: {c} ({f:.1%})" for i, (c, f) in enumerate(pairs))
-        depth = f"; mean depth {hist.mean:.2f}" if hist.mean is not None else ""
-        label = "Exits" if hist.kind == "exit" else f"Routes {hist.gate}"
+        depth = "" if hist.mean is None else f"; mean {'depth' if hist.kind == 'exit' else 'learners'} {hist.mean:.2f}"
+        if hist.skipped_fraction is not None:
+            depth += f"; skipped slots {hist.skipped} ({hist.skipped_fraction:.1%} of routed)"
+        label = {"exit": "Exits", "learners": f"Learners {hist.gate}"}.get(hist.kind, f"Routes {hist.gate}")
         counted = f" over {r.runs} timed runs" if hist.kind == "exit" else ""
         text = f"{per}{depth} [{hist.output}{counted}]" if hist.output else hist.note
         note = r.notes.get("exits") if hist.kind == "exit" else None

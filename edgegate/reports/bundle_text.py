@@ -29,6 +29,7 @@ GATE_METRICS = (
     ("top1_expert_agreement", "top-1 expert agreement"),
     ("mask_hamming", "mask Hamming distance"),
     ("gate_mae", "gate mean |error|"),
+    ("count_agreement", "learner-count agreement"),
 )
 GATE_WORDS = {**dict(GATE_METRICS), "top1_agreement": "top-1 agreement"}
 
@@ -76,7 +77,29 @@ def bundle_lines(m: Mapping[str, Any]) -> list[str]:
 
 
 def quant_lines(m: Mapping[str, Any]) -> list[str]:
-    """Scheme and calibration, coverage, fidelity, thresholds and what was kept in higher precision."""
+    """Scheme and calibration, coverage, fidelity, thresholds and what was kept in higher precision, then
+    MoE expert skipping when the export calibrated it."""
+    return [*_scheme_lines(m), *skip_lines(m)]
+
+
+def skip_lines(m: Mapping[str, Any]) -> list[str]:
+    """MoDES expert skipping (manifest ``moe_skip``): tau, alpha per router, skip rate and metric."""
+    s = m.get("moe_skip") or {}
+    if not s:
+        return []
+    budget = s.get("budget") or 0
+    unit = f"{budget * 100:g} % of loss" if s.get("metric") == "lm_loss" else f"{budget * 100:g} pt"
+    alphas = ", ".join(f"{p or 'model'} {num(a)}" for p, a in (s.get("importance") or {}).items())
+    parts = [f"{s.get('mode')}, tau {num(s.get('tau'))} (alpha: {alphas}; budget {unit})"]
+    for rows in ("calibration", "held_out"):
+        r = s.get(rows) or {}
+        if r:
+            parts.append(f"{rows.replace('_', '-')} rows: {_fractions(r.get('skip_rate'))} of routed slots skipped, "
+                         f"{s.get('metric')} {_fixed(r.get('unskipped'))} -> {_fixed(r.get('skipped'))}")
+    return labelled("MoE skip", parts)
+
+
+def _scheme_lines(m: Mapping[str, Any]) -> list[str]:
     q = m.get("quant") or {}
     scheme = q.get("scheme") or "fp32"
     if scheme == QuantScheme.INT8:
@@ -111,6 +134,8 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
         cov.append(f"rows per stage of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
     for path, rows in (coverage.get("slots") or {}).items():
         cov.append(f"rows per expert of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
+    for path, rows in (coverage.get("learners") or {}).items():
+        cov.append(f"rows per learner of {gate_label(gates.get(path), path)}: {' / '.join(str(r) for r in rows)}")
     layer_rows = coverage.get("layers") or {}
     if layer_rows:
         least = min(layer_rows, key=layer_rows.get)
@@ -161,6 +186,9 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
             what = "exits" if "exit_fractions" in g else "open"
             shown.append(f"{what} float {_fractions(fractions.get('float'))}, "
                          f"quant {_fractions(fractions.get('quant'))}")
+        if isinstance(g.get("mean_count"), Mapping):
+            shown.append(f"mean learners float {_fixed(g['mean_count'].get('float'))}, "
+                         f"quant {_fixed(g['mean_count'].get('quant'))}")
         per_gate.append(f"{gate_label(by_name.get(name), name)}: {', '.join(shown) or '-'}")
     lines += labelled("Gate fidelity", per_gate)
     thresholds = [f"{gate_label(by_name.get(p), p)}: {_floats(t.get('before'))} -> {_floats(t.get('after'))}"

@@ -19,6 +19,9 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("depth", "m", "mean_exit_depth", "{:.3f}"),
     ("top-k set", "m", "topk_set_agreement", "{:.4f}"),
     ("top1 exp", "m", "top1_expert_agreement", "{:.4f}"),
+    ("k agr", "m", "count_agreement", "{:.4f}"),
+    ("mean k", "m", "mean_learners", "{:.3f}"),
+    ("skipped", "m", "skip_rate", "{:.3f}"),
     ("mask Ham*", "r", "mask_hamming", "{:.4f}"),
 )
 
@@ -56,13 +59,18 @@ def render_text(report: CompareReport) -> str:
     if any(_get(r, c) is not None for r in report.rows for c in COLUMNS if c[1] == "r"):
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
     lines += [n for n in report.notes if n.startswith(CALIBRATION_ROWS_NOTE)]
+    swept = [r for r in report.rows if r.status == "ok" and r.skip_sweep]
+    if swept:
+        lines.append("skip sweep (tau: skipped slots, accuracy):")
+        lines += [f"  {r.name}: " + "; ".join(f"{p['tau']:.3g}: {p['skip_rate']:.1%}" + (
+            f", {p['accuracy']:.4f}" if "accuracy" in p else "") for p in r.skip_sweep) for r in swept]
     return "\n".join(lines)
 
 
 # Rates shown with their interval, in table order: (metric key, header words).
 INTERVALS = (("accuracy", "acc"), ("top1_agreement", "top1 agr"), ("exit_agreement", "exit agr"),
              ("topk_set_agreement", "top-k set"), ("top1_expert_agreement", "top1 exp"),
-             ("mask_hamming", "mask Ham"))
+             ("mask_hamming", "mask Ham"), ("count_agreement", "k agr"))
 
 
 def interval_lines(report: CompareReport) -> list[str]:

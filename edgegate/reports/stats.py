@@ -22,6 +22,7 @@ MIN_RUNS = 30  # below this p95/p99 are set by one or two runs
 # Option fields through which a target takes a thread count, in order of preference.
 THREAD_OPTIONS = ("intra_op_threads", "threads", "num_threads")
 ROUTE_NOTE = "route counts need a model output with the expert indices (named *route* or *indices*)"
+LEARNER_NOTE = "learner counts need a model output with the ACM's per-token count (named *learner*)"
 
 
 class BenchError(EdgegateError):
@@ -61,10 +62,14 @@ class MemoryStats:
 
 @dataclasses.dataclass(frozen=True)
 class Histogram:
-    """Counts per exit (``kind="exit"``) or per expert (``kind="route"``) over the timed feeds.
+    """Counts per exit (``kind="exit"``), per expert (``kind="route"``) or per learner count k
+    (``kind="learners"``, an ACM: k = 0..N learners run per token) over the timed feeds.
 
-    ``mean`` is the mean exit depth for exits (exit_index + 1: stages run), None for routes. When the
-    model has no output to count, ``output`` is None, counts are empty and ``note`` says why.
+    ``mean`` is the mean exit depth for exits (exit_index + 1: stages run), the mean learner count for
+    learners, None for routes. ``skipped`` (routes): routed slots the router dropped (MoDES expert
+    skipping; the route output marks them -1), not in ``counts``; ``skipped_fraction`` = skipped / all
+    routed slots. When the model has no output to count, ``output`` is None, counts are empty and
+    ``note`` says why.
     """
 
     kind: str
@@ -74,6 +79,8 @@ class Histogram:
     fractions: tuple[float, ...]
     mean: float | None = None
     note: str = ""
+    skipped: int = 0
+    skipped_fraction: float | None = None
 
 
 def summarize_latencies(ms: Sequence[float] | np.ndarray) -> LatencyStats:
@@ -113,7 +120,8 @@ def host_info() -> dict[str, Any]:
 
 
 def gate_outputs(manifest: Mapping[str, Any], outputs: Sequence[str]) -> list[tuple[str, dict, str | None]]:
-    """(kind, manifest gate, output to count or None): the exit output, and each router's indices."""
+    """(kind, manifest gate, output to count or None): the exit output, each router's indices and each
+    ACM's learner counts."""
     gates = (manifest.get("gates") or {}).get("gates", [])
     exits = [g for g in gates if g.get("kind") == "exit"] or [{"name": None}]
     found = [("exit", exits[0], EXIT_OUTPUT)] if EXIT_OUTPUT in outputs else []
@@ -125,24 +133,36 @@ def gate_outputs(manifest: Mapping[str, Any], outputs: Sequence[str]) -> list[tu
         if not named and len(routers) == 1 and len(candidates) == 1:
             named = candidates  # one router, one index output: they belong together
         found.append(("route", g, named[0] if named else None))
+    acms = [g for g in gates if g.get("kind") == "learners"]
+    counted = [o for o in outputs if "learner" in o.lower()]
+    for g in acms:
+        a = str(g.get("name") or "")
+        named = [o for o in counted if a and (a in o or a.replace(".", "_") in o)]
+        if not named and len(acms) == 1 and len(counted) == 1:
+            named = counted
+        found.append(("learners", g, named[0] if named else None))
     return found
 
 
 def histogram(kind: str, gate: dict, output: str | None, seen: Sequence[np.ndarray] | None) -> Histogram:
-    """Count the values of one gate output (exit ids or expert ids) over the arrays in `seen`."""
+    """Count the values of one gate output (exit ids, expert ids or learner counts) over the arrays in `seen`."""
     name = gate.get("name")
     if output is None or seen is None or not len(seen):
-        # The expert choice lives inside the graph: counting it needs an output, never a guess.
-        return Histogram(kind, name, None, (), (), note=ROUTE_NOTE)
+        # The gate's choice lives inside the graph: counting it needs an output, never a guess.
+        return Histogram(kind, name, None, (), (), note=LEARNER_NOTE if kind == "learners" else ROUTE_NOTE)
     values = np.concatenate([np.asarray(v).reshape(-1) for v in seen]).astype(np.int64)
-    values = values[values >= 0]  # a negative index means "no expert" (padding): not a route
+    skipped = int((values < 0).sum())
+    values = values[values >= 0]  # a negative index marks a slot the router skipped: not a route
     details = gate.get("details") or {}
-    size = int(details.get("n_exits", 0) if kind == "exit" else details.get("n_slots", details.get("n_experts", 0)))
+    size = {"exit": int(details.get("n_exits", 0)), "learners": int(details.get("n_learners", -1)) + 1}.get(
+        kind, int(details.get("n_slots", details.get("n_experts", 0))))
     counts = np.bincount(values, minlength=size)
     total = max(int(counts.sum()), 1)
-    mean = float(values.mean() + 1) if kind == "exit" and values.size else None
+    mean = (float(values.mean()) + (1 if kind == "exit" else 0)) if kind != "route" and values.size else None
     fractions = tuple(float(c) / total for c in counts)
-    return Histogram(kind, name, output, tuple(int(c) for c in counts), fractions, mean)
+    routed = int(counts.sum()) + skipped
+    return Histogram(kind, name, output, tuple(int(c) for c in counts), fractions, mean, skipped=skipped,
+                     skipped_fraction=skipped / routed if kind == "route" and routed else None)
 
 
 def peak_rss_mib() -> float | None:

@@ -7,6 +7,7 @@ records the dataset, input spec and metrics (``train_and_save``).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,11 +71,14 @@ def _entries() -> list[ZooEntry]:
         ZooEntry("channel_gate", "channel_gate", "digits",
                  "small CNN with two FTWT-style per-sample channel gates", _x(1, 8, 8),
                  m.ChannelGateCNN, recipes.train_channel_gate),
-        ZooEntry("moe", "moe", "digits", "Mixtral-style top-2 of 4 SwiGLU experts", _x(64),
-                 lambda: m.MoEClassifier(n_experts=4, k=2), recipes.train_moe),
+        ZooEntry("moe", "moe", "digits", "Mixtral-style top-2 of 4 SwiGLU experts, trained to tolerate expert "
+                 "skipping", _x(64), lambda: m.MoEClassifier(n_experts=4, k=2),
+                 functools.partial(recipes.train_moe, skip_training=0.5)),
         ZooEntry("moe_pp", "moe", "digits", "MoE++: 4 FFN + zero, copy and 2 constant experts, top-2",
                  _x(64), lambda: m.MoEClassifier(n_experts=4, k=2, n_zero=1, n_copy=1, n_const=2),
                  recipes.train_moe),
+        ZooEntry("acm", "acm", "clusters", "Adaptive Computation Module: 4 learners, 0-4 run per token (~50%)",
+                 _x(n_feat), lambda: m.ACMClassifier(n_feat, n_classes=n_cls), recipes.train_acm),
         ZooEntry("early_exit", "early_exit", "clusters", "3-stage MLP with max-prob exits (~60% leave at 1)",
                  _x(n_feat), lambda: ExitMLP(n_feat, hidden=[16, 32, 64], n_classes=n_cls, n_stages=3),
                  recipes.train_early_exit),

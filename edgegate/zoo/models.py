@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.errors import EdgegateError
-from edgegate.nn import ChannelGate, GatedAttention, HGFLinear, MoE, TernaryLinear, ThresholdGate
+from edgegate.nn import ACM, ChannelGate, GatedAttention, HGFLinear, MoE, TernaryLinear, ThresholdGate
 
 
 class AttentionClassifier(nn.Module):
@@ -129,6 +129,40 @@ class MoEClassifier(nn.Module):
         y, route_indices = self.moe.forward_routed(self.norm(h))
         logits = self.head(h + y)
         return logits if self.training else (logits, route_indices)
+
+
+class ACMClassifier(nn.Module):
+    """Each sample is one token: embed -> residual Adaptive Computation Module (N learners) -> head.
+
+    Training returns logits; eval returns ``(logits, learner_count)`` (how many learners the sample ran,
+    int64 [B]), so the exported graph has the gate's choice as an output (the bench histogram of k).
+    """
+
+    input_names = ("x",)
+    output_names = ("logits", "learner_count")
+
+    def __init__(self, in_features: int = 16, d_model: int = 32, n_learners: int = 4, d_hidden: int = 8,
+                 gate_hidden: int = 16, n_classes: int = 4, act: str = "relu") -> None:
+        super().__init__()
+        self._config = {"in_features": in_features, "d_model": d_model, "n_learners": n_learners,
+                        "d_hidden": d_hidden, "gate_hidden": gate_hidden, "n_classes": n_classes, "act": act}
+        self.embed = nn.Linear(in_features, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.acm = ACM(d_model, n_learners, d_hidden, gate_hidden, act)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The ACM's input tokens [B, d_model]."""
+        return self.norm(F.relu(self.embed(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.embed(x))
+        y, count = self.acm.forward_counted(self.norm(h))
+        logits = self.head(h + y)
+        return logits if self.training else (logits, count)
 
 
 LINEAR_KINDS = ("float", "ternary", "hgf")

@@ -4,7 +4,8 @@ Stage: reference models. Input: an untrained zoo model, its dataset and a seed. 
 trained in place (left in eval mode) and a metrics dict, JSON-serializable and measured on the eval
 (hard-gate) path, on the test split unless named ``val_*``. Each recipe is tuned so the zoo targets
 asserted in ``tests/unit/test_zoo.py`` hold with margin (e.g. MoE max expert load <= 0.4, ~60 % of
-samples leaving at the first exit, ternary LM >= 0.15 nats behind float with HGF recovering >= 40 %).
+samples leaving at the first exit, ternary LM >= 0.15 nats behind float with HGF recovering >= 40 %, ACM
+running <= 60 % of its learners per token within 1 pt of all of them).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from edgegate.data import Dataset
-from edgegate.nn import ExitMLP
-from edgegate.zoo.models import AttentionClassifier, ChannelGateCNN, MoEClassifier, ThresholdMLP, TinyLM
+from edgegate.nn import ACMTraining, ExitMLP
+from edgegate.zoo.models import ACMClassifier, AttentionClassifier, ChannelGateCNN, MoEClassifier, ThresholdMLP, TinyLM
 from edgegate.zoo.training import accuracy, cross_entropy, fit, nll, predict, tensors
 
 Metrics = dict[str, Any]
@@ -67,18 +68,64 @@ def train_channel_gate(model: ChannelGateCNN, data: Dataset, seed: int,
             "dynamic_channel_fraction": dynamic}
 
 
-def train_moe(model: MoEClassifier, data: Dataset, seed: int, aux_weight: float = 0.05) -> Metrics:
-    """Top-k MoE and MoE++ alike: task loss + Switch load-balancing loss over every router slot."""
+def train_moe(model: MoEClassifier, data: Dataset, seed: int, aux_weight: float = 0.05,
+              skip_training: float = 0.0) -> Metrics:
+    """Top-k MoE and MoE++ alike: task loss + Switch load-balancing loss over every router slot.
+
+    ``skip_training > 0``: each batch routes with a MoDES skip threshold drawn from U(0, skip_training)
+    (slots whose weight falls below it are dropped), so the model learns not to lean on weakly weighted
+    experts and tolerates the expert skipping ``export --moe-skip`` calibrates; evaluated without it."""
+    router = model.moe.router
+    draws = torch.Generator().manual_seed(seed + 1)
 
     def loss_fn(m: MoEClassifier, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        if skip_training:
+            router.set_skip(1.0, float(torch.rand((), generator=draws)) * skip_training)
         return F.cross_entropy(m(xb), yb) + aux_weight * m.moe.aux_loss
 
     fit(model, *tensors(data, "train"), loss_fn, epochs=25, batch_size=64, lr=3e-3, seed=seed)
+    router.set_skip(1.0, 0.0)
     acc = _test_acc(model, data)
     moe = model.moe
     return {"test_acc": acc, "slot_load": [float(v) for v in moe.last_load], "slot_kinds": moe.slot_kinds(),
             "max_expert_load": float(moe.last_load[: moe.n_experts].max()),
             "ffn_per_token": float(moe.last_ffn_per_token)}
+
+
+# --------------------------------------------------------------------------------- adaptive computation
+
+
+def train_acm(model: ACMClassifier, data: Dataset, seed: int, tolerance: float = 0.25) -> Metrics:
+    """The ACM paper's recipe, from scratch and in seconds. 1) Learners (with embedding and head) trained
+    with nested dropout: each sample runs a uniformly drawn k in {0..N}, so every prefix of learners is a
+    usable block. 2) The gate pre-trained, everything else frozen, on per-token labels: the smallest k
+    whose output is within ``tolerance`` (relative squared error) of all learners' output."""
+    acm = model.acm
+    acm.train_mode = ACMTraining.NESTED
+    fit(model, *tensors(data, "train"), cross_entropy, epochs=20, batch_size=64, lr=3e-3, seed=seed)
+    x, _ = tensors(data, "train")
+    with torch.no_grad():
+        tokens = model.features(x)
+    labels = acm.count_labels(tokens, tolerance)
+
+    def gate_loss(m: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(m(xb), yb)
+
+    fit(acm.gate, tokens, labels, gate_loss, epochs=30, batch_size=64, lr=3e-3, seed=seed)  # the gate alone
+    model.eval()
+    xt, yt = tensors(data, "test")
+    acc_per_k = []
+    for k in range(acm.n_learners + 1):
+        acm.fixed_k = k
+        acc_per_k.append(accuracy(predict(model, xt), yt))
+    acm.fixed_k = None
+    with torch.no_grad():
+        logits, count = model(xt)
+    hist = np.bincount(count.numpy(), minlength=acm.n_learners + 1) / len(count)
+    return {"test_acc": accuracy(logits, yt), "all_learners_acc": acc_per_k[-1], "acc_per_k": acc_per_k,
+            "mean_learners": float(count.float().mean()), "n_learners": acm.n_learners,
+            "mean_learner_fraction": float(count.float().mean()) / acm.n_learners,
+            "learner_histogram": [float(v) for v in hist], "gate_label_mean": float(labels.float().mean())}
 
 
 # ------------------------------------------------------------------------------------------ early exit

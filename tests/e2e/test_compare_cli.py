@@ -37,7 +37,7 @@ def test_compare_writes_table_json_and_html(work: Path) -> None:
                                                                                          "int8"]
     assert "* recorded at export on held-out data (manifest quant.fidelity)" in r.stdout
     report = json.loads((work / "report.json").read_text())
-    assert (report["format"], report["version"]) == ("edgegate.compare", 3)
+    assert (report["format"], report["version"]) == ("edgegate.compare", 4)
     bundle = report["rows"][1]
     assert 0 <= bundle["recorded"]["mask_hamming"] < 0.2  # channel gates: the mask flip rate recorded at export
     assert {"conv1", "conv2", "conv3", "head"} <= set(bundle["layer_sqnr_db"])

@@ -206,7 +206,7 @@ def test_bench_on_the_agent_matches_a_local_report_in_form(agent: AgentProcess, 
         return {k: shape(v) for k, v in d.items()} if isinstance(d, dict) else type(d).__name__
 
     assert shape({**remote, "device": None}) == shape(here)
-    assert (remote["format"], remote["version"]) == ("edgegate.bench", 4) and here["device"] is None
+    assert (remote["format"], remote["version"]) == ("edgegate.bench", 5) and here["device"] is None
     assert remote["device"] == {"name": "test-device", "url": agent.url} and remote["bundle"] == tiny
     assert remote["runs"] == 40 and sum(remote["exits"]["counts"]) == 40  # batch 1: one exit per run
     assert remote["exits"]["counts"] == here["exits"]["counts"]  # same samples, same seed, same decisions
@@ -230,7 +230,7 @@ def test_compare_measures_latency_on_the_agent(agent: AgentProcess, root: Path, 
     assert r.returncode == 0, r.stderr
     assert f"ee.edgegate: latency measured on device test-device ({agent.url})" in r.stdout
     report = json.loads((root / "cmp.json").read_text())
-    assert (report["format"], report["version"]) == ("edgegate.compare", 3)
+    assert (report["format"], report["version"]) == ("edgegate.compare", 4)
     flt, ee = report["rows"]
     assert flt["device"] is None and ee["device"] == {"name": "test-device", "url": agent.url}
     assert ee["metrics"]["top1_agreement"] == 1.0 and ee["metrics"]["exit_agreement"] == 1.0  # fp32: measured here

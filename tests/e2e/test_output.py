@@ -114,7 +114,7 @@ def test_bench_defaults_to_a_time_budget(int8_export) -> None:
     r = edgegate("bench", "int8.edgegate", "--json", "default.json", cwd=work)
     assert r.returncode == 0, r.stderr
     report = json.loads((work / "default.json").read_text())
-    assert (report["format"], report["version"]) == ("edgegate.bench", 4)
+    assert (report["format"], report["version"]) == ("edgegate.bench", 5)
     assert report["budget"] == {"min_runs": 200, "min_seconds": 1.0, "max_seconds": 10.0}
     assert report["requested_runs"] is None and report["runs"] >= 200 and report["timed_s"] >= 1.0
     assert report["warmup"] >= 2 and sum(report["exits"]["counts"]) == report["runs"]

@@ -151,7 +151,7 @@ def test_report_fields_statistics_and_throughput(tmp_path: Path) -> None:
 def test_json_round_trip_is_versioned(tmp_path: Path) -> None:
     report = bench(_make_bundle(tmp_path / "b", exits=True), QUICK)
     d = report.to_dict()
-    assert (d["format"], d["version"]) == (FORMAT, 4)
+    assert (d["format"], d["version"]) == (FORMAT, 5)
     text = json.dumps(d, allow_nan=False)  # strict JSON: no NaN/Infinity
     assert json.loads(text) == d
     assert set(d) == {"format", "version", *BenchReport.__dataclass_fields__} - {"latencies_ms"}
@@ -333,7 +333,7 @@ def test_runner_metrics_are_reported(tmp_path: Path) -> None:
     assert m == {"runs": 16, "samples": SAMPLES + 15, "energy_uj": 8.0,
                  "per_layer": {"fc": [0, 1, 2], "long": list(range(20))}}
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert d["version"] == 4 and d["runtime_metrics"] == m
+    assert d["version"] == 5 and d["runtime_metrics"] == m
     text = render_text(report)
     assert ("Runtime      : runs 16, samples 23, energy_uj 8, per_layer.fc [0, 1, 2], "
             "per_layer.long sum 190 over 20") in text

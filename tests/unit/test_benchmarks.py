@@ -77,6 +77,21 @@ def test_early_exit(smoke):
         assert _positive(m["measured_over_ideal"]) and _positive(m["speedup_vs_full_depth"])
 
 
+def test_gated_families(smoke):
+    s = smoke["sections"]["gated_families"]
+    assert not s["errors"] and [m["family"] for m in s["models"]] == ["acm", "modes"]
+    acm, modes = s["models"]
+    assert sum(acm["k_histogram"]) == pytest.approx(1.0, abs=1e-3)
+    used = sum(k * p for k, p in enumerate(acm["k_histogram"])) / (len(acm["k_histogram"]) - 1)
+    assert acm["used_fraction"] == pytest.approx(used, abs=1e-3) and 0.2 < used < 0.9  # learners really vary
+    assert 0.6 < modes["used_fraction"] < 0.8 and modes["tau"] > 0  # ~30% of routed slots skipped
+    for m in s["models"]:
+        assert m["batch"] == 64 and set(m["timings"]) == {"measured", "ideal", "dense" if m is acm else "no_skip"}
+        assert m["measured_over_ideal"] == pytest.approx(m["measured_ms"] / m["ideal_ms"], rel=0.01)
+        assert _positive(m["all_over_measured"]) and all(t["repeats"] >= 5 for t in m["timings"].values())
+    assert [g["goal"].split(" (")[0] for g in s["goals"]] == ["acm", "modes"]
+
+
 def test_ternary(smoke):
     s = smoke["sections"]["ternary"]
     assert s["disk"]["bits_per_weight"] < 2.5 and s["disk"]["fp32_bits_per_weight"] >= 32

@@ -107,13 +107,13 @@ def test_per_layer_sqnr_covers_every_stage(ee, ee_report):
 
 def test_json_is_versioned_and_strict(ee_report):
     d = ee_report.to_dict()
-    assert (d["format"], d["version"]) == (FORMAT, 3)
+    assert (d["format"], d["version"]) == (FORMAT, 4)
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert set(d) == {"format", "version", "model", "data", "rows", "notes"}
     row = d["rows"][1]
     assert set(row) == {"name", "kind", "path", "target", "quant", "calibration", "status", "note", "metrics",
-                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "histograms", "device",
-                        "intervals"}
+                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "skip_sweep", "histograms",
+                        "device", "intervals"}
     assert row["device"] is None  # measured here, not by a device agent
     assert d["rows"][2]["path"] is None  # the baseline lived in a temp dir
     assert set(row["latency"]) == {"min_ms", "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms",

@@ -32,6 +32,10 @@ def _cases() -> dict[str, tuple[list[np.ndarray], dict[str, int]]]:
         # Qwen3-MoE: no renormalization; DeepSeek-V3: sigmoid scores, a score-correction bias, a scale.
         "TopKGateNoRenorm": ([f(5, 6), np.zeros(6, np.float32)], {"k": 2, "renormalize": 0}),
         "TopKGateSigmoidBias": ([f(5, 6), f(6, s=0.5), ], {"k": 3, "scoring": 1, "renormalize": 1, "scale": 2.5}),
+        # MoDES expert skipping: slots with importance * weight < threshold dropped (some, not all, in this data).
+        "TopKGateSkip": ([f(64, 6, s=2.0), np.zeros(6, np.float32)],
+                         {"k": 3, "skip_importance": 0.8, "skip_threshold": 0.2, "scale": 1.5}),
+        "LearnerCount": ([f(64, 5)], {}),
         "ExitDecision": ([f(64, 4, s=3.0), np.array(0.7, np.float32)], {}),
         "LearnedExitDecision": ([f(64), np.array(0.5, np.float32)], {}),
         "TernaryMatMul": ([f(3, 10), pack_ternary(w), rng.random(6).astype(np.float32)], {"in_features": 10}),
@@ -97,6 +101,10 @@ def test_decision_ops_take_both_outcomes_in_the_test_data():
     for op_type in ("ExitDecision", "LearnedExitDecision"):
         out = reference(op_type, *CASES[op_type][0])
         assert 0 < out.sum() < out.size
+    w, _ = reference("TopKGate", *CASES["TopKGateSkip"][0], **CASES["TopKGateSkip"][1])
+    assert 0 < (w == 0).sum() < w.size and (w[:, 0] > 0).all()  # some slots skipped; top-1 (>= 1/3) never
+    counts = reference("LearnerCount", *CASES["LearnerCount"][0])
+    assert counts.dtype == np.int64 and set(counts.tolist()) == {0, 1, 2, 3, 4}
 
 
 def test_topk_gate_semantics():
@@ -119,6 +127,25 @@ def test_topk_gate_sigmoid_bias_steers_the_choice_but_not_the_weights():
     np.testing.assert_allclose(w, [[2.0 * s[3], 2.0 * s[1]]], rtol=1e-6)
     w, _ = reference("TopKGate", logits, bias, k=2, scoring=1, renormalize=1, scale=2.0)
     np.testing.assert_allclose(w, [[2.0 * s[3] / (s[3] + s[1]), 2.0 * s[1] / (s[3] + s[1])]], rtol=1e-6)
+
+
+def test_topk_gate_skip_drops_slots_below_the_threshold_without_renormalising():
+    logits = np.log(np.array([[0.6, 0.3, 0.1], [0.4, 0.35, 0.25]], np.float32))  # softmax = these probabilities
+    zero = np.zeros(3, np.float32)
+    w, idx = reference("TopKGate", logits, zero, k=2)  # renormalised: [2/3, 1/3], [0.533, 0.467]
+    np.testing.assert_allclose(w, [[2 / 3, 1 / 3], [0.4 / 0.75, 0.35 / 0.75]], rtol=1e-5)
+    # importance 0.9: 0.9 * 1/3 = 0.3 < 0.35 is dropped (weight 0, the kept 2/3 stays 2/3); 0.9 * 0.467 = 0.42 stays.
+    ws, idx_s = reference("TopKGate", logits, zero, k=2, skip_importance=0.9, skip_threshold=0.35, scale=2.0)
+    np.testing.assert_array_equal(idx_s, idx)
+    np.testing.assert_allclose(ws, [[4 / 3, 0.0], [0.8 / 0.75, 0.7 / 0.75]], rtol=1e-5)
+    # threshold 0 (the default) keeps every slot
+    np.testing.assert_array_equal(reference("TopKGate", logits, zero, k=2, skip_threshold=0.0)[0], w)
+
+
+def test_learner_count_is_the_first_argmax():
+    logits = np.array([[0.0, 2.0, 2.0, 1.0], [3.0, 0.0, 0.0, 3.0], [-1.0, -2.0, -3.0, 5.0]], np.float32)
+    np.testing.assert_array_equal(reference("LearnerCount", logits), [1, 0, 3])
+    np.testing.assert_array_equal(ops.learner_count(torch.from_numpy(logits)).numpy(), [1, 0, 3])
 
 
 def test_attributes_left_out_of_a_node_take_the_function_defaults_in_ort():

@@ -19,7 +19,7 @@ DIGITS_MODELS = ["gated_attention", "threshold_gate", "channel_gate", "moe", "mo
 
 def test_registry_lists_every_family():
     assert set(NAMES) == {"gated_attention", "threshold_gate", "channel_gate", "moe", "moe_pp", "early_exit",
-                          "ternary_lm", "hgf_lm", "float_lm"}
+                          "ternary_lm", "hgf_lm", "float_lm", "acm"}
     for e in zoo.list_models():
         assert e.dataset in builtin_names() and e.description
         assert e.input_names == type(zoo.build(e.name)).input_names
@@ -53,6 +53,15 @@ def test_channel_gate_prunes_per_sample(zoo_model):
     _, m = zoo_model("channel_gate")
     assert m["pruned_fraction"] >= 0.2, m
     assert max(m["dynamic_channel_fraction"]) > 0, m  # some channels depend on the sample
+
+
+def test_acm_runs_at_most_60_percent_of_its_learners_within_a_point_of_all(zoo_model):
+    model, m = zoo_model("acm")
+    assert m["n_learners"] == model.acm.n_learners == 4
+    assert m["mean_learner_fraction"] <= 0.6 and m["test_acc"] >= m["all_learners_acc"] - 0.01, m
+    hist = m["learner_histogram"]
+    assert len(hist) == 5 and sum(hist) == pytest.approx(1.0) and sum(v > 0.1 for v in hist) >= 2, m  # k varies
+    assert m["acc_per_k"][0] < m["all_learners_acc"] - 0.02, m  # the learners matter: skipping them all costs
 
 
 def test_moe_top2_is_balanced(zoo_model):
