@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 SECTIONS = ("cpu_int8", "early_exit", "ternary", "snn", "export_time", "real_size", "fidelity_seeds",
@@ -52,7 +52,7 @@ def run(sections: list[str], smoke: bool, command: str, progress=None) -> dict:
 
     sizes = Sizes.for_run(smoke)
     ws = Workspace(smoke=smoke)
-    doc = {"format": FORMAT, "version": VERSION, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    doc = {"format": FORMAT, "version": VERSION, "created": datetime.now(UTC).isoformat(timespec="seconds"),
            "command": command, "size": "smoke" if smoke else "full",
            "sizes": {"repeats": sizes.repeats, "inner": sizes.inner, "warmup": sizes.warmup},
            "machine": machine_info(), "sections": {}}

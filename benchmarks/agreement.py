@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.metrics import decision_agreement, mask_hamming, top1_agreement, top1_expert_agreement, topk_set_agreement
+
 # op type -> (where the decision tensor is: ("out"|"in", index), ONNX element type, kind)
 _DECISIONS = {
     "TopKGate": (("out", 1), 7, "route"),
@@ -119,24 +121,24 @@ def compare(ref: dict[str, Any], got: dict[str, Any], labels: np.ndarray | None)
     pred = got["logits"].argmax(-1)
     if labels is not None:
         out["accuracy"] = round(float(np.mean(pred == labels)), 4)
-    out["top1_agreement"] = round(float(np.mean(pred == ref["logits"].argmax(-1))), 4)
+    out["top1_agreement"] = round(top1_agreement(ref["logits"], got["logits"]), 4)
     if "exit_index" in ref and "exit_index" in got:
-        out["exit_agreement"] = round(float(np.mean(ref["exit_index"] == got["exit_index"])), 4)
+        out["exit_agreement"] = round(decision_agreement(ref["exit_index"], got["exit_index"]), 4)
     gates: dict[str, float] = {}
     for label, (kind, a) in ref["gates"].items():
         if label not in got["gates"]:
             continue
         b = got["gates"][label][1]
         if kind == "route":
-            gates[f"{label}.top1"] = float(np.mean(a[..., 0] == b[..., 0]))
-            gates[f"{label}.topk_set"] = float(np.mean(np.all(np.sort(a, -1) == np.sort(b, -1), -1)))
+            gates[f"{label}.top1"] = top1_expert_agreement(a, b)
+            gates[f"{label}.topk_set"] = topk_set_agreement(a, b)
         elif kind == "mask_logits":
-            gates[f"{label}.mask"] = float(np.mean((a > 0) == (b > 0)))
+            gates[f"{label}.mask"] = 1 - mask_hamming(a > 0, b > 0)
         elif kind == "threshold":
             if label not in ref["taus"]:
                 continue
             tau = ref["taus"][label]
-            gates[f"{label}.mask"] = float(np.mean((a > tau) == (b > tau)))
+            gates[f"{label}.mask"] = 1 - mask_hamming(a > tau, b > tau)
         else:
             gates[f"{label}.soft_mae"] = float(np.mean(np.abs(_sigmoid(a) - _sigmoid(b))))
     out["gates"] = {k: round(v, 4) for k, v in gates.items()}

@@ -54,11 +54,11 @@ def _quantize(model: Any, name: str, *, onnx: bool = True, **options: Any) -> tu
     import torch
 
     from edgegate import zoo
-    from edgegate.data import TensorSpec
+    from edgegate.data import TensorSpec, split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
     from edgegate.quantization.plan import Flavor
-    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     entry = zoo.entry(name)
     spec = TensorSpec(entry.inputs[0].name, tuple(entry.inputs[0].shape), entry.inputs[0].dtype)
@@ -82,7 +82,7 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
 
 def _latency(name: str, chosen: bytes, plain: bytes, sizes: Sizes) -> dict[str, Any]:
     from edgegate import zoo
-    from edgegate.quantization.step import split_data
+    from edgegate.data import split_data
 
     entry = zoo.entry(name)
     held = split_data(entry.load_data())[1].input().astype(entry.inputs[0].dtype)

@@ -86,13 +86,12 @@ class Workspace:
         """The model's dataset as the pipeline splits it: (calibration = val, held-out = test)."""
         from edgegate.data import load_data
         from edgegate.loading import load
-        from edgegate.pipeline import input_spec
+        from edgegate.loading.inputs import single_input
 
         loaded = load(self.checkpoint(name), model_class=CLASSES.get(name))
-        inp = input_spec(loaded.spec)
-        data = load_data(loaded.spec["meta"]["dataset"], [inp["name"]], {inp["name"]: inp["shape"]})
-        cast = {inp["name"]: np.dtype(inp["dtype"])}
-        return data.split("val"), data.split("test"), inp["name"], cast[inp["name"]]
+        inp = single_input(loaded.spec)
+        data = load_data(loaded.spec["meta"]["dataset"], [inp.name], {inp.name: inp.shape})
+        return data.split("val"), data.split("test"), inp.name, np.dtype(inp.dtype)
 
 
 def _train_resnet(path: Path, epochs: int, width: int) -> None:

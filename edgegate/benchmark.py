@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from edgegate.errors import DataError
-from edgegate.reports.bench_text import render_text
 from edgegate.reports.stats import (
     CV_WARN,
     EXIT_OUTPUT,
@@ -49,7 +48,7 @@ from edgegate.reports.stats import (
 
 __all__ = [
     "CV_WARN", "EXIT_OUTPUT", "FORMAT", "FORMAT_VERSION", "ROUTE_NOTE", "BenchConfig", "BenchError", "BenchReport",
-    "GoldenCheck", "Histogram", "LatencyStats", "MemoryStats", "bench", "host_info", "render_text",
+    "GoldenCheck", "Histogram", "LatencyStats", "MemoryStats", "bench", "host_info",
     "summarize_latencies",
 ]
 
@@ -209,8 +208,8 @@ def bench(
         feeds = _feed_cycle(golden_in, batch, config.seed)
         warmup = _warm_up(runner, feeds, config, progress)
         timed = _time_runs(runner, feeds, config, warmup, counted, progress)
-        metrics = runner.metrics() if callable(getattr(runner, "metrics", None)) else None
-        bench_notes = dict(getattr(runner, "bench_notes", None) or {})
+        metrics = runner.metrics()
+        bench_notes = dict(runner.bench_notes or {})
     latencies_ns, seen, timed_s = timed
     rss_after = peak_rss_mib()
 

@@ -39,13 +39,23 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.calibration.interval import wilson
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, TargetError
-from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
-from edgegate.reports.onnx_probe import sqnr_db
+from edgegate.metrics import (
+    decision_agreement,
+    routed_rows,
+    sqnr_db,
+    top1_agreement,
+    top1_expert_agreement,
+    topk_set_agreement,
+    wilson,
+)
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
+# The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
+# measured on their calibration rows; the text repeats it under the table.
+CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
+                         "(exported without --holdout)")
 FORMAT = "edgegate.compare"
 # v4 added ``skip_sweep`` and the ACM / skip columns; v3 ``intervals`` (rows + Wilson 95%); v2 ``measured_on``
 # and the rows' ``device``; README, "Report formats"
@@ -420,19 +430,19 @@ def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, 
     """Bundle vs float on the outputs both have: logits, exit index, route indices."""
     fl, ql = _logits(f), _logits(q)
     out: dict[str, float | None] = {
-        "top1_agreement": float((fl.argmax(-1) == ql.argmax(-1)).mean()),
+        "top1_agreement": top1_agreement(fl, ql),
         "output_sqnr_db": sqnr_db(fl, ql),
     }
     if "exit_index" in f and "exit_index" in q:
-        out["exit_agreement"] = float((f["exit_index"] == q["exit_index"]).mean())
+        out["exit_agreement"] = decision_agreement(f["exit_index"], q["exit_index"])
         out["mean_exit_depth"] = float(q["exit_index"].mean() + 1)
     r = next((k for k in f if k.startswith("route")), None)
     if r and r in q and f[r].shape == q[r].shape:  # a skipped slot is -1 in both: set agreement counts skips
-        out["topk_set_agreement"] = float((np.sort(f[r], -1) == np.sort(q[r], -1)).all(-1).mean())
-        out["top1_expert_agreement"] = float((f[r][..., 0] == q[r][..., 0]).mean())
+        out["topk_set_agreement"] = topk_set_agreement(f[r], q[r])
+        out["top1_expert_agreement"] = top1_expert_agreement(f[r], q[r])
     c = next((k for k in f if k.startswith("learner")), None)
     if c and c in q and f[c].shape == q[c].shape:
-        out["count_agreement"] = float((f[c] == q[c]).mean())
+        out["count_agreement"] = decision_agreement(f[c], q[c])
     return out
 
 
@@ -455,7 +465,7 @@ def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) ->
     learner-count output) for the learner-count agreement."""
     samples = len(_logits(f))
     r = next((k for k in f if k.startswith("route")), None)
-    tokens = int(f[r].size // f[r].shape[-1]) if r else samples
+    tokens = routed_rows(f[r]) if r else samples
     c = next((k for k in f if k.startswith("learner")), None)
     rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
             "topk_set_agreement": tokens, "top1_expert_agreement": tokens,

@@ -3,7 +3,7 @@
 Stage: data feeding calibrate / compare / bench. Input: a built-in dataset name (``digits``,
 ``clusters``, ``markov``) or an ``.npz`` file with one array per model input (optional ``labels``).
 Output: a :class:`Dataset` (arrays keyed by model input name, labels, deterministic train/val/test
-splits; `calibration_split` picks the calibration and held-out rows) and :class:`Inputs`, the batch
+splits; `split_data` picks the calibration and held-out rows) and :class:`Inputs`, the batch
 of model inputs every stage passes around (one array per input name, in the model's argument order).
 Torch-free (numpy; scikit-learn only to build ``digits``/``clusters``) so the runtime side can use it.
 Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (no batch dimension).
@@ -11,6 +11,7 @@ Shapes in :class:`TensorSpec` and ``input_shapes`` are per sample (no batch dime
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -247,18 +248,23 @@ def _chain_splits(n: int, chains: int) -> dict[str, np.ndarray]:
     return {"train": rows[: a * per], "val": rows[a * per: b * per], "test": rows[b * per:]}
 
 
-def calibration_split(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
+def split_data(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
     """(calibration rows, held-out rows or None) of `dataset`.
 
-    A built-in dataset calibrates on its ``val`` split and holds out ``test``. A user's file is used in
-    full for calibration; with ``holdout`` (0 < f < 1) a seeded random ``round(f * N)`` rows (at least
-    one, leaving at least one) are set aside instead, the same rows on every run, to measure fidelity.
+    A built-in dataset calibrates on its ``val`` split and holds out every other row: its ``test`` split
+    first, then ``train`` (the held-out Dataset keeps both as splits, so accuracy can be taken on ``test``
+    alone, and agreement on every row). A user's file is used in full for calibration; with ``holdout``
+    (0 < f < 1) a seeded random ``round(f * N)`` rows (at least one, leaving at least one) are set aside
+    instead, the same rows on every run, to measure fidelity.
     """
     if dataset.is_builtin:
         if holdout is not None:
             raise DataError(f"--holdout applies to a --calib file; built-in dataset {dataset.name} already "
-                            "holds out its test split (leave out --holdout)")
-        return dataset.split("val"), dataset.split("test")
+                            "holds out every row it does not calibrate on (leave out --holdout)")
+        test, train = dataset.splits["test"], dataset.splits["train"]
+        held = dataset.subset(np.concatenate([test, train]), f"{dataset.name}:held-out")
+        splits = {"test": np.arange(len(test)), "train": np.arange(len(test), len(test) + len(train))}
+        return dataset.split("val"), dataclasses.replace(held, splits=splits)
     if holdout is None:
         return dataset, None
     if not 0 < holdout < 1:

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgegate.data import Inputs
 from edgegate.errors import ExportError
+from edgegate.metrics import output_agreement
 
 EXACT_ATOL = 1e-4
 MIN_TOP1_AGREEMENT = 0.9
@@ -28,9 +29,7 @@ def check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str]
     of 2% of the output range rather than float round-off. ``also``: outputs of the float model, for a
     graph the target runs partly in float (a top-1 the float model picks is then as good as the reference's).
     """
-    from edgegate.quantization.step import agreement  # torch side: loaded when an export runs, not on import
-
-    stats = agreement(got, want, names)
+    stats = output_agreement(got, want, names)
     if exact:
         err = max((v for k, v in stats.items() if k.endswith("_max_abs_err")), default=0.0)
         if err > EXACT_ATOL or any(v < 1.0 for k, v in stats.items() if k.endswith("_agreement")

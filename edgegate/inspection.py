@@ -11,7 +11,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from edgegate.errors import EdgegateError, ModelFormatError
+from edgegate import targets
+from edgegate.errors import EdgegateError, ModelFormatError, TargetError
 
 
 def describe(path: str | Path, *, trust_model: bool = False, model_class: str | None = None) -> dict:
@@ -47,19 +48,11 @@ def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
                 raise
             out["onnx"] = None
             out["onnx_note"] = "ONNX op counts need onnx: pip install 'edgegate[compile]'"
-    if bundle.target == "trt":
-        out["engine"] = describe_engine(bundle, trust_model=trust_model)
-    return out
-
-
-def describe_engine(bundle, *, trust_model: bool = False) -> dict:
-    """A trt bundle's build record and engine layers (the engine inspector's where a GPU runs it)."""
-    from edgegate import targets
-
-    build = bundle.target_options.get("build") or {}
-    info = {k: build.get(k) for k in ("flavor", "trt_version", "compute_capabilities", "flags", "profiles",
-                                      "plugins", "engine_bytes", "build_s", "layer_precisions")}
-    return {**info, **targets.get("trt").layers(bundle, trust_model=trust_model)}
+    try:
+        target = targets.get(bundle.target)
+    except TargetError:  # a plugin's bundle without the plugin: the manifest and graph are still shown
+        return out
+    return {**out, **(target.describe(bundle, trust_model=trust_model) or {})}
 
 
 def describe_engine_file(path: Path, *, trust_model: bool) -> dict:

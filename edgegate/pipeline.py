@@ -22,18 +22,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgegate.data import Inputs, TensorSpec
+from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import EdgegateError, ExportError
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.schemes import QuantScheme
 
-__all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export", "input_spec",
+__all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export",
            "run_export", "sample_inputs", "versions"]
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,6 @@ class StepTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-def input_spec(spec: dict) -> dict:
-    """The model's single input (name, per-sample shape, dtype) from its checkpoint metadata."""
-    from edgegate.loading.inputs import model_inputs
-
-    inputs = model_inputs(spec)
-    if len(inputs) != 1:
-        raise ExportError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                          "this needs its one input")
-    return inputs[0].to_dict()
-
-
 def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
     """``n`` samples of every model input: the test split of the dataset the model names (single-input
     models), else seeded random ones (integers in the input's recorded range)."""
@@ -103,8 +93,6 @@ def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec
     specs = tuple(inputs) or model_inputs(spec)
     dataset = (spec.get("meta") or {}).get("dataset")
     if dataset and len(specs) == 1:
-        from edgegate.data import load_data
-
         s = specs[0]
         x = load_data(dataset, [s.name], {s.name: s.shape}).test_inputs()[:n]
         return Inputs({s.name: np.ascontiguousarray(x.astype(s.dtype))})
@@ -196,12 +184,12 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     with timer.step("find_gates"):
         gate_map = find_gates(model)
     source_data = config.calib or (loaded.spec.get("meta") or {}).get("dataset")
-    quantized = config.quant in ("int8", "ternary")
+    quantized = QuantScheme.parse(config.quant).calibrated
     if skipping is not None and not source_data:
         raise ExportError("--moe-skip calibrates on data: pass --calib NAME|FILE.npz (the model names no dataset)")
     # Targets that balance or calibrate on data themselves (snn) get the calibration split even for float.
     calib, held_out = None, None
-    if source_data and (quantized or skipping is not None or getattr(target, "needs_calibration", False)):
+    if source_data and (quantized or skipping is not None or target.needs_calibration):
         with timer.step("load_data"):
             calib, held_out = _load_calibration(source_data, specs, config.holdout)
     elif config.holdout is not None:
@@ -219,7 +207,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
             skip_record = skip_for_export(model, gate_map, skipping, calib, held_out, [s.name for s in specs])
             gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
-        q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
+        q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
@@ -245,12 +233,12 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
             golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
-                                              runner, reference_only=target.name != "cpu")
+                                              runner, reference_only=target.golden_on_reference)
             also = None
             if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
                    .get("regions", [])):  # regions run in float: the float model is a reference there too
                 also = run_golden(artifact.files["model.onnx"], q.export_model, x, names, config.batch,
-                                  runner, reference_only=target.name != "cpu")[3]
+                                  runner, reference_only=target.golden_on_reference)[3]
         golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True), also)
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
@@ -259,7 +247,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     if quantized:
         quant_record["holdout"] = config.holdout
     manifest = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),
         "source": describe(loaded),
         "model": {"class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
@@ -345,9 +333,6 @@ def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
 def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float | None) -> tuple[Any, Any]:
     """(calibration rows, held-out rows or None) of ``source`` for every model input; built-in samples are
     cast to the input dtypes (a user's file must already have them)."""
-    from edgegate.data import load_data
-    from edgegate.quantization.step import split_data
-
     data = load_data(source, [s.name for s in specs], {s.name: s.shape for s in specs})
     if data.is_builtin:
         data = dataclasses.replace(data, inputs={s.name: data.inputs[s.name].astype(s.dtype) for s in specs})

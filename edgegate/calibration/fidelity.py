@@ -14,7 +14,6 @@ not bits, since the bits of one sample move together (the interval is then conse
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
-from edgegate.calibration.interval import wilson
 from edgegate.data import Inputs
 from edgegate.gates import GateKind, GateMap, find_gates
+from edgegate.metrics import (
+    decision_agreement,
+    mask_hamming,
+    routed_rows,
+    sqnr_db,
+    top1_agreement,
+    top1_expert_agreement,
+    topk_set_agreement,
+    wilson,
+)
 
 # Metric -> True when higher is better (for comparisons such as gate-aware vs naive calibration).
 HIGHER_IS_BETTER = {
@@ -75,32 +83,25 @@ def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int
         n = n_exits or int(max(f.max(), q.max())) + 1
         frac = {name: [float(v) for v in torch.bincount(t, minlength=n).float() / len(t)]
                 for name, t in (("float", f), ("quant", q))}
-        out = {"kind": str(kind), "exit_agreement": float((f == q).float().mean()), "exit_fractions": frac}
+        out = {"kind": str(kind), "exit_agreement": decision_agreement(f.numpy(), q.numpy()), "exit_fractions": frac}
     elif kind == GateKind.ROUTER:
-        same_set = (f.sort(dim=-1).values == q.sort(dim=-1).values).all(dim=-1)
-        out = {"kind": str(kind), "topk_set_agreement": float(same_set.float().mean()),
-               "top1_expert_agreement": float((f[..., 0] == q[..., 0]).float().mean())}
+        out = {"kind": str(kind), "topk_set_agreement": topk_set_agreement(f.numpy(), q.numpy()),
+               "top1_expert_agreement": top1_expert_agreement(f.numpy(), q.numpy())}
     elif kind == GateKind.LEARNERS:  # ACM: how many learners each token runs
-        out = {"kind": str(kind), "count_agreement": float((f == q).float().mean()),
+        out = {"kind": str(kind), "count_agreement": decision_agreement(f.numpy(), q.numpy()),
                "mean_count": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
     elif kind == GateKind.SIGMOID:
         return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean()), "rows": len(f)}
     else:
-        out = {"kind": str(kind), "mask_hamming": float((f != q).float().mean()),
+        out = {"kind": str(kind), "mask_hamming": mask_hamming(f.numpy(), q.numpy()),
                "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
     # Decisions per row: one exit per sample, one route per token (leading dims), one learner count per token,
     # a mask per sample.
-    rows = (int(f.numel() // f.shape[-1]) if kind == GateKind.ROUTER
-            else int(f.numel()) if kind == GateKind.LEARNERS else len(f))
+    rows = routed_rows(f.numpy()) if kind == GateKind.ROUTER else int(f.numel()) if kind == GateKind.LEARNERS \
+        else len(f)
     out["rows"] = rows
     out["intervals"] = {m: wilson(out[m], rows).to_dict() for m in INTERVAL_METRICS if m in out}
     return out
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    noise = float((reference.double() - test.double()).square().sum())
-    signal = float(reference.double().square().sum())
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
 
 
 def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
@@ -123,8 +124,8 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
     q_out, q_gates = _run(quant_model, x, gate_map, bs)
     result: dict[str, Any] = {
         "samples": len(x),
-        "top1_agreement": float((f_out.argmax(-1) == q_out.argmax(-1)).float().mean()),
-        "output_sqnr_db": sqnr_db(f_out, q_out),
+        "top1_agreement": top1_agreement(f_out.numpy(), q_out.numpy()),
+        "output_sqnr_db": sqnr_db(f_out.numpy(), q_out.numpy()),
     }
     if y is not None:
         result["accuracy"] = {"float": float((f_out.argmax(-1) == y).float().mean()),

@@ -11,7 +11,8 @@ from edgegate.cli.device import add_device_flags, device_client
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from edgegate.benchmark import BenchConfig, bench, render_text
+    from edgegate.benchmark import BenchConfig, bench
+    from edgegate.reports.bench_text import render_text
 
     config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
                          seed=args.seed, max_seconds=args.max_seconds, min_seconds=args.min_seconds)

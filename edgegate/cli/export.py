@@ -10,6 +10,7 @@ from pathlib import Path
 from edgegate.cli._common import Status, add_input_flag, add_trust_flags, check_interrupted, fraction, int_at_least
 from edgegate.errors import EdgegateError
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.schemes import QuantScheme
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -77,13 +78,7 @@ def _key_values(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _target_options(args: argparse.Namespace) -> dict[str, str]:
-    options = _key_values(args.target_option, "--target-option")
-    for flag, key, value in (("--trt-flavor", "flavor", args.trt_flavor), ("--timesteps", "timesteps", args.timesteps)):
-        if value is not None:
-            if key in options and options[key] != str(value):
-                raise EdgegateError(f"{flag} {value} contradicts --target-option {key}={options[key]}; give one")
-            options[key] = str(value)
-    return options
+    return _key_values(args.target_option, "--target-option")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,15 +89,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(config.json + *.safetensors), or a format that needs --trust-model")
     e.add_argument("--target", default="cpu", help="cpu, trt or snn (see `edgegate targets`)")
     e.add_argument("-o", "--output", help="bundle directory to write (default: MODEL.edgegate)")
-    e.add_argument("--quant", default="fp32", choices=["fp32", "fp16", "int8", "ternary"],
+    e.add_argument("--quant", default="fp32", choices=list(QuantScheme),
                    help="int8: gate-aware calibrated INT8; ternary: dense Linear layers as packed 2-bit weights; "
                    "fp16: a float graph the target builds in half precision (trt)")
     e.add_argument("-O", "--target-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a target-specific compile option (repeatable); see `edgegate targets`")
-    e.add_argument("--trt-flavor", choices=["auto", "tensorrt", "rtx"], default=None,
-                   help="trt: datacenter/Jetson TensorRT or TensorRT for RTX (same as -O flavor=...)")
-    e.add_argument("--timesteps", type=int_at_least(1), default=None, metavar="T",
-                   help="snn: simulation timesteps per input (same as -O timesteps=T)")
+                   help="a compile option of the target (repeatable), e.g. trt: -O flavor=rtx, snn: -O timesteps=64; "
+                   "`edgegate targets` lists each target's options")
     e.add_argument("--calib", metavar="NAME|FILE.npz",
                    help="calibration data: a built-in dataset or an .npz keyed by input name "
                    "(default: the dataset the checkpoint was trained on)")

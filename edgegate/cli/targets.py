@@ -15,7 +15,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         builds, why = t.is_available()
         runs, run_why = targets.can_run(t) if builds else (False, why)
         rows.append({"target": t.name, "builds": builds, "runs": runs, "description": t.description,
-                     "why_not": "" if runs else run_why})
+                     "why_not": "" if runs else run_why, "options": t.option_names()})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -27,6 +27,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
     print("\n".join(table(("target", "builds here", "runs here", "description / what to do"),
                           [(r["target"], yes_no[r["builds"]], yes_no[r["runs"]], note(r)) for r in rows])))
+    print("\nexport options (-O KEY=VALUE):")
+    print("\n".join(f"  {r['target']}: {', '.join(r['options']) or 'none'}" for r in rows))
     return 0
 
 

@@ -25,13 +25,10 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from edgegate.device.protocol import JSON_TYPE
 from edgegate.device.transfer import TransferError
-
-if TYPE_CHECKING:
-    from edgegate.device.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +38,21 @@ BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b'{"error": "the agent has too many open connections; retry later"}\n')
 
 
+class Routes(Protocol):
+    """What the server calls on the agent (``agent.Agent``): the HTTP layer knows nothing of bundles."""
+
+    def dispatch(self, handler: Handler, method: str) -> None: ...
+
+    def count_internal_error(self) -> None: ...
+
+
 class Server(ThreadingHTTPServer):
     """One thread per connection, at most `max_connections` at a time."""
 
     daemon_threads = True
     request_queue_size = 32
 
-    def __init__(self, address: tuple[str, int], agent: Agent, handler: type[Handler], max_connections: int) -> None:
+    def __init__(self, address: tuple[str, int], agent: Routes, handler: type[Handler], max_connections: int) -> None:
         self.agent = agent
         self._slots = threading.BoundedSemaphore(max_connections)
         if ":" in address[0]:

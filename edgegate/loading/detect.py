@@ -10,26 +10,16 @@ only with torch's restricted ``weights_only`` unpickler, and every malformed inp
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import pickle
 import struct
-import sys
 import zipfile
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from edgegate.errors import ModelFormatError, one_line
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # Python 3.10: same behaviour for our use (members are their string values)
-
-    class StrEnum(str, enum.Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 CHECKPOINT_FORMAT = "edgegate-checkpoint"
 CHECKPOINT_VERSION = 1

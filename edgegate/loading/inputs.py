@@ -97,3 +97,13 @@ def value_range(spec: Mapping[str, Any], name: str) -> tuple[int, int]:
             low, high = i["range"]
             return int(low), int(high)
     return 0, int(meta.get("vocab_size", 2))
+
+
+def single_input(spec: Mapping[str, Any]) -> TensorSpec:
+    """The model's one input (name, per-sample shape, dtype) from its checkpoint metadata; a model with
+    several inputs is an ExportError naming them."""
+    inputs = model_inputs(spec)
+    if len(inputs) != 1:
+        raise ExportError(f"the model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                          "this needs its one input")
+    return inputs[0]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgegate.quantization.config import CalibrationMode, GatePrecision, Observer, QuantConfig, Scheme
+from edgegate.quantization.config import CalibrationMode, GatePrecision, Observer, QuantConfig
 from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.schemes import QuantScheme
 
 _LAZY = {
     "quantize": "edgegate.quantization.apply",
@@ -22,7 +23,7 @@ _LAZY = {
 }
 
 __all__ = ["CalibrationMode", "Flavor", "GatePrecision", "LayerKind", "LayerQuant", "Observer", "QuantConfig",
-           "QuantPlan", "Scheme", *_LAZY]
+           "QuantPlan", "QuantScheme", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,12 +13,9 @@ from typing import Any
 
 from edgegate.errors import EdgegateError
 from edgegate.quantization.plan import Flavor
+from edgegate.schemes import QuantScheme
 
 DEFAULT_FIDELITY_TARGET = 0.995  # every gate agrees with the float model on >= 99.5% of its decisions
-
-
-class Scheme(StrEnum):
-    INT8 = "int8"  # int8 per-channel weights, 8-bit per-tensor activations (ternary comes later)
 
 
 class Observer(StrEnum):
@@ -59,7 +56,7 @@ class QuantConfig:
     ``max_promoted_layers``: how many layers feeding a failing gate the search may move to A16W8 or float.
     """
 
-    scheme: Scheme = Scheme.INT8
+    scheme: QuantScheme = QuantScheme.INT8
     observer: Observer = Observer.PERCENTILE
     flavor: Flavor = Flavor.CPU
     gate_precision: GatePrecision | None = None
@@ -74,7 +71,7 @@ class QuantConfig:
     max_promoted_layers: int = 4
 
     def __post_init__(self) -> None:
-        for name, enum in (("scheme", Scheme), ("observer", Observer), ("flavor", Flavor),
+        for name, enum in (("scheme", QuantScheme), ("observer", Observer), ("flavor", Flavor),
                            ("calibration", CalibrationMode), ("gate_precision", GatePrecision)):
             value = getattr(self, name)
             if value is None and name == "gate_precision":
@@ -84,7 +81,7 @@ class QuantConfig:
             except ValueError:
                 raise EdgegateError(f"QuantConfig: {name}={value!r} is unknown; use one of "
                                     f"{', '.join(e.value for e in enum)}") from None
-        if self.scheme != Scheme.INT8:
+        if self.scheme != QuantScheme.INT8:
             raise EdgegateError(f"QuantConfig: scheme {self.scheme} is not supported yet; use int8")
         object.__setattr__(self, "a16_layers", tuple(self.a16_layers))
         object.__setattr__(self, "float_layers", tuple(self.float_layers))

@@ -18,7 +18,6 @@ on the held-out rows, or a target the search could not meet, is a warning in the
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,18 +27,18 @@ import onnx
 import torch
 from torch import nn
 
-from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split
+from edgegate.data import Dataset, Inputs, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
+from edgegate.metrics import wilson
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
-
-SCHEMES = ("fp32", "fp16", "int8", "ternary")
+from edgegate.schemes import QuantScheme
 
 
 @dataclass(frozen=True)
 class QuantOptions:
-    scheme: str = "fp32"
+    scheme: QuantScheme = QuantScheme.FP32
     observer: str = "percentile"
     gate_precision: str | None = None  # None: float for gate-aware, int8 for naive
     calibration: str = "gate_aware"
@@ -67,21 +66,20 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
     """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order; None:
     the data's arrays as stored, unchecked)."""
     specs = [] if spec is None else [spec] if isinstance(spec, TensorSpec) else list(spec)
-    if options.scheme not in SCHEMES:
-        raise EdgegateError(f"--quant {options.scheme} is unknown; use one of {', '.join(SCHEMES)}")
-    if options.scheme in ("fp32", "fp16"):  # fp16 is a build flag of the target (trt), the graph stays float
+    scheme = QuantScheme.parse(options.scheme)
+    if not scheme.calibrated:  # fp16 is a build flag of the target (trt), the graph stays float
         if options.lowrank:
             raise EdgegateError("--lowrank needs --quant ternary")
         # Ternary layers round their activations per token inside the graph: a value within an ulp of a
         # rounding boundary may round differently in ORT and torch and move the output by a quantization
         # step, so such a graph is checked like a quantized one, not to float round-off.
         rounds = any(g.kind in (GateKind.TERNARY, GateKind.LOWRANK) for g in gate_map)
-        return Quantized(model, model, _identity, {"scheme": options.scheme}, exact=not rounds)
+        return Quantized(model, model, _identity, {"scheme": str(scheme)}, exact=not rounds)
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")
     x_cal = torch_inputs(calib, specs)
-    if options.scheme == "ternary":
+    if scheme is QuantScheme.TERNARY:
         return _ternary(model, gate_map, options, flavor, x_cal)
     return _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs)
 
@@ -141,7 +139,6 @@ def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, ca
 def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     """One line per shortfall: the search's own (target not met on the calibration rows), and each gate metric
     that misses ``target`` on the held-out rows although the search met it."""
-    from edgegate.calibration.interval import wilson  # brevitas: int8 exports only (see _int8)
     from edgegate.calibration.search import WORDS
 
     search = record.get("search") or {}
@@ -176,31 +173,3 @@ def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
     # layers take float activations, which the lowering quantizes dynamically, so the graph follows
     # torch to within a few output steps rather than float round-off.
     return Quantized(tmodel, tmodel, lower_ternary, record, exact=False)
-
-
-def split_data(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
-    """(calibration, held-out). A built-in calibrates on its ``val`` split and holds out every other row:
-    its ``test`` split first, then ``train`` (the held-out Dataset keeps both as splits, so accuracy can
-    be taken on ``test`` alone). A user file is used in full, or with ``holdout`` (a fraction) less that
-    share of its rows, which are held out (``data.calibration_split``)."""
-    calib, held = calibration_split(dataset, holdout)
-    if not dataset.is_builtin or held is None:
-        return calib, held
-    test, train = dataset.splits["test"], dataset.splits["train"]
-    held = dataset.subset(np.concatenate([test, train]), f"{dataset.name}:held-out")
-    splits = {"test": np.arange(len(test)), "train": np.arange(len(test), len(test) + len(train))}
-    return calib, dataclasses.replace(held, splits=splits)
-
-
-def agreement(got: list[np.ndarray], want: list[np.ndarray], names: list[str]) -> dict[str, float]:
-    """How closely a quantized runtime follows its torch reference (top-1 and exit agreement, errors)."""
-    out: dict[str, float] = {}
-    for name, g, w in zip(names, got, want, strict=True):
-        if g.dtype.kind in "iub":
-            out[f"{name}_agreement"] = float(np.mean(g == w))
-            continue
-        out[f"{name}_max_abs_err"] = float(np.max(np.abs(g.astype(np.float64) - w)))
-        out[f"{name}_scale"] = float(np.max(np.abs(w)))
-        if g.ndim >= 2:
-            out[f"{name}_top1_agreement"] = float(np.mean(g.argmax(-1) == w.argmax(-1)))
-    return out

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from edgegate.reports.text import labelled, num, pack, size
+from edgegate.schemes import QuantScheme
 
 __all__ = ["bundle_lines", "ci", "fidelity_lines", "gate_label", "golden_lines", "precision_lines", "quant_lines",
            "search_lines"]
@@ -101,9 +102,9 @@ def skip_lines(m: Mapping[str, Any]) -> list[str]:
 def _scheme_lines(m: Mapping[str, Any]) -> list[str]:
     q = m.get("quant") or {}
     scheme = q.get("scheme") or "fp32"
-    if scheme == "int8":
+    if scheme == QuantScheme.INT8:
         return [*_int8_lines(q, _gates_by_name(m)), *fidelity_lines(m), *precision_lines(m)]
-    if scheme == "ternary":
+    if scheme == QuantScheme.TERNARY:
         layers = q.get("layers") or {}
         rank = q.get("lowrank") or 0
         text = (f"ternary {{-1, 0, +1}} x scale, {num(q.get('bits_per_weight'))} bits/weight packed, "
@@ -196,7 +197,7 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
 
 
 def ci(interval: Mapping[str, Any] | None) -> str:
-    """`` [low, high]``: a Wilson 95% interval as recorded (``calibration.interval``), or nothing."""
+    """`` [low, high]``: a Wilson 95% interval as recorded (``edgegate.metrics``), or nothing."""
     if not isinstance(interval, Mapping) or interval.get("low") is None:
         return ""
     return f" [{interval['low']:.4f}, {interval['high']:.4f}]"
@@ -241,7 +242,8 @@ def precision_lines(m: Mapping[str, Any]) -> list[str]:
         lines += labelled("Kept float", pack(f"{k} ({v})" for k, v in reasons.items()))
     elif q.get("kept_float"):
         lines += labelled("Kept float", pack(q["kept_float"]))
-    if q.get("scheme") in ("int8", "ternary") and not any(line.startswith("Kept float") for line in lines):
+    calibrated = q.get("scheme") in (QuantScheme.INT8, QuantScheme.TERNARY)
+    if calibrated and not any(line.startswith("Kept float") for line in lines):
         lines += labelled("Kept float", ["none"])
     return lines + labelled("Warnings", list(q.get("warnings") or []))
 

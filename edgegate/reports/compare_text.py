@@ -4,17 +4,10 @@ their rows and 95% intervals (measured here and recorded at export), skips and n
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from edgegate.comparison import CALIBRATION_ROWS_NOTE, CompareReport, Row
 from edgegate.reports import text
-
-if TYPE_CHECKING:
-    from edgegate.comparison import CompareReport, Row
-
-# The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
-# measured on their calibration rows; the text repeats it under the table.
-CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
-                         "(exported without --holdout)")
 
 # (header, where the value lives, metric key, format): "m" = measured here, "r" = recorded at export.
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (

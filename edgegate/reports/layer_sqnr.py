@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from edgegate.data import Inputs
+from edgegate.metrics import sqnr_db
 from edgegate.onnx_export.torch_export import is_early_exit
-from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, sqnr_db, with_thresholds
+from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, with_thresholds
 
 
 def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x: Inputs,

@@ -167,11 +167,4 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
     return a if len(a) == rows else np.concatenate([a, np.repeat(a[-1:], rows - len(a), axis=0)])
 
 
-def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
-    """10 log10(signal / noise) of `test` against `reference` (inf when identical)."""
-    ref, tst = np.asarray(reference, np.float64), np.asarray(test, np.float64)
-    noise, signal = float(np.square(ref - tst).sum()), float(np.square(ref).sum())
-    if noise == 0:
-        return float("inf")
-    return 10 * float(np.log10(signal / noise)) if signal else float("-inf")
 

@@ -25,8 +25,9 @@ from edgegate.data import BUILTINS
 from edgegate.device import DeviceClient, DeviceError, read_token
 from edgegate.errors import EdgegateError, one_line, os_error_text
 from edgegate.quantization.config import CalibrationMode, Observer
+from edgegate.schemes import QuantScheme
 
-QUANTS = ("fp32", "fp16", "int8", "ternary")  # the pipeline's schemes (quantization.step.SCHEMES)
+QUANTS = tuple(QuantScheme)
 AXES = ("models", "targets", "quant", "observer", "calibration", "lowrank")
 KEYS = (*AXES, "options", "data", "calib", "device", "bench", "compare", "ray")
 
@@ -352,12 +353,12 @@ def expand(spec: SweepSpec) -> list[Cell]:
     """Every distinct cell of `spec`, in spec order (models outermost)."""
     cells: dict[Cell, None] = {}
     for model, target, quant in itertools.product(spec.models, spec.targets, spec.quant):
-        observers: Sequence[str | None] = spec.observer if quant == "int8" else (None,)
-        calibrations: Sequence[str | None] = spec.calibration if quant == "int8" else (None,)
-        ranks: Sequence[int] = spec.lowrank if quant == "ternary" else (0,)
+        observers: Sequence[str | None] = spec.observer if quant == QuantScheme.INT8 else (None,)
+        calibrations: Sequence[str | None] = spec.calibration if quant == QuantScheme.INT8 else (None,)
+        ranks: Sequence[int] = spec.lowrank if quant == QuantScheme.TERNARY else (0,)
         variants = spec.options.get(target, ((),))
         # Calibration data reaches quantized exports and targets that balance on data themselves (snn).
-        uses_calib = quant in ("int8", "ternary") or getattr(targets_registry.get(target), "needs_calibration", False)
+        uses_calib = QuantScheme(quant).calibrated or targets_registry.get(target).needs_calibration
         calib = spec.calib if uses_calib else None
         for observer, calibration, rank, options in itertools.product(observers, calibrations, ranks, variants):
             cells[Cell(model, target, quant, observer, calibration, rank, options, spec.data, calib,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
-from edgegate.targets import Artifact, CheckIssue, TensorSpec
+from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, TargetBase, TensorSpec
 
 if TYPE_CHECKING:
     import onnx
@@ -111,7 +110,7 @@ class CpuOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "timing_inputs"}
 
 
-class CpuTarget:
+class CpuTarget(TargetBase):
     name = "cpu"
     description = "ONNX Runtime on the host CPU (CPUExecutionProvider)"
     options_type = CpuOptions
@@ -194,29 +193,24 @@ class CpuTarget:
         """A runner for a bundle (dir or `Bundle`) or an in-memory `Artifact`; needs only onnxruntime."""
         x = bundle_or_artifact
         if isinstance(x, Artifact):
-            if x.target != self.name or MODEL_FILE not in x.files:
-                raise TargetError(
-                    f"artifact for target {x.target!r} has no cpu {MODEL_FILE}; compile for cpu"
-                )
             options = CpuOptions.from_manifest(x.options)
-            return CpuRunner(_session(x.files[MODEL_FILE], options, "the artifact's model"), options)
-        from edgegate.bundle import Bundle, check_onnx_external_data, read_bundle
+            return CpuRunner(_session(self.artifact_file(x, MODEL_FILE), options, "the artifact's model"), options)
+        from edgegate.bundle import check_onnx_external_data  # the runtime side loads bundle checks on use
 
-        bundle = x if isinstance(x, Bundle) else read_bundle(x)
-        if bundle.target != self.name:
-            raise TargetError(
-                f"bundle {bundle.path} is for target {bundle.target!r}, not cpu; load it with that target"
-            )
+        bundle = self.bundle_for(x)
         model_path = bundle.file(MODEL_FILE)
         check_onnx_external_data(model_path, bundle.path)  # again: a Bundle may be built by hand
         options = CpuOptions.from_manifest(bundle.target_options)
         return CpuRunner(_session(str(model_path), options, str(model_path)), options)
 
 
-class CpuRunner:
+class CpuRunner(BaseRunner):
     """Runs one onnxruntime session; `latencies_ms` gets the wall time of each `run` call."""
 
+    target = "cpu"
+
     def __init__(self, session: Any, options: CpuOptions) -> None:
+        super().__init__()
         self._session = session
         self.options = options
         self.input_specs = tuple(
@@ -228,43 +222,17 @@ class CpuRunner:
             for i in session.get_inputs()
         )
         self.output_names = tuple(o.name for o in session.get_outputs())
-        self.latencies_ms: list[float] = []
-
-    def __enter__(self) -> CpuRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
+        super().close()
         self._session = None  # drops ORT's session and its memory arena
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._session is None:
-            raise TargetError("cpu runner is closed; load the bundle again")
-        expected = [s.name for s in self.input_specs]
-        missing = [n for n in expected if n not in feeds]
-        extra = sorted(set(feeds) - set(expected))
-        if missing or extra:
-            raise TargetError(f"inputs missing {missing}, unexpected {extra}; the model takes {expected}")
-        arrays = {}
-        for spec in self.input_specs:
-            a = np.asarray(feeds[spec.name])
-            if spec.dtype is not None and a.dtype != spec.dtype:
-                raise TargetError(
-                    f"input {spec.name} has dtype {a.dtype}, the model wants {spec.dtype}; cast it"
-                )
-            if a.ndim != len(spec.shape) or any(
-                isinstance(d, int) and d != n for d, n in zip(spec.shape, a.shape, strict=True)
-            ):
-                raise TargetError(f"input {spec.name} has shape {a.shape}, the model wants {spec.shape}")
-            arrays[spec.name] = a
-        start = time.perf_counter()
+    def run_impl(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            outputs = self._session.run(None, arrays)
+            with self.timed():
+                outputs = self._session.run(None, arrays)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument/RuntimeException
             raise TargetError(f"onnxruntime failed to run the model: {_one_line(e)}") from e
-        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
         return dict(zip(self.output_names, outputs, strict=True))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.schemes import QuantScheme
 from edgegate.snn.network import NO_DECAY
-from edgegate.targets import Artifact, CheckIssue, CompileContext, TensorSpec
+from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, CompileContext, TargetBase, TensorSpec
 
 if TYPE_CHECKING:
     import onnx
@@ -43,7 +43,7 @@ _RUNTIME_KEYS = ("exact", "golden_atol", "tuning")  # written by compile for the
 
 @dataclasses.dataclass(frozen=True)
 class SnnOptions:
-    """Compile options (``-O key=value``; ``--timesteps T``). Recorded in the manifest without the data."""
+    """Compile options (``-O key=value``, e.g. ``-O timesteps=64``). Recorded in the manifest without the data."""
 
     timesteps: int | None = None  # None: chosen from calibration (edgegate.snn.tune), at most MAX_AUTO_TIMESTEPS
     early_decision: str = "auto"  # auto: on or off, and its margin, chosen from calibration
@@ -92,7 +92,7 @@ class SnnOptions:
             except ValueError:
                 raise TargetError(f"snn option {key}={text!r} must be a {kind.__name__}") from None
         if context is not None:
-            if context.quant == "fp16":
+            if context.quant == QuantScheme.FP16:
                 raise TargetError("the snn target has no fp16 mode (its state is integer); export with --quant "
                                   "fp32, int8 or ternary")
             if context.dataset is None:
@@ -114,7 +114,7 @@ class SnnOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("calibration", "io")}
 
 
-class SnnTarget:
+class SnnTarget(TargetBase):
     name = "snn"
     description = "integer LIF network for a neuromorphic core: core image, UART stream, NIR; numpy emulator"
     options_type = SnnOptions
@@ -122,6 +122,7 @@ class SnnTarget:
     # The quantize step's flavor: symmetric int8 (zero point 0, per-channel weights) is the integer form
     # the compiler reads, and "trt" keeps ternary layers as edgegate::TernaryMatMul (2-bit codes intact).
     flavor = "trt"
+    golden_on_reference = True  # model.onnx is the graph the compiler read, not what the device runs
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -205,24 +206,19 @@ class SnnTarget:
 
         x = bundle_or_artifact
         if isinstance(x, Artifact):
-            if x.target != self.name or IMAGE_FILE not in x.files:
-                raise TargetError(f"artifact for target {x.target!r} has no {IMAGE_FILE}; compile for snn")
+            data = self.artifact_file(x, IMAGE_FILE)
             SnnOptions.from_manifest(x.options)
-            return SnnRunner(read_image(x.files[IMAGE_FILE], IMAGE_FILE))
-        from edgegate.bundle import Bundle, read_bundle
-
-        bundle = x if isinstance(x, Bundle) else read_bundle(x)
-        if bundle.target != self.name:
-            raise TargetError(f"bundle {bundle.path} is for target {bundle.target!r}, not snn; load it with that "
-                              "target")
+            return SnnRunner(read_image(data, IMAGE_FILE))
+        bundle = self.bundle_for(x)
         SnnOptions.from_manifest(bundle.target_options)
         path = bundle.file(IMAGE_FILE)
         return SnnRunner(read_image(path.read_bytes(), str(path)))
 
 
-class SnnRunner:
+class SnnRunner(BaseRunner):
     """Runs the emulator on a core image; ``latencies_ms`` per `run`, ``metrics()`` of the last run."""
 
+    target = "snn"
     # How to read `edgegate bench`'s lines for this target (shown with them, kept in the report's "notes").
     bench_notes = {
         "exits": "the SNN runs every stage and decides early in time instead (timesteps_to_decision), "
@@ -231,6 +227,7 @@ class SnnRunner:
     }
 
     def __init__(self, image: CoreImage) -> None:
+        super().__init__()
         self.network = image.network
         io = image.io
         if not isinstance(io.get("input_name"), str) or not isinstance(io.get("output_names"), list):
@@ -238,35 +235,17 @@ class SnnRunner:
         self._io = io
         self.input_specs = (TensorSpec(io["input_name"], (None, *io.get("input_shape", [])), np.dtype(np.float32)),)
         self.output_names = tuple(str(n) for n in io["output_names"])
-        self.latencies_ms: list[float] = []
         self._metrics: dict[str, Any] = {}
-        self._closed = False
 
-    def __enter__(self) -> SnnRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._closed = True
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from edgegate.snn import emulator
+    def run_impl(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from edgegate.snn import emulator  # the emulator's numpy kernels: loaded when a bundle runs
         from edgegate.snn.metrics import summarize
 
-        if self._closed:
-            raise TargetError("snn runner is closed; load the bundle again")
-        spec = self.input_specs[0]
-        if set(feeds) != {spec.name}:
-            raise TargetError(f"inputs {sorted(feeds)} do not match the model's input [{spec.name!r}]")
-        x = np.asarray(feeds[spec.name])
-        if x.dtype != np.float32:
-            raise TargetError(f"input {spec.name} has dtype {x.dtype}, the model wants float32; cast it")
-        if x.ndim != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]):
-            raise TargetError(f"input {spec.name} has shape {x.shape}, the model wants {spec.shape}")
+        x = arrays[self.input_specs[0].name]
         net = self.network
-        start = time.perf_counter()
-        result = emulator.run(net, x, exit=net.exit)
-        logits = emulator.decode(net, result)
-        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        with self.timed():
+            result = emulator.run(net, x, exit=net.exit)
+            logits = emulator.decode(net, result)
         self._metrics = summarize(net, result, net.timesteps)
         out = {self.output_names[0]: logits}
         for name in self.output_names[1:]:  # early-exit models: every sample leaves at the last exit

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgegate.errors import TargetError
-from edgegate.targets import Artifact, CheckIssue, CompileContext, refusal
+from edgegate.schemes import QuantScheme
 from edgegate.targets import trt_api as api
+from edgegate.targets.base import Artifact, CheckIssue, CompileContext, TargetBase, refusal
 
 if TYPE_CHECKING:
     import onnx
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from edgegate.targets.trt_runner import TrtRunner
 
 MODEL_FILE, ENGINE_FILE, CACHE_FILE, LAYERS_FILE = "model.onnx", "engine.plan", "timing.cache", "network.json"
-PRECISIONS = ("fp32", "fp16", "int8", "ternary")
+PRECISIONS = tuple(QuantScheme)  # a build per export scheme
 FP16_GOLDEN_ATOL = 0.01  # floor on |engine - golden| for fp16 engines (fp16 accumulation, other kernels)
 _NOT_OPTIONS = ("build", "golden_atol", "exact")  # manifest keys beside the options
 
@@ -96,11 +97,13 @@ def _int(key: str, value: str) -> int:
         raise TargetError(f"trt option {key}={value!r} must be an integer") from None
 
 
-class TrtTarget:
+class TrtTarget(TargetBase):
     name = "trt"
     description = "TensorRT engine (tensorrt or TensorRT for RTX); builds without a GPU with rtx, runs on NVIDIA GPUs"
     options_type = TrtOptions
     flavor = "trt"  # the pipeline's quantization flavor: symmetric int8 Q/DQ, zero point 0
+    golden_on_reference = True  # model.onnx is the parsed network; the engine is what runs
+    option_aliases = {"runtime": "flavor"}  # -O runtime=rtx: which TensorRT builds, not the quantized form
 
     # ------------------------------------------------------------------------------------ availability
 
@@ -139,7 +142,7 @@ class TrtTarget:
             else:
                 fields = [f.name for f in dataclasses.fields(TrtOptions) if f.name != "precision"]
                 raise TargetError(f"unknown trt option {key!r}; known: {', '.join(fields)}")
-        if context.quant == "fp16":
+        if context.quant == QuantScheme.FP16:
             if kw.get("fp16") is False:
                 raise TargetError("--quant fp16 contradicts -O fp16=false; give one")
             kw["fp16"] = True
@@ -229,16 +232,17 @@ class TrtTarget:
 
     def _engine(self, x: Any) -> tuple[bytes, dict[str, Any], str]:
         if isinstance(x, Artifact):
-            if x.target != self.name or ENGINE_FILE not in x.files:
-                raise TargetError(f"artifact for target {x.target!r} has no {ENGINE_FILE}; compile for trt")
-            return x.files[ENGINE_FILE], dict(x.options), "the compiled artifact"
-        from edgegate.bundle import Bundle, read_bundle
-
-        bundle = x if isinstance(x, Bundle) else read_bundle(x)
-        if bundle.target != self.name:
-            raise TargetError(f"bundle {bundle.path} is for target {bundle.target!r}, not trt; "
-                              "load it with that target")
+            return self.artifact_file(x, ENGINE_FILE), dict(x.options), "the compiled artifact"
+        bundle = self.bundle_for(x)
         return bundle.file(ENGINE_FILE).read_bytes(), bundle.target_options, str(bundle.path / ENGINE_FILE)
+
+    def describe(self, bundle: Bundle, *, trust_model: bool = False) -> dict[str, Any]:
+        """The build record and engine layers: TensorRT's engine inspector's where the engine runs, else the
+        network's as parsed at build time."""
+        build = bundle.target_options.get("build") or {}
+        info = {k: build.get(k) for k in ("flavor", "trt_version", "compute_capabilities", "flags", "profiles",
+                                          "plugins", "engine_bytes", "build_s", "layer_precisions")}
+        return {"engine": {**info, **self.layers(bundle, trust_model=trust_model)}}
 
     def layers(self, bundle: Bundle, *, trust_model: bool = False) -> dict[str, Any]:
         """Engine layers from TensorRT's engine inspector where the engine runs, else the parsed network's."""

@@ -32,7 +32,7 @@ _QUANTIZED = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto
 RTX_DEFAULT_CC = ("80", "86", "89", "120", "121")  # TensorRT-RTX's portable default (Turing needs 75 named)
 _HINTS = {
     "NonZero": "TensorRT-RTX parses NonZero only through a plugin: export early exit with --batch 1 (If form), "
-    "or build with --trt-flavor tensorrt",
+    "or build with -O flavor=tensorrt",
     "BitShift": "TernaryMatMul weights must be initializers so the trt lowering can unpack them",
     "BitwiseAnd": "TernaryMatMul weights must be initializers so the trt lowering can unpack them",
 }
@@ -207,11 +207,11 @@ def _compute_capabilities(trt: Any, config: Any, options: Any, spec: api.Flavor)
     if not spec.aot_compute_capabilities:
         if options.compute_capabilities:
             raise TargetError(f"trt flavor {spec.name} builds for the GPU it runs on; compute_capabilities is a "
-                              "TensorRT-RTX option (use --trt-flavor rtx)")
+                              "TensorRT-RTX option (use -O flavor=rtx)")
         found, why = api.gpus()
         if not found:
             raise TargetError(f"trt flavor {spec.name} needs an NVIDIA GPU to build ({why}); "
-                              "use --trt-flavor rtx to build ahead of time without one")
+                              "use -O flavor=rtx to build ahead of time without one")
         return found[:1]
     if not options.compute_capabilities:
         return list(RTX_DEFAULT_CC)

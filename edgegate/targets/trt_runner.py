@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from edgegate.errors import TargetError
-from edgegate.targets import TensorSpec
 from edgegate.targets import trt_api as api
+from edgegate.targets.base import BaseRunner, TensorSpec
 
 
 class _Cuda:
@@ -90,10 +88,13 @@ def inspect_engine(engine: bytes, flavor: str) -> list[dict[str, Any]]:
         cuda.close()
 
 
-class TrtRunner:
+class TrtRunner(BaseRunner):
     """Runs one TensorRT engine on the GPU; `latencies_ms` gets the wall time of each `run` call."""
 
+    target, what = "trt", "engine"
+
     def __init__(self, engine: bytes, flavor: str, options: Any, where: str) -> None:
+        super().__init__()
         self.options = options
         self._cuda = _Cuda()
         try:
@@ -112,16 +113,10 @@ class TrtRunner:
                        np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))))
             for n in inputs)
         self.output_names = tuple(n for n in names if n not in inputs)
-        self.latencies_ms: list[float] = []
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
-    def __enter__(self) -> TrtRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def close(self) -> None:
+        super().close()
         if self._cuda is None:
             return
         for ptr, _ in self._buffers.values():
@@ -141,26 +136,13 @@ class TrtRunner:
             self._context.set_tensor_address(name, ptr)
         return ptr
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._cuda is None:
-            raise TargetError("trt runner is closed; load the bundle again")
-        expected = [s.name for s in self.input_specs]
-        missing, extra = [n for n in expected if n not in feeds], sorted(set(feeds) - set(expected))
-        if missing or extra:
-            raise TargetError(f"inputs missing {missing}, unexpected {extra}; the engine takes {expected}")
-        arrays = {}
+    def run_impl(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for spec in self.input_specs:
-            a = np.ascontiguousarray(feeds[spec.name])
-            if a.dtype != spec.dtype:
-                raise TargetError(f"input {spec.name} has dtype {a.dtype}, the engine wants {spec.dtype}; cast it")
-            if a.ndim != len(spec.shape) or any(
-                    d is not None and d != n for d, n in zip(spec.shape, a.shape, strict=True)):
-                raise TargetError(f"input {spec.name} has shape {a.shape}, the engine wants {spec.shape}")
+            a = arrays[spec.name]
             if not self._context.set_input_shape(spec.name, a.shape):
                 raise TargetError(f"input {spec.name} shape {a.shape} is outside the engine's optimization profile "
                                   f"(batch {self.options.min_batch}..{self.options.max_batch}); re-export with "
                                   "-O max_batch=N")
-            arrays[spec.name] = a
         outputs = {}
         for name in self.output_names:
             shape = tuple(self._context.get_tensor_shape(name))
@@ -168,15 +150,14 @@ class TrtRunner:
                 raise TargetError(f"output {name} has a data-dependent shape {shape}; the trt runner needs output "
                                   "shapes known from the input shapes")
             outputs[name] = np.empty(shape, np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name))))
-        start = time.perf_counter()
-        for name, a in arrays.items():
-            self._cuda.to_device(self._buffer(name, a.nbytes), a)
-        for name, out in outputs.items():
-            self._buffer(name, out.nbytes)
-        if not self._context.execute_async_v3(self._cuda.stream.value or 0):
-            raise TargetError("TensorRT failed to run the engine; run with --debug for TensorRT's log")
-        for name, out in outputs.items():
-            self._cuda.to_host(out, self._buffers[name][0])
-        self._cuda.sync()
-        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        with self.timed():
+            for name, a in arrays.items():
+                self._cuda.to_device(self._buffer(name, a.nbytes), a)
+            for name, out in outputs.items():
+                self._buffer(name, out.nbytes)
+            if not self._context.execute_async_v3(self._cuda.stream.value or 0):
+                raise TargetError("TensorRT failed to run the engine; run with --debug for TensorRT's log")
+            for name, out in outputs.items():
+                self._cuda.to_host(out, self._buffers[name][0])
+            self._cuda.sync()
         return outputs

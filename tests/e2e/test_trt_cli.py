@@ -18,7 +18,7 @@ pytest.importorskip("tensorrt_rtx_bindings", exc_type=ImportError)
 def exported(early_exit_model, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("trt-cli")
     shutil.copy(early_exit_model, work / "model.pt")
-    r = edgegate("export", "model.pt", "--target", "trt", "--trt-flavor", "rtx", "--quant", "int8", "--batch", "1",
+    r = edgegate("export", "model.pt", "--target", "trt", "-O", "flavor=rtx", "--quant", "int8", "--batch", "1",
                  "-O", "opt_level=0", "-o", "int8.edgegate", cwd=work)
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""  # TensorRT's log stays out of the terminal

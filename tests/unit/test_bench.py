@@ -26,11 +26,11 @@ from edgegate.benchmark import (
     BenchError,
     BenchReport,
     bench,
-    render_text,
     summarize_latencies,
 )
 from edgegate.bundle import read_bundle, sha256_file, write_bundle
 from edgegate.errors import BundleError, EdgegateError, TargetError
+from edgegate.reports.bench_text import render_text
 from edgegate.targets.cpu import CpuTarget
 
 W = np.array(
@@ -289,9 +289,12 @@ def test_kept_latencies_are_the_summarized_ones(tmp_path: Path) -> None:
 class _CountingRunner:
     """A cpu runner that also reports metrics, as a target with its own counters (snn) does."""
 
+    bench_notes: dict[str, str] = {}
+
     def __init__(self, inner: Any) -> None:
         self.inner, self.calls, self.rows = inner, 0, 0
         self.input_specs, self.output_names = inner.input_specs, inner.output_names
+        self.latencies_ms = inner.latencies_ms
 
     def __enter__(self) -> _CountingRunner:
         return self

@@ -18,15 +18,15 @@ from scipy.stats import binomtest
 from edgegate import zoo
 from edgegate.calibration import calibrate, measure_fidelity
 from edgegate.calibration.inputs import as_inputs
-from edgegate.calibration.interval import wilson
 from edgegate.calibration.margins import Decisions, estimate, expected_disagreement
 from edgegate.calibration.search import Means, describe, feeders
 from edgegate.cli import build_parser
-from edgegate.data import TensorSpec
+from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
+from edgegate.metrics import wilson
 from edgegate.quantization import QuantConfig
 from edgegate.quantization.plan import Flavor
-from edgegate.quantization.step import QuantOptions, fidelity_warnings, quantize_for_export, split_data
+from edgegate.quantization.step import QuantOptions, fidelity_warnings, quantize_for_export
 from edgegate.reports.bundle_text import quant_lines
 
 LADDER = [m.value for m in Means]  # the order of cost

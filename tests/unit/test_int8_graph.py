@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from edgegate import zoo
-from edgegate.data import TensorSpec
+from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
 from edgegate.onnx_export.torch_export import ExportOptions, export_onnx, output_names
 from edgegate.quantization.plan import Flavor
-from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
+from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ort import session  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 import edgegate
 from edgegate import convert as convert_registry
 from edgegate.convert import registry as converter_table
-from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split, load_data
+from edgegate.data import Dataset, Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import DataError, ExportError
 from edgegate.loading import model_inputs, parse_input, parse_inputs
 from edgegate.onnx_export.torch_export import CONTROL_FLOW_HINT, MAX_ERROR, exporter_error
@@ -78,24 +78,24 @@ def test_inputs_slice_concat_and_run_positionally():
         Inputs.of((np.zeros(2), np.zeros(2)), ["x"])
 
 
-def test_calibration_split_uses_a_file_in_full_or_holds_out_a_fixed_share(tmp_path):
+def test_split_data_uses_a_file_in_full_or_holds_out_a_fixed_share(tmp_path):
     path = tmp_path / "c.npz"
     np.savez(path, x=np.arange(200, dtype=np.float32)[:, None], sr=np.ones((200, 1), np.float32))
     data = load_data(path, ["x", "sr"])
-    calib, held = calibration_split(data)
+    calib, held = split_data(data)
     assert held is None and len(calib) == 200
-    calib, held = calibration_split(data, 0.25)
+    calib, held = split_data(data, 0.25)
     assert (len(calib), len(held)) == (150, 50)
     rows = np.concatenate([calib.inputs["x"][:, 0], held.inputs["x"][:, 0]])
     assert sorted(rows.tolist()) == list(range(200))  # disjoint, nothing lost
-    again = calibration_split(load_data(path, ["x", "sr"]), 0.25)[1]
+    again = split_data(load_data(path, ["x", "sr"]), 0.25)[1]
     assert np.array_equal(again.inputs["x"], held.inputs["x"])  # the same rows on every run
-    with pytest.raises(DataError, match="built-in dataset clusters already holds out its test split"):
-        calibration_split(load_data("clusters", ["x"]), 0.2)
-    val, test = calibration_split(load_data("clusters", ["x"]))
-    assert (len(val), len(test)) == (600, 600)
+    with pytest.raises(DataError, match="clusters already holds out every row it does not calibrate on"):
+        split_data(load_data("clusters", ["x"]), 0.2)
+    val, held = split_data(load_data("clusters", ["x"]))
+    assert (len(val), len(held), len(held.splits["test"]), len(held.splits["train"])) == (600, 3400, 600, 2800)
     with pytest.raises(DataError, match="--holdout needs at least 2"):
-        calibration_split(Dataset("one", {"x": np.zeros((1, 2))}, None, {}, {"kind": "npz"}), 0.5)
+        split_data(Dataset("one", {"x": np.zeros((1, 2))}, None, {}, {"kind": "npz"}), 0.5)
 
 
 # ------------------------------------------------------------------------------------------- API

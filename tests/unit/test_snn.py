@@ -441,7 +441,7 @@ def test_options_are_checked():
 
 
 def test_load_refuses_foreign_artifacts():
-    with pytest.raises(TargetError, match="has no core.egc"):
+    with pytest.raises(TargetError, match="has no snn core.egc"):
         SnnTarget().load(Artifact("cpu", {"model.onnx": b""}, {}))
     art = Artifact("snn", {"core.egc": b"EGCI\x01\x00"}, {})
     with pytest.raises(EdgegateError, match="core.egc: 6 bytes is shorter"):

@@ -18,10 +18,11 @@ TARGET = SnnTarget()
 
 def _export(model, name: str, quant: str):
     """(lowered ONNX, calibration inputs, test inputs, test labels) the way the pipeline builds them."""
+    from edgegate.data import split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
     from edgegate.quantization.plan import Flavor
-    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     entry = zoo.entry(name)
     spec = entry.inputs[0]
@@ -113,8 +114,8 @@ def test_unsupported_zoo_families_are_named(name, op_type):
 
 def test_neurocorex_sized_digits_network(tmp_path):
     """NeuroCoreX's digits example is a 64 -> 10 network (66 % in its simulation); ours, converted."""
+    from edgegate.data import split_data
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantization.step import split_data
     from edgegate.snn.neurocorex import SIZE, WORD_MAX
     from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
 
@@ -152,9 +153,8 @@ def test_neurocorex_refuses_networks_over_90_neurons(exported, tmp_path):
 
 def test_convolutions_unroll_to_sparse_synapses(tmp_path):
     """Conv + ReLU (stride 2 for downsampling) -> Flatten -> Linear, trained here on 8x8 digits."""
-    from edgegate.data import load_data
+    from edgegate.data import load_data, split_data
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantization.step import split_data
     from edgegate.snn.network import SynapseFormat
     from edgegate.zoo.training import cross_entropy, deterministic, fit, tensors
 

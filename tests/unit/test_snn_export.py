@@ -23,7 +23,7 @@ def work(tmp_path_factory, zoo_model) -> Path:
 
 
 def test_export_ternary_bundle_and_bench(work):
-    r = edgegate("export", "model.pt", "--target", "snn", "--quant", "ternary", "--timesteps", "32",
+    r = edgegate("export", "model.pt", "--target", "snn", "--quant", "ternary", "-O", "timesteps=32",
                  "-O", "early_decision=on", "-o", "snn.edgegate", cwd=work)
     assert r.returncode == 0, r.stderr
     bundle = work / "snn.edgegate"

@@ -35,10 +35,11 @@ TRT = targets.get("trt")
 
 def _export(name, zoo_model):
     """(float ONNX, int8 QDQ ONNX, sample inputs) of a zoo model, as the export pipeline makes them."""
+    from edgegate.data import split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
     from edgegate.quantization.plan import Flavor
-    from edgegate.quantization.step import QuantOptions, quantize_for_export, split_data
+    from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     model, _ = zoo_model(name)
     entry = zoo.entry(name)
