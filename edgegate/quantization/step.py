@@ -31,8 +31,11 @@ from edgegate.data import Dataset, Inputs, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
 from edgegate.metrics import wilson
-from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET, QuantConfig
+from edgegate.quantization.fold import fold_batchnorm
 from edgegate.quantization.plan import Flavor
+from edgegate.quantization.policy import decision_layers
+from edgegate.quantization.ternary import ternarize_model
 from edgegate.schemes import QuantScheme
 
 
@@ -90,11 +93,10 @@ def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
 
 
 def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
-    # Here, not at the top: calibration loads brevitas, which only an int8 export needs.
+    # Here, not at the top: calibration loads brevitas, which only an int8 export needs; the lowering pass
+    # belongs to the export stage, whose passes import this stage's plan.
     from edgegate.calibration import calibrate
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
-    from edgegate.quantization.config import QuantConfig
-    from edgegate.quantization.fold import fold_batchnorm
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
@@ -139,7 +141,7 @@ def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, ca
 def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     """One line per shortfall: the search's own (target not met on the calibration rows), and each gate metric
     that misses ``target`` on the held-out rows although the search met it."""
-    from edgegate.calibration.search import WORDS
+    from edgegate.calibration.search import WORDS  # brevitas: int8 exports only (see _int8)
 
     search = record.get("search") or {}
     out = [search["warning"]] if search.get("warning") else []
@@ -159,9 +161,7 @@ def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
 
 
 def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
-    from edgegate.onnx_export.passes.lower_ternary import lower_ternary
-    from edgegate.quantization.policy import decision_layers
-    from edgegate.quantization.ternary import ternarize_model
+    from edgegate.onnx_export.passes.lower_ternary import lower_ternary  # the export stage's pass (see _int8)
 
     keep = decision_layers(model, gate_map)
     tmodel, report = ternarize_model(model, x_cal, keep_float=set(keep), rank=options.lowrank)

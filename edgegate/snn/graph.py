@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from edgegate.targets import CheckIssue
+from edgegate.targets.base import CheckIssue
 
 ACTIVATIONS = ("relu", "gate", "none")
 EXIT_OPS = ("ExitDecision", "LearnedExitDecision")

@@ -22,14 +22,22 @@ import numpy as np
 
 from edgegate.errors import TargetError
 from edgegate.schemes import QuantScheme
-from edgegate.snn.network import NO_DECAY
+from edgegate.snn import emulator
+from edgegate.snn.compiler import BalanceConfig, compile_network
+from edgegate.snn.graph import read_chain
+from edgegate.snn.image import CoreImage, read_image, write_image
+from edgegate.snn.metrics import summarize
+from edgegate.snn.network import NO_DECAY, ExitPolicy
+from edgegate.snn.neurocorex import neurocorex_stream
+from edgegate.snn.nir_export import nir_bytes
+from edgegate.snn.stream import image_from_stream, program_stream
+from edgegate.snn.tune import tune
 from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, CompileContext, TargetBase, TensorSpec
 
 if TYPE_CHECKING:
     import onnx
 
     from edgegate.bundle import Bundle
-    from edgegate.snn.image import CoreImage
 
 log = logging.getLogger(__name__)
 
@@ -135,19 +143,11 @@ class SnnTarget(TargetBase):
         return SnnOptions.from_strings(user, context)
 
     def check(self, model: onnx.ModelProto) -> list[CheckIssue]:
-        from edgegate.snn.graph import read_chain
-
         chain = read_chain(model)
         return chain.issues + _output_issues(model, chain.exits)
 
     def compile(self, model: onnx.ModelProto, options: SnnOptions | None, workdir: Path) -> Artifact:
         """Read the chain, balance it on the calibration inputs, write image, stream and NIR."""
-        from edgegate.snn.compiler import BalanceConfig, compile_network
-        from edgegate.snn.graph import read_chain
-        from edgegate.snn.image import write_image
-        from edgegate.snn.network import ExitPolicy
-        from edgegate.snn.stream import image_from_stream, program_stream
-
         options = SnnOptions() if options is None else options
         if not isinstance(options, SnnOptions):
             raise TargetError(f"snn compile options must be SnnOptions, not {type(options).__name__}")
@@ -168,8 +168,6 @@ class SnnTarget(TargetBase):
         net = compile_network(chain, calibration, config)
         tuning = None
         if not options.timesteps or options.early_decision == "auto":
-            from edgegate.snn.tune import tune
-
             net, tuning = tune(net, chain.forward(calibration[:ROWS])[-1], calibration,
                                timesteps=options.timesteps or None, early=options.early_decision,
                                margin=options.margin, min_steps=options.min_steps, max_timesteps=MAX_AUTO_TIMESTEPS)
@@ -184,12 +182,8 @@ class SnnTarget(TargetBase):
             raise TargetError("snn stream does not round-trip to the core image; please report this model")
         files = {MODEL_FILE: model.SerializeToString(), IMAGE_FILE: image, STREAM_FILE: stream}
         if options.nir:
-            from edgegate.snn.nir_export import nir_bytes
-
             files[NIR_FILE] = nir_bytes(net)
         if options.neurocorex:
-            from edgegate.snn.neurocorex import neurocorex_stream
-
             files[NEUROCOREX_FILE] = neurocorex_stream(net)
         recorded = {**options.to_manifest(), "timesteps": net.timesteps, "early_decision": "on" if early else "off",
                     "margin": net.exit.margin, "exact": False,
@@ -202,8 +196,6 @@ class SnnTarget(TargetBase):
 
     def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> SnnRunner:
         """A runner for a bundle (dir or `Bundle`) or an in-memory `Artifact`; numpy only."""
-        from edgegate.snn.image import read_image
-
         x = bundle_or_artifact
         if isinstance(x, Artifact):
             data = self.artifact_file(x, IMAGE_FILE)
@@ -238,9 +230,6 @@ class SnnRunner(BaseRunner):
         self._metrics: dict[str, Any] = {}
 
     def run_impl(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from edgegate.snn import emulator  # the emulator's numpy kernels: loaded when a bundle runs
-        from edgegate.snn.metrics import summarize
-
         x = arrays[self.input_specs[0].name]
         net = self.network
         with self.timed():

@@ -25,16 +25,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgegate.errors import TargetError
+from edgegate import __version__
+from edgegate.errors import ExportError, TargetError
 from edgegate.schemes import QuantScheme
 from edgegate.targets import trt_api as api
 from edgegate.targets.base import Artifact, CheckIssue, CompileContext, TargetBase, refusal
+from edgegate.targets.trt_runner import TrtRunner, inspect_engine
 
 if TYPE_CHECKING:
     import onnx
 
     from edgegate.bundle import Bundle
-    from edgegate.targets.trt_runner import TrtRunner
 
 MODEL_FILE, ENGINE_FILE, CACHE_FILE, LAYERS_FILE = "model.onnx", "engine.plan", "timing.cache", "network.json"
 PRECISIONS = tuple(QuantScheme)  # a build per export scheme
@@ -154,6 +155,7 @@ class TrtTarget(TargetBase):
 
     def lower(self, model: onnx.ModelProto, options: TrtOptions, flavor: str) -> onnx.ModelProto:
         """The graph TensorRT builds: ternary weights and NonZero rewritten, fp16 when asked."""
+        # onnx-side passes, loaded on compile: a runtime-only install loads trt bundles without onnx
         from edgegate.onnx_export.passes.cast_fp16 import cast_fp16
         from edgegate.onnx_export.passes.lower_trt import lower_trt
 
@@ -166,8 +168,7 @@ class TrtTarget(TargetBase):
         Every node that breaks a quantization rule is listed; of the rest, the first node the parser
         refuses (TensorRT's parser stops there).
         """
-        from edgegate.errors import ExportError
-        from edgegate.targets import trt_build
+        from edgegate.targets import trt_build  # onnx and the TensorRT parser: compile side only
 
         flavor = api.resolve(flavor)
         try:
@@ -183,7 +184,7 @@ class TrtTarget(TargetBase):
         """Lower, check and build; the engine is built once, here, never on the device."""
         import onnx
 
-        from edgegate.targets import trt_build
+        from edgegate.targets import trt_build  # onnx and the TensorRT builder: compile side only
 
         options = TrtOptions() if options is None else options
         if not isinstance(options, TrtOptions):
@@ -203,8 +204,6 @@ class TrtTarget(TargetBase):
         built = trt_build.build(lowered, options, flavor)
         record = {**built.record, "engine_sha256": hashlib.sha256(built.engine).hexdigest(),
                   "timing_cache": CACHE_FILE if built.timing_cache is not None else None}
-        from edgegate import __version__
-
         record["edgegate_version"] = __version__
         files = {MODEL_FILE: lowered.SerializeToString(), ENGINE_FILE: built.engine,
                  LAYERS_FILE: (json.dumps({"layers": built.layers}, indent=1) + "\n").encode()}
@@ -226,8 +225,6 @@ class TrtTarget(TargetBase):
         """A runner for a bundle or artifact, after the manifest checks; needs an NVIDIA GPU."""
         engine, options, where = self._engine(bundle_or_artifact)
         flavor = check_engine(engine, options, where, trust_model=trust_model)
-        from edgegate.targets.trt_runner import TrtRunner
-
         return TrtRunner(engine, flavor, TrtOptions.from_manifest(options), where)
 
     def _engine(self, x: Any) -> tuple[bytes, dict[str, Any], str]:
@@ -250,8 +247,6 @@ class TrtTarget(TargetBase):
         if ok:
             engine, options, where = self._engine(bundle)
             flavor = check_engine(engine, options, where, trust_model=trust_model)
-            from edgegate.targets.trt_runner import inspect_engine
-
             return {"source": "engine inspector", "layers": inspect_engine(engine, flavor)}
         data = json.loads(bundle.file(LAYERS_FILE).read_text())
         return {"source": f"network as parsed at build time (the engine inspector needs a GPU: {why})",

@@ -24,8 +24,8 @@ from onnx import TensorProto, numpy_helper
 
 from edgegate.errors import TargetError, one_line
 from edgegate.onnx_export.passes._graph import graphs
-from edgegate.targets import CheckIssue
 from edgegate.targets import trt_api as api
+from edgegate.targets.base import CheckIssue
 
 _COMPUTE = {"CONVOLUTION", "MATRIX_MULTIPLY", "QUANTIZE", "DEQUANTIZE", "CONDITION"}  # precision summary
 _QUANTIZED = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4}
