@@ -11,6 +11,7 @@ from edgegate.cli.device import add_device_flags, device_client
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.benchmark import BenchConfig, bench
     from edgegate.reports.bench_text import render_text
 
@@ -31,6 +32,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.benchmark import BUDGET_MAX_SECONDS, BUDGET_MIN_RUNS, BUDGET_MIN_SECONDS, WARMUP_MIN_SECONDS
 
     b = sub.add_parser("bench", help="check a bundle against its golden I/O, then time it on this device",

@@ -13,6 +13,7 @@ from edgegate.cli.device import add_device_flags, device_client
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.comparison import CompareConfig, compare
     from edgegate.loading.inputs import parse_inputs
     from edgegate.reports.compare_text import render_text
@@ -30,6 +31,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     if args.html:
+        # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
         from edgegate.reports.html import write_html
 
         print(f"wrote {write_html(report, args.html)}")

@@ -14,6 +14,7 @@ from edgegate.cli._common import int_at_least, positive_seconds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.device import Agent, AgentConfig, TransferLimits, read_token
 
     limits = TransferLimits(max_bytes=int(args.max_upload_mb * (1 << 20)), seconds=args.upload_seconds)
@@ -37,6 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.device import DeviceClient, read_token
 
     info = DeviceClient(args.url, read_token(args.token_file)).info()
@@ -101,6 +103,7 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
 
 def device_client(args: argparse.Namespace):
     """The `DeviceClient` for ``--device``/``--token-file``, or None without ``--device``."""
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.device import DeviceClient, DeviceError, read_token
 
     if args.device is None:

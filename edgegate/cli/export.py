@@ -15,6 +15,7 @@ from edgegate.schemes import QuantScheme
 
 def cmd_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.bundle import check_destination
     from edgegate.loading.inputs import parse_inputs
     from edgegate.pipeline import ExportConfig, run_export
@@ -42,6 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         path = run_export(args.model, out, config, on_step=on_step)
     finished = time.perf_counter()
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.bundle import read_bundle
     from edgegate.reports.export_text import render_export
 

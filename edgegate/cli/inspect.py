@@ -8,6 +8,7 @@ from edgegate.cli._common import add_trust_flags
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.inspection import describe, to_json
     from edgegate.reports.inspect_text import render_inspect
 

@@ -13,6 +13,7 @@ BAR_WIDTH = 20
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.sweep import RayOptions, expand, load_spec, render_text, run_sweep
     from edgegate.sweep.store import SWEEP_JSON, read_sweep_json, recorded_spec
 
@@ -53,6 +54,7 @@ def _bar(done: int, total: int, last: str) -> str:
 
 
 def _finished(out: Path) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.sweep.store import read_sweep_json
 
     try:

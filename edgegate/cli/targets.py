@@ -7,6 +7,7 @@ import json
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import targets
     from edgegate.reports.text import table
 

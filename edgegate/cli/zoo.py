@@ -16,6 +16,7 @@ def cmd_zoo_help(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import zoo
     from edgegate.reports.text import table
 
@@ -34,11 +35,13 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         raise EdgegateError(f"{out} is a directory; give -o a checkpoint file path such as model.pt")
     if (out.exists() or out.is_symlink()) and not args.overwrite:
         raise EdgegateError(f"{out} already exists; pass --overwrite to replace that file or choose another -o")
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import zoo
     from edgegate.reports.text import num
     with Status("zoo train") as status:
         status.update(f"training {args.name}")
         path = zoo.train_and_save(args.name, out, seed=args.seed)
+    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.loading import load
 
     metrics = (load(path).spec.get("meta") or {}).get("metrics", {})
