@@ -275,18 +275,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _check_name(name: object, context: str) -> None:
-    """Bundle file names are plain names in the bundle folder: no folders, `..`, absolute paths or controls."""
-    ok = (
+def is_plain_name(name: object) -> bool:
+    """A plain file name, on every OS: no folders, `.`/`..`, drive, control characters; at most 255 bytes."""
+    return (
         isinstance(name, str)
         and name not in ("", ".", "..")
         and "/" not in name
         and "\\" not in name
         and not any(ord(c) < 32 or ord(c) == 127 for c in name)
         and not PureWindowsPath(name).drive
-        and len(name) <= 255
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
     )
-    if not ok:
+
+
+def _check_name(name: object, context: str) -> None:
+    """Bundle file names are plain names in the bundle folder: no folders, `..`, absolute paths or controls."""
+    if not is_plain_name(name):
         raise BundleError(
             f"{context}: file name {_show(name)} must be a plain file name (no folders, '..', or '/')"
         )

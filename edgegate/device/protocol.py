@@ -21,11 +21,12 @@ import dataclasses
 import os
 import stat
 from collections.abc import Mapping
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 from edgegate.benchmark import MAX_RUNS, BenchConfig, BenchError
+from edgegate.bundle import is_plain_name
 from edgegate.errors import EdgegateError, os_error_text
 
 INFO_PATH = "/v1/info"
@@ -64,16 +65,7 @@ class BenchRequest:
 
 def check_plain_name(name: object, what: str) -> str:
     """`name` if it is a plain file name (no folders, '..', drive, control characters), else DeviceError."""
-    ok = (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-        and not PureWindowsPath(name).drive
-        and len(name.encode("utf-8", "surrogatepass")) <= 255
-    )
-    if not ok:
+    if not is_plain_name(name):
         shown = repr(name)[:80]
         raise DeviceError(f"{what} {shown} is not a plain file name (no folders, '..', '/' or control characters)")
     return name  # type: ignore[return-value]
