@@ -27,11 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import torch
 
+from edgegate import __version__, targets
+from edgegate.bundle import check_destination, write_bundle
+from edgegate.convert import class_path, convert, converters, verify
 from edgegate.data import Inputs, TensorSpec, load_data, split_data
-from edgegate.errors import EdgegateError, ExportError
+from edgegate.errors import DataError, EdgegateError, ExportError
+from edgegate.gates import find_gates
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+from edgegate.loading.inputs import model_inputs, parse_input, value_range
+from edgegate.loading.source import describe, open_source
+from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names, resolve_exit_form
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.quantization.plan import Flavor
+from edgegate.quantization.step import QuantOptions, quantize_for_export
 from edgegate.schemes import QuantScheme
 
 __all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export",
@@ -88,8 +100,6 @@ class StepTimer:
 def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
     """``n`` samples of every model input: the test split of the dataset the model names (single-input
     models), else seeded random ones (integers in the input's recorded range)."""
-    from edgegate.loading.inputs import model_inputs, value_range
-
     specs = tuple(inputs) or model_inputs(spec)
     dataset = (spec.get("meta") or {}).get("dataset")
     if dataset and len(specs) == 1:
@@ -109,13 +119,7 @@ def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec
 
 
 def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    import edgegate
-
-    return {"edgegate": edgegate.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+    return {"edgegate": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
@@ -129,10 +133,6 @@ def export(model_or_path: Any, example_inputs: Any = None, *, target: str = "cpu
     ``holdout=0.2``, ``inputs=["x:1x3x32x32"]``, ...). ``out`` defaults to ``MODEL.edgegate`` beside a
     model file. Returns the bundle's path.
     """
-    import torch
-
-    from edgegate.loading.inputs import parse_input
-
     known = {f.name for f in dataclasses.fields(ExportConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -151,17 +151,6 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
                on_step: Callable[[str], None] | None = None, *, example_inputs: Any = None) -> Path:
     """Export ``model_path`` (a model file, a Hugging Face folder or an ``nn.Module``) for ``config.target``
     into the bundle directory ``out``; returns its path. ``example_inputs``: see `export`."""
-    import torch
-
-    from edgegate import targets
-    from edgegate.bundle import check_destination, write_bundle
-    from edgegate.convert import convert
-    from edgegate.gates import find_gates
-    from edgegate.loading.source import describe, open_source
-    from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
-    from edgegate.quantization.plan import Flavor
-    from edgegate.quantization.step import QuantOptions, quantize_for_export
-
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
     skipping = _skip_option(config)
@@ -288,8 +277,6 @@ def _skip_option(config: ExportConfig) -> Any:
 def _convert(model: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
     """(original, model to export, Conversion): converters run on a copy, so the original (the user's own
     module, from Python) is left as it was and the conversion can be checked against it."""
-    from edgegate.convert import class_path, converters
-
     known = converters()
     if not any(class_path(type(m)) in known for m in model.modules()):
         conversion = convert(model)  # nothing to replace: the model itself, no copy
@@ -301,8 +288,6 @@ def _convert(model: Any, convert: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
 
 def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
     """The conversion checked on the first calibration rows (the golden samples without calibration data)."""
-    from edgegate.convert import verify
-
     if not conversion.converted:
         return conversion
     rows = calib.model_inputs() if calib is not None else golden
@@ -316,10 +301,6 @@ def _verify(original: Any, conversion: Any, calib: Any, golden: Inputs) -> Any:
 def _check_fits(model: Any, x: Inputs, specs: Sequence[TensorSpec]) -> None:
     """The model runs on two samples of its inputs: a wrong --input becomes a DataError, not an exporter trace.
     (Like ``calibration.inputs.check_fits``, without importing the calibration stage, which loads brevitas.)"""
-    import torch
-
-    from edgegate.errors import DataError
-
     try:
         with torch.no_grad():
             x[:2].map(torch.from_numpy).run(model)
@@ -351,8 +332,6 @@ def _golden_inputs(examples: Inputs | None, spec: dict, specs: Sequence[TensorSp
 
 def _exit_form(model, options) -> str | None:
     """The early-exit form the export used (``auto`` resolved), None for a model without exits."""
-    from edgegate.onnx_export.torch_export import resolve_exit_form
-
     form = resolve_exit_form(model, options)
     return None if form is None else str(form)
 
