@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from edgegate import targets
+from edgegate.bundle import read_bundle
+from edgegate.data import read_npz
 from edgegate.errors import DataError
 from edgegate.reports.stats import (
     CV_WARN,
@@ -176,8 +179,6 @@ def bench(
     decides. `keep_latencies` keeps each run's time in ``BenchReport.latencies_ms`` (compare plots their
     distribution).
     """
-    from edgegate import targets
-    from edgegate.bundle import read_bundle
 
     config = config or BenchConfig()
     bundle = read_bundle(bundle_path)  # verify=True: every file's sha256 before anything runs
@@ -322,7 +323,6 @@ def _target_options(target: Any, recorded: dict[str, Any], threads: int | None, 
 
 
 def _read_golden(path: Path, name: str) -> tuple[Arrays, Arrays]:
-    from edgegate.data import read_npz  # numpy only: checks members and sizes before numpy reads them
 
     try:
         arrays = read_npz(path, f"bundle {name}: golden file", "re-export the bundle")

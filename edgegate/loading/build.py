@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgegate.bundle import sha256_file
 from edgegate.data import TensorSpec
 from edgegate.errors import ModelFormatError, UnsafeModelError, one_line
 from edgegate.loading import hf
@@ -59,7 +60,6 @@ def load(
     safetensors file, and allows an edgegate checkpoint whose class lives outside ``edgegate.``.
     `inputs` (``--input``) name the inputs a Hugging Face folder's module takes (default ``input_ids``).
     """
-    from edgegate.bundle import sha256_file
 
     path = Path(path)
     found = probe(path)

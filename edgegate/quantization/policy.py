@@ -24,6 +24,7 @@ import logging
 
 from torch import nn
 
+from edgegate.errors import EdgegateError
 from edgegate.gates import DecisionLayers, GateMap, family_of
 from edgegate.quantization.layers import is_quantizable
 
@@ -34,7 +35,6 @@ _OVERRIDES: dict[type, DecisionLayers] = {}
 
 def register_decision_layers(cls: type, fn: DecisionLayers) -> None:
     """Declare which layers of a (user) gate class compute its decision; a duplicate is an error."""
-    from edgegate.errors import EdgegateError
 
     if cls in _OVERRIDES:
         raise EdgegateError(f"register_decision_layers: {cls.__qualname__} is already registered")

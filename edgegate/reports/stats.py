@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegate import __version__
 from edgegate.errors import EdgegateError
 
 EXIT_OUTPUT = "exit_index"
@@ -97,7 +98,6 @@ def summarize_latencies(ms: Sequence[float] | np.ndarray) -> LatencyStats:
 
 def host_info() -> dict[str, Any]:
     """What the numbers depend on: CPUs (all, and usable by this process), machine, runtime versions."""
-    import edgegate
 
     try:
         import onnxruntime as ort
@@ -115,7 +115,7 @@ def host_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "onnxruntime": ort_version,
         "providers": providers,
-        "edgegate": edgegate.__version__,
+        "edgegate": __version__,
     }
 
 

@@ -181,7 +181,7 @@ def _simulate(net: Network, q: np.ndarray | None, spikes_in: np.ndarray | None, 
     with _one_blas_thread():
         if method == "steps":
             return _simulate_steps(net, q, spikes_in, timesteps, exit, record)
-        from edgegate.snn.layered import simulate_layers
+        from edgegate.snn.layered import simulate_layers  # layered builds on this module's kernels
 
         return simulate_layers(net, q, spikes_in, timesteps, exit, record)
 

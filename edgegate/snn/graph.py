@@ -21,6 +21,7 @@ import dataclasses
 
 import numpy as np
 
+from edgegate.ops.packing import unpack_ternary
 from edgegate.targets.base import CheckIssue
 
 ACTIVATIONS = ("relu", "gate", "none")
@@ -268,7 +269,6 @@ class _Walker:
         name = node.name or node.output[0]
         ternary = scale = None
         if node.op_type == "TernaryMatMul":
-            from edgegate.ops import unpack_ternary
 
             packed, s = self.const(node.input[1]), self.const(node.input[2])
             if packed is None or s is None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgegate.errors import EdgegateError, ModelFormatError
+from edgegate.ops.packing import pack_ternary
 from edgegate.snn.network import Encoder, ExitPolicy, Group, Network, SynapseFormat
 
 MAGIC = b"EGCI"
@@ -89,7 +90,6 @@ def sections(net: Network, io: dict[str, Any]) -> list[tuple[Kind, int, bytes]]:
 
 def _synapse_payload(g: Group) -> bytes:
     if g.fmt is SynapseFormat.TERNARY:
-        from edgegate.ops.packing import pack_ternary
 
         return pack_ternary(g.weight).tobytes()
     if g.fmt is SynapseFormat.CSR:

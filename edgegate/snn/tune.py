@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.snn.emulator import decode, run
+from edgegate.snn.metrics import summarize
 from edgegate.snn.network import ExitPolicy, Network
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ class Trial:
 
 
 def _trial(net: Network, x: np.ndarray, want: np.ndarray, timesteps: int, policy: ExitPolicy) -> Trial:
-    from edgegate.snn.emulator import decode, run
-    from edgegate.snn.metrics import summarize
 
     candidate = dataclasses.replace(net, timesteps=timesteps, exit=policy)
     result = run(candidate, x, timesteps, exit=policy)

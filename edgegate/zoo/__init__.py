@@ -20,6 +20,9 @@ from torch import nn
 
 from edgegate.data import CLUSTERS_KW, MARKOV_CONTEXT, MARKOV_VOCAB, Dataset, TensorSpec, load_data
 from edgegate.errors import EdgegateError
+from edgegate.loading import save
+from edgegate.nn import ExitMLP
+from edgegate.zoo import models as m
 from edgegate.zoo import recipes
 from edgegate.zoo.training import deterministic
 
@@ -55,8 +58,6 @@ _TOKENS = (TensorSpec("tokens", (MARKOV_CONTEXT,), "int64"),)
 
 
 def _entries() -> list[ZooEntry]:
-    from edgegate.nn import ExitMLP
-    from edgegate.zoo import models as m
 
     def lm(kind: str) -> Callable[[], nn.Module]:
         return lambda: m.TinyLM(vocab=MARKOV_VOCAB, ctx=MARKOV_CONTEXT, linear=kind, rank=8)
@@ -143,8 +144,6 @@ def checkpoint_meta(name: str, metrics: dict[str, Any], seed: int) -> dict[str, 
 
 def train_and_save(name: str, output: str | Path, seed: int = 0) -> Path:
     """Train ``name`` and write it as an edgegate checkpoint (``edgegate.loading.save``)."""
-    from edgegate.loading import save
-
     model, metrics = train(name, seed)
     path = Path(output)
     save(model, path, meta=checkpoint_meta(name, metrics, seed))
