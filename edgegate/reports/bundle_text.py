@@ -113,8 +113,9 @@ def _scheme_lines(m: Mapping[str, Any]) -> list[str]:
         return labelled("Quantization", [text + (f"; fitted on {data}" if data else "")]) + precision_lines(m)
     precision = "fp16 (the target builds in half precision)" if (m.get("target_options") or {}).get("fp16") \
         else scheme
+    compiled = set(m.get("files") or {}) - {"model.onnx", "golden_io.npz"}  # an engine, a core image, ...
     return labelled("Quantization", [f"none: an {precision} graph" + (" (the target compiles it further: see Target)"
-                                                                    if m.get("target") not in (None, "cpu") else "")])
+                                                                    if compiled else "")])
 
 
 def _gates_by_name(m: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
