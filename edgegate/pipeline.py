@@ -166,6 +166,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     from edgegate.convert import convert
     from edgegate.gates import find_gates
     from edgegate.loading.source import describe, open_source
+    from edgegate.nn.routed_experts import MoEForm
     from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
     from edgegate.quantization.plan import Flavor
     from edgegate.quantization.step import QuantOptions, quantize_for_export
@@ -207,7 +208,8 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         q = quantize_for_export(model, gate_map, qopts, Flavor(getattr(target, "flavor", "cpu")), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
-    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
+    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
+                            moe_form=MoEForm(getattr(target, "moe_form", MoEForm.DENSE)))
     with timer.step("export_onnx"):
         proto = export_onnx(q.export_model, x.map(torch.from_numpy), names_in, options)
         _keep(config, out, "export_onnx.onnx", proto.SerializeToString())

@@ -53,6 +53,21 @@ def _identity(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _lower_float(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A float export: its sparse MoE blocks (cpu) lowered; nothing else changes."""
+    from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
+
+    return lower_routed_experts(proto)
+
+
+def _lower_int8(plan):
+    """QDQ from the plan, after the sparse MoE blocks (cpu) are lowered (``QMoE`` and int8 gather/scatter)."""
+    from edgegate.onnx_export.passes.insert_qdq import insert_qdq
+    from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
+
+    return lambda proto: insert_qdq(lower_routed_experts(proto, plan), plan)
+
+
 def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, flavor: Flavor,
                         calib: Dataset | None, held_out: Dataset | None,
                         spec: TensorSpec | Sequence[TensorSpec] | None) -> Quantized:
@@ -68,7 +83,7 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
         # rounding boundary may round differently in ORT and torch and move the output by a quantization
         # step, so such a graph is checked like a quantized one, not to float round-off.
         rounds = any(g.kind in (GateKind.TERNARY, GateKind.LOWRANK) for g in gate_map)
-        return Quantized(model, model, _identity, {"scheme": options.scheme}, exact=not rounds)
+        return Quantized(model, model, _lower_float, {"scheme": options.scheme}, exact=not rounds)
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")
@@ -85,7 +100,6 @@ def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
 
 def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
     from edgegate.calibration import calibrate, measure_fidelity
-    from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.quantization.config import QuantConfig
 
     if options.lowrank:
@@ -104,7 +118,7 @@ def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Qu
         # The exported graph is the float model with Q/DQ added: give it the re-tuned operating point.
         deployed.get_submodule(path).set_thresholds(values["after"])
     plan = record.plan
-    return Quantized(deployed, qmodel.eval(), lambda proto: insert_qdq(proto, plan),
+    return Quantized(deployed, qmodel.eval(), _lower_int8(plan),
                      {"scheme": "int8", **record.to_dict()}, exact=False)
 
 

@@ -79,6 +79,9 @@ class CpuTarget:
     name = "cpu"
     description = "ONNX Runtime on the host CPU (CPUExecutionProvider)"
     options_type = CpuOptions
+    # MoE blocks export sparse: only routed tokens reach an expert (ORT's QMoE kernel for int8 experts,
+    # else per-expert gather/scatter; edgegate.onnx_export.passes.lower_moe). Other targets export dense.
+    moe_form = "sparse"
 
     def is_available(self) -> tuple[bool, str]:
         try:
