@@ -266,7 +266,10 @@ class MoE(nn.Module):
         """The routed slots' weighted sum [T, d] in the sparse export form: the FFN experts as one
         ``RoutedExperts`` op over the dense routing weights, the MoE++ slots as elementwise ops."""
         t = x.shape[0]
-        dense = weights.new_zeros(t, self.n_slots).scatter(1, indices, weights).to(x.dtype)  # [T, n_slots]
+        # A skipped slot (index -1, weight 0) lands in a spare last column, dropped: it adds to no slot.
+        # Added, not assigned, so it cannot overwrite a routed slot's weight (top-k slots are distinct).
+        slot = torch.where(indices < 0, torch.full_like(indices, self.n_slots), indices)
+        dense = weights.new_zeros(t, self.n_slots + 1).scatter_add(1, slot, weights)[:, :self.n_slots].to(x.dtype)
         # The op takes non-negative weights (ORT's kernel skips a slot of weight <= 0); the weights are scores
         # times the router's scale, so a negative scale is taken out and put back (the sum is linear in them).
         sign = -1.0 if self.router.scale < 0 else 1.0

@@ -19,6 +19,7 @@ from _ort import session
 from onnx import helper, numpy_helper
 from torch import nn
 
+from edgegate.gates import find_gates
 from edgegate.nn import MoE, TernaryLinear
 from edgegate.nn.routed_experts import MoEForm, expert_params, routed_experts
 from edgegate.onnx_export.passes import iter_nodes
@@ -26,6 +27,7 @@ from edgegate.onnx_export.passes.insert_qdq import insert_qdq
 from edgegate.onnx_export.passes.lower_moe import DOMAIN, OP, QMOE_MAX_TOKENS, lower_routed_experts, register_schema
 from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
 from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 D, H, E = 32, 64, 4
 UNUSED = 3  # the expert no token is routed to
@@ -242,3 +244,59 @@ def test_experts_that_are_not_plain_linear_export_dense() -> None:
     assert len(expert_params(moe.experts)) == 3 * E
     moe.experts[1].w3 = TernaryLinear(D, H, bias=False)
     assert expert_params(moe.experts) is None  # the block keeps the dense form
+
+
+def test_skipped_slots_add_nothing_and_overwrite_nothing() -> None:
+    """A slot marked skipped (index -1, weight 0, as expert skipping marks it) is not computed and does not
+    clear the weight of a routed slot in the last column of the dense routing matrix."""
+    torch.manual_seed(0)
+    moe = MoE(D, H, E, 2).eval()
+    x = torch.randn(3, D)
+    indices = torch.tensor([[E - 1, -1], [0, 1], [-1, -1]])
+    weights = torch.tensor([[0.7, 0.0], [0.5, 0.5], [0.0, 0.0]])
+    with torch.no_grad():
+        got = moe.sparse_export(x, weights, indices, expert_params(moe.experts))
+        want = torch.stack([0.7 * moe.experts[E - 1](x[0]), 0.5 * moe.experts[0](x[1]) + 0.5 * moe.experts[1](x[1]),
+                            torch.zeros(D)])
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    """The tiny trained Mixtral converted to edgegate.nn (shared with test_convert_models' session cache)."""
+    pytest.importorskip("transformers")
+    from edgegate.convert import convert
+    from tests.unit import _hf
+
+    original = _hf.trained("mixtral")
+    model = _hf.trained("mixtral")
+    convert(model)
+    _, calib, held = _hf.markov()
+    return original, model.eval(), calib.subset(np.arange(64)), held
+
+
+def test_converted_hf_moe_takes_the_sparse_path(mixtral) -> None:
+    """Mixtral's converted blocks export as RoutedExperts and lower to gather/scatter (fp32, equal to
+    transformers) and to If(QMoE, int8 gather/scatter) (int8, following the fake-quant model); the routing stays
+    one TopKGate per layer."""
+    original, model, calib, held = mixtral
+    ids = held.input()[:4]
+    q = quantize_for_export(model, find_gates(model), QuantOptions("int8", fidelity_target=0.0), Flavor.CPU, calib,
+                            None, None)
+    sparse = export_onnx(q.export_model, torch.from_numpy(ids), "input_ids", ExportOptions(moe_form=MoEForm.SPARSE))
+    assert _ops(sparse)[OP] == 2 and _ops(sparse)["TopKGate"] == 2
+    lowered = lower_routed_experts(sparse)
+    assert _ops(lowered)["NonZero"] == 2 * 4 and _ops(lowered)[OP] == 0
+    with torch.no_grad():
+        want = original(torch.from_numpy(ids)).numpy()
+    assert float(np.abs(session(lowered).run(None, {"input_ids": ids})[0] - want).max()) <= 1e-3
+
+    int8 = q.lower(sparse)
+    onnx.checker.check_model(int8, full_check=True)
+    assert _ops(int8)["QMoE"] == 2 and _ops(int8)["If"] == 2 and _ops(int8)["TopKGate"] == 2
+    for rows in (ids[:1], ids):  # 8 tokens: QMoE; 32 tokens: int8 gather/scatter
+        got = session(int8).run(None, {"input_ids": rows})[0]
+        with torch.no_grad():
+            ref = q.reference(torch.from_numpy(rows)).numpy()
+        assert float(np.mean(got.argmax(-1) == ref.argmax(-1))) >= 0.95, len(rows)
+        assert float(np.abs(got - ref).max()) <= 0.1 * float(np.abs(ref).max()), len(rows)
