@@ -113,6 +113,27 @@ def _export_time(s: dict[str, Any]) -> list[str]:
     return _table(["model", "wall s (median)", "first s", "repeats", *steps], rows) + _errors(s)
 
 
+def _moe(s: dict[str, Any]) -> list[str]:
+    lines = []
+    dec = s.get("decode")
+    if dec:
+        big, small = max(dec["experts"]), min(dec["experts"])
+        rows = [[r["quant"], r[f"e{big}_1_token_ms"], r[f"e{small}_1_token_ms"], r["decode_ratio"],
+                 r[f"e{big}_64_tokens_ms"], r["bare_64_tokens_ms"], r["bundle_vs_bare"]] for r in dec["latency"]]
+        lines += _table(["quant", f"E={big} 1 token ms", f"E={small} 1 token ms", "ratio", f"E={big} 64 tokens ms",
+                         "bare ORT op 64 tokens ms", "bundle / bare"], rows)
+        lines += _table(["output (64 tokens)", "SQNR dB vs float", "route set agreement"],
+                        [[k, v["sqnr_db_vs_float"], v.get("route_set_agreement", "-")]
+                         for k, v in dec["quality"].items()])
+    mem = s.get("memory")
+    if mem:
+        lines += [f"MoE LM: {mem['parameters']:,} parameters, FP32 weights {mem['fp32_weight_mib']} MiB.", ""]
+        lines += _table(["quant", "export s", "peak RSS MiB", "x FP32 weight bytes", "budget MiB", "model.onnx MiB"],
+                        [[r["quant"], r["wall_s"], r["peak_rss_mib"], r["rss_per_weight_byte"], r["budget_mib"],
+                          r["model_onnx_mib"]] for r in mem["exports"]])
+    return lines + _errors(s)
+
+
 _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound): edgegate vs ORT FP32 vs ORT "
                           "quantize_static", _cpu_int8),
              "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
@@ -122,7 +143,8 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "real_size": ("6. Real-size CNNs (224 x 224): edgegate INT8 vs ORT FP32 vs ORT quantize_static",
                            _real_size),
              "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
-                                lambda s: fidelity_seeds.render(s, _table))}
+                                lambda s: fidelity_seeds.render(s, _table)),
+             "moe": ("8. Sparse MoE on cpu (edgegate.nn MoE vs ORT's MoE/QMoE) and MoE LM export memory", _moe)}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:
