@@ -47,15 +47,26 @@ PEER_GOAL = 1.0  # bundle / bare ORT op at 64 tokens: no slower
 GIB = 1024 ** 3
 
 
-# The child reports its own peak RSS (ru_maxrss, KiB on Linux): the export's, not this process's.
+# The child reports its own peak RSS (ru_maxrss, KiB on Linux): the export's, not this process's; and the
+# highest RSS sampled (every 20 ms, /proc/self/statm) during each pipeline step, to show where the peak is.
 _CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 from edgegate.pipeline import ExportConfig, run_export
 ckpt, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+page, steps, state = os.sysconf("SC_PAGE_SIZE"), {}, {"step": "start", "done": False}
+def sample():
+    while not state["done"]:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * page / 2 ** 20
+        steps[state["step"]] = round(max(steps.get(state["step"], 0.0), rss), 1)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-path = run_export(ckpt, out, ExportConfig(**config))
+path = run_export(ckpt, out, ExportConfig(**config), on_step=lambda name: state.update(step=name))
+state["done"] = True
 print(json.dumps({"wall_s": round(time.perf_counter() - t0, 3),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "step_peak_rss_mib": steps,
                   "timings_s": json.loads((path / "manifest.json").read_text())["timings_s"]}))
 """
 
@@ -226,6 +237,7 @@ def memory_part(ws: Workspace, spec: dict[str, Any]) -> tuple[dict[str, Any], li
         rss = e["peak_rss_mib"]
         per_weight = None if rss is None else round(rss * 2 ** 20 / weight_bytes, 2)
         rows.append({"quant": quant, "wall_s": e["wall_s"], "peak_rss_mib": rss, "rss_per_weight_byte": per_weight,
+                     "step_peak_rss_mib": e.get("step_peak_rss_mib"),
                      "budget_mib": round(budget_mib, 1), "model_onnx_mib": round((out / "model.onnx").stat().st_size
                                                                                  / 2 ** 20, 1),
                      "steps_s": e["timings_s"]})

@@ -300,3 +300,36 @@ def test_converted_hf_moe_takes_the_sparse_path(mixtral) -> None:
             ref = q.reference(torch.from_numpy(rows)).numpy()
         assert float(np.mean(got.argmax(-1) == ref.argmax(-1))) >= 0.95, len(rows)
         assert float(np.abs(got - ref).max()) <= 0.1 * float(np.abs(ref).max()), len(rows)
+
+
+def test_latency_aware_pass_decides_the_gather_scatter_branch_and_keeps_qmoe(exported) -> None:
+    """The cpu target's latency-aware pass times the int8 gather/scatter branch against its float form (at more
+    tokens than QMoE takes), records the decision, and leaves the QMoE branch and the routing output alone."""
+    from edgegate.onnx_export.passes.float_regions import sparse_moe_switches, switch_branch_to_float
+    from edgegate.targets.cpu import CpuOptions
+    from edgegate.targets.cpu_latency import MOE_BATCH, keep_fast_regions
+
+    model, dense, sparse, x = exported["mixtral"]
+    model.moe.dispatch = "dense"
+    plan = make_plan(model, torch.from_numpy(x), Flavor.CPU)
+    model.moe.dispatch = "sparse"
+    q = insert_qdq(lower_routed_experts(sparse, plan), plan)
+    (switch,) = sparse_moe_switches(q)
+    floated = switch_branch_to_float(q, switch)
+    onnx.checker.check_model(floated, full_check=True)
+    branches = {a.name: a.g for n in floated.graph.node if n.name == switch for a in n.attribute}
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in branches["else_branch"].node}
+    assert [n.op_type for n in branches["then_branch"].node] == ["QMoE"]
+    few, many = x[:QMOE_MAX_TOKENS], np.resize(x, (MOE_BATCH, D))
+    np.testing.assert_array_equal(_run(floated, few)[0], _run(q, few)[0])  # the QMoE branch: untouched
+    want = _run(dense, many)[0]  # float gather/scatter = the dense float form, with int8-rounded weights
+    assert float(np.abs(_run(floated, many)[0] - want).max()) <= 0.05 * float(np.abs(want).max())
+
+    out, record = keep_fast_regions(q, x, CpuOptions(intra_op_threads=1))
+    (moe,) = record["sparse_moe"]
+    assert moe["block"] == switch and set(moe["int8_ms"]) == {str(MOE_BATCH)}
+    speedup = moe["int8_speedup"][str(MOE_BATCH)]
+    assert speedup == round(moe["float_ms"][str(MOE_BATCH)] / moe["int8_ms"][str(MOE_BATCH)], 4)
+    assert moe["gather_scatter_branch"] == ("int8" if speedup >= 1.02 else "float")
+    assert _ops(out)["QMoE"] == 1 and _ops(out)["If"] == 1 and _ops(out)["TopKGate"] == 1
+    np.testing.assert_array_equal(_run(out, many)[1], _run(dense, many)[1])  # route_indices still an output
