@@ -5,7 +5,8 @@ seeded random weights, calibrated on random normal token rows) with 8 experts an
 ``edgegate export --target cpu`` as ``fp32`` and ``int8`` bundles (the cpu target writes the sparse form:
 per-expert gather/scatter in float, ``If(tokens <= 8: QMoE, else int8 gather/scatter)`` in int8). Timed with
 one intra-op thread, interleaved in one loop: at 1 token (batch-1 decode) E=8 against E=2 (only the routed
-experts compute, so 8 experts should cost little more than 2); at 64 tokens the E=8 bundle against a bare
+experts compute, so 8 experts should cost little more than 2; the bare ORT ops below, E=8 against E=2, are
+timed beside them for reference); at 64 tokens the E=8 bundle against a bare
 ONNX Runtime ``com.microsoft`` op of the same shape and precision (``MoE`` with fp32 weights, ``QMoE`` with
 8-bit block-wise weights, block 128 as in the bundle's ``QMoE``), fed by the same router ``MatMul``, with the
 same weights. Quality: the routes the bundle outputs against the float model's, and each output's SQNR
@@ -14,6 +15,8 @@ against the float model's.
 Part 2, export memory. A ~60M-parameter causal LM of MoE blocks (``benchmarks.models.MoELM``: top-2 of 8,
 d 512, FFN 2048, 2 layers, vocab 8192), exported ``fp32`` and ``int8`` for cpu, each in a child process
 whose peak RSS (``ru_maxrss``) is the export's own, against the goal of 4x the FP32 weight bytes + 1 GiB.
+The LM's int8 bundle is also timed against its fp32 bundle and ``quantize_static`` (1 thread, batch 1 of 16
+tokens, interleaved), with the logits' SQNR and top-1 agreement against fp32 and the export's gate fidelity.
 At the smoke size (CI) both parts shrink (d 64, FFN 128; a 2-layer LM of d 64, fp32 only) and export in
 this process, so no peak RSS is reported.
 """
@@ -177,11 +180,12 @@ def decode_part(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> tuple[dict
             sessions[f"e{e}_{quant}"] = ort_session(str(out / "model.onnx"), THREADS)
     big = max(spec["experts"])
     for quant in ("fp32", "int8"):
-        sessions[f"bare_{quant}"] = ort_session(bare_moe(models[big], quant), THREADS)
+        for e in spec["experts"]:
+            sessions[f"bare{e}_{quant}"] = ort_session(bare_moe(models[e], quant), THREADS)
     with torch.no_grad():
         want_y, want_routes = (t.numpy() for t in models[big](torch.from_numpy(test)))
     quality = {}
-    for name in (f"e{big}_fp32", f"e{big}_int8", "bare_fp32", "bare_int8"):
+    for name in (f"e{big}_fp32", f"e{big}_int8", f"bare{big}_fp32", f"bare{big}_int8"):
         out = sessions[name].run(None, {"x": test})
         q = {"sqnr_db_vs_float": sqnr_db(out[0], want_y)}
         if len(out) > 1:
@@ -197,20 +201,27 @@ def decode_part(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> tuple[dict
     small = min(spec["experts"])
     latency, goals = [], []
     for quant in ("fp32", "int8"):
-        t1 = time_interleaved({k: fn(f"e{k}_{quant}", DECODE_TOKENS) for k in (big, small)}, sizes)
+        t1 = time_interleaved({f"{kind}{e}": fn(f"{kind}{e}_{quant}" if kind == "bare" else f"e{e}_{quant}",
+                                                DECODE_TOKENS)
+                               for e in (big, small) for kind in ("bundle", "bare")}, sizes)
         t64 = time_interleaved({"bundle": fn(f"e{big}_{quant}", PREFILL_TOKENS),
-                                "bare": fn(f"bare_{quant}", PREFILL_TOKENS)}, sizes)
-        decode, peer = ratio(t1[big], t1[small]), ratio(t64["bundle"], t64["bare"])
+                                "bare": fn(f"bare{big}_{quant}", PREFILL_TOKENS)}, sizes)
+        decode, peer = ratio(t1[f"bundle{big}"], t1[f"bundle{small}"]), ratio(t64["bundle"], t64["bare"])
+        bare_decode = ratio(t1[f"bare{big}"], t1[f"bare{small}"])
         latency.append({"quant": quant, "threads": THREADS,
-                        f"e{big}_1_token_ms": round(t1[big].median_ms, 4),
-                        f"e{small}_1_token_ms": round(t1[small].median_ms, 4), "decode_ratio": decode,
+                        f"e{big}_1_token_ms": round(t1[f"bundle{big}"].median_ms, 4),
+                        f"e{small}_1_token_ms": round(t1[f"bundle{small}"].median_ms, 4), "decode_ratio": decode,
+                        f"bare{big}_1_token_ms": round(t1[f"bare{big}"].median_ms, 4),
+                        f"bare{small}_1_token_ms": round(t1[f"bare{small}"].median_ms, 4),
+                        "bare_decode_ratio": bare_decode,
                         f"e{big}_{PREFILL_TOKENS}_tokens_ms": round(t64["bundle"].median_ms, 4),
                         f"bare_{PREFILL_TOKENS}_tokens_ms": round(t64["bare"].median_ms, 4), "bundle_vs_bare": peer,
                         "timings": {"1": {str(k): v.to_dict() for k, v in t1.items()},
                                     str(PREFILL_TOKENS): {k: v.to_dict() for k, v in t64.items()}}})
         op = "MoE" if quant == "fp32" else "QMoE"
         goals.append(goal(f"MoE {quant} d {d}: E={big}/E={small} at 1 token", f"<= {DECODE_GOAL}x", decode,
-                          None if decode is None else decode <= DECODE_GOAL, "top-2, 1 thread"))
+                          None if decode is None else decode <= DECODE_GOAL,
+                          f"top-2, 1 thread; bare ORT {'MoE' if quant == 'fp32' else 'QMoE'} op: {bare_decode}x"))
         goals.append(goal(f"MoE {quant} E={big} at {PREFILL_TOKENS} tokens: bundle vs bare ORT {op}",
                           f"<= {PEER_GOAL}x", peer, None if peer is None else peer <= PEER_GOAL,
                           "time ratio, same shape and precision, 1 thread"))
@@ -219,7 +230,7 @@ def decode_part(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> tuple[dict
             "quality": quality, "latency": latency, "export": walls}, goals
 
 
-def memory_part(ws: Workspace, spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def memory_part(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     root = ws.root / "moe-lm"
     root.mkdir(exist_ok=True)
     lm = spec["lm"]
@@ -246,14 +257,49 @@ def memory_part(ws: Workspace, spec: dict[str, Any]) -> tuple[dict[str, Any], li
                           None if rss is None else rss <= budget_mib,
                           "value: peak RSS / budget" + ("" if rss is None else
                                                         f"; {rss:.0f} MiB = {per_weight}x the FP32 weight bytes")))
-    return {"parameters": params, "fp32_weight_mib": round(weight_bytes / 2 ** 20, 1), "config": lm,
-            "exports": rows}, goals
+    out = {"parameters": params, "fp32_weight_mib": round(weight_bytes / 2 ** 20, 1), "config": lm, "exports": rows}
+    if "int8" in spec["lm_quants"]:
+        out["latency"], out["quality"] = lm_speed(root, tokens, sizes)
+    return out, goals
+
+
+def lm_speed(root: Path, tokens: np.ndarray, sizes: Sizes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LM's fp32 and int8 bundles and ``quantize_static`` of the fp32 one (on the rows the pipeline calibrates
+    on): 1 thread, batch 1, interleaved; SQNR and top-1 agreement of the logits against fp32 on other rows; the
+    int8 export's own gate fidelity (held-out top-k set agreement)."""
+    from benchmarks.cpu_int8 import quantize_static_peer
+    from edgegate.data import load_data
+
+    data = load_data(str(root / "moe_lm.data.npz"), ["tokens"], {"tokens": tokens.shape[1:]})
+    calib = data.split("val").input()
+    models = {q: (root / f"moe_lm-{q}.edgegate" / "model.onnx").read_bytes() for q in ("fp32", "int8")}
+    models["ort_static"], _ = quantize_static_peer(str(root / "moe_lm-fp32.edgegate" / "model.onnx"), root,
+                                                   "tokens", calib)
+    sessions = {k: ort_session(v, THREADS) for k, v in models.items()}
+    test = data.split("test").input()[:32]
+    ref = sessions["fp32"].run(None, {"tokens": test})[0]
+    quality = {}
+    for k in ("int8", "ort_static"):
+        got = sessions[k].run(None, {"tokens": test})[0]
+        quality[k] = {"sqnr_db": sqnr_db(got, ref), "top1_agreement": round(float(np.mean(
+            got.argmax(-1) == ref.argmax(-1))), 4)}
+    manifest = json.loads((root / "moe_lm-int8.edgegate" / "manifest.json").read_text())
+    quality["int8"]["topk_set_agreement"] = (manifest["quant"].get("fidelity") or {}).get("summary", {}).get(
+        "topk_set_agreement")
+    feeds = [np.ascontiguousarray(test[i:i + 1]) for i in range(8)]
+    t = time_interleaved({k: cycling(lambda x, s=s: s.run(None, {"tokens": x}), feeds) for k, s in sessions.items()},
+                         sizes)
+    return {"threads": THREADS, "batch": 1, "tokens_per_sample": int(tokens.shape[1]),
+            **{f"{k}_ms": round(v.median_ms, 4) for k, v in t.items()},
+            "int8_speedup_vs_fp32": ratio(t["fp32"], t["int8"]),
+            "int8_speedup_vs_ort_static": ratio(t["ort_static"], t["int8"])}, quality
 
 
 def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
     spec = SMOKE if sizes.smoke else FULL
     out: dict[str, Any] = {"method": __doc__.split("\n\n", 1)[1].strip(), "errors": [], "goals": []}
-    for key, part in (("decode", lambda: decode_part(ws, sizes, spec)), ("memory", lambda: memory_part(ws, spec))):
+    parts = {"decode": lambda: decode_part(ws, sizes, spec), "memory": lambda: memory_part(ws, sizes, spec)}
+    for key, part in parts.items():
         try:
             out[key], goals = part()
             out["goals"] += goals

@@ -120,7 +120,10 @@ def export_onnx(
     except Exception as e:  # the exporter raises many types; one line from the innermost cause
         log.debug("exporter output:\n%s", sink.getvalue())
         raise ExportError(exporter_error(type(model).__name__, e)) from e
-    proto = strip_debug_metadata(attach_functions(program.model_proto))
+    # One proto of the weights at a time: the exporter's is ours alone, so the passes change it in place.
+    proto = program.model_proto
+    del program
+    proto = strip_debug_metadata(attach_functions(proto, inplace=True), inplace=True)
     proto.producer_name = "edgegate"
     try:
         onnx.checker.check_model(proto, full_check=True)
