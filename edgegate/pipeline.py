@@ -231,6 +231,9 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     topts = targets.options_for_export(target, config.target_options, context)
     with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
         artifact = target.compile(proto, topts, Path(workdir))
+    # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
+    opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
+    del proto
     with timer.step("golden"):
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
@@ -259,10 +262,10 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         "quant": quant_record,
         "conversion": conversion.to_dict(),
         "gates": gate_map.to_dict(),
-        "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
+        "export": {"opset": opset, "batch": config.batch,
                    "exit_form": _exit_form(q.export_model, options), "input": specs[0].to_dict(),
                    "inputs": [s.to_dict() for s in specs],
-                   "outputs": names, "functions": [f.name for f in proto.functions]},
+                   "outputs": names, "functions": functions},
         "golden": {"samples": len(x), **golden_record},
         "timings_s": timer.seconds,
     }
