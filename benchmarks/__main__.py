@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 SECTIONS = ("cpu_int8", "early_exit", "ternary", "snn", "export_time", "real_size", "fidelity_seeds",
-            "gated_families")
+            "gated_families", "moe")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 FORMAT, VERSION = "edgegate.benchmarks", 1
 

@@ -2,8 +2,10 @@
 
 ``ResNetDigits``: a ResNet-style CNN on the digits images [B, 1, 8, 8] (residual 3x3 conv blocks,
 no BatchNorm so every conv exports as one Conv with bias). ``TernaryProjection``: one BitNet
-``TernaryLinear`` of 4096 x 4096, the ternary kernel benchmark. Both rebuild from ``get_config()``
-so ``edgegate.save`` / ``load`` handle them like zoo models.
+``TernaryLinear`` of 4096 x 4096, the ternary kernel benchmark. ``MoEBlock``: one ``edgegate.nn`` MoE
+block on token rows [T, d] (the sparse-MoE section); ``MoELM``: a ~60M-parameter causal LM of MoE blocks
+(top-2 of 8; the export-memory goal). ResNet-18 and MobileNetV3-small: the real-size CNNs. All rebuild
+from ``get_config()`` so ``edgegate.save`` / ``load`` handle them like zoo models.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgegate.nn import TernaryLinear
+from edgegate.nn import MoE, TernaryLinear
 
 
 class _Block(nn.Module):
@@ -223,3 +225,53 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch: int = 3
     for m in bns:
         m.momentum = 0.1
     return model.eval()
+
+
+class MoEBlock(nn.Module):
+    """One MoE block on token rows: x [T, d] -> (y [T, d], route_indices [T, k]); SwiGLU experts, softmax top-k."""
+
+    input_names = ("x",)
+    output_names = ("y", "route_indices")
+
+    def __init__(self, d_model: int = 512, d_hidden: int = 2048, n_experts: int = 8, k: int = 2) -> None:
+        super().__init__()
+        self._config = {"d_model": d_model, "d_hidden": d_hidden, "n_experts": n_experts, "k": k}
+        self.moe = MoE(d_model, d_hidden, n_experts, k)
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.moe.forward_routed(x)
+
+
+class MoELM(nn.Module):
+    """Causal LM: tokens [B, T] -> logits [B, T, vocab]. Embedding + positions, then per layer a causal token
+    mix (the mean of the tokens so far, no parameters: the benchmark is about the experts) and a residual
+    MoE block behind a LayerNorm, then a LayerNorm and the output head. The defaults (d 512, FFN 2048, 8
+    experts top-2, 2 layers, vocab 8192) have ~59M parameters, 50M of them in the experts."""
+
+    input_names = ("tokens",)
+
+    def __init__(self, vocab: int = 8192, ctx: int = 16, d_model: int = 512, d_hidden: int = 2048,
+                 n_experts: int = 8, k: int = 2, n_layers: int = 2) -> None:
+        super().__init__()
+        self._config = {"vocab": vocab, "ctx": ctx, "d_model": d_model, "d_hidden": d_hidden,
+                        "n_experts": n_experts, "k": k, "n_layers": n_layers}
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(ctx, d_model) * 0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.moes = nn.ModuleList(MoE(d_model, d_hidden, n_experts, k) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        causal = torch.tril(torch.ones(ctx, ctx))
+        self.register_buffer("mix", causal / causal.sum(1, keepdim=True), persistent=False)
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.pos
+        for norm, moe in zip(self.norms, self.moes, strict=True):
+            h = h + moe(norm(self.mix @ h))
+        return self.head(self.norm(h))

@@ -120,6 +120,36 @@ def _gated_families(s: dict[str, Any]) -> list[str]:
                    "measured/ideal", "×all work"], rows) + _errors(s)
 
 
+def _moe(s: dict[str, Any]) -> list[str]:
+    lines = []
+    dec = s.get("decode")
+    if dec:
+        big, small = max(dec["experts"]), min(dec["experts"])
+        rows = [[r["quant"], r[f"e{big}_1_token_ms"], r[f"e{small}_1_token_ms"], r["decode_ratio"],
+                 r.get("bare_decode_ratio"), r[f"e{big}_64_tokens_ms"], r["bare_64_tokens_ms"], r["bundle_vs_bare"]]
+                for r in dec["latency"]]
+        lines += _table(["quant", f"E={big} 1 token ms", f"E={small} 1 token ms", "ratio", "bare ORT op ratio",
+                         f"E={big} 64 tokens ms", "bare ORT op 64 tokens ms", "bundle / bare"], rows)
+        lines += _table(["output (64 tokens)", "SQNR dB vs float", "route set agreement"],
+                        [[k, v["sqnr_db_vs_float"], v.get("route_set_agreement", "-")]
+                         for k, v in dec["quality"].items()])
+    mem = s.get("memory")
+    if mem:
+        lines += [f"MoE LM: {mem['parameters']:,} parameters, FP32 weights {mem['fp32_weight_mib']} MiB.", ""]
+        lines += _table(["quant", "export s", "peak RSS MiB", "x FP32 weight bytes", "budget MiB", "model.onnx MiB"],
+                        [[r["quant"], r["wall_s"], r["peak_rss_mib"], r["rss_per_weight_byte"], r["budget_mib"],
+                          r["model_onnx_mib"]] for r in mem["exports"]])
+        lat, qual = mem.get("latency"), mem.get("quality")
+        if lat and qual:
+            lines += _table(["MoE LM, batch 1", "fp32 ms", "edgegate int8 ms", "quantize_static ms", "int8 vs fp32",
+                             "int8 vs quantize_static", "int8 SQNR dB", "static SQNR dB", "int8 top-k set agreement"],
+                            [["1 thread", lat["fp32_ms"], lat["int8_ms"], lat["ort_static_ms"],
+                              lat["int8_speedup_vs_fp32"], lat["int8_speedup_vs_ort_static"],
+                              qual["int8"]["sqnr_db"], qual["ort_static"]["sqnr_db"],
+                              qual["int8"].get("topk_set_agreement")]])
+    return lines + _errors(s)
+
+
 _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound): edgegate vs ORT FP32 vs ORT "
                           "quantize_static", _cpu_int8),
              "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
@@ -131,7 +161,9 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
                                 lambda s: fidelity_seeds.render(s, _table)),
              "gated_families": ("8. ACM and MoDES expert skipping: measured vs ideal (unused work removed)",
-                                _gated_families)}
+                                _gated_families),
+
+             "moe": ("9. Sparse MoE on cpu (edgegate.nn MoE vs ORT's MoE/QMoE) and MoE LM export memory", _moe)}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:

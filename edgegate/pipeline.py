@@ -40,6 +40,7 @@ from edgegate.gates import find_gates
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
 from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
+from edgegate.nn.routed_experts import MoEForm
 from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names, resolve_exit_form
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
@@ -199,7 +200,8 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
-    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form))
+    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
+                            moe_form=MoEForm(target.moe_form))
     with timer.step("export_onnx"):
         proto = export_onnx(q.export_model, x.map(torch.from_numpy), names_in, options)
         _keep(config, out, "export_onnx.onnx", proto.SerializeToString())
@@ -218,6 +220,9 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     topts = targets.options_for_export(target, config.target_options, context)
     with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
         artifact = target.compile(proto, topts, Path(workdir))
+    # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
+    opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
+    del proto
     with timer.step("golden"):
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
@@ -247,10 +252,10 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         "conversion": conversion.to_dict(),
         "gates": gate_map.to_dict(),
         "moe_skip": skip_record,
-        "export": {"opset": proto.opset_import[0].version, "batch": config.batch,
+        "export": {"opset": opset, "batch": config.batch,
                    "exit_form": _exit_form(q.export_model, options), "input": specs[0].to_dict(),
                    "inputs": [s.to_dict() for s in specs],
-                   "outputs": names, "functions": [f.name for f in proto.functions]},
+                   "outputs": names, "functions": functions},
         "golden": {"samples": len(x), **golden_record},
         "timings_s": timer.seconds,
     }

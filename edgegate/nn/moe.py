@@ -16,14 +16,18 @@ sees every token; with ``shared_gate`` its output is scaled by ``sigmoid(w_g x)`
 ``SigmoidGate`` op (Qwen2-MoE, Qwen3-Next), a gate of its own (:class:`GatedSharedExpert`).
 
 Two formulations of the same output: *dense* (every slot computed for every token, then the routed
-ones gathered: static shapes, what training and ``torch.export`` use) and *sparse dispatch* (each
-slot runs only on the tokens routed to it: the eager eval default). Sparse dispatch is what lets
-gate-aware calibration (``edgegate.calibration``) observe each expert on exactly its routed tokens.
+ones gathered: static shapes, what training uses) and *sparse dispatch* (each slot runs only on the
+tokens routed to it: the eager eval default). Sparse dispatch is what lets gate-aware calibration
+(``edgegate.calibration``) observe each expert on exactly its routed tokens. An export writes the
+block in its ``export_form`` (:class:`MoEForm`, set by the exporter per target): dense, or sparse,
+where the FFN experts become one ``RoutedExperts`` op over the dense routing weights (the routed
+slots' weights scattered into a [T, n_experts] matrix, so a slot of weight 0 is not computed) and the
+zero / copy / constant slots and the shared expert are a few elementwise ops beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -34,25 +38,9 @@ from torch import nn
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateFamily, GateInfo, GateKind, Observe, register_family
 from edgegate.nn._record import exporting, record
+from edgegate.nn.routed_experts import ACTIVATIONS, Activation, MoEForm, expert_params, routed_experts
 from edgegate.ops import torch_ops as ops
 from edgegate.ops.catalog import Scoring
-
-
-class Activation(StrEnum):
-    """The expert's gate activation (SwiGLU with SiLU in Mixtral and most MoE LMs)."""
-
-    SILU = "silu"
-    GELU = "gelu"
-    GELU_TANH = "gelu_tanh"
-    RELU = "relu"
-
-
-_ACTIVATIONS: dict[Activation, Callable[[torch.Tensor], torch.Tensor]] = {
-    Activation.SILU: F.silu,
-    Activation.GELU: F.gelu,
-    Activation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
-    Activation.RELU: F.relu,
-}
 
 
 def _choice(enum: type[StrEnum], value: str, what: str) -> Any:
@@ -165,7 +153,7 @@ class Expert(nn.Module):
                 "bias": self.w1.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(_ACTIVATIONS[self.act](self.w1(x)) * self.w3(x))
+        return self.w2(ACTIVATIONS[self.act](self.w1(x)) * self.w3(x))
 
 
 class GatedSharedExpert(nn.Module):
@@ -201,9 +189,10 @@ class MoE(nn.Module):
     slot [n_slots]; ``last_ffn_per_token`` = mean number of FFN experts each token used.
 
     ``dispatch`` picks the eager eval formulation: ``"sparse"`` (default; each expert runs on its routed
-    tokens only) or ``"dense"``. Training and export always use the dense one. Both give the same
-    output up to float summation order (tested). The combination reads the router's output shape, not
-    ``k``, so a caller may widen the routing (e.g. extra slots with weight 0 for calibration coverage).
+    tokens only) or ``"dense"``; training uses the dense one. ``export_form`` (a :class:`MoEForm`, dense
+    by default; the exporter sets it per target) picks the exported one. All give the same output up to
+    float summation order (tested). The combination reads the router's output shape, not ``k``, so a
+    caller may widen the routing (e.g. extra slots with weight 0 for calibration coverage).
     """
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int,
@@ -233,6 +222,7 @@ class MoE(nn.Module):
             cls = GatedSharedExpert if shared_gate else Expert
             self.shared = cls(d_model, shared_hidden, act, shared_bias)
         self.dispatch = "sparse"  # eager-eval formulation; not part of the config (same function either way)
+        self.export_form = MoEForm.DENSE  # exported formulation; set by the exporter, not part of the config
         self.last_decision: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_ffn_per_token: float | None = None
@@ -297,6 +287,30 @@ class MoE(nn.Module):
                 picked[tok, slot] = a[:, :1] * x[tok] + a[:, 1:] * self.const_vectors[c]
         return picked
 
+    def sparse_export(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                      params: list[torch.Tensor]) -> torch.Tensor:
+        """The routed slots' weighted sum [T, d] in the sparse export form: the FFN experts as one
+        ``RoutedExperts`` op over the dense routing weights, the MoE++ slots as elementwise ops."""
+        t = x.shape[0]
+        # A skipped slot (index -1, weight 0) lands in a spare last column, dropped: it adds to no slot.
+        # Added, not assigned, so it cannot overwrite a routed slot's weight (top-k slots are distinct).
+        slot = torch.where(indices < 0, torch.full_like(indices, self.n_slots), indices)
+        dense = weights.new_zeros(t, self.n_slots + 1).scatter_add(1, slot, weights)[:, :self.n_slots].to(x.dtype)
+        # The op takes non-negative weights (ORT's kernel skips a slot of weight <= 0); the weights are scores
+        # times the router's scale, so a negative scale is taken out and put back (the sum is linear in them).
+        sign = -1.0 if self.router.scale < 0 else 1.0
+        y = sign * routed_experts(x, sign * dense[:, :self.n_experts], params, self.experts[0].act,
+                                  self.experts[0].w1.bias is not None, indices.shape[-1])
+        # Zero experts add nothing; copy experts add their weight times the token.
+        first_copy = self.n_experts + self.n_zero
+        if self.n_copy:
+            y = y + dense[:, first_copy:first_copy + self.n_copy].sum(-1, keepdim=True) * x
+        if self.n_const:  # sum_c w_c (a1_c x + a2_c v_c), [a1, a2] = softmax(W_c x) per constant expert
+            alpha = torch.softmax(self.const_mix(x).reshape(t, self.n_const, 2), dim=-1)
+            w = dense[:, first_copy + self.n_copy:].unsqueeze(-1)  # [T, C, 1]
+            y = y + (w * alpha[..., :1]).sum(1) * x + (w * alpha[..., 1:] * self.const_vectors.unsqueeze(0)).sum(1)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_routed(x)[0]
 
@@ -311,12 +325,16 @@ class MoE(nn.Module):
         x = x.reshape(-1, self.d_model)
         weights, indices = self.router(x)
         routed = self.router.mark_skipped(weights, indices)  # -1: a slot the router skipped (MoDES)
-        if self.training or exporting() or self.dispatch == "dense":
-            outs = self.slot_outputs(x)
-            picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
+        params = expert_params(self.experts) if exporting() and self.export_form == MoEForm.SPARSE else None
+        if params is not None:  # a skipped slot has weight 0: the sparse form computes nothing for it
+            y = self.sparse_export(x, weights, indices, params)
         else:
-            picked = self.sparse_picked(x, routed)  # a skipped slot (-1) is not computed
-        y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
+            if self.training or exporting() or self.dispatch == "dense":
+                outs = self.slot_outputs(x)
+                picked = torch.gather(outs, 1, indices.unsqueeze(-1).expand(-1, -1, self.d_model))  # [T, k, d]
+            else:
+                picked = self.sparse_picked(x, routed)  # a skipped slot (-1) is not computed
+            y = (weights.to(x.dtype).unsqueeze(-1) * picked).sum(dim=1)
         if self.shared is not None:
             y = y + self.shared(x)
         if not self.training and not exporting():

@@ -5,8 +5,10 @@ Output: an ONNX model (opset 20) with one graph input per model input (a shared 
 ``batch`` fixes it) in which each gating op is one node of domain ``edgegate`` and carries its
 model-local function, checked with ``onnx.checker`` (full check). Early-exit models become real
 control flow: nested ``If`` for batch 1, the compacting forward (exited samples dropped before the
-next stage) for batch > 1. An exporter failure is one line (`exporter_error`): its innermost cause,
-without the exporter's own boilerplate; ``--debug`` shows the chained traceback.
+next stage) for batch > 1. MoE blocks take ``options.moe_form`` (dense, or sparse: the FFN experts as one
+``edgegate.moe::RoutedExperts`` node that ``passes.lower_moe`` lowers for the cpu target). An exporter
+failure is one line (`exporter_error`): its innermost cause, without the exporter's own boilerplate;
+``--debug`` shows the chained traceback.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from typing import Any
 
 import onnx
 import torch
+from onnxscript.values import Opset
 
 from edgegate.data import Inputs
 from edgegate.errors import ExportError
+from edgegate.nn.moe import MoE
+from edgegate.nn.routed_experts import MoEForm
 from edgegate.onnx_export.early_exit import CondEarlyExit
-from edgegate.onnx_export.passes import attach_functions, strip_debug_metadata
+from edgegate.onnx_export.passes import attach_functions, lower_moe, strip_debug_metadata
 from edgegate.ops.onnx_function import onnx_translation_table, register_onnx_schemas
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class ExitForm(StrEnum):
 class ExportOptions:
     batch: int | None = None  # None: dynamic batch dimension
     exit_form: ExitForm = ExitForm.AUTO
+    moe_form: MoEForm = MoEForm.DENSE  # sparse: only what the cpu lowering (passes.lower_moe) can run
 
 
 def is_early_exit(model: torch.nn.Module) -> bool:
@@ -97,22 +103,27 @@ def export_onnx(
     dynamic = None if batch is not None else _dynamic_batch(module, len(inputs.arrays))
 
     register_onnx_schemas()
+    lower_moe.register_schema()
     sink = io.StringIO()
     try:
         # The exporter prints FX graph dumps and step banners on failure: kept out of the user's terminal
         # (logged at debug level below), as are its notes about optional ops that are not ours to report.
         with torch.no_grad(), warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
+                contextlib.redirect_stderr(sink), moe_export_form(model, options.moe_form):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, inputs.args, dynamo=True, external_data=False, opset_version=OPSET,
                 input_names=list(inputs.names), output_names=output_names(model), dynamic_shapes=dynamic,
-                custom_translation_table=onnx_translation_table(), verbose=False, report=False,
+                custom_translation_table={**onnx_translation_table(), **_moe_translation()}, verbose=False,
+                report=False,
             )
     except Exception as e:  # the exporter raises many types; one line from the innermost cause
         log.debug("exporter output:\n%s", sink.getvalue())
         raise ExportError(exporter_error(type(model).__name__, e)) from e
-    proto = strip_debug_metadata(attach_functions(program.model_proto))
+    # One proto of the weights at a time: the exporter's is ours alone, so the passes change it in place.
+    proto = program.model_proto
+    del program
+    proto = strip_debug_metadata(attach_functions(proto, inplace=True), inplace=True)
     proto.producer_name = "edgegate"
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -121,6 +132,31 @@ def export_onnx(
     log.debug("exported %s: %d nodes, %d functions", type(model).__name__, len(proto.graph.node),
               len(proto.functions))
     return proto
+
+
+@contextlib.contextmanager
+def moe_export_form(model: torch.nn.Module, form: MoEForm) -> Iterator[None]:
+    """Every MoE block of ``model`` exports in ``form`` for the duration (their own setting after)."""
+    blocks = [m for m in model.modules() if isinstance(m, MoE)]
+    before = [getattr(m, "export_form", MoEForm.DENSE) for m in blocks]
+    for m in blocks:
+        m.export_form = MoEForm(form)
+    try:
+        yield
+    finally:
+        for m, f in zip(blocks, before, strict=True):
+            m.export_form = f
+
+
+def _moe_translation() -> dict:
+    """The exporter's translation of ``edgegate::routed_experts``: one ``RoutedExperts`` node over the expert
+    parameters' initializers (inputs ``x, w, params...``; see ``passes.lower_moe``)."""
+    opset = Opset(lower_moe.DOMAIN, lower_moe.VERSION)
+
+    def routed_experts(x, weights, params, act: str = "silu", bias: bool = False, k: int = 1):
+        return opset.RoutedExperts(x, weights, *params, act=act, bias=int(bias), k=int(k))
+
+    return {torch.ops.edgegate.routed_experts.default: routed_experts}
 
 
 # Loggers the exporter writes to while it works (notes, and errors it then raises as the exception we

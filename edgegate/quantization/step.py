@@ -63,6 +63,22 @@ def _identity(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _lower_float(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A float export: its sparse MoE blocks (cpu) lowered; nothing else changes."""
+    # The export stage's passes import this stage's plan: loaded when the step runs.
+    from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
+
+    return lower_routed_experts(proto)
+
+
+def _lower_int8(plan):
+    """QDQ from the plan, after the sparse MoE blocks (cpu) are lowered (``QMoE`` and int8 gather/scatter)."""
+    from edgegate.onnx_export.passes.insert_qdq import insert_qdq
+    from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
+
+    return lambda proto: insert_qdq(lower_routed_experts(proto, plan), plan)
+
+
 def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, flavor: Flavor,
                         calib: Dataset | None, held_out: Dataset | None,
                         spec: TensorSpec | Sequence[TensorSpec] | None) -> Quantized:
@@ -77,7 +93,7 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
         # rounding boundary may round differently in ORT and torch and move the output by a quantization
         # step, so such a graph is checked like a quantized one, not to float round-off.
         rounds = any(g.kind in (GateKind.TERNARY, GateKind.LOWRANK) for g in gate_map)
-        return Quantized(model, model, _identity, {"scheme": str(scheme)}, exact=not rounds)
+        return Quantized(model, model, _lower_float, {"scheme": str(scheme)}, exact=not rounds)
     if calib is None:
         raise EdgegateError(f"--quant {options.scheme} needs calibration data: pass --calib NAME|file.npz "
                             "(the checkpoint names no dataset)")
@@ -93,10 +109,7 @@ def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
 
 
 def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
-    # Here, not at the top: calibration loads brevitas, which only an int8 export needs; the lowering pass
-    # belongs to the export stage, whose passes import this stage's plan.
-    from edgegate.calibration import calibrate
-    from edgegate.onnx_export.passes.insert_qdq import insert_qdq
+    from edgegate.calibration import calibrate  # brevitas, which only an int8 export needs
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
@@ -114,8 +127,9 @@ def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Qu
         # The exported graph is the float model with Q/DQ added: give it the re-tuned operating point.
         deployed.get_submodule(path).set_thresholds(values["after"])
     plan = record.plan
-    return Quantized(deployed, qmodel.eval(), lambda proto: insert_qdq(proto, plan),
-                     {"scheme": "int8", **record.to_dict(), "warnings": warnings}, exact=False)
+    return Quantized(deployed, qmodel.eval(), _lower_int8(plan),
+                     {"scheme": "int8", **record.to_dict(), "warnings": warnings, "folded_batchnorm": folded},
+                     exact=False)
 
 
 def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, calib: Dataset,

@@ -71,6 +71,10 @@ def add_layer_sqnr(rows: list[Any], probes: list[tuple[int, Any]], model: Any, x
             # sums or scaled accumulators of a lowered layer, far off by construction.
             scores = [sqnr_db(want[0][rows_in], got[t][rows_in]) for t in tensors
                       if t in got and got[t].shape == want[0].shape and got[t].dtype.kind == "f"]
+            # The sparse MoE form (cpu) runs an expert on its routed rows only, in token order.
+            routed = want[0][rows_in]
+            scores += [sqnr_db(routed, got[t]) for t in tensors if t in got and got[t].shape != want[0].shape
+                       and got[t].shape == routed.shape and got[t].dtype.kind == "f"]
             if scores:
                 sq[path] = max(scores)
         new[i] = dataclasses.replace(rows[i], layer_sqnr_db=sq)

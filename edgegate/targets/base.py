@@ -117,6 +117,8 @@ class Target(Protocol):
     uses representative inputs even for float exports (the snn target balances its thresholds on them).
     ``golden_on_reference``: the bundle's ``model.onnx`` is another runtime's graph, so golden outputs taken
     with ONNX Runtime use basic optimizations only (its CPU fusions would requantize on the fly).
+    ``moe_form``: how a MoE block's experts are exported (``nn.routed_experts.MoEForm`` value): ``dense`` (every
+    expert on every token) or ``sparse`` (one ``RoutedExperts`` op the target lowers to routed compute).
     ``option_aliases``: short CLI names for ``-O`` keys (alias -> key).
     """
 
@@ -126,6 +128,7 @@ class Target(Protocol):
     flavor: str
     needs_calibration: bool
     golden_on_reference: bool
+    moe_form: str
     option_aliases: Mapping[str, str]
 
     def is_available(self) -> tuple[bool, str]:
@@ -168,6 +171,7 @@ class TargetBase:
     flavor: ClassVar[str] = "cpu"
     needs_calibration: ClassVar[bool] = False
     golden_on_reference: ClassVar[bool] = False
+    moe_form: ClassVar[str] = "dense"
     option_aliases: ClassVar[Mapping[str, str]] = {}
 
     def is_available(self) -> tuple[bool, str]:

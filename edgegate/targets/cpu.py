@@ -114,6 +114,10 @@ class CpuTarget(TargetBase):
     name = "cpu"
     description = "ONNX Runtime on the host CPU (CPUExecutionProvider)"
     options_type = CpuOptions
+    # MoE blocks export sparse: only routed tokens reach an expert (ORT's QMoE kernel for int8 experts up to
+    # 8 tokens, else per-expert gather/scatter; edgegate.onnx_export.passes.lower_moe), the gather/scatter
+    # branch kept int8 only where measured faster (cpu_latency). Other targets export dense.
+    moe_form = "sparse"
 
     def options_for_export(self, user: Mapping[str, str], context: Any) -> CpuOptions:
         return CpuOptions.from_strings(user, getattr(context, "calibration_inputs", None))
@@ -161,10 +165,7 @@ class CpuTarget(TargetBase):
             raise TargetError("compiling for cpu needs onnx; pip install 'edgegate[compile]'") from e
         if not isinstance(model, onnx.ModelProto):
             raise TargetError(f"cpu compile takes an onnx.ModelProto, not {type(model).__name__}")
-        from edgegate.bundle import external_data_locations
-
-        data = model.SerializeToString()
-        external = external_data_locations(data, "model")
+        external = _external_tensors(model)  # read from the proto: parsing the bytes again would copy every weight
         if external:
             raise TargetError(
                 f"model keeps tensor {external[0][0]} in external data {external[0][1]!r}; load it with "
@@ -175,8 +176,9 @@ class CpuTarget(TargetBase):
             shown = "; ".join(f"{i.node}: {i.message}" for i in issues[:3])
             more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
             raise TargetError(f"cpu cannot run {len(issues)} node(s): {shown}{more}; {issues[0].hint}")
+        data = model.SerializeToString()
         try:
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(data, full_check=True)  # the bytes ORT gets, serialized once
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
         _session(data, options, "the compiled model")  # ORT must accept it now, not on the device
@@ -254,7 +256,8 @@ def _session(source: bytes | str, options: CpuOptions, what: str) -> Any:
 
 
 def _has_qdq(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    # Subgraphs count: a sparse MoE block's int8 experts live in an If branch (lower_moe).
+    return any(n.op_type == "QuantizeLinear" for _, n in _walk_nodes(model))
 
 
 def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> dict[str, np.ndarray]:
@@ -273,6 +276,17 @@ def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> dict[str, np.
         out[inp.name] = (rng.integers(0, 2, size=shape) if np.dtype(dtype).kind in "iu"
                          else rng.standard_normal(shape)).astype(dtype)
     return out
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(tensor name, location) of every tensor kept in external data: initializers of every graph, tensor
+    attributes of every node (Constant values; subgraphs and function bodies included)."""
+    from edgegate.onnx_export.passes._graph import graphs
+
+    tensors = [t for g in graphs(model.graph) for t in g.initializer]
+    tensors += [t for _, n in _walk_nodes(model) for a in n.attribute for t in [*a.tensors, *([a.t] if a.HasField("t")
+                                                                                              else [])]]
+    return [(t.name, e.value) for t in tensors for e in t.external_data if e.key == "location"]
 
 
 def _walk_nodes(model: onnx.ModelProto):

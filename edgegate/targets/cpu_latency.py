@@ -13,6 +13,11 @@ dynamic), and a region stays INT8 only if it wins at each. A final trial compare
 all-float graph, so the bundle is never slower than its FP32 form as measured here. Trials are bounded:
 at most ``MAX_REGIONS`` regions and a wall-time budget, after which untried regions stay INT8 and are
 recorded as untried.
+
+A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/scatter)``, written by
+``lower_moe``) lives in subgraphs, outside the regions: its else-branch is tried first, int8 against float, at
+``MOE_BATCH`` rows (more tokens than the ``QMoE`` limit, so the branch runs), by the same rule; the
+``QMoE`` branch is kept (``sparse_moe`` in the record). The final all-float trial leaves these blocks as decided.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ REPEAT_MS = 15.0  # calls per repeat: about this long, at most MAX_CALLS
 MAX_CALLS = 20
 BUDGET_S = 90.0
 LARGE_BATCH = 8
+MOE_BATCH = 32  # rows for the sparse MoE trial: above lower_moe's QMoE token limit (8)
 
 
 class _Timer:
@@ -95,13 +101,14 @@ def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> 
     from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
 
     model = with_node_names(model)
-    found = regions(model)
-    if not found:
-        return model, {"regions": [], "note": "no quantized region"}
     graph_input = model.graph.input[0]
     dims = graph_input.type.tensor_type.shape.dim
     static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     threads = options.intra_op_threads or 1
+    model, moe = _keep_fast_moe(model, _Timer(options, threads, [_feeds(inputs, static_batch or MOE_BATCH)[-1]]))
+    found = regions(model)
+    if not found:
+        return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
     timer = _Timer(options, threads, _feeds(inputs, static_batch))
     start = time.perf_counter()
     current, current_bytes = model, model.SerializeToString()
@@ -140,4 +147,29 @@ def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> 
     record = {"min_speedup": MIN_SPEEDUP, "threads": threads, "batches": [len(next(iter(f.values())))
                                                                           for f in timer.feeds],
               "seconds": round(time.perf_counter() - start, 2), "regions": decisions, "final": final}
+    if moe:
+        record["sparse_moe"] = moe
     return current, record
+
+
+def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:
+    """Each sparse MoE block's int8 gather/scatter branch kept only where it runs faster than float (see the
+    module doc); one record per block."""
+    from edgegate.onnx_export.passes.float_regions import sparse_moe_switches, switch_branch_to_float
+
+    decisions = []
+    current_session = None
+    for name in sparse_moe_switches(model):
+        candidate = switch_branch_to_float(model, name)
+        current_session = current_session or timer.session(model.SerializeToString())
+        times = timer.compare({"int8": current_session, "float": timer.session(candidate.SerializeToString())})
+        speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
+        keep = all(s >= MIN_SPEEDUP for s in speedups.values())
+        decisions.append({"block": name, "qmoe_branch": "int8 (QMoE, not timed)",
+                          "gather_scatter_branch": "int8" if keep else "float",
+                          "int8_ms": {str(b): t["int8"] for b, t in times.items()},
+                          "float_ms": {str(b): t["float"] for b, t in times.items()},
+                          "int8_speedup": {str(b): s for b, s in speedups.items()}})
+        if not keep:
+            model, current_session = candidate, None
+    return model, decisions

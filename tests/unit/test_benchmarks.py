@@ -116,6 +116,23 @@ def test_export_time(smoke):
     assert sum(row["steps_s"].values()) <= row["wall_s"] * 1.05
 
 
+def test_moe(smoke):
+    s = smoke["sections"]["moe"]
+    assert not s["errors"], s["errors"]
+    dec = s["decode"]
+    assert dec["experts"] == [8, 2] and [r["quant"] for r in dec["latency"]] == ["fp32", "int8"]
+    for r in dec["latency"]:
+        assert r["decode_ratio"] == pytest.approx(r["e8_1_token_ms"] / r["e2_1_token_ms"], rel=0.01)
+        assert r["bundle_vs_bare"] == pytest.approx(r["e8_64_tokens_ms"] / r["bare_64_tokens_ms"], rel=0.01)
+    # The sparse bundles compute what the float model does and route as it does.
+    q = dec["quality"]
+    assert q["e8_fp32"]["sqnr_db_vs_float"] > 80 and q["e8_fp32"]["route_set_agreement"] == 1.0
+    assert q["e8_int8"]["sqnr_db_vs_float"] > 10 and q["bare8_int8"]["sqnr_db_vs_float"] > 10
+    (lm,) = s["memory"]["exports"]
+    assert lm["quant"] == "fp32" and lm["peak_rss_mib"] is None and _positive(lm["wall_s"])
+    assert len([g for g in s["goals"] if "1 token" in g["goal"]]) == 2
+
+
 def test_force_exit_changes_only_thresholds():
     """The forced-exit copies differ from the natural graph in the threshold constants alone."""
     import onnx

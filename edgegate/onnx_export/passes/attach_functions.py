@@ -24,9 +24,14 @@ def iter_nodes(graph: onnx.GraphProto):
             yield from iter_nodes(g)
 
 
-def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def attach_functions(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """``model`` with the FunctionProto of each ``edgegate`` op it uses; ``inplace``: ``model`` itself is changed
+    (no copy of its initializers: the exporter's fresh proto of a large model)."""
+    if inplace:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     used = sorted({n.op_type for n in iter_nodes(out.graph) if n.domain == DOMAIN})
     unknown = [t for t in used if t not in CATALOG]
     if unknown:

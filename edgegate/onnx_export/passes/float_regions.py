@@ -8,6 +8,9 @@ inserted) joins the region of the node that feeds it. Regions come in graph orde
 
 Both key nodes by name: call ``with_node_names`` first.
 
+``sparse_moe_switches`` / ``switch_branch_to_float``: the ``If(QMoE, int8 gather/scatter)`` nodes of sparse MoE
+blocks (``lower_moe``), which live outside the regions, and one of their branches turned to float.
+
 ``to_float(model, nodes)`` guarantees that the named nodes compute in float: their integer weights and
 biases (DequantizeLinear of an initializer) become float initializers holding the dequantized values,
 and every activation QuantizeLinear -> DequantizeLinear pair whose tensor a region node produces is
@@ -172,3 +175,30 @@ def _dequantized(graph: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, names:
     name = fresh_name(names, f"{dq.output[0]}.float")
     graph.initializer.append(numpy_helper.from_array(((q - zp) * scale).astype(np.float32), name))
     return name
+
+
+def sparse_moe_switches(model: onnx.ModelProto) -> list[str]:
+    """Names of the main-graph ``If`` nodes that ``lower_moe`` wrote for an int8 MoE block: ``QMoE`` in the
+    then-branch (few tokens), the int8 gather/scatter form in the else-branch (many tokens)."""
+    out = []
+    for node in model.graph.node:
+        then = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+        if node.op_type == "If" and then is not None and any(n.op_type == "QMoE" for n in then.node):
+            out.append(node.name)
+    return out
+
+
+def switch_branch_to_float(model: onnx.ModelProto, node_name: str, branch: str = "else_branch") -> onnx.ModelProto:
+    """A copy in which ``branch`` of the main-graph ``If`` node ``node_name`` computes in float: ``all_float``
+    of that branch (its integer weights dequantized into float initializers, its activation Q/DQ pairs removed).
+    Names the branch reads from the outer graph and its outputs are unchanged."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    node = next((n for n in out.graph.node if n.name == node_name), None)
+    attr = None if node is None else next((a for a in node.attribute if a.name == branch), None)
+    if attr is None:
+        raise ValueError(f"no If node {node_name!r} with a {branch} in the main graph")
+    body = onnx.ModelProto()  # the branch as a model of its own, for all_float (outer names stay references)
+    body.graph.CopyFrom(attr.g)
+    attr.g.CopyFrom(all_float(body).graph)
+    return out

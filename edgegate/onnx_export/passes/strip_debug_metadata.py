@@ -15,9 +15,13 @@ from edgegate.onnx_export.passes.attach_functions import iter_nodes
 DROPPED_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
-def strip_debug_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def strip_debug_metadata(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
+    """``inplace``: change ``model`` itself (no copy of its initializers)."""
+    if inplace:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     for node in iter_nodes(out.graph):
         keep = [(p.key, p.value) for p in node.metadata_props if p.key not in DROPPED_KEYS]
         del node.metadata_props[:]
