@@ -45,8 +45,9 @@ from edgegate.calibration.retune import retune_exit_thresholds
 from edgegate.data import Inputs
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
-from edgegate.quantization.apply import float_layers, kept_float, plan_from, quantize, unquantize_layer
+from edgegate.quantization.apply import QuantModules, float_layers, kept_float, plan_from, quantize, unquantize_layer
 from edgegate.quantization.config import QuantConfig
+from edgegate.quantization.functional import ATTRIBUTE as FUNCTIONAL_ATTRIBUTE
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*fast_hadamard_transform.*")
@@ -161,7 +162,9 @@ def finish(observed: Observed, config: QuantConfig | None = None, *,
                             "threshold re-tuning; observe again")
     qmodel = copy.deepcopy(observed.qmodel) if copy_model else observed.qmodel
     rows = observed.calibrated.layers
-    swapped = {p: qmodel.get_submodule(p) for p in rows}
+    # The quant layers by path and the functional-op quantizers (residual adds, ...) the plan also reads.
+    swapped = QuantModules({p: qmodel.get_submodule(p) for p in rows})
+    swapped.functional = getattr(qmodel, FUNCTIONAL_ATTRIBUTE, None)
     fparts, qparts = GatedParts.of(observed.ref, observed.gate_map), GatedParts.of(qmodel, observed.gate_map)
     with torch.no_grad():
         corrections: dict[str, float] = {}

@@ -21,6 +21,7 @@ EXPECTED_OPS = {
     "threshold_gate": {"ThresholdGate"},
     "channel_gate": {"ChannelGate"},
     "moe": {"TopKGate"},
+    "acm": {"LearnerCount"},
     "moe_pp": {"TopKGate"},
     "early_exit": {"ExitDecision"},
     "ternary_lm": {"TernaryMatMul"},

@@ -325,7 +325,7 @@ def test_latency_aware_pass_decides_the_gather_scatter_branch_and_keeps_qmoe(exp
     want = _run(dense, many)[0]  # float gather/scatter = the dense float form, with int8-rounded weights
     assert float(np.abs(_run(floated, many)[0] - want).max()) <= 0.05 * float(np.abs(want).max())
 
-    out, record = keep_fast_regions(q, x, CpuOptions(intra_op_threads=1))
+    out, record = keep_fast_regions(q, {q.graph.input[0].name: x}, CpuOptions(intra_op_threads=1))
     (moe,) = record["sparse_moe"]
     assert moe["block"] == switch and set(moe["int8_ms"]) == {str(MOE_BATCH)}
     speedup = moe["int8_speedup"][str(MOE_BATCH)]
