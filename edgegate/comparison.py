@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.data import Inputs, TensorSpec
+from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, TensorSpec, next_token_labels
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
 from edgegate.reports.onnx_probe import sqnr_db
@@ -157,6 +157,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     step("float model")
     with torch.no_grad():
         float_out = _torch_outputs(model, x, names)
+    tokens = next_token_labels(x.arrays, labels, _logits(float_out).shape)
+    labels = labels if tokens is None else tokens  # a causal LM is scored per token on the next one
     float_row = _float_row(model, x, labels, float_out, config)
     rows = [float_row]
     probes: list[tuple[int, Any]] = []
@@ -192,6 +194,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     on_calib = [r.name for r in rows if r.recorded.get("measured_on") == "calibration"]
     notes = NOTES + ((f"{CALIBRATION_ROWS_NOTE}: {', '.join(on_calib)}",) if on_calib else ())
     notes += (DEVICE_NOTE,) if any(r.device for r in rows) else ()
+    notes += (f"accuracy and loss: {NEXT_TOKEN_TASK}",) if tokens is not None else ()
     return CompareReport(model=model_info, data=data_info, rows=tuple(rows), notes=notes)
 
 
@@ -363,8 +366,14 @@ def _logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
-    if labels is None or logits.ndim != 2:
+    """Accuracy and loss: labels [N] of logits [N, C], or per-token targets [N, T] of logits [N, T, V]
+    (`UNSCORED` positions left out)."""
+    if labels is None or labels.ndim != logits.ndim - 1 or labels.shape != logits.shape[:-1]:
         return {}
+    scored = labels != UNSCORED
+    if not scored.any():
+        return {}
+    logits, labels = logits[scored], labels[scored]  # flattened to [scored, C]
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
