@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-SECTIONS = ("cpu_int8", "early_exit", "ternary", "snn", "export_time")
+SECTIONS = ("cpu_int8", "early_exit", "ternary", "snn", "export_time", "real_size", "fidelity_seeds")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 FORMAT, VERSION = "edgegate.benchmarks", 1
 

@@ -111,8 +111,10 @@ def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
         except Exception as e:  # one model failing to export/quantize is a result, not a crash
             errors.append({"model": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
     return {"method": __doc__.split("\n\n", 1)[1].strip(), "models": rows, "errors": errors, "goals": _goals(rows),
-            "note": "zoo models are tiny: their latencies are microseconds, dominated by ONNX Runtime's per-call "
-                    "overhead, not arithmetic; the ResNet-style CNN is where compute dominates"}
+            "note": "per-node-overhead bound: zoo models are tiny, their latencies are microseconds, set by ONNX "
+                    "Runtime's per-call and per-node cost, not arithmetic (the cpu target's latency-aware pass keeps "
+                    "float what it measures slower in INT8); the ResNet-style CNN here and the real-size section are "
+                    "where compute dominates"}
 
 
 def _goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,6 +127,9 @@ def _goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           min(speed), min(speed) >= SPEEDUP_GOAL, f"range {min(speed)}-{max(speed)}"))
         goals.append(goal(f"{name}: no slower than quantize_static", ">= 1.0 (every config)", min(vs_peer),
                           min(vs_peer) >= 1.0, f"range {min(vs_peer)}-{max(vs_peer)}"))
+        big = [r["speedup_vs_fp32"] for r in row["latency"] if r["batch"] == max(BATCHES)]
+        goals.append(goal(f"{name}: INT8 bundle no slower than its FP32 bundle at batch {max(BATCHES)}",
+                          ">= 1.0 (1 and 2 threads)", min(big), min(big) >= 1.0))
         if row["gated"]:
             q_e, q_o = row["quality"]["edgegate"], row["quality"]["ort_static"]
             key = "accuracy" if "accuracy" in q_e else "top1_agreement"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks import fidelity_seeds
+
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     def cell(v: Any) -> str:
@@ -44,6 +46,27 @@ def _cpu_int8(s: dict[str, Any]) -> list[str]:
     return lines + _errors(s)
 
 
+def _real_size(s: dict[str, Any]) -> list[str]:
+    rows = [[m["model"], r["threads"], r["batch"], r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"],
+             r["speedup_vs_fp32"], r["speedup_vs_ort_static"], r["ort_static_speedup_vs_fp32"]]
+            for m in s["models"] for r in m["latency"]]
+    lines = _table(["model", "threads", "batch", "FP32 ms", "edgegate ms", "quantize_static ms", "edgegate ×FP32",
+                    "edgegate ×qs", "qs ×FP32"], rows)
+    rows = []
+    for m in s["models"]:
+        q, e = m["quality"], m["export"]
+        la = m.get("latency_aware") or {}
+        kept = [r["kept"] for r in la.get("regions", [])]
+        rows.append([m["model"], f"{m['parameters']:,}", q["edgegate"]["sqnr_db"], q["ort_static"]["sqnr_db"],
+                     q["edgegate"]["top1_agreement"], q["ort_static"]["top1_agreement"], e["fp32"]["wall_s"],
+                     e["int8"]["wall_s"], e["fp32"]["peak_rss_mib"], e["int8"]["peak_rss_mib"],
+                     f"{kept.count('int8')}/{len(kept)}" if kept else "–"])
+    lines += _table(["model", "params", "SQNR dB edgegate", "SQNR dB qs", "top-1 agr. edgegate", "top-1 agr. qs",
+                     "export s FP32", "export s INT8", "peak RSS MiB FP32", "peak RSS MiB INT8",
+                     "INT8 regions kept"], rows)
+    return lines + _errors(s)
+
+
 def _early_exit(s: dict[str, Any]) -> list[str]:
     rows = [[m["model"], m["form"], m["batch"], m["samples"], m["exit_fractions"], m["cost_ms_per_sample"],
              m["measured_ms_per_sample"], m["ideal_ms_per_sample"], m["measured_over_ideal"],
@@ -71,8 +94,16 @@ def _snn(s: dict[str, Any]) -> list[str]:
         return [f"**Gap:** {s['gap']}", ""]
     rows = [[r["network"], r["timesteps"], r["batch"], r["emulator_ms"], r["snntorch_ms"], r["speedup"],
              r["spikes_equal"], r["spike_mismatch_fraction"]] for r in s["rows"]]
-    return _table(["network", "timesteps", "batch", "emulator ms", "snnTorch ms", "×snnTorch", "spike trains equal",
-                   "mismatch fraction"], rows) + _errors(s)
+    lines = _table(["network", "timesteps", "batch", "emulator ms", "snnTorch ms", "×snnTorch", "spike trains equal",
+                    "mismatch fraction"], rows)
+    e = s.get("energy")
+    if e:
+        rows = [[f"{e['model']} {k}", v["timesteps"], v["early_decision"], v["margin"], v["mean_steps"], v["accuracy"],
+                 v["energy_pj_per_sample"], e["ann_energy_pj_per_sample"]]
+                for k, v in ((k, e[k]) for k in ("default", "t128_no_early"))]
+        lines += _table(["snn setting", "timesteps", "early decision", "margin", "mean steps", "test accuracy",
+                         "energy pJ/sample", "int8 ANN pJ/sample"], rows)
+    return lines + _errors(s)
 
 
 def _export_time(s: dict[str, Any]) -> list[str]:
@@ -82,11 +113,16 @@ def _export_time(s: dict[str, Any]) -> list[str]:
     return _table(["model", "wall s (median)", "first s", "repeats", *steps], rows) + _errors(s)
 
 
-_SECTIONS = {"cpu_int8": ("1. CPU INT8: edgegate vs ORT FP32 vs ORT quantize_static", _cpu_int8),
+_SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound): edgegate vs ORT FP32 vs ORT "
+                          "quantize_static", _cpu_int8),
              "early_exit": ("2. Early exit: measured vs ideal Σ p_k·cost_k", _early_exit),
              "ternary": ("3. Ternary 2-bit linear vs FP32 MatMul", _ternary),
              "snn": ("4. SNN emulator vs snnTorch", _snn),
-             "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time)}
+             "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time),
+             "real_size": ("6. Real-size CNNs (224 x 224): edgegate INT8 vs ORT FP32 vs ORT quantize_static",
+                           _real_size),
+             "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
+                                lambda s: fidelity_seeds.render(s, _table))}
 
 
 def _load_note(m: dict[str, Any]) -> list[str]:

@@ -139,6 +139,35 @@ def _compare(label: str, net, spikes_in: np.ndarray, sizes: Sizes) -> dict[str, 
             "total_spikes": int(sum(ours.spikes.values())), "timings": {k: v.to_dict() for k, v in t.items()}}
 
 
+def default_energy(ws: Workspace, name: str = "threshold_gate") -> dict[str, Any]:
+    """The snn target at its default settings (timesteps and early decision chosen from calibration) against
+    the old default (128 steps, no early decision): energy per sample, the int8 ANN estimate, test accuracy."""
+    import onnx
+
+    from edgegate.targets import CompileContext
+    from edgegate.targets.snn import SnnTarget
+
+    target = SnnTarget()
+    export = ws.export(name, "fp32")
+    calib, test, input_name, dtype = ws.dataset(name)
+    proto = onnx.load(str(export.path / "model.onnx"))
+    ctx = CompileContext(input_name=input_name, output_names=("logits",), calibration=calib.input().astype(dtype))
+    x, y = test.input().astype(dtype), test.labels
+    out = {"model": name, "test_rows": int(len(x))}
+    for label, options in (("default", {"nir": "false"}),
+                           ("t128_no_early", {"timesteps": "128", "early_decision": "off", "nir": "false"})):
+        artifact = target.compile(proto, target.options_for_export(options, ctx), ws.root)
+        with target.load(artifact) as runner:
+            acc = float(np.mean(runner.run({input_name: x})["logits"].argmax(1) == y))
+            m = runner.metrics()
+        out[label] = {"timesteps": artifact.options["timesteps"], "early_decision": artifact.options["early_decision"],
+                      "margin": artifact.options["margin"], "accuracy": round(acc, 4),
+                      "energy_pj_per_sample": round(m["energy_pj_per_sample"], 1),
+                      "mean_steps": round(m["timesteps_to_decision"]["mean"], 2)}
+        out["ann_energy_pj_per_sample"] = round(m["ann_energy_pj_per_sample"], 1)
+    return out
+
+
 def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
     try:
         import snntorch  # noqa: F401
@@ -166,4 +195,19 @@ def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
                           row["speedup"] >= SPEEDUP_GOAL, f"T={row['timesteps']}, batch {row['batch']}"))
         goals.append(goal(f"SNN {label}: spike trains equal", "every layer, every step", row["spike_mismatch_fraction"],
                           row["spikes_equal"], f"{row['total_spikes']} spikes"))
-    return {"method": __doc__.split("\n\n", 1)[1].strip(), "rows": rows, "errors": errors, "goals": goals}
+    energy = None
+    try:
+        energy = default_energy(ws)
+        d, full, ann = energy["default"], energy["t128_no_early"], energy["ann_energy_pj_per_sample"]
+        goals.append(goal("SNN threshold_gate (digits) default: energy/sample < int8 ANN estimate", f"< {ann} pJ",
+                          d["energy_pj_per_sample"], d["energy_pj_per_sample"] < ann,
+                          f"{d['timesteps']} steps, early decision {d['early_decision']} (margin {d['margin']}), "
+                          f"{d['mean_steps']} mean steps; 128 steps without: {full['energy_pj_per_sample']} pJ"))
+        loss = round(full["accuracy"] - d["accuracy"], 4)
+        goals.append(goal("SNN threshold_gate (digits) default: accuracy loss <= 1 pt vs 128 steps", "<= 0.01", loss,
+                          loss <= 0.01, f"{d['accuracy']} vs {full['accuracy']}"))
+    except Exception as e:
+        errors.append({"model": "threshold_gate energy",
+                       "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
+    return {"method": __doc__.split("\n\n", 1)[1].strip(), "rows": rows, "errors": errors, "goals": goals,
+            "energy": energy}

@@ -11,8 +11,11 @@ the same settings. Per row: accuracy / loss, top-1 agreement and output SQNR vs 
 measured on the bundle's outputs (exit index, route indices) plus the fidelity recorded at export
 (mask Hamming of channel/threshold gates lives there only: masks are not graph outputs), per-layer
 SQNR, latency (bench of the bundle; torch eager at batch 1 for float) and, for early-exit models, an
-exit-threshold sweep. `CompareReport.to_dict` is the versioned JSON (``"format": "edgegate.compare"``,
-README, "Report formats"); ``reports.compare_text`` and ``reports.html`` render it.
+exit-threshold sweep. Every agreement and accuracy, measured here or recorded at export, comes with the
+rows it was counted over and its Wilson 95% interval (``intervals``): on a few hundred rows one row is a
+third of a percent, so a difference the interval does not clear is not one. `CompareReport.to_dict` is
+the versioned JSON (``"format": "edgegate.compare"``, README, "Report formats"); ``reports.compare_text``
+and ``reports.html`` render it.
 
 How the two measured-by-probing quantities are defined (also written into the report's notes):
 - per-layer SQNR: the float torch module's output vs the same layer's output in the bundle's
@@ -36,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.calibration.interval import wilson
 from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, TensorSpec, next_token_labels
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.reports.compare_text import CALIBRATION_ROWS_NOTE
@@ -43,7 +47,8 @@ from edgegate.reports.onnx_probe import sqnr_db
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 FORMAT = "edgegate.compare"
-FORMAT_VERSION = 2  # v2 added ``measured_on`` to ``recorded`` and the rows' ``device``; see README, "Report formats"
+# v3 added ``intervals`` (rows + Wilson 95%); v2 ``measured_on`` and the rows' ``device``; README, "Report formats"
+FORMAT_VERSION = 3
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
 NOTES = (
@@ -55,6 +60,8 @@ NOTES = (
     "mask Hamming (channel/threshold gates) is the value recorded at export on held-out data: masks are not "
     "outputs of the deployed graph",
     "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
+    "intervals: Wilson 95% score intervals over the rows each rate was counted on (samples; tokens for routes; "
+    "samples, not bits, for a mask Hamming distance recorded at export, which makes that interval conservative)",
 )
 DEVICE_NOTE = ("latency of a row with a device: measured on that device by its agent (`--device`), accuracy and "
                "fidelity here; float = torch eager here")
@@ -107,6 +114,7 @@ class Row:
     sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
     histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
+    intervals: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)  # metric -> Wilson 95%
     latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
 
 
@@ -295,8 +303,8 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     m = bundle.manifest
     q = m.get("quant") or {}
     fidelity = q.get("fidelity") or {}
-    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples", "measured_on")
-                if k in fidelity}
+    recorded = {k: fidelity[k] for k in ("top1_agreement", "output_sqnr_db", "samples", "measured_on",
+                                         "trained_rows", "intervals") if k in fidelity}
     recorded.update(fidelity.get("summary") or {})
     head = dict(name=bundle.path.name, kind=kind, path=str(bundle.path), target=bundle.target,
                 quant=q.get("scheme"), calibration=(q.get("config") or {}).get("calibration"), recorded=recorded)
@@ -324,6 +332,7 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
         out = _run_runner(runner, x, static)
     metrics = _task_metrics(_logits(out), labels)
     metrics.update(_agreement(float_out, out))
+    intervals = _intervals(metrics, float_out)
     sweep: tuple[dict[str, float], ...] = ()
     proto, note = None, ""
     if "model.onnx" in bundle.files:
@@ -343,7 +352,8 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
         except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
-              sweep=sweep, histograms=_hists(out), device=report.device, latencies_ms=report.latencies_ms)
+              sweep=sweep, histograms=_hists(out), device=report.device, intervals=intervals,
+              latencies_ms=report.latencies_ms)
     return row, proto
 
 
@@ -396,6 +406,18 @@ def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, 
         out["topk_set_agreement"] = float((np.sort(f[r], -1) == np.sort(q[r], -1)).all(-1).mean())
         out["top1_expert_agreement"] = float((f[r][..., 0] == q[r][..., 0]).mean())
     return out
+
+
+def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) -> dict[str, dict[str, float | int]]:
+    """Wilson 95% interval of each rate in ``metrics`` over the rows it was counted on: samples, or routed
+    tokens (every leading dim of the route output) for the expert agreements; tokens for a causal LM's logits."""
+    logits = _logits(f)
+    samples = int(logits.size // logits.shape[-1])  # a causal LM's logits decide per token
+    r = next((k for k in f if k.startswith("route")), None)
+    tokens = int(f[r].size // f[r].shape[-1]) if r else samples
+    rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
+            "topk_set_agreement": tokens, "top1_expert_agreement": tokens}
+    return {m: wilson(metrics[m], n).to_dict() for m, n in rows.items() if metrics.get(m) is not None}
 
 
 def _hists(out: dict[str, np.ndarray]) -> dict[str, list[float]]:

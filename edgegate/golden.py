@@ -19,12 +19,14 @@ EXACT_ATOL = 1e-4
 MIN_TOP1_AGREEMENT = 0.9
 
 
-def check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str], exact: bool) -> dict:
+def check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str], exact: bool,
+                 also: list[np.ndarray] | None = None) -> dict:
     """Float graphs must match torch to float tolerance; integer graphs must follow their fake-quant model.
 
     ``atol`` is what ``edgegate bench`` allows on the device against the outputs stored here: the
     same runtime on another CPU may pick other integer kernels, so quantized bundles get a tolerance
-    of 2% of the output range rather than float round-off.
+    of 2% of the output range rather than float round-off. ``also``: outputs of the float model, for a
+    graph the target runs partly in float (a top-1 the float model picks is then as good as the reference's).
     """
     from edgegate.quantization.step import agreement  # torch side: loaded when an export runs, not on import
 
@@ -36,12 +38,29 @@ def check_golden(got: list[np.ndarray], want: list[np.ndarray], names: list[str]
             raise ExportError(f"the exported model disagrees with torch by {err:.3g} (> {EXACT_ATOL}) on golden "
                               "inputs; please report this model")
         return {"vs_torch": stats, "atol": EXACT_ATOL}
-    low = {k: v for k, v in stats.items() if k.endswith("top1_agreement") and v < MIN_TOP1_AGREEMENT}
+    scale = max((v for k, v in stats.items() if k.endswith("_scale")), default=1.0)
+    # A near-tie is no evidence of a broken graph: a top-1 that the reference scores within the golden
+    # tolerance of its own top-1 counts as agreeing, and so does the float model's top-1 (``also``).
+    low = {}
+    for k, v in stats.items():
+        if k.endswith("top1_agreement") and v < MIN_TOP1_AGREEMENT:
+            i = names.index(k[:-len("_top1_agreement")])
+            if _top1_accepted(got[i], want[i], None if also is None else also[i], 0.02 * scale) < MIN_TOP1_AGREEMENT:
+                low[k] = v
     if low:
         raise ExportError(f"the quantized ONNX model follows its fake-quant torch model on only {low} of golden "
                           "inputs; please report this model")
-    scale = max((v for k, v in stats.items() if k.endswith("_scale")), default=1.0)
     return {"vs_torch": stats, "atol": max(EXACT_ATOL, 0.02 * scale)}
+
+
+def _top1_accepted(got: np.ndarray, want: np.ndarray, also: np.ndarray | None, tol: float) -> float:
+    """Fraction of rows whose top-1 in ``got`` the reference ``want`` scores within ``tol`` of its maximum,
+    or that is the top-1 of ``also``."""
+    g, w = got.reshape(-1, got.shape[-1]).argmax(-1), want.reshape(-1, want.shape[-1]).astype(np.float64)
+    ok = w.max(-1) - np.take_along_axis(w, g[:, None], axis=1)[:, 0] <= tol
+    if also is not None:
+        ok |= g == also.reshape(-1, also.shape[-1]).argmax(-1)
+    return float(np.mean(ok))
 
 
 def run_golden(onnx_bytes: bytes, model: Any, x: Inputs, names: list[str], batch: int | None, runner: Any = None,

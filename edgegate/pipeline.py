@@ -31,6 +31,7 @@ import numpy as np
 from edgegate.data import Inputs, TensorSpec
 from edgegate.errors import EdgegateError, ExportError
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 
 __all__ = ["EXACT_ATOL", "GOLDEN_SAMPLES", "MIN_TOP1_AGREEMENT", "ExportConfig", "StepTimer", "export", "input_spec",
            "run_export", "sample_inputs", "versions"]
@@ -52,6 +53,7 @@ class ExportConfig:
     calibration: str = "gate_aware"
     lowrank: int = 0
     min_coverage: int = 32
+    fidelity_target: float = DEFAULT_FIDELITY_TARGET  # int8 gate-aware: each gate's agreement with float; 0: off
     batch: int | None = None
     exit_form: str = "auto"
     trust_model: bool = False
@@ -177,7 +179,8 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     if not ok:
         raise EdgegateError(f"target {config.target} is not available here: {why}")
     qopts = QuantOptions(scheme=config.quant, observer=config.observer, gate_precision=config.gate_precision,
-                         calibration=config.calibration, lowrank=config.lowrank, min_coverage=config.min_coverage)
+                         calibration=config.calibration, lowrank=config.lowrank, min_coverage=config.min_coverage,
+                         fidelity_target=config.fidelity_target)
 
     timer = StepTimer(on_step=on_step)
     with timer.step("load"):
@@ -231,7 +234,12 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
             golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
                                               runner, reference_only=target.name != "cpu")
-        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True))
+            also = None
+            if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
+                   .get("regions", [])):  # regions run in float: the float model is a reference there too
+                also = run_golden(artifact.files["model.onnx"], q.export_model, x, names, config.batch,
+                                  runner, reference_only=target.name != "cpu")[3]
+        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True), also)
         if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
             golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
         golden_record["source"] = target.name if runs_here else "onnxruntime"

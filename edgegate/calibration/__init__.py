@@ -5,9 +5,9 @@ Output: the calibrated fake-quant model and a ``CalibrationRecord`` (with the ``
 for the ONNX lowering); ``measure_fidelity`` compares float and quantized models on held-out data.
 """
 
-from edgegate.calibration.collect import calibrate
 from edgegate.calibration.fidelity import HIGHER_IS_BETTER, at_least_as_good, comparable_metrics, measure_fidelity
 from edgegate.calibration.record import Augmentation, CalibrationRecord, Coverage, Fallback
+from edgegate.calibration.search import calibrate
 
 __all__ = [
     "HIGHER_IS_BETTER",

@@ -5,7 +5,10 @@ quantized model, held-out inputs (one array, or several keyed by input name) and
 JSON-able dict: accuracy and loss of both models, top-1 agreement, output SQNR, and per gate:
 exit-index agreement (early exit), top-k set and top-1 expert agreement (routers), mask Hamming
 distance (channel / threshold gates), mean absolute gate difference (sigmoid gates); ``summary``
-holds the worst value of each gate metric over gates.
+holds the worst value of each gate metric over gates. Each rate comes with the rows it was counted over
+and its Wilson 95% interval (``intervals``, per gate and for the result): exits and routes count samples /
+tokens; a mask's Hamming distance counts samples, not bits, since the bits of one sample move together
+(the interval is then conservative).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
+from edgegate.calibration.interval import wilson
 from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, next_token_labels
 from edgegate.gates import GateKind, GateMap, find_gates
 
@@ -31,6 +35,7 @@ HIGHER_IS_BETTER = {
     "mask_hamming": False, "gate_mae": False,
 }
 _WORST = {True: min, False: max}
+INTERVAL_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming")
 _OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID)
 
 
@@ -68,15 +73,21 @@ def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int
         n = n_exits or int(max(f.max(), q.max())) + 1
         frac = {name: [float(v) for v in torch.bincount(t, minlength=n).float() / len(t)]
                 for name, t in (("float", f), ("quant", q))}
-        return {"kind": str(kind), "exit_agreement": float((f == q).float().mean()), "exit_fractions": frac}
-    if kind == GateKind.ROUTER:
+        out = {"kind": str(kind), "exit_agreement": float((f == q).float().mean()), "exit_fractions": frac}
+    elif kind == GateKind.ROUTER:
         same_set = (f.sort(dim=-1).values == q.sort(dim=-1).values).all(dim=-1)
-        return {"kind": str(kind), "topk_set_agreement": float(same_set.float().mean()),
-                "top1_expert_agreement": float((f[..., 0] == q[..., 0]).float().mean())}
-    if kind == GateKind.SIGMOID:
-        return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean())}
-    return {"kind": str(kind), "mask_hamming": float((f != q).float().mean()),
-            "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
+        out = {"kind": str(kind), "topk_set_agreement": float(same_set.float().mean()),
+               "top1_expert_agreement": float((f[..., 0] == q[..., 0]).float().mean())}
+    elif kind == GateKind.SIGMOID:
+        return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean()), "rows": len(f)}
+    else:
+        out = {"kind": str(kind), "mask_hamming": float((f != q).float().mean()),
+               "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
+    # Decisions per row: one exit per sample, one route per token (leading dims), a mask per sample.
+    rows = int(f.numel() // f.shape[-1]) if kind == GateKind.ROUTER else len(f)
+    out["rows"] = rows
+    out["intervals"] = {m: wilson(out[m], rows).to_dict() for m in INTERVAL_METRICS if m in out}
+    return out
 
 
 def _numpy(t: Any) -> np.ndarray:
@@ -134,11 +145,20 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
             gates[info.name] = {"kind": str(info.kind), "observed": False}
     result["gates"] = gates
     summary: dict[str, float] = {}
+    # Rows behind each rate: one decision per sample, or per token for a causal LM's per-token logits.
+    decisions = int(f_out.numel() // f_out.shape[-1])
+    intervals = {"top1_agreement": wilson(result["top1_agreement"], decisions).to_dict()}
+    if "accuracy" in result:
+        intervals["accuracy"] = wilson(result["accuracy"]["quant"], result.get("scored_tokens", len(x))).to_dict()
     for metric, higher in HIGHER_IS_BETTER.items():
-        values = [g[metric] for g in gates.values() if metric in g]
+        values = [g for g in gates.values() if metric in g]
         if values:
-            summary[metric] = _WORST[higher](values)
+            worst = _WORST[higher](values, key=lambda g: g[metric])
+            summary[metric] = worst[metric]
+            if metric in INTERVAL_METRICS:
+                intervals[metric] = worst["intervals"][metric]
     result["summary"] = summary
+    result["intervals"] = intervals
     return result
 
 

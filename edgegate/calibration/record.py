@@ -69,13 +69,74 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class Estimate:
+    """One gate metric of one try on the calibration rows: ``value`` as counted (an agreement, or a mask
+    Hamming distance), ``expected`` from the decision margins (``calibration.margins``), ``se`` the
+    bootstrap standard error of ``expected``; ``rows``: decisions the metric is counted over."""
+
+    gate: str
+    metric: str
+    value: float
+    expected: float
+    se: float
+    rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gate": self.gate, "metric": self.metric, "value": round(self.value, 6),
+                "expected": round(self.expected, 6), "se": round(self.se, 6), "rows": self.rows}
+
+
+@dataclass(frozen=True)
+class Try:
+    """One calibration the fidelity search ran: the means it added (``means``: a ``search.Means`` value),
+    the settings that define it, what it measured, and whether it met the target. ``margin``: the
+    worst metric's distance to the target, conservatively (negative: missed)."""
+
+    means: str
+    settings: dict[str, Any]
+    measured: tuple[Estimate, ...]
+    margin: float
+    passed: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"means": self.means, "settings": dict(self.settings), "measured": [e.to_dict() for e in self.measured],
+                "margin": round(self.margin, 6), "passed": self.passed, "seconds": round(self.seconds, 3)}
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """The fidelity-target search: the target, the metrics it applied to, every try in the order run
+    (cheapest first), the one chosen (the first that passed, else the best), and the one-line warning
+    when none passed."""
+
+    target: float
+    metrics: tuple[str, ...]
+    rows: int
+    tries: tuple[Try, ...]
+    chosen: int
+    warning: str | None = None
+
+    @property
+    def met(self) -> bool:
+        return self.tries[self.chosen].passed
+
+    def to_dict(self) -> dict[str, Any]:
+        chosen = self.tries[self.chosen]
+        return {"target": self.target, "metrics": list(self.metrics), "rows": self.rows, "met": self.met,
+                "chosen": {"try": self.chosen, "means": chosen.means, **chosen.settings},
+                "warning": self.warning, "tries": [t.to_dict() for t in self.tries]}
+
+
+@dataclass(frozen=True)
 class CalibrationRecord:
     """One calibration run. ``coverage``: rows under the deployed gating (float model);
     ``calibrated``: rows each quantizer actually saw (after augmentation and fallbacks);
     ``thresholds``: per early-exit net, ``{"before": [...], "after": [...]}`` (re-tuned; set ``after``
     on the float model before export); ``float_layers``: layers kept float, with the reason;
     ``bias_corrections``: largest bias change per corrected layer (the plan holds the corrected biases);
-    ``a16``: layers promoted to A16W8 for exit fidelity, with the agreements before and after;
+    ``a16``: layers promoted to A16W8 for gate fidelity, with the agreement before and after;
+    ``search``: the fidelity-target search that chose this calibration (None when it did not run);
     ``fidelity``: attach ``measure_fidelity`` results with :meth:`with_fidelity`."""
 
     config: QuantConfig
@@ -89,7 +150,8 @@ class CalibrationRecord:
     plan: QuantPlan
     bias_corrections: dict[str, float] = field(default_factory=dict)
     fidelity: dict[str, Any] | None = None
-    a16: dict[str, Any] | None = None  # mixed precision chosen for exit fidelity (see ``promote_a16``)
+    a16: dict[str, Any] | None = None  # A16W8 layers chosen for gate fidelity (see ``calibration.search``)
+    search: SearchRecord | None = None
 
     def with_fidelity(self, fidelity: dict[str, Any]) -> CalibrationRecord:
         return dataclasses.replace(self, fidelity=fidelity)
@@ -108,4 +170,5 @@ class CalibrationRecord:
             "plan": self.plan.to_dict(),
             "fidelity": self.fidelity,
             "a16": self.a16,
+            "search": None if self.search is None else self.search.to_dict(),
         }

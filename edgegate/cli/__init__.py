@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from edgegate.cli import bench, compare, device, export, inspect, targets, zoo
+from edgegate.cli import bench, compare, device, export, inspect, sweep, targets, zoo
 from edgegate.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -28,7 +28,7 @@ from edgegate.errors import EdgegateError, os_error_text
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "check_interrupted", "main"]
 
-COMMANDS = (export, inspect, bench, compare, targets, zoo, device)
+COMMANDS = (export, inspect, bench, compare, targets, zoo, device, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from edgegate.cli._common import Status, add_input_flag, add_trust_flags, check_interrupted, fraction, int_at_least
 from edgegate.errors import EdgegateError
+from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -22,7 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = ExportConfig(target=args.target, quant=args.quant, calib=args.calib, holdout=args.holdout,
                           inputs=parse_inputs(args.input), observer=args.observer,
                           gate_precision=args.gate_precision, calibration=args.calibration, lowrank=args.lowrank,
-                          min_coverage=args.min_coverage,
+                          min_coverage=args.min_coverage, fidelity_target=args.fidelity_target,
                           batch=args.batch, exit_form=args.exit_form,
                           trust_model=args.trust_model, model_class=args.model_class,
                           overwrite=args.overwrite, keep_intermediate=args.keep_intermediate,
@@ -47,7 +49,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     steps = {"import": min(began.values(), default=finished) - started}
     steps.update((s, timings[s] if s in timings else finished - t) for s, t in began.items())
     print(render_export(path, manifest, steps, finished - started))
+    for warning in (manifest.get("quant") or {}).get("warnings") or []:  # also in the manifest and in the summary
+        print(f"edgegate: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _target(text: str) -> float:
+    """An argparse type: a fraction in [0, 1] (--fidelity-target; 0 turns the search off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (e.g. 0.995; 0 turns the search off)")
+    return value
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, str]:
@@ -102,6 +117,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="naive: every quantizer sees all data and gates are quantized (a baseline)")
     e.add_argument("--min-coverage", type=int, default=32, metavar="ROWS",
                    help="calibration rows each quantizer must see; below it calibration is augmented")
+    e.add_argument("--fidelity-target", type=_target, default=DEFAULT_FIDELITY_TARGET, metavar="FRACTION",
+                   help="int8, gate-aware: the agreement with the float model every gate keeps on the calibration "
+                   "rows (exit, top-k set, top-1 expert, 1 - mask Hamming; top-1 when the only gates are soft); the "
+                   "cheapest means that meets it is chosen and recorded, a miss is a warning (0: no search)")
     e.add_argument("--lowrank", type=int_at_least(0), default=0, metavar="R",
                    help="with --quant ternary: add a rank-R float correction fitted to the ternary error")
     e.add_argument("--batch", type=int_at_least(1), default=None, help="static batch size (default: dynamic)")

@@ -9,17 +9,29 @@ under the deployed gating) is ``edgegate.calibration``; a freshly quantized mode
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
 from torch import nn
 
+from edgegate.data import Inputs
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateMap, find_gates
 from edgegate.quantization.config import QuantConfig
-from edgegate.quantization.layers import EmptySafeQuantConv2d, is_quantizable, quant_layer
+from edgegate.quantization.functional import FunctionalQuant, build, fused_conv_outputs, plan_ops
+from edgegate.quantization.layers import ACT_QUANT, EmptySafeQuantConv2d, is_quantizable, quant_layer, quantizes_output
+from edgegate.quantization.layout import trace_layout
 from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 from edgegate.quantization.policy import decision_layers
+
+TRACE_ROWS = 512  # example rows the layout trace runs on (it needs the structure, not statistics)
+
+
+class QuantModules(dict):
+    """The swapped quant layers by path, plus ``functional``: the model's functional-op quantizers (or None)."""
+
+    functional: FunctionalQuant | None = None
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -30,35 +42,52 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict[str, str]:
     """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``.
 
-    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations.
+    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations; ``float_layers``
+    (chosen for gate fidelity) stay float everywhere.
     """
     keep = decision_layers(model, gate_map) if config.gates_in_float else {}
+    keep.update({p: "feeds a gate decision; kept float for gate fidelity" for p in config.float_layers})
     if config.flavor is Flavor.TRT:
         keep.update({p: "decision-critical (A16W8 on cpu); TensorRT has no int16 activations"
                      for p in config.a16_layers})
     return keep
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None,
-             gate_map: GateMap | None = None) -> tuple[nn.Module, dict[str, nn.Module]]:
+def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: GateMap | None = None,
+             example: Inputs | torch.Tensor | None = None) -> tuple[nn.Module, QuantModules]:
     """A deep copy of ``model`` (eval mode) with each plain ``nn.Linear``/``nn.Conv2d`` replaced by its
     brevitas layer, except the gate decision layers when the gate precision policy keeps them float.
 
-    Returns ``(quantized model, {path: quant layer})``. The quant layers are uncalibrated: run
-    ``edgegate.calibration.calibrate`` (which calls this) rather than using them directly.
+    With ``example`` inputs and flavor ``cpu``, the functional ops between the layers are quantized too
+    (``edgegate.quantization.layout``: residual adds, concatenations, pooling, hardswish... where every
+    input is quantized), traced on ``example`` under the model's own (deployed) gating.
+
+    Returns ``(quantized model, {path: quant layer})`` (a :class:`QuantModules`). The quantizers are
+    uncalibrated: run ``edgegate.calibration.calibrate`` (which calls this) rather than using them directly.
     """
     config = config or QuantConfig()
     gate_map = find_gates(model) if gate_map is None else gate_map
     qmodel = copy.deepcopy(model).eval()
     keep = kept_float(qmodel, config, gate_map)
-    swapped: dict[str, nn.Module] = {}
-    for path, module in list(qmodel.named_modules()):
-        if is_quantizable(module) and path not in keep:
-            if path in config.a16_layers and not isinstance(module, nn.Linear):
-                raise EdgegateError(f"a16 layer {path} is a {type(module).__name__}; A16W8 is for Linear layers")
-            q = quant_layer(module, config, 16 if path in config.a16_layers else 8)
-            _set_submodule(qmodel, path, q)
-            swapped[path] = q
+    targets = {path: m for path, m in qmodel.named_modules() if is_quantizable(m) and path not in keep}
+    for path, module in targets.items():
+        if path in config.a16_layers and not isinstance(module, nn.Linear):
+            raise EdgegateError(f"a16 layer {path} is a {type(module).__name__}; A16W8 is for Linear layers")
+    layout = None
+    if config.flavor is Flavor.CPU and example is not None and targets:
+        convs = {p for p, m in targets.items() if quantizes_output(m, config.flavor)}
+        layout = trace_layout(qmodel, example[:TRACE_ROWS], targets, convs)
+    swapped = QuantModules()
+    for path, module in targets.items():
+        anchor = layout.anchors.get(f"layer:{path}") if layout is not None else None
+        q = quant_layer(module, config, 16 if path in config.a16_layers else 8,
+                        output=anchor is None or anchor.relu is None)
+        _set_submodule(qmodel, path, q)
+        swapped[path] = q
+    if layout is not None and not layout.empty:
+        swapped.functional = build(layout, ACT_QUANT[(config.flavor, config.observer)], swapped)
+        if swapped.functional is not None:
+            swapped.functional.attach(qmodel)
     return qmodel, swapped
 
 
@@ -101,4 +130,8 @@ def plan_from(swapped: dict[str, nn.Module], flavor: Flavor | str, float_layers:
     ``counts``: calibration rows each layer saw (``LayerQuant.samples``).
     """
     layers = {name: _layer_quant(name, q, counts.get(name, 0)) for name, q in swapped.items()}
-    return QuantPlan(Flavor(flavor), layers, tuple(float_layers))
+    functional = getattr(swapped, "functional", None)
+    for name, (scale, zp) in fused_conv_outputs(functional).items():
+        if name in layers:
+            layers[name] = dataclasses.replace(layers[name], out_scale=scale, out_zero_point=zp, out_after_relu=True)
+    return QuantPlan(Flavor(flavor), layers, tuple(float_layers), plan_ops(functional, swapped))

@@ -14,6 +14,8 @@ from typing import Any
 from edgegate.errors import EdgegateError
 from edgegate.quantization.plan import Flavor
 
+DEFAULT_FIDELITY_TARGET = 0.995  # every gate agrees with the float model on >= 99.5% of its decisions
+
 
 class Scheme(StrEnum):
     INT8 = "int8"  # int8 per-channel weights, 8-bit per-tensor activations (ternary comes later)
@@ -49,9 +51,12 @@ class QuantConfig:
     ``bias_correction``: remove each layer's mean output error on the calibration rows that reach it
     (both modes: the naive baseline gets it too, on all rows, so the comparison stays fair).
     ``a16_layers``: Linear layers whose input is quantized to 16 bits (A16W8; weights stay int8).
-    ``min_exit_agreement``: gate-aware only; when the quantized model's exit decisions agree with the
-    float model's on fewer than this fraction of the calibration samples, the Linear layers in front
-    of the failing exit are promoted to A16W8, most helpful first, at most ``max_a16_layers`` (0: off).
+    ``float_layers``: Linear/Conv layers kept in float (beyond the gate precision policy's).
+    ``fidelity_target``: gate-aware only; the agreement every gate must keep with the float model (exit
+    agreement, top-k set and top-1 expert agreement, 1 - mask Hamming distance; top-1 agreement for a
+    model whose only gates are soft). Calibration tries its means in order of cost and keeps the cheapest
+    that meets it (``edgegate.calibration.search``); 0 turns the search off (one calibration as configured).
+    ``max_promoted_layers``: how many layers feeding a failing gate the search may move to A16W8 or float.
     """
 
     scheme: Scheme = Scheme.INT8
@@ -64,8 +69,9 @@ class QuantConfig:
     retune_thresholds: bool = True
     bias_correction: bool = True
     a16_layers: tuple[str, ...] = ()
-    min_exit_agreement: float = 0.99
-    max_a16_layers: int = 2
+    float_layers: tuple[str, ...] = ()
+    fidelity_target: float = DEFAULT_FIDELITY_TARGET
+    max_promoted_layers: int = 4
 
     def __post_init__(self) -> None:
         for name, enum in (("scheme", Scheme), ("observer", Observer), ("flavor", Flavor),
@@ -81,8 +87,15 @@ class QuantConfig:
         if self.scheme != Scheme.INT8:
             raise EdgegateError(f"QuantConfig: scheme {self.scheme} is not supported yet; use int8")
         object.__setattr__(self, "a16_layers", tuple(self.a16_layers))
-        if not 0.0 <= float(self.min_exit_agreement) <= 1.0:
-            raise EdgegateError(f"QuantConfig: min_exit_agreement={self.min_exit_agreement} must be in [0, 1]")
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))
+        both = sorted(set(self.a16_layers) & set(self.float_layers))
+        if both:
+            raise EdgegateError(f"QuantConfig: layer {both[0]} is in both a16_layers and float_layers; give it one")
+        if not 0.0 <= float(self.fidelity_target) <= 1.0:
+            raise EdgegateError(f"QuantConfig: fidelity_target={self.fidelity_target} must be in [0, 1] "
+                                "(e.g. 0.995; 0 turns the search off)")
+        if int(self.max_promoted_layers) < 0:
+            raise EdgegateError(f"QuantConfig: max_promoted_layers={self.max_promoted_layers} must be >= 0")
         if int(self.min_coverage) < 1:
             raise EdgegateError(f"QuantConfig: min_coverage={self.min_coverage} must be >= 1 calibration row")
 

@@ -90,15 +90,18 @@ def quantizes_output(module: nn.Module, flavor: Flavor) -> bool:
     return isinstance(module, nn.Conv2d) and flavor is Flavor.CPU
 
 
-def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8) -> nn.Module:
+def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8, output: bool = True) -> nn.Module:
     """A fresh (uncalibrated) brevitas layer with ``module``'s weights, device and dtype.
 
     ``act_bits=16`` quantizes the input to 16 bits (A16W8: same observer, 65536 levels), for layers
     whose rounding error flips gate decisions; the cpu lowering runs them on 8-bit integer kernels.
+    ``output=False`` leaves out the output quantizer of a cpu Conv whose ReLU takes it over
+    (``edgegate.quantization.layout``: the quantizer then sits after the ReLU, zero point 0).
     """
     has_bias = module.bias is not None
     act = ACT_QUANT[(config.flavor, config.observer)]
-    out = act if quantizes_output(module, config.flavor) else None  # 8-bit: A16W8 is for Linear layers only
+    # 8-bit: A16W8 is for Linear layers only
+    out = act if output and quantizes_output(module, config.flavor) else None
     if act_bits != 8:
         act = act.let(bit_width=act_bits)
     kw = {"bias": has_bias, "weight_quant": Int8WeightPerChannelFloat,

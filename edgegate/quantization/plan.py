@@ -45,6 +45,7 @@ class LayerQuant:
     act_bits: int = 8  # 16: A16W8, a decision-critical layer (uint16 activation, cpu flavor only)
     out_scale: float | None = None  # output quantizer (after the bias); None: the output stays float
     out_zero_point: int | None = None  # same integer domain as act_zero_point; None iff out_scale is None
+    out_after_relu: bool = False  # the output quantizer sits after the Relu that alone reads the output
 
     def dequantized_weight(self) -> np.ndarray:
         shape = (-1,) + (1,) * (self.weight_int.ndim - 1)
@@ -52,10 +53,33 @@ class LayerQuant:
 
 
 @dataclass(frozen=True)
+class OpQuant:
+    """A functional op (``x + y``, ``torch.cat``, pooling, hardswish...) whose output is quantized.
+
+    The op is the ``ordinal``-th call of ``kind`` in module ``scope`` during the forward
+    (``edgegate.quantization.sites``); ``calls`` is how many calls of that kind the scope made in all,
+    which the ONNX lowering checks against the nodes it finds. Its inputs are quantized where they are
+    produced (a quantized Conv's output, another quantized op's output), never here. Transparent ops
+    (max pooling, flatten, ReLU) carry their input's quantizer on, so ONNX Runtime can run them on uint8.
+    """
+
+    key: str
+    scope: str
+    kind: str  # edgegate.quantization.sites.OpKind value
+    ordinal: int
+    calls: int
+    out_scale: float
+    out_zero_point: int
+    out_signed: bool
+    out_after_relu: bool = False  # the quantizer sits after the Relu that alone reads the op's output
+
+
+@dataclass(frozen=True)
 class QuantPlan:
     flavor: Flavor
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     float_layers: tuple[str, ...] = ()  # Linear/Conv kept in float by the gate precision policy
+    ops: dict[str, OpQuant] = field(default_factory=dict)  # quantized functional ops by site key
 
     def to_dict(self) -> dict:
         """Summary for the manifest (no arrays)."""
@@ -64,7 +88,10 @@ class QuantPlan:
             "layers": {n: {"kind": str(q.kind), "act_scale": q.act_scale, "act_zero_point": q.act_zero_point,
                            "act_signed": q.act_signed, "act_bits": q.act_bits, "samples": q.samples,
                            "out_scale": q.out_scale, "out_zero_point": q.out_zero_point,
+                           "out_after_relu": q.out_after_relu,
                            "weight_scale_range": [float(q.weight_scale.min()), float(q.weight_scale.max())]}
                        for n, q in sorted(self.layers.items())},
             "float_layers": list(self.float_layers),
+            "ops": {k: {"kind": o.kind, "out_scale": o.out_scale, "out_zero_point": o.out_zero_point,
+                        "out_after_relu": o.out_after_relu} for k, o in sorted(self.ops.items())},
         }

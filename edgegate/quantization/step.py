@@ -7,12 +7,18 @@ with re-tuned exit thresholds for int8, ``TernaryPTQLinear`` layers for ternary)
 lowers that export (QDQ insertion from the calibrated plan), the fake-quant torch reference that
 golden outputs are checked against, and the JSON record for the manifest. Gate fidelity is measured
 on the held-out rows when there are some, else on the calibration rows, and the record says which
-(``fidelity.measured_on``).
+(``fidelity.measured_on``), how many of them the model was trained on, and each agreement's 95%
+interval. A built-in dataset holds out every row it does not calibrate on (its test split first, then its
+train split): agreement compares the quantized model with the float one, so rows the model was trained
+on measure it as well, and a few hundred test rows cannot resolve half a percent. Accuracy and loss
+are taken on the rows the model never saw (the test split). A gate metric below the fidelity target
+on the held-out rows, or a target the search could not meet, is a warning in the record (``warnings``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +31,7 @@ from torch import nn
 from edgegate.data import Dataset, Inputs, TensorSpec, calibration_split
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
+from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
 
 SCHEMES = ("fp32", "fp16", "int8", "ternary")
@@ -38,6 +45,7 @@ class QuantOptions:
     calibration: str = "gate_aware"
     lowrank: int = 0
     min_coverage: int = 32
+    fidelity_target: float = DEFAULT_FIDELITY_TARGET  # int8 gate-aware: agreement every gate must keep; 0: off
 
 
 @dataclass(frozen=True)
@@ -84,28 +92,73 @@ def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
 
 
 def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
-    from edgegate.calibration import calibrate, measure_fidelity
+    # Here, not at the top: calibration loads brevitas, which only an int8 export needs.
+    from edgegate.calibration import calibrate
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.quantization.config import QuantConfig
+    from edgegate.quantization.fold import fold_batchnorm
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
+    # Calibrate and export the model the runtime computes: BatchNorm folded into its conv.
+    model, folded = fold_batchnorm(model, x_cal[:8])
     config = QuantConfig(observer=options.observer, flavor=flavor, gate_precision=options.gate_precision,
-                         calibration=options.calibration, min_coverage=options.min_coverage)
-    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs or None)
-    # Without held-out rows, fidelity on the calibration rows is still worth recording; it says so.
-    part = held_out if held_out is not None else calib
-    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), part.labels, gate_map,
-                                input_spec=specs or None)
-    fidelity["measured_on"] = "held_out" if held_out is not None else "calibration"
+                         calibration=options.calibration, min_coverage=options.min_coverage,
+                         fidelity_target=options.fidelity_target)
+    qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
+    fidelity = held_out_fidelity(model, qmodel, gate_map, calib, held_out, specs)
     record = record.with_fidelity(fidelity)
+    warnings = fidelity_warnings(record.to_dict(), config.fidelity_target if config.gate_aware else 0.0)
     deployed = copy.deepcopy(model).eval()
     for path, values in record.thresholds.items():
         # The exported graph is the float model with Q/DQ added: give it the re-tuned operating point.
         deployed.get_submodule(path).set_thresholds(values["after"])
     plan = record.plan
     return Quantized(deployed, qmodel.eval(), lambda proto: insert_qdq(proto, plan),
-                     {"scheme": "int8", **record.to_dict()}, exact=False)
+                     {"scheme": "int8", **record.to_dict(), "warnings": warnings}, exact=False)
+
+
+def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, calib: Dataset,
+                      held_out: Dataset | None, specs: Sequence[TensorSpec]) -> dict[str, Any]:
+    """Float vs quantized on the held-out rows (else the calibration rows, and it says so): agreements on
+    every row, accuracy and loss on the rows the model was not trained on (a built-in's test split)."""
+    from edgegate.calibration import measure_fidelity  # brevitas: int8 exports only (see _int8)
+
+    part = held_out if held_out is not None else calib
+    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), None, gate_map, input_spec=specs)
+    fidelity["measured_on"] = "held_out" if held_out is not None else "calibration"
+    fidelity["trained_rows"] = len(part.splits["train"]) if "train" in part.splits else 0
+    unseen = part.split("test") if "test" in part.splits else part
+    if unseen.labels is not None:
+        scored = measure_fidelity(model, qmodel, torch_inputs(unseen, specs), unseen.labels, gate_map,
+                                  input_spec=specs)
+        for key in ("accuracy", "loss"):
+            fidelity[key] = {**scored[key], "samples": scored["samples"]}
+        fidelity["intervals"]["accuracy"] = scored["intervals"]["accuracy"]
+    return fidelity
+
+
+def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
+    """One line per shortfall: the search's own (target not met on the calibration rows), and each gate metric
+    that misses ``target`` on the held-out rows although the search met it."""
+    from edgegate.calibration.interval import wilson  # brevitas: int8 exports only (see _int8)
+    from edgegate.calibration.search import WORDS
+
+    search = record.get("search") or {}
+    out = [search["warning"]] if search.get("warning") else []
+    fid = record.get("fidelity") or {}
+    if not target or not search.get("met") or fid.get("measured_on") != "held_out":
+        return out
+    for metric in search.get("metrics", []):
+        value = (fid.get("summary") or {}).get(metric, fid.get(metric))
+        if value is None:
+            continue
+        agreement = 1 - value if metric == "mask_hamming" else value
+        if agreement < target:
+            ci = (fid.get("intervals") or {}).get(metric) or wilson(value, fid.get("samples", 0)).to_dict()
+            out.append(f"held-out {WORDS[metric]} {value:.4f} (95% CI {ci['low']:.4f}-{ci['high']:.4f}, "
+                       f"{ci['rows']} rows) misses the fidelity target {target:g} that the calibration rows met")
+    return out
 
 
 def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
@@ -126,9 +179,17 @@ def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
 
 
 def split_data(dataset: Dataset, holdout: float | None = None) -> tuple[Dataset, Dataset | None]:
-    """(calibration, held-out): the val/test splits of a built-in; all of a user file, or with ``holdout``
-    (a fraction) the file less that share of its rows, which are held out (``data.calibration_split``)."""
-    return calibration_split(dataset, holdout)
+    """(calibration, held-out). A built-in calibrates on its ``val`` split and holds out every other row:
+    its ``test`` split first, then ``train`` (the held-out Dataset keeps both as splits, so accuracy can
+    be taken on ``test`` alone). A user file is used in full, or with ``holdout`` (a fraction) less that
+    share of its rows, which are held out (``data.calibration_split``)."""
+    calib, held = calibration_split(dataset, holdout)
+    if not dataset.is_builtin or held is None:
+        return calib, held
+    test, train = dataset.splits["test"], dataset.splits["train"]
+    held = dataset.subset(np.concatenate([test, train]), f"{dataset.name}:held-out")
+    splits = {"test": np.arange(len(test)), "train": np.arange(len(test), len(test) + len(train))}
+    return calib, dataclasses.replace(held, splits=splits)
 
 
 def agreement(got: list[np.ndarray], want: list[np.ndarray], names: list[str]) -> dict[str, float]:

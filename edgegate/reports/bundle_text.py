@@ -1,10 +1,11 @@
 """A bundle's manifest for people: what was exported, how it was quantized, how faithful it stayed.
 
 Input: a manifest dict (``bundle.read_bundle(...).manifest``). Output: labelled plain-text lines
-(``Label        : text``): the quantization scheme, calibration mode and data, coverage, gate fidelity,
-re-tuned thresholds, A16 promotions, layers kept in float with their reasons, the golden check and the
-files. ``edgegate inspect BUNDLE`` prints them; ``edgegate export`` ends with the fidelity part. The raw
-record stays available as ``inspect --json``.
+(``Label        : text``): the quantization scheme, calibration mode and data, coverage, gate fidelity
+(each agreement with the rows it was counted over and its 95% interval), re-tuned thresholds, the
+fidelity target and what met it, A16 promotions, layers kept in float with their reasons, warnings,
+the golden check and the files. ``edgegate inspect BUNDLE`` prints them; ``edgegate export`` ends with
+the fidelity part. The raw record stays available as ``inspect --json``.
 
 Standard library only (a device inspects bundles with numpy + onnxruntime installed).
 """
@@ -16,7 +17,8 @@ from typing import Any
 
 from edgegate.reports.text import labelled, num, pack, size
 
-__all__ = ["bundle_lines", "fidelity_lines", "gate_label", "golden_lines", "precision_lines", "quant_lines"]
+__all__ = ["bundle_lines", "ci", "fidelity_lines", "gate_label", "golden_lines", "precision_lines", "quant_lines",
+           "search_lines"]
 
 EXIT_FORMS = {"compact": "batch compaction", "if": "nested ONNX If"}
 # Fidelity metrics of one gate (calibration/fidelity.py), in the order and words shown.
@@ -27,6 +29,7 @@ GATE_METRICS = (
     ("mask_hamming", "mask Hamming distance"),
     ("gate_mae", "gate mean |error|"),
 )
+GATE_WORDS = {**dict(GATE_METRICS), "top1_agreement": "top-1 agreement"}
 
 
 def gate_label(gate: Mapping[str, Any] | None, name: str = "") -> str:
@@ -128,19 +131,28 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
     if not fid:
         return labelled("Fidelity", ["not measured (no held-out data: calibration came from a user file)"]) \
             if q.get("scheme") == "int8" else []
-    parts = [f"top-1 agreement {_fixed(fid.get('top1_agreement'))}"]
+    intervals = fid.get("intervals") or {}
+    parts = [f"top-1 agreement {_fixed(fid.get('top1_agreement'))}{ci(intervals.get('top1_agreement'))}"]
     if fid.get("output_sqnr_db") is not None:
         parts.append(f"output SQNR {fid['output_sqnr_db']:.1f} dB")
     for key in ("accuracy", "loss"):
         if isinstance(fid.get(key), Mapping):
             parts.append(f"{key} {_fixed(fid[key].get('float'))} -> {_fixed(fid[key].get('quant'))}")
     rows = "calibration" if fid.get("measured_on") == "calibration" else "held-out"  # no --holdout: calibration
-    lines = labelled("Fidelity", [", ".join(parts) + f" (float -> quantized, {fid.get('samples', '?')} {rows} "
-                                  "samples)"])
+    where = f"float -> quantized, {fid.get('samples', '?')} {rows} samples"
+    if fid.get("trained_rows"):
+        where += f" ({fid['trained_rows']} of them trained on: agreement only)"
+    scored = (fid.get("accuracy") or {}).get("samples") if isinstance(fid.get("accuracy"), Mapping) else None
+    if scored and scored != fid.get("samples"):
+        where += f"; accuracy and loss on the {scored} unseen ones"
+    lines = labelled("Fidelity", pack([*parts[:-1], f"{parts[-1]} ({where})"]))
     by_name = _gates_by_name(m)
     per_gate = []
     for name, g in (fid.get("gates") or {}).items():
-        shown = [f"{words} {_fixed(g[key])}" for key, words in GATE_METRICS if key in g]
+        shown = [f"{words} {_fixed(g[key])}{ci((g.get('intervals') or {}).get(key))}" for key, words in GATE_METRICS
+                 if key in g]
+        if g.get("rows") is not None and shown:
+            shown[-1] += f" over {g['rows']} rows"
         if g.get("aligned") is False:
             shown.append("not comparable (rows differ between float and quantized)")
         fractions = g.get("exit_fractions") or g.get("open_fraction")
@@ -155,27 +167,55 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
     return lines + labelled("Thresholds", [f"re-tuned exit thresholds {t}" for t in thresholds])
 
 
+def ci(interval: Mapping[str, Any] | None) -> str:
+    """`` [low, high]``: a Wilson 95% interval as recorded (``calibration.interval``), or nothing."""
+    if not isinstance(interval, Mapping) or interval.get("low") is None:
+        return ""
+    return f" [{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
+def search_lines(q: Mapping[str, Any]) -> list[str]:
+    """The fidelity target, the means that met it (or the best try), and how many tries it took."""
+    search = q.get("search") or {}
+    if not search:
+        return []
+    tries = search.get("tries") or []
+    chosen = search.get("chosen") or {}
+    index = chosen.get("try", len(tries) - 1)
+    picked = tries[index] if 0 <= index < len(tries) else {}
+    how = [f"observer {chosen.get('observer')}"]
+    how += [w for k, w in (("retune_thresholds", "re-tuned thresholds"), ("bias_correction", "bias correction"))
+            if chosen.get(k)]
+    how += [f"{w} {', '.join(chosen[k])}" for k, w in (("a16_layers", "A16W8"), ("float_layers", "float"))
+            if chosen.get(k)]
+    verdict = "met" if search.get("met") else "NOT met"
+    measured = [f"{GATE_WORDS.get(e['metric'], e['metric'])} {_fixed(e.get('value'))} (expected "
+                f"{_fixed(e.get('expected'))} +- {_fixed(e.get('se'))})" for e in picked.get("measured") or []
+                if e.get("metric") in (search.get("metrics") or [])]
+    text = (f"{num(search.get('target'))} {verdict} by try {index + 1} of {len(tries)} "
+            f"({picked.get('means', '?')}: {', '.join(how)}); on {search.get('rows', '?')} calibration rows "
+            + ", ".join(measured))
+    return labelled("Target", pack([text], width=10_000))
+
+
 def precision_lines(m: Mapping[str, Any]) -> list[str]:
-    """What stayed in higher precision: A16W8 promotions and float layers, each with its reason."""
+    """The fidelity target's choice, what stayed in higher precision (A16W8 promotions and float layers,
+    each with its reason) and the warnings."""
     q = m.get("quant") or {}
-    lines: list[str] = []
+    lines: list[str] = search_lines(q)
     a16 = q.get("a16") or {}
     if a16.get("layers"):
-        agree = a16.get("exit_agreement") or {}
-        how = ("promoted for exit fidelity, run in float (TensorRT has no int16 activations)"
+        how = ("promoted for gate fidelity, run in float (TensorRT has no int16 activations)"
                if (q.get("config") or {}).get("flavor") == "trt" else "16-bit activations, int8 weights")
-        lines += labelled("A16 layers", [f"{', '.join(a16['layers'])}: {how} "
-                                         f"(exit agreement {_fixed(agree.get('before'))} -> "
-                                         f"{_fixed(agree.get('after'))}, "
-                                         f"target {num(a16.get('target'))})"])
+        lines += labelled("A16 layers", [f"{', '.join(a16['layers'])}: {how} (target {num(a16.get('target'))})"])
     reasons = q.get("float_layers") or q.get("kept_float_reasons") or {}
     if isinstance(reasons, Mapping) and reasons:
         lines += labelled("Kept float", pack(f"{k} ({v})" for k, v in reasons.items()))
     elif q.get("kept_float"):
         lines += labelled("Kept float", pack(q["kept_float"]))
-    if q.get("scheme") in ("int8", "ternary") and not lines:
+    if q.get("scheme") in ("int8", "ternary") and not any(line.startswith("Kept float") for line in lines):
         lines += labelled("Kept float", ["none"])
-    return lines
+    return lines + labelled("Warnings", list(q.get("warnings") or []))
 
 
 def golden_lines(m: Mapping[str, Any]) -> list[str]:

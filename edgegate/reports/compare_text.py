@@ -1,4 +1,5 @@
-"""The terminal form of a compare report: one table row per model variant, then skips and notes."""
+"""The terminal form of a compare report: one table row per model variant, then each row's agreements with
+their rows and 95% intervals (measured here and recorded at export), skips and notes."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def render_text(report: CompareReport) -> str:
     d = report.data
     lines = [f"=== edgegate compare: {report.model['file']} on {d['name']} ({d['split']}, {d['samples']} samples) ===",
              *text.table(headers, cells)]
+    lines += interval_lines(report)
     lines += [f"{r.name}: {r.note}" for r in report.rows if r.status != "ok"]
     lines += [f"{r.name}: latency measured on device {r.device.get('name')} ({r.device.get('url')})"
               + (f"; {r.note}" if r.note else "") for r in report.rows if r.status == "ok" and r.device]
@@ -62,6 +64,37 @@ def render_text(report: CompareReport) -> str:
         lines.append("* recorded at export on held-out data (manifest quant.fidelity)")
     lines += [n for n in report.notes if n.startswith(CALIBRATION_ROWS_NOTE)]
     return "\n".join(lines)
+
+
+# Rates shown with their interval, in table order: (metric key, header words).
+INTERVALS = (("accuracy", "acc"), ("top1_agreement", "top1 agr"), ("exit_agreement", "exit agr"),
+             ("topk_set_agreement", "top-k set"), ("top1_expert_agreement", "top1 exp"),
+             ("mask_hamming", "mask Ham"))
+
+
+def interval_lines(report: CompareReport) -> list[str]:
+    """Per bundle row, one line: each rate measured here with its Wilson 95% interval and row count, then
+    the gate fidelity recorded at export (held-out or calibration rows) the same way."""
+    lines = []
+    for r in report.rows:
+        here = [_rate(words, r.intervals[key]) for key, words in INTERVALS if key in r.intervals]
+        recorded = (r.recorded.get("intervals") or {}) if isinstance(r.recorded, dict) else {}
+        kept = [_rate(words, recorded[key]) for key, words in INTERVALS if key in recorded]
+        if not here and not kept:
+            continue
+        text = f"{r.name}: " + (f"measured here {', '.join(here)}" if here else "not measured here")
+        if kept:
+            where = "calibration" if r.recorded.get("measured_on") == "calibration" else "held-out"
+            trained = r.recorded.get("trained_rows")
+            text += (f"; recorded at export on {r.recorded.get('samples', '?')} {where} rows"
+                     + (f" ({trained} of them trained on)" if trained else "") + f": {', '.join(kept)}")
+        lines.append(text)
+    return ["95% intervals (Wilson; rows counted):", *(f"  {line}" for line in lines)] if lines else []
+
+
+def _rate(words: str, interval: dict[str, Any]) -> str:
+    return (f"{words} {interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}] "
+            f"on {interval['rows']}")
 
 
 def _get(row: Row, col: tuple[str, str, str, str]) -> Any:

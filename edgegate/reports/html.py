@@ -1,7 +1,8 @@
 """The HTML form of a compare report: a table and PNG plots drawn with matplotlib (the ``report`` extra).
 
-Output: ``report.html`` plus its images in ``<stem>_files/`` next to it (plain files, so the page opens
-offline and the images can be reused): accuracy vs mean exit depth over the exit-threshold sweep
+Output: ``report.html`` (the table, each agreement's rows and 95% interval, the notes) plus its images in
+``<stem>_files/`` next to it (plain files, so the page opens offline and the images can be reused):
+accuracy vs mean exit depth over the exit-threshold sweep
 (float and each bundle, operating points starred), per-layer SQNR bars, latency distribution.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgegate.errors import EdgegateError
-from edgegate.reports.compare_text import table
+from edgegate.reports.compare_text import interval_lines, table
 
 if TYPE_CHECKING:
     from edgegate.comparison import CompareReport
@@ -115,6 +116,11 @@ def _page(report: CompareReport, figures: list[tuple[str, str]]) -> str:
            "<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
     out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in cells]
     out.append("</tbody></table>")
+    intervals = interval_lines(report)
+    if intervals:
+        out.append(f"<p>{e(intervals[0])}</p><ul>")
+        out += [f"<li>{e(line.strip())}</li>" for line in intervals[1:]]
+        out.append("</ul>")
     out += [f"<p><b>{e(r.name)}</b>: {e(r.note)}</p>" for r in report.rows if r.status != "ok"]
     for src, caption in figures:
         out.append(f'<figure><img src="{e(src)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')

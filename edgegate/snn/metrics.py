@@ -59,5 +59,6 @@ def summarize(net: Network, result: SimResult, timesteps: int) -> dict[str, Any]
                       "total": energy_synops + energy_updates},
         "energy_pj_per_sample": (energy_synops + energy_updates) / per,
         "ann_energy_pj_per_sample": macs * PJ_MAC,
+        "energy_vs_ann": (energy_synops + energy_updates) / per / (macs * PJ_MAC) if macs else None,
         "constants": dict(CONSTANTS),
     }

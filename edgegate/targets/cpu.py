@@ -2,7 +2,11 @@
 
 compile: ``onnx.ModelProto`` (with its ``edgegate`` model-local functions) -> `Artifact` holding
 ``model.onnx`` (one file, no external data), after the ONNX checker (full_check) and a trial
-onnxruntime session. load: a bundle dir, `Bundle` or `Artifact` -> `CpuRunner`.
+onnxruntime session. A quantized (QDQ) graph first goes through the latency-aware pass
+(``edgegate.targets.cpu_latency``, ``-O latency_aware=false`` to skip it): regions that ONNX Runtime runs
+slower in INT8 than in float on this CPU are turned back to float, each decision and its measured times
+recorded in the artifact options (the manifest's ``target_options.latency_aware_decisions``).
+load: a bundle dir, `Bundle` or `Artifact` -> `CpuRunner`.
 Only `compile`/`check` need onnx; `load` and `CpuRunner` need numpy + onnxruntime alone.
 """
 
@@ -50,12 +54,18 @@ _ORT_DTYPES = {
 }
 
 
+_DECISIONS = "latency_aware_decisions"  # written by compile into the artifact options, read by nobody at run time
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuOptions:
-    """Session options, recorded in the manifest as ``target_options``."""
+    """Session options, recorded in the manifest as ``target_options`` (``timing_inputs`` is not)."""
 
     intra_op_threads: int = 0  # 0 lets onnxruntime pick (one per physical core)
     graph_optimization: str = "all"  # disable | basic | extended | all
+    latency_aware: bool = True  # measure INT8 regions against float at compile time; keep the faster
+    timing_inputs: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         t = self.intra_op_threads
@@ -69,16 +79,44 @@ class CpuOptions:
 
     @classmethod
     def from_manifest(cls, options: Mapping[str, Any]) -> CpuOptions:
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        known = {f.name for f in dataclasses.fields(cls)} - {"timing_inputs"}
+        unknown = sorted(set(options) - known - {_DECISIONS})
         if unknown:
             raise TargetError(f"cpu target_options has unknown keys {unknown}; re-export with this edgegate")
-        return cls(**options)
+        return cls(**{k: v for k, v in options.items() if k in known})
+
+    @classmethod
+    def from_strings(cls, user: Mapping[str, str], inputs: np.ndarray | None = None) -> CpuOptions:
+        """From ``-O key=value`` strings; ``inputs``: representative inputs for the latency-aware trials."""
+        values: dict[str, Any] = {}
+        for key, text in user.items():
+            if key == "intra_op_threads":
+                try:
+                    values[key] = int(text)
+                except ValueError:
+                    raise TargetError(f"cpu option intra_op_threads={text!r} must be an int >= 0") from None
+            elif key == "graph_optimization":
+                values[key] = text
+            elif key == "latency_aware":
+                if text.lower() not in _TRUE + _FALSE:
+                    raise TargetError(f"cpu option latency_aware={text!r} must be true or false")
+                values[key] = text.lower() in _TRUE
+            else:
+                raise TargetError(f"cpu takes no --target-option {key!r}; options: graph_optimization, "
+                                  "intra_op_threads, latency_aware")
+        return cls(**values, timing_inputs=inputs)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "timing_inputs"}
 
 
 class CpuTarget:
     name = "cpu"
     description = "ONNX Runtime on the host CPU (CPUExecutionProvider)"
     options_type = CpuOptions
+
+    def options_for_export(self, user: Mapping[str, str], context: Any) -> CpuOptions:
+        return CpuOptions.from_strings(user, getattr(context, "calibration", None))
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -142,7 +180,14 @@ class CpuTarget:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
         _session(data, options, "the compiled model")  # ORT must accept it now, not on the device
-        return Artifact(target=self.name, files={MODEL_FILE: data}, options=dataclasses.asdict(options))
+        recorded = options.to_manifest()
+        if options.latency_aware and _has_qdq(model):
+            from edgegate.targets.cpu_latency import keep_fast_regions
+
+            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options)
+            data = model.SerializeToString()
+            _session(data, options, "the latency-tuned model")
+        return Artifact(target=self.name, files={MODEL_FILE: data}, options=recorded)
 
     def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> CpuRunner:
         """A runner for a bundle (dir or `Bundle`) or an in-memory `Artifact`; needs only onnxruntime."""
@@ -237,6 +282,25 @@ def _session(source: bytes | str, options: CpuOptions, what: str) -> Any:
         return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises Fail/InvalidGraph/NotImplemented, all one-line-able
         raise TargetError(f"onnxruntime cannot load {what}: {_one_line(e)}") from e
+
+
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> np.ndarray:
+    """The representative inputs, else seeded random ones of the graph input's shape (batch 1 if dynamic)."""
+    if options.timing_inputs is not None:
+        return np.asarray(options.timing_inputs)
+    import onnx
+
+    inp = model.graph.input[0]
+    shape = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    rng = np.random.default_rng(0)
+    if np.dtype(dtype).kind in "iu":
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
 
 
 def _walk_nodes(model: onnx.ModelProto):

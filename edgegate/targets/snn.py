@@ -36,15 +36,17 @@ log = logging.getLogger(__name__)
 MODEL_FILE, IMAGE_FILE, STREAM_FILE, NIR_FILE, NEUROCOREX_FILE = (
     "model.onnx", "core.egc", "stream.bin", "model.nir", "neurocorex.bin")
 EARLY = ("auto", "on", "off")
-_RUNTIME_KEYS = ("exact", "golden_atol")  # written by compile for the pipeline, not options
+MAX_AUTO_TIMESTEPS = 128  # the longest run the calibration search considers (and the reference it keeps to)
+ROWS = 512  # calibration rows the search runs on
+_RUNTIME_KEYS = ("exact", "golden_atol", "tuning")  # written by compile for the pipeline, not options
 
 
 @dataclasses.dataclass(frozen=True)
 class SnnOptions:
     """Compile options (``-O key=value``; ``--timesteps T``). Recorded in the manifest without the data."""
 
-    timesteps: int = 128
-    early_decision: str = "auto"  # auto: on when the model has early exits
+    timesteps: int | None = None  # None: chosen from calibration (edgegate.snn.tune), at most MAX_AUTO_TIMESTEPS
+    early_decision: str = "auto"  # auto: on or off, and its margin, chosen from calibration
     margin: int = 4  # spikes the top output must lead the runner-up by
     min_steps: int = 8
     frac_bits: int = 8
@@ -61,6 +63,8 @@ class SnnOptions:
         for name, lo, hi in (("timesteps", 1, 65535), ("margin", 0, 65535), ("min_steps", 0, 65535),
                              ("frac_bits", 0, 16), ("k_syn", 0, 255), ("k_mem", 0, 255), ("refractory", 0, 255)):
             v = getattr(self, name)
+            if name == "timesteps" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise TargetError(f"snn option {name}={v!r} must be an int in {lo}..{hi}")
         if self.early_decision not in EARLY:
@@ -77,7 +81,7 @@ class SnnOptions:
             raise TargetError(f"snn takes no option {unknown[0]!r}; options: {', '.join(sorted(fields))}")
         values: dict[str, Any] = {}
         for key, text in user.items():
-            kind = type(fields[key].default)
+            kind = int if key == "timesteps" else type(fields[key].default)
             try:
                 if kind is bool:
                     if text.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
@@ -156,11 +160,19 @@ class SnnTarget:
             raise TargetError(f"snn cannot compile node {i.node} ({i.op_type}): {i.message}; {i.hint}")
         calibration = np.asarray(options.calibration, np.float32)
         _verify_chain(model, chain, calibration)
-        early = options.early_decision == "on" or options.early_decision == "auto" and chain.exits > 0
-        config = BalanceConfig(timesteps=options.timesteps, frac_bits=options.frac_bits, percentile=options.percentile,
-                               k_syn=options.k_syn, k_mem=options.k_mem, refractory=options.refractory,
-                               exit=ExitPolicy(early, options.margin, options.min_steps))
+        early = options.early_decision == "on"
+        config = BalanceConfig(timesteps=options.timesteps or MAX_AUTO_TIMESTEPS, frac_bits=options.frac_bits,
+                               percentile=options.percentile, k_syn=options.k_syn, k_mem=options.k_mem,
+                               refractory=options.refractory, exit=ExitPolicy(early, options.margin, options.min_steps))
         net = compile_network(chain, calibration, config)
+        tuning = None
+        if not options.timesteps or options.early_decision == "auto":
+            from edgegate.snn.tune import tune
+
+            net, tuning = tune(net, chain.forward(calibration[:ROWS])[-1], calibration,
+                               timesteps=options.timesteps or None, early=options.early_decision,
+                               margin=options.margin, min_steps=options.min_steps, max_timesteps=MAX_AUTO_TIMESTEPS)
+            early = net.exit.enabled
         outputs = [o.name for o in model.graph.output]
         io = {"input_name": chain.input_name, "input_shape": list(calibration.shape[1:]),
               "output_names": list((options.io or {}).get("output_names") or outputs),
@@ -178,10 +190,13 @@ class SnnTarget:
             from edgegate.snn.neurocorex import neurocorex_stream
 
             files[NEUROCOREX_FILE] = neurocorex_stream(net)
-        recorded = {**options.to_manifest(), "early_decision": "on" if early else "off", "exact": False,
+        recorded = {**options.to_manifest(), "timesteps": net.timesteps, "early_decision": "on" if early else "off",
+                    "margin": net.exit.margin, "exact": False,
                     # one output spike over a whole run: the emulator is deterministic, so bench reproduces
                     # golden outputs exactly; this is the resolution a spiking device is held to
                     "golden_atol": float(net.output.scale / net.timesteps)}
+        if tuning is not None:
+            recorded["tuning"] = tuning
         return Artifact(target=self.name, files=files, options=recorded)
 
     def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> SnnRunner:

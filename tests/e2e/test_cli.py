@@ -103,13 +103,19 @@ def test_int8_export_records_calibration_and_fidelity(int8_export):
     assert q["scheme"] == "int8" and q["calibration_data"] == "clusters"
     assert q["config"]["calibration"] == "gate_aware" and q["config"]["gate_precision"] == "float"
     assert q["plan"]["layers"] and q["float_layers"]  # stages quantized, exit heads kept float
-    assert q["fidelity"]["summary"]["exit_agreement"] >= 0.97
-    assert set(q["thresholds"][""]) == {"before", "after"}
+    # The fidelity target holds on the 3 400 held-out rows (test + train splits), with its interval.
+    fid = q["fidelity"]
+    assert fid["summary"]["exit_agreement"] >= 0.995 and fid["samples"] == 3400 and fid["trained_rows"] == 2800
+    assert fid["intervals"]["exit_agreement"]["rows"] == 3400 and fid["accuracy"]["samples"] == 600
     info = json.loads(edgegate("inspect", "int8.edgegate", "--json", cwd=trained).stdout)
-    # Stage 0 decides exit 0: promoted to A16W8 (two byte-sliced integer matmuls); stages 1-2 are int8.
-    assert q["a16"]["layers"] == ["stages.0.0"] and q["a16"]["exit_agreement"]["after"] >= 0.99
+    # The stages in front of the exits decide them: the search met the target by promoting them (A16W8 runs
+    # as two byte-sliced integer matmuls); every try it made is recorded, the last one chosen.
+    search = q["search"]
+    assert search["met"] and search["target"] == 0.995 and search["chosen"]["try"] == len(search["tries"]) - 1
+    assert q["a16"]["layers"] == search["chosen"]["a16_layers"] and q["warnings"] == []
     ops = info["onnx"]["op_counts"]
-    assert ops["MatMulInteger"] >= 2 and ops["QuantizeLinear"] >= 2
+    assert ops["MatMulInteger"] >= 2 * len(q["a16"]["layers"])
+    assert ops["QuantizeLinear"] >= sum(v["act_bits"] == 8 for v in q["plan"]["layers"].values()) >= 1
     r = edgegate("bench", "int8.edgegate", "--runs", "20", "--warmup", "2", cwd=trained)
     assert r.returncode == 0 and "Golden check : passed" in r.stdout
 

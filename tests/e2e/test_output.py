@@ -47,13 +47,20 @@ def test_export_ends_with_steps_in_run_order_and_fidelity(int8_export) -> None:
     assert sum(float(s) for _, s in timed) == pytest.approx(float(total), abs=0.15)
     m = json.loads((int8_export.cwd / "int8.edgegate" / "manifest.json").read_text())
     fid = m["quant"]["fidelity"]
-    assert fields["Fidelity"][0].startswith(f"top-1 agreement {fid['top1_agreement']:.4f}, output SQNR "
-                                            f"{fid['output_sqnr_db']:.1f} dB")
+    top1 = fid["intervals"]["top1_agreement"]
+    assert fields["Fidelity"][0].startswith(f"top-1 agreement {fid['top1_agreement']:.4f} [{top1['low']:.4f}, "
+                                            f"{top1['high']:.4f}], output SQNR {fid['output_sqnr_db']:.1f} dB")
     assert fields["Gate fidelity"] == [f"ExitMLP (whole model): exit agreement {fid['summary']['exit_agreement']:.4f}"
                                        + fields["Gate fidelity"][0].split(f"{fid['summary']['exit_agreement']:.4f}")[1]]
-    # It ends with what was kept in higher precision: the A16W8 layer and the float exit heads, with reasons.
-    assert lines[-2].startswith("A16 layers   : stages.0.0: 16-bit activations, int8 weights (exit agreement ")
-    assert lines[-1] == "Kept float   : heads.0 (exit head 0), heads.1 (exit head 1), heads.2 (exit head 2)"
+    # It ends with the fidelity target and what met it, then what was kept in higher precision, with reasons.
+    search = m["quant"]["search"]
+    assert fields["Target"][0].startswith(f"0.995 met by try {len(search['tries'])} of {len(search['tries'])} (")
+    assert fields["A16 layers"] == [f"{', '.join(m['quant']['a16']['layers'])}: 16-bit activations, int8 weights "
+                                    "(target 0.995)"]
+    kept = set(", ".join(fields["Kept float"]).split(", "))
+    promoted = {f"{p} (feeds a gate decision; kept float for gate fidelity)" for p in search["chosen"]["float_layers"]}
+    assert kept == {"heads.0 (exit head 0)", "heads.1 (exit head 1)", "heads.2 (exit head 2)", *promoted}
+    assert list(fields)[-3:] == ["Target", "A16 layers", "Kept float"]  # and nothing after: no warning
 
 
 def test_inspect_of_a_quantized_bundle_is_a_summary_with_the_raw_record_behind_json(int8_export) -> None:
@@ -65,12 +72,14 @@ def test_inspect_of_a_quantized_bundle_is_a_summary_with_the_raw_record_behind_j
     fields = _labelled(text)
     m = json.loads((work / "int8.edgegate" / "manifest.json").read_text())
     q = m["quant"]
+    # The observer is the one the fidelity search chose (percentile asked; all three are tried).
     assert fields["Quantization"] == [f"int8 (cpu form), gate-aware calibration on clusters ({q['samples']} samples), "
-                                      "observer percentile, gate layers kept float"]
+                                      f"observer {q['config']['observer']}, gate layers kept float"]
     stages = " / ".join(str(n) for n in q["calibrated"]["stages"][""])
     assert fields["Coverage"][0] == f"rows per stage of ExitMLP (whole model): {stages}"
     assert fields["Coverage"][-1] == "augmented for calibration: no"
-    assert fields["Kept float"] == ["heads.0 (exit head 0), heads.1 (exit head 1), heads.2 (exit head 2)"]
+    assert {"heads.0 (exit head 0)", "heads.1 (exit head 1)", "heads.2 (exit head 2)"} <= set(
+        ", ".join(fields["Kept float"]).split(", "))
     size = sum(f["bytes"] for f in m["files"].values()) / 1024
     assert fields["Files"][-1].endswith(f"; total {size:.1f} KiB")
     assert fields["ONNX ops"][1].startswith("edgegate::ExitDecision 2, ")  # edgegate's ops first

@@ -44,7 +44,7 @@ def test_document_and_machine(smoke):
     assert smoke["sizes"]["repeats"] >= 5
     for g in smoke["goals"]:
         assert g["met"] in (True, False) and g["value"] is not None, g
-    for title in ("CPU INT8", "Early exit", "Ternary", "SNN", "Export wall time", "Goals"):
+    for title in ("CPU INT8", "Early exit", "Ternary", "SNN", "Export wall time", "Real-size", "Goals"):
         assert title in smoke["_md"]
 
 
@@ -174,3 +174,22 @@ def test_load_note_only_under_load():
     quiet = {"cpus_usable": 2, "load_average_1_5_15": [0.5, 0.4, 0.3], "load_average_end": [1.2, 0.5, 0.3]}
     busy = {**quiet, "load_average_end": [6.5, 5.0, 4.0]}
     assert _load_note(quiet) == [] and "under load" in _load_note(busy)[0] and "6.5" in _load_note(busy)[0]
+
+
+def test_real_size(smoke):
+    s = smoke["sections"]["real_size"]
+    assert not s["errors"] and [m["model"] for m in s["models"]] == ["resnet18"] and s["input_size"] == 32
+    (m,) = s["models"]
+    assert {r["batch"] for r in m["latency"]} == {1, 4} and m["parameters"] > 0
+    for r in m["latency"]:
+        assert all(_positive(r[k]) for k in ("fp32_ms", "edgegate_ms", "ort_static_ms", "speedup_vs_fp32"))
+        assert r["speedup_vs_fp32"] == pytest.approx(r["fp32_ms"] / r["edgegate_ms"], rel=0.01)
+    for k in ("edgegate", "ort_static"):
+        assert math.isfinite(m["quality"][k]["sqnr_db"]) and 0.0 <= m["quality"][k]["top1_agreement"] <= 1.0
+    assert _positive(m["export"]["int8"]["wall_s"]) and "calibrate" in m["export"]["int8"]["steps_s"]
+    decisions = m["latency_aware"]["regions"]  # the cpu target recorded a measured decision per region
+    assert decisions and all(d["kept"] in ("int8", "float") for d in decisions)
+    names = {g["goal"] for g in s["goals"]}
+    assert "resnet18: INT8 >= 3x FP32 (batch 1, 1 thread)" in names and any("batch 4" in n for n in names)
+    e = smoke["sections"]["snn"]["energy"]
+    assert e["default"]["energy_pj_per_sample"] > 0 and e["ann_energy_pj_per_sample"] > 0

@@ -1,6 +1,8 @@
 """Gate-aware calibration on the zoo: fidelity, path-conditional statistics, coverage, re-tuning, bad data.
 
 Calibration uses each zoo model's ``val`` split, fidelity its ``test`` split (unless a test says why not).
+Tests of the mechanics (rows per layer, re-tuning, coverage) calibrate once (``ONCE``: no fidelity search,
+which may move layers to A16W8 or float); the fidelity search itself is tested in test_fidelity_search.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from edgegate.quantization import QuantConfig
 from edgegate.quantization.layers import quant_layer
 
 DIGITS = ["channel_gate", "gated_attention", "moe", "moe_pp", "threshold_gate"]
+ONCE = {"fidelity_target": 0}  # one calibration as configured
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +73,18 @@ def test_int8_accuracy_within_half_a_point_of_float(name, fidelity):
 
 
 def test_gate_decisions_survive_int8(fidelity):
+    """The default fidelity target (0.995) holds on every non-calibration row (train + test: 1 527 digits,
+    3 400 clusters samples), not only on the calibration rows the search judged."""
     for name in ("moe", "moe_pp"):
-        s = fidelity(name)["summary"]
-        assert s["topk_set_agreement"] >= 0.99 and s["top1_expert_agreement"] >= 0.99, (name, s)
-    assert fidelity("channel_gate")["summary"]["mask_hamming"] <= 0.005
-    assert fidelity("threshold_gate")["summary"]["mask_hamming"] <= 0.005
-    assert fidelity("gated_attention")["summary"]["gate_mae"] <= 0.005
-    # 8-bit everywhere gives 0.985 (9 of 600 test samples change exit: the int8 input of stage 0 moves the
-    # exit-0 score by ~0.003 and 39 samples lie within 0.01 of tau_0); gate-aware calibration promotes
-    # that layer to A16W8 (calibration agreement 0.987 -> 0.997), see test_int8_graph.py.
-    exit_agreement = fidelity("early_exit")["summary"]["exit_agreement"]
-    assert exit_agreement >= 0.99, exit_agreement
+        s = fidelity(name, "held_out")["summary"]
+        assert s["topk_set_agreement"] >= 0.995 and s["top1_expert_agreement"] >= 0.995, (name, s)
+    assert fidelity("channel_gate", "held_out")["summary"]["mask_hamming"] <= 0.005
+    assert fidelity("threshold_gate", "held_out")["summary"]["mask_hamming"] <= 0.005
+    assert fidelity("gated_attention", "held_out")["summary"]["gate_mae"] <= 0.005
+    # 8-bit everywhere gives 0.988 on these rows: the int8 input of stage 0 moves the exit-0 score, and many
+    # samples lie near tau_0; the search keeps the layers in front of the exits at higher precision.
+    assert fidelity("early_exit", "held_out")["summary"]["exit_agreement"] >= 0.995
+    assert fidelity("early_exit", "held_out", **ONCE)["summary"]["exit_agreement"] < 0.995
 
 
 @pytest.mark.parametrize("name", ["early_exit", "moe", "moe_pp"])
@@ -113,7 +117,7 @@ def test_float_router_keeps_more_top_k_sets_than_naive(name, fidelity):
 
 
 def test_early_exit_stages_see_exactly_the_samples_that_did_not_exit(calibrated):
-    model, qmodel, record, data = calibrated("early_exit")
+    model, qmodel, record, data = calibrated("early_exit", **ONCE)
     x = torch.from_numpy(data.split("val").input())
     with torch.no_grad():
         _, exit_index = model(x)
@@ -128,7 +132,7 @@ def test_early_exit_stages_see_exactly_the_samples_that_did_not_exit(calibrated)
 @pytest.mark.parametrize("name", ["moe", "moe_pp"])
 def test_each_expert_sees_exactly_its_routed_tokens(name, calibrated):
     # gate_precision=int8 also quantizes MoE++'s const_mix: it must see the tokens routed to a const slot.
-    model, qmodel, record, data = calibrated(name, gate_precision="int8")
+    model, qmodel, record, data = calibrated(name, gate_precision="int8", **ONCE)
     x = torch.from_numpy(data.split("val").input())
     with torch.no_grad():
         model(x)
@@ -157,7 +161,7 @@ def test_naive_baseline_feeds_every_quantizer_all_data(name, gate_layers, calibr
 
 
 def test_retuned_thresholds_reproduce_the_float_exit_profile(calibrated):
-    model, qmodel, record, data = calibrated("early_exit")
+    model, qmodel, record, data = calibrated("early_exit", **ONCE)
     x = torch.from_numpy(data.split("val").input())
     with torch.no_grad():
         _, f_exit = model(x)
@@ -214,7 +218,7 @@ def test_sparse_dispatch_equals_dense_and_runs_experts_on_routed_tokens_only(zoo
 
 
 def test_tiny_calibration_set_gets_augmented_coverage(zoo_model):
-    config = QuantConfig()  # min_coverage=32 > 20 samples: every path must see all 20
+    config = QuantConfig(**ONCE)  # min_coverage=32 > 20 samples: every path must see all 20
     default = _default_scale(config)
     model, _ = zoo_model("early_exit")
     x = zoo.entry("early_exit").load_data().split("val").input()[:20]
@@ -251,7 +255,7 @@ def test_layers_without_rows_fall_back_to_naive_and_dead_layers_stay_float(zoo_m
     with torch.no_grad():
         _, exit_index = model(val)
     x = val[exit_index == 0][:20]  # every sample leaves at exit 0: stages 1 and 2 get nothing
-    config = QuantConfig(augment=False)
+    config = QuantConfig(augment=False, **ONCE)
     qmodel, record = calibrate(model, x, config)
     assert {(f.layer, f.action, f.rows) for f in record.fallbacks} == {("stages.1.0", "naive", 20),
                                                                        ("stages.2.0", "naive", 20)}
@@ -296,7 +300,7 @@ def test_bad_calibration_data_is_a_data_error_naming_the_input(make, match, zoo_
 
 
 def test_bad_evaluation_labels_are_a_data_error(calibrated):
-    model, qmodel, _, data = calibrated("early_exit")
+    model, qmodel, _, data = calibrated("early_exit", **ONCE)
     x = data.split("test").input()
     with pytest.raises(DataError, match=r"'labels' has shape \(3,\)"):
         measure_fidelity(model, qmodel, x, np.zeros(3, dtype=np.int64))
@@ -307,7 +311,7 @@ def test_bad_evaluation_labels_are_a_data_error(calibrated):
 
 
 def test_record_is_manifest_ready(calibrated):
-    _, _, record, _ = calibrated("moe_pp")
+    _, _, record, _ = calibrated("moe_pp", **ONCE)
     d = json.loads(json.dumps(record.to_dict()))
     assert d["config"]["gate_precision"] == "float" and d["samples"] == 270
     assert d["plan"]["float_layers"] == ["moe.const_mix", "moe.router.proj"]

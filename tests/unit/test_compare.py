@@ -92,33 +92,61 @@ def test_exit_threshold_sweep(ee_report):
         assert all(0 < p["accuracy"] <= 1 for p in r.sweep)
 
 
-def test_per_layer_sqnr_covers_every_stage(ee_report):
+def test_per_layer_sqnr_covers_every_stage(ee, ee_report):
+    # Layers the fidelity search kept float reproduce the float model (inf, or round-off behind them).
+    chosen = json.loads((ee[1] / "manifest.json").read_text())["quant"]["search"]["chosen"]["float_layers"]
     for r in ee_report.rows[1:]:
         layers = r.layer_sqnr_db
         assert {"stages.0.0", "stages.1.0", "stages.2.0", "heads.0", "heads.1", "heads.2"} <= set(layers)
-        assert all(15 < v < 80 for v in layers.values()), layers  # int8: quantization noise, not garbage
+        exact = set(chosen) if r.kind == "bundle" else set()
+        assert all(layers[p] > 80 for p in exact), layers
+        # int8: quantization noise, not garbage
+        assert all(15 < v < 80 for p, v in layers.items() if p.startswith("stages.") and p not in exact), layers
     assert ee_report.rows[0].layer_sqnr_db == {}
 
 
 def test_json_is_versioned_and_strict(ee_report):
     d = ee_report.to_dict()
-    assert (d["format"], d["version"]) == (FORMAT, 2)
+    assert (d["format"], d["version"]) == (FORMAT, 3)
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert set(d) == {"format", "version", "model", "data", "rows", "notes"}
     row = d["rows"][1]
     assert set(row) == {"name", "kind", "path", "target", "quant", "calibration", "status", "note", "metrics",
-                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "histograms", "device"}
+                        "recorded", "latency", "batch", "layer_sqnr_db", "sweep", "histograms", "device",
+                        "intervals"}
     assert row["device"] is None  # measured here, not by a device agent
     assert d["rows"][2]["path"] is None  # the baseline lived in a temp dir
     assert set(row["latency"]) == {"min_ms", "mean_ms", "median_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms",
                                    "std_ms", "cv"}
 
 
+def test_agreements_carry_rows_and_wilson_intervals(ee_report):
+    """Measured here on the 600 test rows; recorded at export on the 3 400 held-out rows (train + test)."""
+    for r in ee_report.rows[1:]:
+        for key in ("accuracy", "top1_agreement", "exit_agreement"):
+            ci = r.intervals[key]
+            assert ci["rows"] == 600 and ci["value"] == r.metrics[key]
+            assert ci["low"] < ci["value"] <= ci["high"] <= 1 and ci["high"] - ci["low"] < 0.05
+    recorded = ee_report.rows[1].recorded
+    assert recorded["samples"] == 3400 and recorded["trained_rows"] == 2800
+    ci = recorded["intervals"]["exit_agreement"]
+    assert ci["rows"] == 3400 and ci["value"] == recorded["exit_agreement"] >= 0.995
+    assert ci["high"] - ci["low"] < ee_report.rows[1].intervals["exit_agreement"]["high"] - \
+        ee_report.rows[1].intervals["exit_agreement"]["low"]  # more rows, a narrower interval
+    assert ee_report.rows[0].intervals == {}
+
+
 def test_text_and_html_reports(ee_report, tmp_path):
     text = render_text(ee_report)
     for label in ("float", "ee-int8", "ee-int8 (naive)", "exit agr", "min layer SQNR dB", "p99 ms"):
         assert label in text
+    q = ee_report.rows[1]
+    ci = q.intervals["exit_agreement"]
+    line = next(x for x in text.splitlines() if x.startswith("  ee-int8: measured here"))
+    assert f"exit agr {ci['value']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}] on 600" in line
+    assert "recorded at export on 3400 held-out rows (2800 of them trained on): " in line
     page = write_html(ee_report, tmp_path / "report.html")
+    assert "95% intervals (Wilson; rows counted):" in page.read_text()
     images = page_images(page)
     assert len(images) == 3
     for png in images:

@@ -97,23 +97,37 @@ def test_integer_graph_follows_the_fake_quant_model(name, lowered):
 
 
 def test_decision_critical_layer_runs_a16w8_on_integer_matmuls(lowered):
+    """The fidelity search promotes layers in front of the exits: an A16W8 one runs as two byte-sliced integer
+    matmuls, a float one as a float matmul, and every other layer stays 8-bit."""
     q, proto, *_ = lowered("early_exit")
-    a16 = q.record["a16"]
-    assert a16["layers"] == ["stages.0.0"] and a16["exit_agreement"]["after"] >= 0.99 > a16["exit_agreement"]["before"]
-    assert q.record["plan"]["layers"]["stages.0.0"]["act_bits"] == 16
-    assert all(v["act_bits"] == 8 for k, v in q.record["plan"]["layers"].items() if k != "stages.0.0")
-    ops = [n.op_type for n in _optimized(proto).graph.node if n.name.startswith("stages.0.0.")]
-    assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" not in ops  # byte-sliced, no uint16 Q/DQ
+    chosen = q.record["search"]["chosen"]
+    a16, floated = q.record["a16"]["layers"], chosen["float_layers"]
+    assert a16 == chosen["a16_layers"] and a16 and set(a16) <= {"stages.0.0", "stages.1.0"}
+    assert q.record["search"]["met"] and set(floated) <= {"stages.0.0", "stages.1.0"}
+    layers = q.record["plan"]["layers"]
+    assert all(layers[p]["act_bits"] == 16 for p in a16)
+    assert all(v["act_bits"] == 8 for k, v in layers.items() if k not in a16)
+    assert all(p in q.record["plan"]["float_layers"] and "gate fidelity" in q.record["float_layers"][p]
+               for p in floated)
+    graph = _optimized(proto).graph
+    for p in a16:
+        ops = [n.op_type for n in graph.node if n.name.startswith(f"{p}.")]
+        assert ops.count("MatMulInteger") == 2 and "QuantizeLinear" not in ops  # byte-sliced, no uint16 Q/DQ
 
 
 def test_trt_flavor_keeps_the_decision_critical_layer_float(zoo_model):
-    """TensorRT has no 16-bit integer activations: the promoted layer stays float there, said so."""
+    """TensorRT has no 16-bit integer activations: the search skips A16W8 there and keeps layers float instead;
+    an A16W8 layer asked for explicitly stays float too, said so."""
     from edgegate.calibration import calibrate
     from edgegate.quantization import QuantConfig
 
     model, _ = zoo_model("early_exit")
     x = zoo.entry("early_exit").load_data().split("val").input()
     _, record = calibrate(model, x, QuantConfig(flavor="trt"))
-    assert record.a16["layers"] == ["stages.0.0"] and record.a16["exit_agreement"]["after"] >= 0.99
-    assert "stages.0.0" in record.plan.float_layers and "TensorRT" in record.float_layers["stages.0.0"]
+    assert record.search.met and record.a16 is None
+    assert "a16w8" not in {t.means for t in record.search.tries} and record.search.tries[-1].means == "float"
+    chosen = record.search.tries[record.search.chosen].settings
+    assert all(p in record.plan.float_layers for p in chosen["float_layers"])
     assert all(q.act_bits == 8 and q.act_zero_point == 0 for q in record.plan.layers.values())
+    _, record = calibrate(model, x, QuantConfig(flavor="trt", a16_layers=("stages.0.0",), fidelity_target=0))
+    assert "stages.0.0" in record.plan.float_layers and "TensorRT" in record.float_layers["stages.0.0"]

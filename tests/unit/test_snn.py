@@ -375,7 +375,7 @@ def test_compile_load_run_and_metrics(tmp_path):
     assert target.check(model) == []
     x = _calibration()
     ctx = CompileContext(input_name="x", output_names=("logits",), calibration=x)
-    options = target.options_for_export({"timesteps": "128", "margin": "5"}, ctx)
+    options = target.options_for_export({"timesteps": "128", "margin": "5", "early_decision": "off"}, ctx)
     art = target.compile(model, options, tmp_path)
     assert set(art.files) == {"model.onnx", "core.egc", "stream.bin", "model.nir"}
     assert art.options["exact"] is False and art.options["early_decision"] == "off" and art.options["margin"] == 5

@@ -183,7 +183,7 @@ def test_compile_and_run_artifact_with_local_function(tmp_path: Path) -> None:
     artifact = CpuTarget().compile(_model(), options, tmp_path)
     assert _listing(tmp_path) == []  # cpu needs no scratch files
     assert artifact.target == "cpu" and list(artifact.files) == ["model.onnx"]
-    assert artifact.options == {"intra_op_threads": 1, "graph_optimization": "basic"}
+    assert artifact.options == {"intra_op_threads": 1, "graph_optimization": "basic", "latency_aware": True}
     stored = onnx.load_model_from_string(artifact.files["model.onnx"])
     assert [f.name for f in stored.functions] == ["SigmoidGate"]
     with CpuTarget().load(artifact) as runner:

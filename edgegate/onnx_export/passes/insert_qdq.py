@@ -38,7 +38,9 @@ from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes.insert_op_qdq import insert_op_qdq
 from edgegate.onnx_export.passes.integer_kernels import lower_integer
+from edgegate.onnx_export.passes.merge_qdq import merge_qdq
 from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -55,12 +57,21 @@ class _Site:
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    out = _insert(model, plan, frozenset())
+    out = _lower(model, plan, frozenset())
     if plan.flavor is Flavor.CPU:
         # Linear layers that ORT would leave in float become explicit integer matmuls instead.
         left = frozenset(float_layers_after_ort(out) & set(plan.layers))
         if left:
-            out = _insert(model, plan, left)
+            out = _lower(model, plan, left)
+    return out
+
+
+def _lower(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) -> onnx.ModelProto:
+    """Layers, then functional ops (``insert_op_qdq``), then one quantizer per tensor (``merge_qdq``)."""
+    out = _insert(model, plan, integer)
+    if plan.ops or any(q.out_after_relu for q in plan.layers.values()):
+        # Functional ops and ReLU-fused outputs share one quantizer per tensor with the layers that read them.
+        out = merge_qdq(insert_op_qdq(out, plan))
     return out
 
 
@@ -165,6 +176,12 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
     if tuple(w_float.dims) != tuple(want):
         raise ExportError(f"layer {q.name}: ONNX weight {node.input[1]} has shape {list(w_float.dims)}, the plan "
                           f"{list(q.weight_int.shape)}; was the plan made for this model?")
+    if not matmul:  # MatMul weights were matched by value already
+        err = _rel_error(numpy_helper.to_array(w_float).astype(np.float32), q.dequantized_weight())
+        if err > MATCH_REL_ERROR:
+            # e.g. a BatchNorm the exporter folded into the conv while the plan was calibrated without it
+            raise ExportError(f"layer {q.name}: ONNX weight {node.input[1]} differs from the plan's by {err:.0%}; "
+                              "calibrate the model that is exported (BatchNorm folded)")
 
     def fresh(suffix: str) -> str:
         return fresh_name(names, f"{q.name}.{suffix}")
@@ -174,6 +191,13 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
         graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
+    if not matmul and q.bias is not None and (len(node.input) < 3 or not node.input[2]):
+        # The exporter drops an all-zero bias; bias correction may have given the quantized layer one.
+        name = init("bias", np.zeros(q.weight_int.shape[0], np.float32))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+        site.visible.maps[0][name] = graph.initializer[-1]
     if q.out_scale is not None or q.out_zero_point is not None:
         _quantize_output(site, flavor, fresh, init)
     if q.act_bits == 16 or integer:
@@ -252,6 +276,14 @@ def _quantize_output(site: _Site, flavor: Flavor, fresh, init) -> None:
                           f"[{lo}, {hi}]" + (" (flavor trt needs 0)" if flavor is Flavor.TRT else ""))
     scale = init("output_scale", np.float32(q.out_scale))
     zp = init("output_zero_point", np.array(q.out_zero_point, np.int8 if signed else np.uint8))
+    if q.out_after_relu:
+        # The quantizer was calibrated after the ReLU that alone reads the conv (zero point 0): ORT folds
+        # Relu -> QuantizeLinear into the QLinearConv in front of it.
+        readers = [n for n in graph.node if node.output[0] in n.input]
+        if len(readers) != 1 or readers[0].op_type != "Relu":
+            raise ExportError(f"layer {q.name}: the plan quantizes its output after a ReLU, but the ONNX graph "
+                              f"feeds {[n.op_type for n in readers]}; was the plan made for this model?")
+        node = readers[0]
     y, raw, yq = node.output[0], fresh("output_float"), fresh("output_quantized")
     node.output[0] = raw
     at = list(graph.node).index(node)

@@ -1,0 +1,113 @@
+"""The cpu target's latency-aware pass: measured decisions, recorded with their times, and switchable.
+
+The slow case is built to be slow in INT8 by a wide margin: a chain of quantized HardSwish ops, which
+ONNX Runtime runs as DequantizeLinear -> HardSigmoid -> Mul -> QuantizeLinear each (it has no integer
+HardSwish), against one float HardSwish each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgegate.errors import TargetError
+from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
+from edgegate.targets.cpu import CpuOptions, CpuTarget
+
+SHAPE = [1, 32, 64, 64]
+CHAIN = 4
+
+
+def hardswish_chain() -> onnx.ModelProto:
+    """x -> (Q -> DQ -> HardSwish) x CHAIN -> Q -> DQ -> y, uint8 activations, scale 1/32."""
+    inits = [numpy_helper.from_array(np.float32(1 / 32), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    nodes, x = [], "x"
+    for i in range(CHAIN):
+        nodes += [helper.make_node("QuantizeLinear", [x, "s", "z"], [f"q{i}"], name=f"q{i}"),
+                  helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"d{i}"], name=f"d{i}"),
+                  helper.make_node("HardSwish", [f"d{i}"], [f"h{i}"], name=f"hardswish{i}")]
+        x = f"h{i}"
+    nodes += [helper.make_node("QuantizeLinear", [x, "s", "z"], ["qy"], name="qy"),
+              helper.make_node("DequantizeLinear", ["qy", "s", "z"], ["y"], name="dy")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    options = CpuOptions(intra_op_threads=1, timing_inputs=x)
+    return CpuTarget().compile(hardswish_chain(), options, tmp_path_factory.mktemp("cpu")), x
+
+
+def test_slower_int8_region_is_made_float_and_recorded(compiled):
+    artifact, x = compiled
+    record = artifact.options["latency_aware_decisions"]
+    (decision,) = record["regions"]
+    assert decision["nodes"] == CHAIN and decision["kept"] == "float"
+    # The decision follows the times it records: INT8 kept only at >= 1.02x; here float wins clearly.
+    assert decision["float_ms"]["1"] < decision["int8_ms"]["1"] and decision["int8_speedup"]["1"] < 1.02
+    assert record["min_speedup"] == 1.02 and record["batches"] == [1] and record["threads"] == 1
+    model = onnx.load_from_string(artifact.files["model.onnx"])
+    ops = [n.op_type for n in model.graph.node]
+    # Only the output's Q/DQ may stay (the graph decided region by region), or none (the all-float form won).
+    assert ops.count("HardSwish") == CHAIN and ops.count("QuantizeLinear") <= 1
+    # Float is at least as exact as the quantized chain, against the chain computed in float64.
+    from edgegate.targets.cpu import _session
+
+    exact = x.astype(np.float64)
+    for _ in range(CHAIN):
+        exact = exact * np.clip(exact / 6 + 0.5, 0, 1)
+    int8 = _session(hardswish_chain().SerializeToString(), CpuOptions(), "int8").run(None, {"x": x})[0]
+    tuned = _session(artifact.files["model.onnx"], CpuOptions(), "tuned").run(None, {"x": x})[0]
+    assert np.abs(tuned - exact).mean() < np.abs(int8 - exact).mean()
+
+
+def test_decisions_go_to_the_manifest_options_and_load_back(compiled):
+    artifact, _ = compiled
+    options = CpuOptions.from_manifest(artifact.options)
+    assert options.latency_aware is True and options.timing_inputs is None
+    assert "timing_inputs" not in artifact.options
+
+
+def test_latency_aware_false_leaves_the_graph_alone(tmp_path):
+    x = np.zeros(SHAPE, np.float32)
+    artifact = CpuTarget().compile(hardswish_chain(), CpuOptions.from_strings({"latency_aware": "false"}, x), tmp_path)
+    assert "latency_aware_decisions" not in artifact.options and artifact.options["latency_aware"] is False
+    model = onnx.load_from_string(artifact.files["model.onnx"])
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == CHAIN + 1
+
+
+def test_cpu_options_from_strings():
+    assert CpuOptions.from_strings({"intra_op_threads": "2", "latency_aware": "off"}).intra_op_threads == 2
+    with pytest.raises(TargetError, match="latency_aware='maybe' must be true or false"):
+        CpuOptions.from_strings({"latency_aware": "maybe"})
+    with pytest.raises(TargetError, match="cpu takes no --target-option 'warp'"):
+        CpuOptions.from_strings({"warp": "9"})
+
+
+def test_regions_and_to_float_keep_neighbours_int8():
+    """Two regions by scope: turning the first to float leaves the second's Q/DQ in place."""
+    model = hardswish_chain()
+    for i, node in enumerate(n for n in model.graph.node if n.op_type == "HardSwish"):
+        node.metadata_props.add(key="pkg.torch.onnx.name_scopes",
+                                value=str(["", f"stage{i // 2}", f"hardswish_{i}"]))
+    model = with_node_names(model)
+    found = regions(model)
+    assert [(name, len(nodes)) for name, nodes in found] == [("stage0", 2), ("stage1", 2)]
+    first = to_float(model, found[0][1])
+    readers = {n.name: list(n.input) for n in first.graph.node}
+    assert readers["hardswish0"] == ["x"] and readers["hardswish1"] == ["h0"]  # float inside the region
+    assert readers["hardswish2"] == ["d2"] and readers["hardswish3"] == ["d3"]  # INT8 input kept outside
+    onnx.checker.check_model(first, full_check=True)
+
+
+def test_all_float_drops_every_activation_qdq():
+    model = all_float(with_node_names(hardswish_chain()))
+    ops = [n.op_type for n in model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops and ops.count("HardSwish") == CHAIN
+    assert [o.name for o in model.graph.output] == ["y"]
+    onnx.checker.check_model(model, full_check=True)
