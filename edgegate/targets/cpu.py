@@ -65,7 +65,9 @@ class CpuOptions:
     intra_op_threads: int = 0  # 0 lets onnxruntime pick (one per physical core)
     graph_optimization: str = "all"  # disable | basic | extended | all
     latency_aware: bool = True  # measure INT8 regions against float at compile time; keep the faster
-    timing_inputs: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Rows of the first input, or of every input by name (several inputs).
+    timing_inputs: np.ndarray | Mapping[str, np.ndarray] | None = dataclasses.field(default=None, repr=False,
+                                                                                   compare=False)
 
     def __post_init__(self) -> None:
         t = self.intra_op_threads
@@ -86,7 +88,8 @@ class CpuOptions:
         return cls(**{k: v for k, v in options.items() if k in known})
 
     @classmethod
-    def from_strings(cls, user: Mapping[str, str], inputs: np.ndarray | None = None) -> CpuOptions:
+    def from_strings(cls, user: Mapping[str, str],
+                     inputs: np.ndarray | Mapping[str, np.ndarray] | None = None) -> CpuOptions:
         """From ``-O key=value`` strings; ``inputs``: representative inputs for the latency-aware trials."""
         values: dict[str, Any] = {}
         for key, text in user.items():
@@ -116,7 +119,9 @@ class CpuTarget:
     options_type = CpuOptions
 
     def options_for_export(self, user: Mapping[str, str], context: Any) -> CpuOptions:
-        return CpuOptions.from_strings(user, getattr(context, "calibration", None))
+        several = getattr(context, "calibration_inputs", None)  # every input of a model that has several
+        return CpuOptions.from_strings(user, several if several and len(several) > 1
+                                       else getattr(context, "calibration", None))
 
     def is_available(self) -> tuple[bool, str]:
         try:
@@ -288,19 +293,23 @@ def _has_qdq(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
 
 
-def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> np.ndarray:
-    """The representative inputs, else seeded random ones of the graph input's shape (batch 1 if dynamic)."""
+def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> np.ndarray | dict[str, np.ndarray]:
+    """The representative inputs (rows of the first input, or of every input by name), else seeded random
+    ones of each graph input's shape (batch 1 if dynamic), keyed by name when the graph has several."""
+    if isinstance(options.timing_inputs, Mapping):
+        return {k: np.asarray(v) for k, v in options.timing_inputs.items()}
     if options.timing_inputs is not None:
         return np.asarray(options.timing_inputs)
     import onnx
 
-    inp = model.graph.input[0]
-    shape = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
     rng = np.random.default_rng(0)
-    if np.dtype(dtype).kind in "iu":
-        return rng.integers(0, 2, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+    out = {}
+    for inp in model.graph.input:
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        out[inp.name] = (rng.integers(0, 2, size=shape) if np.dtype(dtype).kind in "iu"
+                         else rng.standard_normal(shape)).astype(dtype)
+    return out if len(out) > 1 else next(iter(out.values()))
 
 
 def _walk_nodes(model: onnx.ModelProto):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -79,17 +80,19 @@ class _Timer:
         return out
 
 
-def _feeds(inputs: np.ndarray, input_name: str, static_batch: int | None) -> list[dict[str, np.ndarray]]:
+def _feeds(inputs: Mapping[str, np.ndarray], static_batch: int | None) -> list[dict[str, np.ndarray]]:
     batches = [static_batch] if static_batch else [1, LARGE_BATCH]
     out = []
     for b in batches:
-        x = inputs[:b] if len(inputs) >= b else np.resize(inputs, (b, *inputs.shape[1:]))
-        out.append({input_name: np.ascontiguousarray(x)})
+        out.append({name: np.ascontiguousarray(x[:b] if len(x) >= b else np.resize(x, (b, *x.shape[1:])))
+                    for name, x in ((n, np.asarray(v)) for n, v in inputs.items())})
     return out
 
 
-def keep_fast_regions(model, inputs: np.ndarray, options: Any) -> tuple[Any, dict[str, Any]]:
-    """(model with slow INT8 regions in float, the decision record for the manifest)."""
+def keep_fast_regions(model, inputs: np.ndarray | Mapping[str, np.ndarray],
+                      options: Any) -> tuple[Any, dict[str, Any]]:
+    """(model with slow INT8 regions in float, the decision record for the manifest). ``inputs``: rows of the
+    first graph input, or of every input keyed by name (a model with several inputs)."""
     from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
 
     model = with_node_names(model)
@@ -100,7 +103,8 @@ def keep_fast_regions(model, inputs: np.ndarray, options: Any) -> tuple[Any, dic
     dims = graph_input.type.tensor_type.shape.dim
     static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     threads = options.intra_op_threads or 1
-    timer = _Timer(options, threads, _feeds(np.asarray(inputs), graph_input.name, static_batch))
+    feeds = inputs if isinstance(inputs, Mapping) else {graph_input.name: inputs}
+    timer = _Timer(options, threads, _feeds(feeds, static_batch))
     start = time.perf_counter()
     current, current_bytes = model, model.SerializeToString()
     current_session = timer.session(current_bytes)

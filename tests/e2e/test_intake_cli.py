@@ -256,8 +256,9 @@ def test_token_model_with_attention_mask_int8_holdout_bench_compare(hf, capsys):
     np.savez(work / "tokens.npz", input_ids=ids, attention_mask=mask)
     inputs = ("--input", f"input_ids:1x{SEQ}:int64", "--input", f"attention_mask:1x{SEQ}:int64")
     bundle = work / "q8.edgegate"
+    # The cpu target's latency pass times the int8 graph with both inputs; the fidelity search is not the point.
     code, _, err = cli(capsys, "export", folder, *inputs, "--quant", "int8", "--calib", work / "tokens.npz",
-                       "--holdout", "0.25", "-o", bundle)
+                       "--holdout", "0.25", "--fidelity-target", "0", "-o", bundle)
     assert code == 0, err
     m = json.loads((bundle / "manifest.json").read_text())
     assert [i["name"] for i in m["export"]["inputs"]] == ["input_ids", "attention_mask"]
