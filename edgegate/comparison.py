@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from edgegate.data import Inputs, TensorSpec
+from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, TensorSpec, next_token_labels
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.metrics import (
     decision_agreement,
@@ -181,6 +181,8 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     step("float model")
     with torch.no_grad():
         float_out = _torch_outputs(model, x, names)
+    tokens = next_token_labels(x.arrays, labels, _logits(float_out).shape)
+    labels = labels if tokens is None else tokens  # a causal LM is scored per token on the next one
     float_row = _float_row(model, x, labels, float_out, config)
     skip = next((b.manifest["moe_skip"] for b in bundles if b.manifest.get("moe_skip")), None)
     if skip:
@@ -223,6 +225,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     on_calib = [r.name for r in rows if r.recorded.get("measured_on") == "calibration"]
     notes = NOTES + ((f"{CALIBRATION_ROWS_NOTE}: {', '.join(on_calib)}",) if on_calib else ())
     notes += (DEVICE_NOTE,) if any(r.device for r in rows) else ()
+    notes += (f"accuracy and loss: {NEXT_TOKEN_TASK}",) if tokens is not None else ()
     return CompareReport(model=model_info, data=data_info, rows=tuple(rows), notes=notes)
 
 
@@ -417,8 +420,14 @@ def _logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
-    if labels is None or logits.ndim != 2:
+    """Accuracy and loss: labels [N] of logits [N, C], or per-token targets [N, T] of logits [N, T, V]
+    (`UNSCORED` positions left out)."""
+    if labels is None or labels.ndim != logits.ndim - 1 or labels.shape != logits.shape[:-1]:
         return {}
+    scored = labels != UNSCORED
+    if not scored.any():
+        return {}
+    logits, labels = logits[scored], labels[scored]  # flattened to [scored, C]
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -461,9 +470,10 @@ def _gate_outputs(out: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) -> dict[str, dict[str, float | int]]:
     """Wilson 95% interval of each rate in ``metrics`` over the rows it was counted on: samples, or routed
-    tokens (every leading dim of the route output) for the expert agreements, tokens (every element of the
-    learner-count output) for the learner-count agreement."""
-    samples = len(_logits(f))
+    tokens (every leading dim of the route output) for the expert agreements and for a causal LM's logits, tokens
+    (every element of the learner-count output) for the learner-count agreement."""
+    logits = _logits(f)
+    samples = int(logits.size // logits.shape[-1])  # a causal LM's logits decide per token
     r = next((k for k in f if k.startswith("route")), None)
     tokens = routed_rows(f[r]) if r else samples
     c = next((k for k in f if k.startswith("learner")), None)

@@ -346,6 +346,35 @@ def _spec_of(name: str, array: np.ndarray | None, shape: Sequence[int] | None) -
     return TensorSpec(name, tuple(array.shape[1:] if shape is None else shape), str(array.dtype))
 
 
+# -------------------------------------------------------------------------------------- token-level LMs
+
+TOKEN_INPUT, MASK_INPUT, UNSCORED = "input_ids", "attention_mask", -1
+NEXT_TOKEN_TASK = ("next-token prediction at every position: position t's target is input_ids[t+1], the last "
+                   "position's is the row's label when the data has labels; masked-out positions are not scored")
+
+
+def next_token_labels(inputs: Mapping[str, Any], labels: np.ndarray | None,
+                      logits_shape: Sequence[int]) -> np.ndarray | None:
+    """Targets [N, T] (`UNSCORED` where none) of a causal LM's logits [N, T, V] (see `NEXT_TOKEN_TASK`), or
+    None when the logits are not per token of an integer ``input_ids`` [N, T]."""
+    ids = inputs.get(TOKEN_INPUT)
+    if ids is None or len(logits_shape) != 3:
+        return None
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu" or tuple(ids.shape) != tuple(logits_shape[:2]):
+        return None
+    targets = np.full(ids.shape, UNSCORED, np.int64)
+    targets[:, :-1] = ids[:, 1:]
+    if labels is not None and np.asarray(labels).shape == ids.shape[:1]:
+        targets[:, -1] = np.asarray(labels)
+    mask = inputs.get(MASK_INPUT)
+    if mask is not None and np.asarray(mask).shape == ids.shape:
+        live = np.asarray(mask) != 0
+        targets[~live] = UNSCORED
+        targets[:, :-1][~live[:, 1:]] = UNSCORED  # a target that is padding is no next token
+    return targets
+
+
 # -------------------------------------------------------------------------------------------- validate
 
 

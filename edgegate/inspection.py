@@ -2,7 +2,8 @@
 
 Input: a path. Output: a plain dict (rendered by ``edgegate inspect``, or ``--json``). A bundle is
 described with the standard library alone (its ONNX op counts when onnx is installed), an ONNX file
-needs onnx, a model file the compile extra (torch).
+needs onnx, a model file or a Hugging Face folder the compile extra (torch; ``hf`` for the folder). A
+model is described as ``export`` would see it: the converters that apply and the gates found after them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from pathlib import Path
 
 from edgegate import targets
 from edgegate.errors import EdgegateError, ModelFormatError, TargetError
+from edgegate.loading.hf import is_hf_folder
 
 
 def describe(path: str | Path, *, trust_model: bool = False, model_class: str | None = None) -> dict:
     path = Path(path)
     if not path.exists():
         raise EdgegateError(f"{path}: no such file or directory")
+    if is_hf_folder(path):
+        return describe_model(path, trust_model=trust_model, model_class=model_class)
     if path.is_dir():
         return describe_bundle(path, trust_model=trust_model)
     with path.open("rb") as f:
@@ -94,15 +98,39 @@ def describe_onnx(data: bytes) -> dict:
 
 
 def describe_model(path: Path, *, trust_model: bool, model_class: str | None) -> dict:
+    """A model file or Hugging Face folder: what it is and what ``export`` would find in it. The converters
+    run as in ``export`` (a copy in memory; not checked against the original, which ``export`` does on data)."""
+    from edgegate.convert import convert
     from edgegate.gates import find_gates
     from edgegate.loading import detect_format, load
 
     fmt = detect_format(path)
     loaded = load(path, trust_model=trust_model, model_class=model_class)
     params = sum(p.numel() for p in loaded.module.parameters())
+    conversion = convert(loaded.module)
     return {"kind": "model", "path": str(path), "format": str(fmt), "sha256": loaded.sha256,
-            "class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
-            "meta": loaded.spec.get("meta"), "parameters": params, "gates": find_gates(loaded.module).to_dict()}
+            "class": loaded.spec.get("class"), "architecture": _architecture(loaded.spec),
+            "config": loaded.spec.get("config"), "meta": loaded.spec.get("meta"), "parameters": params,
+            "converters": converter_summary(conversion.converted),
+            "unrecognised": list(conversion.unrecognised), "gates": find_gates(conversion.module).to_dict()}
+
+
+def converter_summary(converted) -> list[dict]:
+    """One row per (source class, edgegate class): how many modules it converts and the first path."""
+    rows: dict[tuple[str, str], dict] = {}
+    for c in converted:
+        key = (c.source_class, c.target_class)
+        row = rows.setdefault(key, {"source_class": c.source_class, "target_class": c.target_class,
+                                    "family": c.family, "modules": 0, "first": c.path})
+        row["modules"] += 1
+    return list(rows.values())
+
+
+def _architecture(spec: dict) -> str | None:
+    """The Hugging Face model_type (``mixtral``) of a folder, else None."""
+    config = spec.get("config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def _looks_like_engine(head: bytes) -> bool:

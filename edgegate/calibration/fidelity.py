@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
-from edgegate.data import Inputs
+from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, next_token_labels
 from edgegate.gates import GateKind, GateMap, find_gates
 from edgegate.metrics import (
     decision_agreement,
@@ -104,12 +104,18 @@ def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int
     return out
 
 
+def _numpy(t: Any) -> np.ndarray:
+    return t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
 def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
                      labels: np.ndarray | torch.Tensor | None = None,
                      gate_map: GateMap | None = None, *, input_spec: Specs = None,
                      batch_size: int | None = None) -> dict[str, Any]:
     """Float vs quantized on held-out ``data`` ([N, ...] per input, as `calibrate` takes it; ``labels``
-    [N] class ids, optional).
+    [N] class ids, optional). A causal LM (logits [N, T, V] of ``input_ids`` [N, T]) is scored on
+    next-token prediction (``data.NEXT_TOKEN_TASK``; ``task`` and ``scored_tokens`` say so), the labels
+    being the token after each window; agreement and SQNR are over every token.
 
     ``batch_size``: rows per forward (default: all at once). Both models run in eval mode with their
     own thresholds (the quantized model's re-tuned ones).
@@ -127,11 +133,17 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
         "top1_agreement": top1_agreement(f_out.numpy(), q_out.numpy()),
         "output_sqnr_db": sqnr_db(f_out.numpy(), q_out.numpy()),
     }
-    if y is not None:
-        result["accuracy"] = {"float": float((f_out.argmax(-1) == y).float().mean()),
-                              "quant": float((q_out.argmax(-1) == y).float().mean())}
-        result["loss"] = {"float": float(F.cross_entropy(f_out.float(), y)),
-                          "quant": float(F.cross_entropy(q_out.float(), y))}
+    tokens = next_token_labels(x.map(_numpy).arrays, None if y is None else y.numpy(), tuple(f_out.shape))
+    if tokens is not None:  # a causal LM: logits per token; labels, if any, are the token after the window
+        y = torch.from_numpy(tokens)
+        result["task"] = NEXT_TOKEN_TASK
+        result["scored_tokens"] = int((y != UNSCORED).sum())
+    if y is not None and y.dim() == f_out.dim() - 1 and bool((y != UNSCORED).any()):
+        scored = y != UNSCORED
+        result["accuracy"] = {"float": float((f_out.argmax(-1) == y)[scored].float().mean()),
+                              "quant": float((q_out.argmax(-1) == y)[scored].float().mean())}
+        result["loss"] = {"float": float(F.cross_entropy(f_out[scored].float(), y[scored])),
+                          "quant": float(F.cross_entropy(q_out[scored].float(), y[scored]))}
     gates: dict[str, Any] = {}
     for info in gate_map:
         if info.name in f_gates and info.name in q_gates:
@@ -141,9 +153,11 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
             gates[info.name] = {"kind": str(info.kind), "observed": False}
     result["gates"] = gates
     summary: dict[str, float] = {}
-    intervals = {"top1_agreement": wilson(result["top1_agreement"], len(x)).to_dict()}
-    if y is not None:
-        intervals["accuracy"] = wilson(result["accuracy"]["quant"], len(x)).to_dict()
+    # Rows behind each rate: one decision per sample, or per token for a causal LM's per-token logits.
+    decisions = int(f_out.numel() // f_out.shape[-1])
+    intervals = {"top1_agreement": wilson(result["top1_agreement"], decisions).to_dict()}
+    if "accuracy" in result:
+        intervals["accuracy"] = wilson(result["accuracy"]["quant"], result.get("scored_tokens", len(x))).to_dict()
     for metric, higher in HIGHER_IS_BETTER.items():
         values = [g for g in gates.values() if metric in g]
         if values:

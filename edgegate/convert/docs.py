@@ -72,8 +72,10 @@ A network whose `forward` decides in Python (`if confidence > t: return ...`) ca
 is. Wrap its parts, trained weights kept:
 
 ```python
-net = edgegate.nn.EarlyExitNet.wrap(stages=[block1, block2, block3], heads=[exit1, exit2, classifier],
-                                    thresholds=[0.9, 0.8], policy="maxprob")
+from edgegate.nn import EarlyExitNet
+
+net = EarlyExitNet.wrap(stages=[block1, block2, block3], heads=[exit1, exit2, classifier],
+                        thresholds=[0.9, 0.8], policy="maxprob")
 ```
 
 Sample b leaves at exit k when `max softmax(heads[k](h)) >= thresholds[k]` (`policy="learned"` takes

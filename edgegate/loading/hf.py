@@ -111,6 +111,8 @@ def load_folder(path: Path, inputs: Sequence[TensorSpec] = ()) -> tuple[Any, dic
     import torch
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from edgegate.loading.hf_bitnet import is_bitnet, load_bitnet  # torch side, like hf_module
+
     model_type = config_dict.get("model_type")
 
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
@@ -129,9 +131,12 @@ def load_folder(path: Path, inputs: Sequence[TensorSpec] = ()) -> tuple[Any, dic
                                    f"({one_line(e, 200)}); re-save the model") from e
         _check_size(path, cls, config, headers)
         try:
-            model, info = cls.from_pretrained(
-                path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                dtype=torch.float32, experts_implementation=EXPERTS_IMPLEMENTATION, output_loading_info=True)
+            if is_bitnet(config):  # from_pretrained's BitNet quantizer insists on accelerate, unused on CPU
+                model, info = load_bitnet(path, cls, config)
+            else:
+                model, info = cls.from_pretrained(
+                    path, config=config, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                    dtype=torch.float32, experts_implementation=EXPERTS_IMPLEMENTATION, output_loading_info=True)
         except EdgegateError:
             raise
         except Exception as e:

@@ -20,7 +20,8 @@ __all__ = ["render_inspect"]
 def render_inspect(info: Mapping[str, Any], *, layers: bool = False) -> str:
     kind = info.get("kind")
     what = {"bundle": f"bundle for target {info.get('target')}, every file's sha256 verified",
-            "model": "model file", "onnx": "ONNX model", "engine": "TensorRT engine"}.get(str(kind), str(kind))
+            "model": "Hugging Face model folder" if info.get("format") == "hf-folder" else "model file",
+            "onnx": "ONNX model", "engine": "TensorRT engine"}.get(str(kind), str(kind))
     lines = [f"=== edgegate inspect: {info.get('path')} ({what}) ==="]
     if kind == "bundle":
         lines += bundle_lines(info)
@@ -51,6 +52,13 @@ def _model_lines(info: Mapping[str, Any]) -> list[str]:
     lines = labelled("Model", [f"{str(info.get('class') or '?').rpartition(':')[2]} ({info.get('format')}), "
                                f"{f'{params:,}' if isinstance(params, int) else '?'} parameters, "
                                f"sha256 {str(info.get('sha256'))[:12]}..."])
+    if info.get("architecture"):
+        lines += labelled("Architecture", [str(info["architecture"])])
+    converters = info.get("converters")
+    if converters is not None:  # what export would replace; the gates below are found after it
+        lines += labelled("Converters", [_converter_line(c) for c in converters] or ["none apply"])
+    if info.get("unrecognised"):
+        lines += labelled("No converter", [f"{', '.join(info['unrecognised'])}: MoE-like, export as plain ops"])
     meta = info.get("meta") or {}
     if meta.get("inputs"):
         lines += labelled("Inputs", [", ".join(f"{i.get('name')} {i.get('dtype')} {i.get('shape')}"
@@ -61,6 +69,12 @@ def _model_lines(info: Mapping[str, Any]) -> list[str]:
     if metrics:
         lines += labelled("Metrics", pack(f"{k} {_detail(v)}" for k, v in metrics.items()))
     return lines
+
+
+def _converter_line(c: Mapping[str, Any]) -> str:
+    family = f" ({c['family']})" if c.get("family") else ""
+    source, target = (str(c.get(k, "?")).rpartition(":")[2] for k in ("source_class", "target_class"))
+    return f"{c.get('modules')} x {source} -> {target}{family}, first {c.get('first') or '<model>'}"
 
 
 def _onnx_lines(o: Mapping[str, Any], *, io: bool) -> list[str]:
