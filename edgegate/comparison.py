@@ -38,9 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
 
-from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, TensorSpec, next_token_labels
+from edgegate import targets
+from edgegate.benchmark import BenchConfig, bench
+from edgegate.bundle import read_bundle
+from edgegate.data import (
+    BUILTINS,
+    NEXT_TOKEN_TASK,
+    UNSCORED,
+    Inputs,
+    TensorSpec,
+    load_data,
+    next_token_labels,
+    validate_inputs,
+)
 from edgegate.errors import EdgegateError, TargetError
+from edgegate.loading import load, model_inputs
 from edgegate.metrics import (
     decision_agreement,
     routed_rows,
@@ -50,6 +65,11 @@ from edgegate.metrics import (
     topk_set_agreement,
     wilson,
 )
+from edgegate.onnx_export.torch_export import is_early_exit, output_names
+from edgegate.pipeline import ExportConfig, run_export
+from edgegate.reports.layer_sqnr import add_layer_sqnr
+from edgegate.reports.onnx_probe import ProbeError, exit_threshold_names, run_onnx, with_thresholds
+from edgegate.reports.skip_sweep import bundle_sweep, float_sweep, skipping
 from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
 
 # The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
@@ -156,12 +176,6 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     a device agent's client); accuracy and fidelity are still measured here. A `TargetError` from it (the
     device cannot run the target) makes that row skipped.
     """
-    import torch
-
-    from edgegate.bundle import read_bundle
-    from edgegate.loading import load, model_inputs
-    from edgegate.onnx_export.torch_export import output_names
-
     step = on_step or (lambda s: None)
     if not bundle_paths:
         raise CompareError("compare needs at least one bundle directory after the model")
@@ -187,8 +201,6 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     skip = next((b.manifest["moe_skip"] for b in bundles if b.manifest.get("moe_skip")), None)
     if skip:
         step("float skip sweep")
-        from edgegate.reports.skip_sweep import float_sweep
-
         float_row = dataclasses.replace(float_row, skip_sweep=float_sweep(model, x, labels, skip))
     rows = [float_row]
     probes: list[tuple[int, Any]] = []
@@ -214,8 +226,6 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
                 probes.append((len(rows) - 1, proto))
         if probes:
             step("per-layer SQNR")
-            from edgegate.reports.layer_sqnr import add_layer_sqnr
-
             rows = add_layer_sqnr(rows, probes, model, x[: config.layer_samples], float_out)
     # A baseline bundle lived in a temp dir: it has a name, not a path.
     rows = [dataclasses.replace(r, name=f"{r.name} (naive)", path=None) if r.kind == "baseline" else r
@@ -247,8 +257,6 @@ def _bundle_inputs(bundles: Sequence[Any]) -> tuple[TensorSpec, ...]:
 
 
 def _eval_data(config: CompareConfig, specs: Sequence[TensorSpec]) -> tuple[Inputs, np.ndarray | None, dict]:
-    from edgegate.data import BUILTINS, load_data, validate_inputs
-
     data = load_data(config.data, [s.name for s in specs], {s.name: s.shape for s in specs})
     split = config.split or ("test" if "test" in data.splits and config.data in BUILTINS else "all")
     part = data.split(split)
@@ -263,8 +271,6 @@ def _eval_data(config: CompareConfig, specs: Sequence[TensorSpec]) -> tuple[Inpu
 
 
 def _torch_outputs(model: Any, x: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:
-    import torch
-
     chunks: list[tuple] = []
     for i in range(0, len(x), EVAL_BATCH):
         out = x[i:i + EVAL_BATCH].map(torch.from_numpy).run(model)
@@ -279,8 +285,6 @@ def _torch_outputs(model: Any, x: Inputs, names: Sequence[str]) -> dict[str, np.
 
 def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, np.ndarray],
                config: CompareConfig) -> Row:
-    import torch
-
     metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
     hists = _hists(out)
     if "exit_index" in out:
@@ -309,8 +313,6 @@ def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, 
 
 
 def _is_early_exit(model: Any) -> bool:
-    from edgegate.onnx_export.torch_export import is_early_exit
-
     return is_early_exit(model)
 
 
@@ -320,9 +322,6 @@ def _is_early_exit(model: Any) -> bool:
 def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
                 float_out: dict[str, np.ndarray], config: CompareConfig, measure: Measure | None) -> tuple[Row, Any]:
     """Evaluate one bundle on its target; (row, model.onnx proto for the layer probe or None)."""
-    from edgegate import targets
-    from edgegate.benchmark import BenchConfig, bench
-
     m = bundle.manifest
     q = m.get("quant") or {}
     fidelity = q.get("fidelity") or {}
@@ -360,15 +359,9 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     skip_sweep: tuple[dict[str, float], ...] = ()
     proto, note = None, ""
     if "model.onnx" in bundle.files:
-        import onnx
-
-        from edgegate.reports.onnx_probe import ProbeError, exit_threshold_names, run_onnx, with_thresholds
-
         proto = onnx.load(str(bundle.file("model.onnx")))
         try:
             if m.get("moe_skip"):
-                from edgegate.reports.skip_sweep import bundle_sweep
-
                 skip_sweep = bundle_sweep(proto, x, labels, static, m["moe_skip"])
             if exit_threshold_names(proto):
                 points = []
@@ -393,10 +386,6 @@ def _skipping_reference(model: Any, x: Inputs, names: list[str], manifest: Mappi
     skip = manifest.get("moe_skip")
     if not skip:
         return float_out
-    import torch
-
-    from edgegate.reports.skip_sweep import skipping
-
     with skipping(model, skip), torch.no_grad():
         return _torch_outputs(model, x, names)
 
@@ -506,8 +495,6 @@ def _sweep_point(logits: np.ndarray, exit_index: np.ndarray, labels: np.ndarray 
 
 def _export_naive(model_path: str | Path, bundle: Any, tmp: Path, config: CompareConfig) -> Path:
     """Export the naive-calibration twin of `bundle` (its manifest's settings, calibration=naive)."""
-    from edgegate.pipeline import ExportConfig, run_export
-
     m = bundle.manifest
     qc = (m.get("quant") or {}).get("config") or {}
     ex = m.get("export") or {}

@@ -13,8 +13,11 @@ from collections import Counter
 from pathlib import Path
 
 from edgegate import targets
-from edgegate.errors import EdgegateError, ModelFormatError, TargetError
+from edgegate.bundle import read_bundle
+from edgegate.errors import EdgegateError, ModelFormatError, TargetError, UnsafeModelError
 from edgegate.loading.hf import is_hf_folder
+from edgegate.targets.trt import check_engine
+from edgegate.targets.trt_runner import inspect_engine
 
 
 def describe(path: str | Path, *, trust_model: bool = False, model_class: str | None = None) -> dict:
@@ -35,8 +38,6 @@ def describe(path: str | Path, *, trust_model: bool = False, model_class: str | 
 
 
 def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
-    from edgegate.bundle import read_bundle
-
     bundle = read_bundle(path)
     m = bundle.manifest
     out = {"kind": "bundle", "path": str(path), "target": m.get("target"), "quant": m.get("quant"),
@@ -61,23 +62,18 @@ def describe_bundle(path: Path, *, trust_model: bool = False) -> dict:
 
 def describe_engine_file(path: Path, *, trust_model: bool) -> dict:
     """A bare engine file: executable code with no build record, so only with --trust-model and a GPU."""
-    from edgegate.errors import UnsafeModelError
-    from edgegate.targets.trt import check_engine
-
     if not trust_model:
         raise UnsafeModelError(f"{path} is a TensorRT engine that edgegate did not build into a bundle; engines are "
                                "executable code: pass --trust-model only if you trust where it came from")
     engine = path.read_bytes()
     flavor = check_engine(engine, {"flavor": "auto"}, str(path), trust_model=True)
-    from edgegate.targets.trt_runner import inspect_engine
-
     return {"kind": "engine", "path": str(path), "engine": {"flavor": flavor, "source": "engine inspector",
                                                             "layers": inspect_engine(engine, flavor)}}
 
 
 def describe_onnx(data: bytes) -> dict:
     """Op counts (subgraphs included), edgegate functions, opsets, inputs and outputs."""
-    import onnx
+    import onnx  # an ONNX file or a bundle's graph; a runtime-only device shows bundles without it
 
     from edgegate.onnx_export.passes.attach_functions import iter_nodes
 
@@ -100,6 +96,7 @@ def describe_onnx(data: bytes) -> dict:
 def describe_model(path: Path, *, trust_model: bool, model_class: str | None) -> dict:
     """A model file or Hugging Face folder: what it is and what ``export`` would find in it. The converters
     run as in ``export`` (a copy in memory; not checked against the original, which ``export`` does on data)."""
+    # torch-side stages: a model file needs the compile extra, a bundle (the runtime side) does not
     from edgegate.convert import convert
     from edgegate.gates import find_gates
     from edgegate.loading import detect_format, load

@@ -165,7 +165,7 @@ def test_every_command_works_or_names_the_extra(int8_export, tmp_path: Path) -> 
     info = json.loads(inspect_json["out"])
     assert info["quant"]["fidelity"]["samples"] > 0 and info["onnx"] is None
     assert "Golden check : passed" in bench["out"]
-    needs = [("export", "onnx"), ("compare", "torch"), ("zoo list", "torch"), ("zoo train", "torch"),
+    needs = [("export", "onnx"), ("compare", "onnx"), ("zoo list", "torch"), ("zoo train", "torch"),
              ("inspect", "torch"), ("inspect", "onnx")]  # a model file needs torch, an .onnx file onnx
     for r, (command, module) in zip(refused, needs, strict=True):
         assert r["rc"] == 2 and r["out"] == "", r
