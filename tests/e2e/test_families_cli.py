@@ -125,6 +125,7 @@ def test_acm_exports_compacted_int8_with_learner_count_agreement(acm_int8, zoo_m
     assert sum(learners.counts) == BENCH.runs * 64 and learners.mean <= 0.6 * 4
 
 
+@pytest.mark.slow  # a second engine build; tests/e2e/test_trt_cli.py builds one in the default tier
 def test_acm_int8_builds_a_tensorrt_engine(zoo_model, tmp_path_factory):
     # TensorRT-RTX builds engines without a GPU; running one needs a GPU, so ORT checks the lowered graph here.
     bundle, _, stdout = _export(zoo_model, tmp_path_factory, "acm", "--target", "trt", "--calib", "clusters",

@@ -66,6 +66,7 @@ def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
+@pytest.mark.slow  # a two-node Ray cluster per module: `python -m pytest -m slow`
 def test_failing_cell_is_an_error_row_and_the_rest_finish(ray_cluster, sweep_models: Path, tmp_path: Path,
                                                           device_agent: tuple[str, Path]) -> None:
     # tg2.pt is tg.pt under another name: the same cells by content, run once and shown under both names.
@@ -110,6 +111,7 @@ token_file = "agent.token"
     assert _leftovers(out) == []
 
 
+@pytest.mark.slow  # a two-node Ray cluster per module: `python -m pytest -m slow`
 def test_worker_killed_mid_cell_is_retried(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
     write_spec(tmp_path, sweep_models, """
 models = ["MODELS/tg.pt"]
@@ -147,6 +149,7 @@ max_retries = 2
     assert "2 cells: 2 ok, 0 error" in stdout
 
 
+@pytest.mark.slow  # a two-node Ray cluster per module: `python -m pytest -m slow`
 def test_interrupt_keeps_finished_cells_and_resume_finishes(ray_cluster, sweep_models: Path, tmp_path: Path) -> None:
     write_spec(tmp_path, sweep_models, """
 models = ["MODELS/tg.pt"]
