@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections import ChainMap
 from collections.abc import Iterator
 
 import onnx
@@ -52,3 +53,25 @@ def fresh_name(names: set[str], base: str) -> str:
         name, i = f"{base}_{i}", i + 1
     names.add(name)
     return name
+
+
+def scoped_graphs(graph: onnx.GraphProto, outer: ChainMap | None = None
+                  ) -> Iterator[tuple[onnx.GraphProto, ChainMap]]:
+    """(graph, initializers visible in it) for ``graph`` and every subgraph, outer scopes first: an ``If``
+    branch sees its own initializers and its parents' (ONNX scoping). Nodes are listed before walking, so a
+    caller may edit a graph it was given."""
+    visible = (outer if outer is not None else ChainMap()).new_child({t.name: t for t in graph.initializer})
+    yield graph, visible
+    for node in list(graph.node):
+        for g in subgraphs(node):
+            yield from scoped_graphs(g, visible)
+
+
+def scoped_nodes(graph: onnx.GraphProto, outer: ChainMap | None = None
+                 ) -> Iterator[tuple[onnx.GraphProto, onnx.NodeProto, ChainMap]]:
+    """(graph, node, visible initializers) for every node, subgraphs right after the node that holds them."""
+    visible = (outer if outer is not None else ChainMap()).new_child({t.name: t for t in graph.initializer})
+    for node in list(graph.node):
+        yield graph, node, visible
+        for g in subgraphs(node):
+            yield from scoped_nodes(g, visible)

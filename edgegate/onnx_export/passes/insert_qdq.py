@@ -37,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_nodes, value_names
 from edgegate.onnx_export.passes.insert_op_qdq import insert_op_qdq
 from edgegate.onnx_export.passes.integer_kernels import lower_integer
 from edgegate.onnx_export.passes.merge_qdq import merge_qdq
@@ -83,7 +83,7 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
     out.CopyFrom(model)
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     sites, matmuls = [], []
-    for graph, node, visible in _walk(out.graph, ChainMap()):
+    for graph, node, visible in scoped_nodes(out.graph):
         if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         if node.op_type in ("Conv", "Gemm"):
@@ -381,12 +381,4 @@ def _round_matmul_bias(site: _Site, q: LayerQuant, scale: np.ndarray, init, repl
 
 
 
-
-def _walk(graph: onnx.GraphProto, outer: ChainMap):
-    """(graph, node, visible initializers) for every node; snapshot first, callers may edit graphs."""
-    visible = outer.new_child({t.name: t for t in graph.initializer})
-    for node in list(graph.node):
-        yield graph, node, visible
-        for g in subgraphs(node):
-            yield from _walk(g, visible)
 

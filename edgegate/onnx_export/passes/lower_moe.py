@@ -41,7 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, scoped_graphs, value_names
 from edgegate.quantization.plan import LayerKind, LayerQuant, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     params: set[str] = set()  # the float expert parameters the lowered nodes read
     lowered = False
-    for graph, visible in _walk(out.graph, ChainMap()):
+    for graph, visible in scoped_graphs(out.graph):
         for node in [n for n in graph.node if n.domain == DOMAIN and n.op_type == OP]:
             spec = _read(node, visible)
             params.update(node.input[2:])
@@ -320,13 +320,6 @@ def _namer(names: set[str], base: str):
         return fresh_name(names, hint if "." in hint else f"{base}.{hint}")
     return fresh
 
-
-def _walk(graph: onnx.GraphProto, outer: ChainMap):
-    visible = outer.new_child({t.name: t for t in graph.initializer})
-    yield graph, visible
-    for node in list(graph.node):
-        for g in subgraphs(node):
-            yield from _walk(g, visible)
 
 
 def _drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_graphs, value_names
 from edgegate.ops import DOMAIN, TERNARY_LUT
 
 OP = "TernaryMatMul"
@@ -56,7 +56,7 @@ def lower_ternary(model: onnx.ModelProto, activation_scales: Mapping[str, float]
     out.CopyFrom(model)
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     seen: list[str] = []
-    for graph, visible in _walk(out.graph, ChainMap()):
+    for graph, visible in scoped_graphs(out.graph):
         for node in [n for n in graph.node if n.domain == DOMAIN and n.op_type == OP]:
             seen.append(_lower(graph, node, visible, scales, names))
     unknown = sorted(set(scales) - set(seen))
@@ -174,12 +174,4 @@ def _drop_if_unused(graph, name: str) -> None:
 
 
 
-
-def _walk(graph, outer: ChainMap):
-    """(graph, visible initializers) for the graph and each subgraph, outer scopes first."""
-    visible = outer.new_child({t.name: t for t in graph.initializer})
-    yield graph, visible
-    for node in list(graph.node):
-        for g in subgraphs(node):
-            yield from _walk(g, visible)
 

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, subgraphs, value_names
+from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_graphs, value_names
 from edgegate.ops import DOMAIN, unpack_ternary
 
 TERNARY = "TernaryMatMul"
@@ -41,7 +41,7 @@ def lower_trt(model: onnx.ModelProto, *, nonzero: bool = True) -> onnx.ModelProt
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     bool_1d = _bool_1d_values(out) if nonzero else set()
     replaced: set[str] = set()
-    for graph, visible in _walk(out.graph, ChainMap()):
+    for graph, visible in scoped_graphs(out.graph):
         for node in list(graph.node):
             if node.domain == DOMAIN and node.op_type == TERNARY:
                 replaced |= _lower_ternary(graph, node, visible, names)
@@ -137,11 +137,3 @@ def _bool_1d_values(model: onnx.ModelProto) -> set[str]:
                 out.add(v.name)
     return out
 
-
-def _walk(graph: onnx.GraphProto, outer: ChainMap):
-    """(graph, visible initializers) for the graph and each subgraph, outer scopes first."""
-    visible = outer.new_child({t.name: t for t in graph.initializer})
-    yield graph, visible
-    for node in list(graph.node):
-        for g in subgraphs(node):
-            yield from _walk(g, visible)
