@@ -41,7 +41,6 @@ from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_go
 from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
-from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names, resolve_exit_form
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
 from edgegate.quantization.plan import Flavor
 from edgegate.quantization.step import QuantOptions, quantize_for_export
@@ -152,6 +151,10 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
                on_step: Callable[[str], None] | None = None, *, example_inputs: Any = None) -> Path:
     """Export ``model_path`` (a model file, a Hugging Face folder or an ``nn.Module``) for ``config.target``
     into the bundle directory ``out``; returns its path. ``example_inputs``: see `export`."""
+    # The exporter loads torch.onnx (dynamo, onnxscript) when an export gets there, not with the pipeline: an
+    # export interrupted before it then exits 130 cleanly instead of dying with torch.onnx's machinery loaded.
+    from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
+
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
     skipping = _skip_option(config)
@@ -337,6 +340,8 @@ def _golden_inputs(examples: Inputs | None, spec: dict, specs: Sequence[TensorSp
 
 def _exit_form(model, options) -> str | None:
     """The early-exit form the export used (``auto`` resolved), None for a model without exits."""
+    from edgegate.onnx_export.torch_export import resolve_exit_form  # see run_export
+
     form = resolve_exit_form(model, options)
     return None if form is None else str(form)
 

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
               f"pip install 'edgegate[{extra}]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        # Cleanup is done: a signal arriving late (one a C extension held back) must not turn exit 130 into
+        # a death by signal while the interpreter shuts down.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("edgegate: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
