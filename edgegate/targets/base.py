@@ -18,6 +18,7 @@ under the entry-point group ``edgegate.targets``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import os
@@ -213,7 +214,7 @@ class TargetBase:
         return artifact.files[name]
 
 
-class BaseRunner:
+class BaseRunner(abc.ABC):
     """The input checks and latency record every built-in runner shares.
 
     A subclass sets ``input_specs`` and ``output_names`` and implements ``run_impl(arrays)`` (the feeds,
@@ -249,8 +250,9 @@ class BaseRunner:
             raise TargetError(f"{self.target} runner is closed; load the bundle again")
         return self.run_impl(check_feeds(self.input_specs, feeds, self.what))
 
+    @abc.abstractmethod
     def run_impl(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """Run the checked feeds; the target's own part of ``run``."""
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
