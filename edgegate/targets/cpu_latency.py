@@ -224,8 +224,11 @@ def _owners(model, found: list[tuple[str, list[str]]]) -> dict[str, str]:
             owner.setdefault(n.name, owner[producer[n.input[0]].name])
         elif n.op_type == "DequantizeLinear" and n.input[0] not in inits:
             inside = [r.name for r in readers.get(n.output[0], []) if r.name in owner]
+            q = producer.get(n.input[0])
             if inside:
                 owner.setdefault(n.name, owner[inside[0]])
+            elif q is not None and q.name in owner:  # read by no region (a graph output): its writer's
+                owner.setdefault(n.name, owner[q.name])
     # ORT names a node it rewrote into its NCHWc layout after the node's output tensor.
     for n in graph.node:
         if n.name in owner:
