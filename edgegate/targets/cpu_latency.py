@@ -9,12 +9,14 @@ at least ``MIN_SPEEDUP`` (1.02x) faster than in float. Each region's two times c
 per-node profile of the all-INT8 and the all-float graph (``all_float``), run interleaved, each node's
 fastest run (the one another process disturbed least), summed over the region's nodes (an INT8 region's
 unfused QuantizeLinear / DequantizeLinear included), at every measured batch size (1, and 8 when the batch
-is dynamic); a region stays INT8 only if it wins at each. Timing whole graphs per region instead made a
-region a few percent of the measured time, below the noise of a loaded machine: greedy whole-graph trials
-turned 21 of 24 ResNet-18 regions float. A final whole-graph trial (interleaved medians of each repeat's
+is dynamic); a region stays INT8 only if it wins at each. (Whole-graph trials one region at a time would
+put a region's gain at a few percent of the measured time, below the noise of a loaded machine.) ORT may
+fuse nodes of neighbouring regions into one (a float Conv with the Relu after it): a region its profile
+shows no time for is decided together with the next. A final whole-graph trial (interleaved medians of each repeat's
 fastest call) times the decided graph against the all-float one (and the all-INT8 one when they differ):
 the decided graph ships unless it is slower than all-float at some batch, then all-INT8 if that is not,
-else all-float, so the bundle is never slower than its FP32 form as measured here.
+else all-float, so the bundle is never slower than its FP32 form as measured here. Each region record's
+``kept`` is what ships (its profile's verdict in ``profiled`` when the whole-graph trial overrode it).
 
 A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/scatter)``, written by
 ``lower_moe``) lives in subgraphs, outside the regions: its else-branch is tried first, int8 against float, at
@@ -183,6 +185,9 @@ def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> 
     choice = _fastest(times)
     current = {"decided": decided, "float": fp32, "int8": model}[choice]
     final = {k: {str(b): t[k] for b, t in times.items()} for k in candidates} | {"kept": choice}
+    if choice != "decided":  # each region's ``kept`` says what ships (the golden check reads it)
+        for d in decisions:
+            d["profiled"], d["kept"] = d["kept"], choice
     kept = sum(d["kept"] == "int8" for d in decisions)
     log.info("latency-aware: %d of %d regions INT8 by profile, %s graph kept (%.1f s)", kept, len(decisions),
              choice, time.perf_counter() - start)
