@@ -4,15 +4,19 @@ Stage: targets (cpu compile). Input: a QDQ ``onnx.ModelProto``, representative i
 options the bundle will run with. Output: the model with the regions that ran slower in INT8 turned back
 to float (``edgegate.onnx_export.passes.float_regions``), and one decision record per region.
 
-Like NVIDIA ModelOpt's Q/DQ autotuning, a region keeps its Q/DQ only when ONNX Runtime on this CPU runs
-the graph with it at least ``MIN_SPEEDUP`` (1.02x) faster than without it. Regions are tried one at a
-time in graph order, each against the graph as decided so far (greedy); both candidates are timed in
-the same loop, interleaved (each repeat's fastest call, which another process disturbed least; the median
-over repeats), at every measured batch size (1, and 8 when the batch is
-dynamic), and a region stays INT8 only if it wins at each. A final trial compares the result with the
-all-float graph, so the bundle is never slower than its FP32 form as measured here. Trials are bounded:
-at most ``MAX_REGIONS`` regions and a wall-time budget, after which untried regions stay INT8 and are
-recorded as untried.
+Like NVIDIA ModelOpt's Q/DQ autotuning, a region keeps its Q/DQ only when ONNX Runtime on this CPU runs it
+at least ``MIN_SPEEDUP`` (1.02x) faster than in float. Each region's two times come from ONNX Runtime's
+per-node profile of the all-INT8 and the all-float graph (``all_float``), run interleaved, each node's
+fastest run (the one another process disturbed least), summed over the region's nodes (an INT8 region's
+unfused QuantizeLinear / DequantizeLinear included), at every measured batch size (1, and 8 when the batch
+is dynamic); a region stays INT8 only if it wins at each. (Whole-graph trials one region at a time would
+put a region's gain at a few percent of the measured time, below the noise of a loaded machine.) ORT may
+fuse nodes of neighbouring regions into one (a float Conv with the Relu after it): a region its profile
+shows no time for is decided together with the next. A final whole-graph trial (interleaved medians of each repeat's
+fastest call) times the decided graph against the all-float one (and the all-INT8 one when they differ):
+the decided graph ships unless it is slower than all-float at some batch, then all-INT8 if that is not,
+else all-float, so the bundle is never slower than its FP32 form as measured here. Each region record's
+``kept`` is what ships (its profile's verdict in ``profiled`` when the whole-graph trial overrode it).
 
 A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/scatter)``, written by
 ``lower_moe``) lives in subgraphs, outside the regions: its else-branch is tried first, int8 against float, at
@@ -22,10 +26,14 @@ A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/sc
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,8 +44,9 @@ MIN_SPEEDUP = 1.02
 REPEATS = 7
 REPEAT_MS = 15.0  # calls per repeat: about this long, at most MAX_CALLS
 MAX_CALLS = 20
-BUDGET_S = 90.0
 LARGE_BATCH = 8
+PROFILE_MS = 600.0  # profiled runs: about this long per batch size, within PROFILE_RUNS
+PROFILE_RUNS = (12, 60)
 MOE_BATCH = 32  # rows for the sparse MoE trial: above lower_moe's QMoE token limit (8)
 
 
@@ -50,6 +59,9 @@ class _Timer:
         self.ort, self.options, self.threads, self.feeds = ort, options, threads, feeds
 
     def session(self, model_bytes: bytes) -> Any:
+        return self.ort.InferenceSession(model_bytes, sess_options=self._options(), providers=["CPUExecutionProvider"])
+
+    def _options(self) -> Any:
         from edgegate.targets.cpu import GRAPH_OPTIMIZATION
 
         so = self.ort.SessionOptions()
@@ -59,7 +71,7 @@ class _Timer:
                                               GRAPH_OPTIMIZATION[self.options.graph_optimization])
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return self.ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+        return so
 
     def compare(self, sessions: dict[str, Any]) -> dict[int, dict[str, float]]:
         """{batch: {name: median ms}} for each feed's batch size."""
@@ -83,6 +95,38 @@ class _Timer:
                         times.append(time.perf_counter() - t)
                     medians[k].append(min(times) * 1e3)  # the least-disturbed call of the repeat
             out[batch] = {k: round(statistics.median(v), 5) for k, v in medians.items()}
+        return out
+
+    def profile(self, models: dict[str, bytes], feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """{name: {ORT node name: ms}}: each node's fastest time over interleaved profiled runs of the models.
+
+        The fastest of many runs is the time another process disturbed least: on a loaded machine a node of
+        half a millisecond is preempted in some runs, never in all (medians of whole-graph times are not so
+        robust when one region is a few percent of the graph)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = {}
+            for k, data in models.items():
+                so = self._options()
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(tmp) / k)
+                sessions[k] = self.ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+            t0 = time.perf_counter()
+            for s in sessions.values():
+                s.run(None, feed)
+            per_round_ms = (time.perf_counter() - t0) * 1e3
+            runs = max(PROFILE_RUNS[0], min(PROFILE_RUNS[1], int(PROFILE_MS / max(per_round_ms, 1e-3))))
+            for _ in range(runs):
+                for s in sessions.values():
+                    s.run(None, feed)
+            out = {}
+            for k, s in sessions.items():
+                fastest: dict[str, float] = {}
+                events = json.loads(Path(s.end_profiling()).read_text())
+                for e in events:
+                    if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                        node = e["name"][:-len("_kernel_time")]
+                        fastest[node] = min(fastest.get(node, float("inf")), e["dur"] / 1e3)
+                out[k] = fastest
         return out
 
 
@@ -111,45 +155,135 @@ def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> 
         return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
     timer = _Timer(options, threads, _feeds(inputs, static_batch))
     start = time.perf_counter()
-    current, current_bytes = model, model.SerializeToString()
-    current_session = timer.session(current_bytes)
-    decisions = []
-    for name, nodes in found:
-        if time.perf_counter() - start > BUDGET_S:
-            decisions.append({"region": name, "nodes": len(nodes), "kept": "int8", "untried": "time budget spent"})
-            continue
-        candidate = to_float(current, nodes)
-        candidate_bytes = candidate.SerializeToString()
-        times = timer.compare({"int8": current_session, "float": timer.session(candidate_bytes)})
-        speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
-        keep = all(s >= MIN_SPEEDUP for s in speedups.values())
-        decisions.append({"region": name, "nodes": len(nodes), "kept": "int8" if keep else "float",
-                          "int8_ms": {str(b): t["int8"] for b, t in times.items()},
-                          "float_ms": {str(b): t["float"] for b, t in times.items()},
-                          "int8_speedup": {str(b): s for b, s in speedups.items()}})
-        if not keep:
-            current, current_bytes = candidate, candidate_bytes
-            current_session = timer.session(current_bytes)
     fp32 = all_float(model)
-    times = timer.compare({"int8": current_session, "float": timer.session(fp32.SerializeToString())})
-    speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
-    final = {"int8_ms": {str(b): t["int8"] for b, t in times.items()},
-             "float_ms": {str(b): t["float"] for b, t in times.items()},
-             "int8_speedup": {str(b): s for b, s in speedups.items()}}
-    if not all(s >= 1.0 for s in speedups.values()):
-        current = fp32
-        final["kept"] = "float (the decided graph measured slower than all-float)"
-    else:
-        final["kept"] = "decided graph"
+    int8_bytes, fp32_bytes = model.SerializeToString(), fp32.SerializeToString()
+    owner = _owners(model, found)
+    per_batch = {}
+    for feed in timer.feeds:
+        batch = len(next(iter(feed.values())))
+        node_ms = timer.profile({"int8": int8_bytes, "float": fp32_bytes}, feed)
+        per_batch[batch] = {k: _by_region(v, owner) for k, v in node_ms.items()}
+    times = {name: {(b, k): r[k][0].get(name, 0.0) for b, r in per_batch.items() for k in r} for name, _ in found}
+    decisions, slow = [], []
+    for name, nodes, ms in _merge_unseen(found, times):
+        int8_ms = {str(b): round(ms[b, "int8"], 5) for b in per_batch}
+        float_ms = {str(b): round(ms[b, "float"], 5) for b in per_batch}
+        speedups = {b: round(float_ms[b] / int8_ms[b], 4) if int8_ms[b] > 0 else None for b in int8_ms}
+        # A region ORT's profile cannot see at all (every node fused away or renamed) stays as exported.
+        keep = all(s is None or s >= MIN_SPEEDUP for s in speedups.values())
+        decisions.append({"region": name, "nodes": len(nodes), "kept": "int8" if keep else "float",
+                          "int8_ms": int8_ms, "float_ms": float_ms, "int8_speedup": speedups})
+        if not keep:
+            slow += nodes
+    decided = to_float(model, slow) if slow else model
+    # Whole-graph trial: the profile times nodes alone; boundaries between float and INT8 regions (a
+    # DequantizeLinear in, a QuantizeLinear out, layout reorders) cost extra, measured here.
+    candidates = {"decided": decided.SerializeToString(), "float": fp32_bytes}
+    if slow:
+        candidates["int8"] = int8_bytes
+    times = timer.compare({k: timer.session(v) for k, v in candidates.items()})
+    choice = _fastest(times)
+    current = {"decided": decided, "float": fp32, "int8": model}[choice]
+    final = {k: {str(b): t[k] for b, t in times.items()} for k in candidates} | {"kept": choice}
+    if choice != "decided":  # each region's ``kept`` says what ships (the golden check reads it)
+        for d in decisions:
+            d["profiled"], d["kept"] = d["kept"], choice
     kept = sum(d["kept"] == "int8" for d in decisions)
-    log.info("latency-aware: %d of %d regions stay INT8 (%.1f s of trials)", kept, len(decisions),
-             time.perf_counter() - start)
-    record = {"min_speedup": MIN_SPEEDUP, "threads": threads, "batches": [len(next(iter(f.values())))
-                                                                          for f in timer.feeds],
+    log.info("latency-aware: %d of %d regions INT8 by profile, %s graph kept (%.1f s)", kept, len(decisions),
+             choice, time.perf_counter() - start)
+    record = {"method": "onnxruntime node profile (fastest of interleaved runs), then whole-graph trial",
+              "min_speedup": MIN_SPEEDUP, "threads": threads,
+              "batches": [len(next(iter(f.values()))) for f in timer.feeds],
+              "unattributed_ms": {str(b): {k: round(v[1], 5) for k, v in r.items()} for b, r in per_batch.items()},
               "seconds": round(time.perf_counter() - start, 2), "regions": decisions, "final": final}
     if moe:
         record["sparse_moe"] = moe
     return current, record
+
+
+def _fastest(times: dict[int, dict[str, float]]) -> str:
+    """The candidate to ship: the decided graph unless it is slower than all-float at some batch (then the
+    faster of all-INT8 and all-float by the same rule), each at least as fast as float at every batch."""
+    def not_slower_than_float(k: str) -> bool:
+        return all(t[k] <= t["float"] for t in times.values())
+
+    for k in ("decided", "int8"):
+        if k in next(iter(times.values())) and not_slower_than_float(k):
+            return k
+    return "float"
+
+
+def _owners(model, found: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """Region of each node name and output tensor name: its compute nodes, the QuantizeLinear of a tensor it
+    writes and the activation DequantizeLinear it reads (their cost in INT8 is the region's)."""
+    owner = {n: name for name, nodes in found for n in nodes}
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer and producer[n.input[0]].name in owner:
+            owner.setdefault(n.name, owner[producer[n.input[0]].name])
+        elif n.op_type == "DequantizeLinear" and n.input[0] not in inits:
+            inside = [r.name for r in readers.get(n.output[0], []) if r.name in owner]
+            q = producer.get(n.input[0])
+            if inside:
+                owner.setdefault(n.name, owner[inside[0]])
+            elif q is not None and q.name in owner:  # read by no region (a graph output): its writer's
+                owner.setdefault(n.name, owner[q.name])
+    # ORT names a node it rewrote into its NCHWc layout after the node's output tensor.
+    for n in graph.node:
+        if n.name in owner:
+            for o in n.output:
+                owner.setdefault(o, owner[n.name])
+    return owner
+
+
+def _merge_unseen(found: list[tuple[str, list[str]]], times: dict[str, dict[Any, float]]
+                  ) -> list[tuple[str, list[str], dict[Any, float]]]:
+    """Regions with their summed times, a region without time on some side merged into the next one (the
+    last into the one before): ORT fused its nodes into a neighbour's node, so they are decided together."""
+    out: list[tuple[str, list[str], dict[Any, float]]] = []
+    pending: tuple[str, list[str], dict[Any, float]] | None = None
+    for name, nodes in found:
+        ms = dict(times[name])
+        if pending is not None:
+            name, nodes = f"{pending[0].split('..')[0]}..{name.split('..')[-1]}", pending[1] + nodes
+            ms = {k: v + pending[2][k] for k, v in ms.items()}
+            pending = None
+        if any(v <= 0 for v in ms.values()):
+            pending = (name, nodes, ms)
+        else:
+            out.append((name, nodes, ms))
+    if pending is not None:
+        if out:
+            name, nodes, ms = out.pop()
+            pending = (f"{name.split('..')[0]}..{pending[0].split('..')[-1]}", nodes + pending[1],
+                       {k: v + pending[2][k] for k, v in ms.items()})
+        out.append(pending)
+    return out
+
+
+_ORT_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
+
+
+def _by_region(node_ms: dict[str, float], owner: dict[str, str]) -> tuple[dict[str, float], float]:
+    """({region: ms}, ms of nodes no region owns) from ORT's per-node times. ORT names a node it fused or
+    rewrote after the node it replaced (or its output), with ``_token_N`` / ``_nchwc`` appended."""
+    out: dict[str, float] = {}
+    rest = 0.0
+    for name, ms in node_ms.items():
+        base = name
+        while base not in owner and _ORT_SUFFIX.search(base):
+            base = _ORT_SUFFIX.sub("", base)
+        if base in owner:
+            out[owner[base]] = out.get(owner[base], 0.0) + ms
+        else:
+            rest += ms
+    return out, rest
 
 
 def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:

@@ -111,3 +111,85 @@ def test_all_float_drops_every_activation_qdq():
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops and ops.count("HardSwish") == CHAIN
     assert [o.name for o in model.graph.output] == ["y"]
     onnx.checker.check_model(model, full_check=True)
+
+
+def _scoped(node: onnx.NodeProto, path: str) -> onnx.NodeProto:
+    node.metadata_props.add(key="pkg.torch.onnx.name_scopes", value=str(["", path, node.name]))
+    return node
+
+
+def conv_chain(blocks: int = 2, channels: int = 64, size: int = 56) -> onnx.ModelProto:
+    """x -> Q/DQ -> (Conv 3x3 with int8 per-channel weights -> Relu -> Q/DQ) x blocks, one scope per block:
+    the ResNet-body shape where ONNX Runtime's QLinearConv beats its float Conv several times over."""
+    rng = np.random.default_rng(0)
+    s, z = numpy_helper.from_array(np.float32(1 / 16), "s"), numpy_helper.from_array(np.uint8(0), "z")
+    inits, nodes, x = [s, z], [], "x"
+    nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="xq"),
+              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="xd")]
+    x = "xd"
+    for i in range(blocks):
+        w = rng.integers(-127, 128, (channels, channels, 3, 3)).astype(np.int8)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.full(channels, 1e-3, np.float32), f"ws{i}"),
+                  numpy_helper.from_array(np.zeros(channels, np.int8), f"wz{i}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], name=f"wd{i}",
+                                   axis=0),
+                  _scoped(helper.make_node("Conv", [x, f"wd{i}"], [f"c{i}"], name=f"conv{i}", pads=[1] * 4),
+                          f"layer{i}.conv"),
+                  _scoped(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"), f"layer{i}.relu"),
+                  helper.make_node("QuantizeLinear", [f"r{i}", "s", "z"], [f"q{i}"], name=f"q{i}"),
+                  helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"d{i}" if i < blocks - 1 else "y"],
+                                   name=f"d{i}")]
+        x = f"d{i}"
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def test_faster_int8_regions_stay_int8_by_their_profiled_times(tmp_path):
+    """Each region is timed by ORT's per-node profile (the fused QLinearConv against the float Conv + Relu
+    that ORT fuses across the region's layers), not by whole-graph trials one region at a time."""
+    x = np.abs(np.random.default_rng(1).standard_normal([1, 64, 56, 56])).astype(np.float32)
+    artifact = CpuTarget().compile(conv_chain(), CpuOptions(intra_op_threads=1, timing_inputs={"x": x}), tmp_path)
+    record = artifact.options["latency_aware_decisions"]
+    # Conv and Relu are regions of their own by scope; ORT's float graph fuses them into one node named
+    # after the Relu's output, so each pair is decided together.
+    assert [(d["region"], d["nodes"], d["kept"]) for d in record["regions"]] == [
+        ("layer0.conv..layer0.relu", 2, "int8"), ("layer1.conv..layer1.relu", 2, "int8")]
+    for d in record["regions"]:
+        assert d["float_ms"]["1"] > 0 and d["int8_ms"]["1"] > 0
+        assert d["int8_speedup"]["1"] == round(d["float_ms"]["1"] / d["int8_ms"]["1"], 4) >= 1.02
+    assert record["final"]["kept"] == "decided" and set(record["final"]) == {"decided", "float", "kept"}
+    from tests.unit._ort import optimized_op_types
+
+    ops = optimized_op_types(onnx.load_from_string(artifact.files["model.onnx"]))
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 0
+
+
+def test_regions_cut_at_whole_blocks():
+    """Leaf scopes over the limit: the cut moves up to blocks instead of merging leaves across blocks."""
+    model = hardswish_chain()
+    for node, path in zip((n for n in model.graph.node if n.op_type == "HardSwish"),
+                          ("stage0.a", "stage0.b", "stage0.c", "stage1.a"), strict=True):
+        _scoped(node, path)
+    found = regions(with_node_names(model), max_regions=2)
+    assert [(name, len(nodes)) for name, nodes in found] == [("stage0", 3), ("stage1", 1)]
+
+
+def test_region_times_follow_ort_node_names():
+    from edgegate.targets.cpu_latency import _by_region, _fastest, _merge_unseen
+
+    owner = {"conv0": "a", "r0": "a", "conv1": "b"}
+    # ORT's names: a fused node keeps its node's name plus _token_N, an NCHWc node its output's plus _nchwc.
+    times, rest = _by_region({"conv0_token_3": 1.0, "r0_nchwc": 0.5, "conv1": 2.0, "Transpose": 0.25}, owner)
+    assert times == {"a": 1.5, "b": 2.0} and rest == 0.25
+    found = [("a", ["n1"]), ("b", ["n2"]), ("c", ["n3"])]
+    merged = _merge_unseen(found, {"a": {(1, "int8"): 1.0, (1, "float"): 0.0},
+                                   "b": {(1, "int8"): 2.0, (1, "float"): 4.0},
+                                   "c": {(1, "int8"): 0.0, (1, "float"): 1.0}})
+    # a's float nodes were fused into b's: decided together; c, last, joins the one before.
+    assert merged == [("a..c", ["n1", "n2", "n3"], {(1, "int8"): 3.0, (1, "float"): 5.0})]
+    assert _fastest({1: {"decided": 2.0, "int8": 1.0, "float": 3.0}, 8: {"decided": 9.0, "int8": 8.0,
+                                                                           "float": 8.5}}) == "int8"
+    assert _fastest({1: {"decided": 2.0, "float": 1.9}}) == "float"

@@ -87,12 +87,13 @@ def regions(model: onnx.ModelProto, max_regions: int = MAX_REGIONS) -> list[tupl
             fed = [producer[i] for i in n.input if i in producer]
             path[n.name] = next((path[f.name] for f in fed if f.name in path), "")
     depth = max(p.count(".") + 1 if p else 0 for p in (path[n.name] for n in nodes))
-    # The deepest scope level with at most 4 x max_regions groups; consecutive groups are then merged
-    # (balanced by node count) down to max_regions, so blocks stay whole and the trials stay bounded.
+    # The deepest scope level with at most max_regions groups, so blocks stay whole: ORT fuses across layers
+    # of a block (Conv + Add + Relu in float), and a region cut inside a block cannot be timed on its own.
+    # Consecutive groups are then merged (balanced by node count) down to max_regions.
     keys = [""] * len(nodes)  # no scopes at all: one region
     for level in range(depth, 0, -1):
         keys = [_cut(path[n.name], level) for n in nodes]
-        if len(set(keys)) <= 4 * max_regions:
+        if len(set(keys)) <= max_regions:
             break
     grouped: dict[str, list[str]] = {}
     for n, key in zip(nodes, keys, strict=True):
