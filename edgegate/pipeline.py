@@ -42,7 +42,7 @@ from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 from edgegate.schemes import QuantScheme
 
@@ -200,7 +200,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
             skip_record = skip_for_export(model, gate_map, skipping, calib, held_out, [s.name for s in specs])
             gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
-        q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
+        q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),

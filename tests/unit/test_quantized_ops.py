@@ -21,7 +21,7 @@ from edgegate.data import Dataset, TensorSpec
 from edgegate.gates import find_gates
 from edgegate.onnx_export.torch_export import export_onnx
 from edgegate.quantization.fold import fold_batchnorm
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -96,7 +96,7 @@ def lowered():
             x = torch.randn(80, 3, SIZE, SIZE)
             model = _init(cls(), x[:48])
             q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8", observer="minmax"),
-                                    Flavor.CPU, Dataset("calib", {"x": x[:48].numpy()}, None), None,
+                                    QdqForm.ASYMMETRIC, Dataset("calib", {"x": x[:48].numpy()}, None), None,
                                     TensorSpec("x", (3, SIZE, SIZE), "float32"))
             proto = q.lower(export_onnx(q.export_model, x[:2], "x"))
             cache[cls] = (q, proto, x[48:])

@@ -1,4 +1,4 @@
-"""Quantized Linear layers as explicit integer matmuls (``MatMulInteger``), for flavor ``cpu``.
+"""Quantized Linear layers as explicit integer matmuls (``MatMulInteger``), for the ``asymmetric`` form.
 
 Two cases where the QDQ form would leave a float ``Gemm`` on ONNX Runtime x86:
 
