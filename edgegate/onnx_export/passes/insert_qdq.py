@@ -37,7 +37,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_nodes, value_names
+from edgegate.onnx_export.passes._graph import (
+    drop_unused_initializers,
+    fresh_name,
+    graphs,
+    insert_nodes,
+    leaf_scope,
+    scoped_nodes,
+    value_names,
+)
 from edgegate.onnx_export.passes.insert_op_qdq import insert_op_qdq
 from edgegate.onnx_export.passes.integer_kernels import lower_integer
 from edgegate.onnx_export.passes.merge_qdq import merge_qdq
@@ -101,11 +109,7 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
     replaced: set[str] = set()
     for site in sites:
         _rewrite(site, plan.qdq_form, names, replaced, site.layer.name in integer)
-    used = {i for g in graphs(out.graph) for n in g.node for i in n.input} | {o.name for o in out.graph.output}
-    for g in graphs(out.graph):
-        keep = [t for t in g.initializer if t.name not in replaced or t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+    drop_unused_initializers(out, replaced)
     return out
 
 
@@ -253,9 +257,7 @@ def _rewrite(site: _Site, qdq_form: QdqForm, names: set[str], replaced: set[str]
     elif len(node.input) > 2 and node.input[2] in site.visible:  # trt: float, on the same int32 grid
         replaced.add(node.input[2])
         node.input[2] = init("bias_rounded", _on_grid(_bias_values(q, site.visible[node.input[2]]), bias_scale))
-    at = list(graph.node).index(node)
-    for i, n in enumerate(new_nodes):
-        graph.node.insert(at + i, n)
+    insert_nodes(graph, node, new_nodes)
 
 
 def _quantize_output(site: _Site, qdq_form: QdqForm, fresh, init) -> None:
@@ -286,9 +288,9 @@ def _quantize_output(site: _Site, qdq_form: QdqForm, fresh, init) -> None:
         node = readers[0]
     y, raw, yq = node.output[0], fresh("output_float"), fresh("output_quantized")
     node.output[0] = raw
-    at = list(graph.node).index(node)
-    graph.node.insert(at + 1, helper.make_node("QuantizeLinear", [raw, scale, zp], [yq], name=yq))
-    graph.node.insert(at + 2, helper.make_node("DequantizeLinear", [yq, scale, zp], [y], name=fresh("output_dq")))
+    insert_nodes(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zp], [yq], name=yq),
+                               helper.make_node("DequantizeLinear", [yq, scale, zp], [y], name=fresh("output_dq"))],
+                 after=True)
 
 
 def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:

@@ -41,7 +41,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, scoped_graphs, value_names
+from edgegate.onnx_export.passes._graph import (
+    drop_unused_initializers,
+    fresh_name,
+    graphs,
+    replace_node,
+    scoped_graphs,
+    value_names,
+)
 from edgegate.quantization.plan import LayerKind, LayerQuant, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -96,22 +103,19 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
             spec = _read(node, visible)
             params.update(node.input[2:])
             layers = _qmoe_layers(spec, plan, visible) if qmoe_max_tokens > 0 else None
-            at = list(graph.node).index(node)
-            graph.node.remove(node)
             fresh = _namer(names, node.name or "routed_experts")
             if layers is None:
                 new, inits = _compaction(spec, node.output[0], fresh)
             else:
                 new, inits = _switch(spec, layers, node.output[0], fresh, qmoe_max_tokens)
-            for i, n in enumerate(new):
-                graph.node.insert(at + i, n)
+            replace_node(graph, node, new)
             graph.initializer.extend(inits)
             lowered = True
             log.debug("%s: %s", node.name, "gather/scatter" if layers is None else f"QMoE up to {qmoe_max_tokens} "
                       "tokens, else gather/scatter")
     if not lowered:
         return model
-    _drop_unused(out, params)
+    drop_unused_initializers(out, params)
     _set_opsets(out)
     return out
 
@@ -320,16 +324,6 @@ def _namer(names: set[str], base: str):
         return fresh_name(names, hint if "." in hint else f"{base}.{hint}")
     return fresh
 
-
-
-def _drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove the initializers named in ``candidates`` that no node (and no graph output) reads any more."""
-    used = {i for g in graphs(model.graph) for n in g.node for i in n.input} | {o.name for o in model.graph.output}
-    for g in graphs(model.graph):
-        keep = [t for t in g.initializer if t.name in used or t.name not in candidates]
-        if len(keep) != len(g.initializer):
-            del g.initializer[:]
-            g.initializer.extend(keep)
 
 
 def _set_opsets(model: onnx.ModelProto) -> None:
