@@ -120,7 +120,8 @@ def _train_wide_exit(path: Path, epochs: int) -> None:
     import torch
     import torch.nn.functional as F
 
-    from edgegate.data import CLUSTERS_KW, load_data
+    from edgegate.data import load_data
+    from edgegate.datasets import CLUSTERS_KW
     from edgegate.loading import save
     from edgegate.nn import ExitMLP
     from edgegate.zoo.recipes import exit_thresholds

@@ -32,7 +32,7 @@ import onnxruntime
 import torch
 
 from edgegate import __version__, targets
-from edgegate.bundle import check_destination, write_bundle
+from edgegate.bundle_write import check_destination, write_bundle
 from edgegate.convert import class_path, convert, converters, verify
 from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError

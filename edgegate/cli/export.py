@@ -16,7 +16,7 @@ from edgegate.schemes import QuantScheme
 def cmd_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
-    from edgegate.bundle import check_destination
+    from edgegate.bundle_write import check_destination
     from edgegate.loading.inputs import parse_inputs
     from edgegate.pipeline import ExportConfig, run_export
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgegate import targets as targets_registry
-from edgegate.data import BUILTINS
+from edgegate.datasets import BUILTINS
 from edgegate.device import DeviceClient, DeviceError, read_token
 from edgegate.errors import EdgegateError, one_line, os_error_text
 from edgegate.quantization.config import CalibrationMode, Observer
