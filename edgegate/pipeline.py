@@ -194,6 +194,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         conversion = _verify(original, conversion, calib, x)
     skip_record = None
     if skipping is not None:
+        # the calibration stage (brevitas): loaded only by an export that skips experts
         from edgegate.calibration.expert_skip import skip_for_export
 
         with timer.step("moe_skip"):  # the routers skip from here on: calibration and export see it
