@@ -84,6 +84,15 @@ class QuantPlan:
     float_layers: tuple[str, ...] = ()  # Linear/Conv kept in float by the gate precision policy
     ops: dict[str, OpQuant] = field(default_factory=dict)  # quantized functional ops by site key
 
+    def path_of_weight(self, name: str) -> str | None:
+        """The layer (module path, quantized or float) whose ``<path>.weight`` initializer ``name`` is: the
+        longest such path, so a wrapper's prefix on the ONNX name is allowed; None when no layer matches."""
+        if not name.endswith(".weight"):
+            return None
+        base = name[: -len(".weight")]
+        paths = [p for p in (*self.layers, *self.float_layers) if base == p or base.endswith("." + p)]
+        return max(paths, key=len) if paths else None
+
     def to_dict(self) -> dict:
         """Summary for the manifest (no arrays)."""
         return {

@@ -20,6 +20,7 @@ from onnx import helper
 
 from edgegate.data import Inputs
 from edgegate.nn import TopKRouter
+from edgegate.onnx_export.passes._graph import copied
 from edgegate.reports.onnx_probe import ProbeError, run_onnx
 
 TAU_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -91,8 +92,7 @@ def float_sweep(model: Any, x: Inputs, labels: np.ndarray | None, skip: Mapping[
 def with_skip_threshold(model: onnx.ModelProto, tau: float) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose main-graph ``TopKGate`` nodes skip at ``tau``, their weights graph outputs
     (returned by name)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     gates = [n for n in out.graph.node if n.domain == "edgegate" and n.op_type == GATE_OP]
     if not gates:
         raise ProbeError("model.onnx has no edgegate TopKGate node in its main graph; no expert skipping to sweep")

@@ -115,3 +115,24 @@ def drop_unused_function(model: onnx.ModelProto, domain: str, name: str) -> None
     keep = [f for f in model.functions if (f.domain, f.name) != (domain, name)]
     del model.functions[:]
     model.functions.extend(keep)
+
+
+def copied(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model``: a pass returns a new model and leaves the one it was given as it was."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def value_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Value name -> the node of ``graph`` that computes it (graph inputs and initializers have none)."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def value_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes of ``graph`` that read it, in graph order (subgraphs not included)."""
+    got: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            got.setdefault(i, []).append(n)
+    return got

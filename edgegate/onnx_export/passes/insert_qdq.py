@@ -118,14 +118,8 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
 
 def _layer_of_weight(name: str, plan: QuantPlan) -> LayerQuant | None:
     """The plan layer whose ``<path>.weight`` this is: the longest path that ends the name; None if float."""
-    if not name.endswith(".weight"):
-        return None
-    base = name[: -len(".weight")]
-    paths = [p for p in (*plan.layers, *plan.float_layers) if base == p or base.endswith("." + p)]
-    if not paths:
-        return None
-    best = max(paths, key=len)
-    return plan.layers.get(best)
+    path = plan.path_of_weight(name)
+    return None if path is None else plan.layers.get(path)
 
 
 

@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.onnx_export.passes._graph import (
+    copied,
     drop_unused_initializers,
     fresh_name,
     graphs,
@@ -93,8 +94,7 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
                          qmoe_max_tokens: int = QMOE_MAX_TOKENS) -> onnx.ModelProto:
     """The model with every ``RoutedExperts`` node lowered; ``plan`` None: a float graph (no ``QMoE``).
     ``qmoe_max_tokens`` 0 leaves ``QMoE`` out."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     params: set[str] = set()  # the float expert parameters the lowered nodes read
     lowered = False
@@ -165,15 +165,6 @@ def _read(node: onnx.NodeProto, visible: ChainMap) -> _Experts:
                     k=int(attrs.get("k", len(groups))))
 
 
-def _layer_name(weight: str, plan: QuantPlan) -> str | None:
-    """The plan layer (module path) whose ``<path>.weight`` initializer this is; a wrapper prefix is allowed."""
-    if not weight.endswith(".weight"):
-        return None
-    base = weight[: -len(".weight")]
-    paths = [p for p in (*plan.layers, *plan.float_layers) if base == p or base.endswith("." + p)]
-    return max(paths, key=len) if paths else None
-
-
 def qmoe_block(d_model: int, d_hidden: int) -> int | None:
     """The QMoE block size for these widths: the largest of `QMOE_BLOCKS` dividing both, else None."""
     return next((b for b in QMOE_BLOCKS if d_model % b == 0 and d_hidden % b == 0), None)
@@ -188,7 +179,7 @@ def _qmoe_layers(spec: _Experts, plan: QuantPlan | None, visible: ChainMap) -> l
         return None
     layers = []
     for w in (n for group in spec.weights for n in group):
-        name = _layer_name(w, plan)
+        name = plan.path_of_weight(w)
         q = plan.layers.get(name) if name else None
         if q is None or q.kind is not LayerKind.LINEAR or q.act_bits != 8 or q.weight_int.ndim != 2:
             log.info("%s: expert layer %s is not an int8 Linear of the plan; per-expert gather/scatter", spec.x, w)

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.onnx_export.passes._graph import (
+    copied,
     drop_unused_function,
     fresh_name,
     graphs,
@@ -43,6 +44,7 @@ from edgegate.onnx_export.passes._graph import (
     replace_node,
     scoped_graphs,
     value_names,
+    value_producers,
 )
 from edgegate.ops import DOMAIN, TERNARY_LUT
 
@@ -60,8 +62,7 @@ _SHARED = {  # decode constants, added once to each graph that needs them (~70 b
 
 def lower_ternary(model: onnx.ModelProto, activation_scales: Mapping[str, float] | None = None) -> onnx.ModelProto:
     scales = dict(activation_scales or {})
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     seen: list[str] = []
     for graph, visible in scoped_graphs(out.graph):
@@ -149,7 +150,7 @@ def _lower(graph, node, visible: ChainMap, scales: dict[str, float], names: set[
 
 def _per_token_quantizer(graph, x: str, visible: ChainMap) -> tuple[str, str] | None:
     """(clip output, m) when x = Div(Clip(Round(Mul(v, m)), lo, hi), m) with int8-range bounds."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = value_producers(graph)
     div = producer.get(x)
     if div is None or div.op_type != "Div":
         return None

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
 from edgegate.onnx_export.passes._graph import (
+    copied,
     drop_unused_function,
     drop_unused_initializers,
     fresh_name,
@@ -45,8 +46,7 @@ TERNARY = "TernaryMatMul"
 
 
 def lower_trt(model: onnx.ModelProto, *, nonzero: bool = True) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     names = {n for g in graphs(out.graph) for n in value_names(g)}
     bool_1d = _bool_1d_values(out) if nonzero else set()
     replaced: set[str] = set()
