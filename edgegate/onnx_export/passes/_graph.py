@@ -35,6 +35,11 @@ def value_names(graph: onnx.GraphProto) -> Iterator[str]:
         yield from node.output
 
 
+def names_in_use(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of ``graph`` and its subgraphs: what `fresh_name` must avoid in a pass over the model."""
+    return {n for g in graphs(graph) for n in value_names(g)}
+
+
 def leaf_scope(node: onnx.NodeProto) -> str:
     """The module path in the exporter's name scopes ('' when absent, e.g. inside subgraphs)."""
     for p in node.metadata_props:

@@ -43,8 +43,8 @@ from edgegate.onnx_export.passes._graph import (
     graphs,
     insert_nodes,
     leaf_scope,
+    names_in_use,
     scoped_nodes,
-    value_names,
 )
 from edgegate.onnx_export.passes.insert_op_qdq import insert_op_qdq
 from edgegate.onnx_export.passes.integer_kernels import lower_integer
@@ -89,7 +89,7 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
         raise ExportError(f"layers {clash} are both quantized and float in the plan; keep each in one list")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    names = names_in_use(out.graph)
     sites, matmuls = [], []
     for graph, node, visible in scoped_nodes(out.graph):
         if node.domain not in ("", "ai.onnx") or len(node.input) < 2:

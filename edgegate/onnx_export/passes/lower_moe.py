@@ -46,9 +46,9 @@ from edgegate.onnx_export.passes._graph import (
     drop_unused_initializers,
     fresh_name,
     graphs,
+    names_in_use,
     replace_node,
     scoped_graphs,
-    value_names,
 )
 from edgegate.quantization.plan import LayerKind, LayerQuant, QuantPlan
 
@@ -95,7 +95,7 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
     """The model with every ``RoutedExperts`` node lowered; ``plan`` None: a float graph (no ``QMoE``).
     ``qmoe_max_tokens`` 0 leaves ``QMoE`` out."""
     out = copied(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    names = names_in_use(out.graph)
     params: set[str] = set()  # the float expert parameters the lowered nodes read
     lowered = False
     for graph, visible in scoped_graphs(out.graph):

@@ -41,9 +41,9 @@ from edgegate.onnx_export.passes._graph import (
     fresh_name,
     graphs,
     leaf_scope,
+    names_in_use,
     replace_node,
     scoped_graphs,
-    value_names,
     value_producers,
 )
 from edgegate.ops import DOMAIN, TERNARY_LUT
@@ -63,7 +63,7 @@ _SHARED = {  # decode constants, added once to each graph that needs them (~70 b
 def lower_ternary(model: onnx.ModelProto, activation_scales: Mapping[str, float] | None = None) -> onnx.ModelProto:
     scales = dict(activation_scales or {})
     out = copied(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    names = names_in_use(out.graph)
     seen: list[str] = []
     for graph, visible in scoped_graphs(out.graph):
         for node in [n for n in graph.node if n.domain == DOMAIN and n.op_type == OP]:

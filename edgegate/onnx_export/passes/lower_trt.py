@@ -36,9 +36,9 @@ from edgegate.onnx_export.passes._graph import (
     fresh_name,
     graphs,
     leaf_scope,
+    names_in_use,
     replace_node,
     scoped_graphs,
-    value_names,
 )
 from edgegate.ops import DOMAIN, unpack_ternary
 
@@ -47,7 +47,7 @@ TERNARY = "TernaryMatMul"
 
 def lower_trt(model: onnx.ModelProto, *, nonzero: bool = True) -> onnx.ModelProto:
     out = copied(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    names = names_in_use(out.graph)
     bool_1d = _bool_1d_values(out) if nonzero else set()
     replaced: set[str] = set()
     for graph, visible in scoped_graphs(out.graph):
