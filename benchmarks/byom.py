@@ -30,7 +30,7 @@ from edgegate.convert import convert, verify
 from edgegate.data import TensorSpec
 from edgegate.gates import find_gates
 from edgegate.onnx_export.torch_export import export_onnx
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 from edgegate.zoo import hf
 
@@ -53,7 +53,7 @@ def measure(arch: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     conversion = verify(original, convert(model), {"input_ids": calib.input()[:64]}, atol=1e-4)
     gate_map = find_gates(model)
-    quantized = quantize_for_export(model, gate_map, QuantOptions("int8"), Flavor.CPU, calib, held,
+    quantized = quantize_for_export(model, gate_map, QuantOptions("int8"), QdqForm.ASYMMETRIC, calib, held,
                                     TensorSpec("input_ids", (hf.CONTEXT,), "int64"))
     graph = export_onnx(quantized.export_model, torch.from_numpy(calib.input()[:2]), "input_ids")
     quantized.lower(graph)

@@ -57,13 +57,13 @@ def _quantize(model: Any, name: str, *, onnx: bool = True, **options: Any) -> tu
     from edgegate.data import TensorSpec, split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.plan import QdqForm
     from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     entry = zoo.entry(name)
     spec = TensorSpec(entry.inputs[0].name, tuple(entry.inputs[0].shape), entry.inputs[0].dtype)
     calib, held = split_data(entry.load_data())
-    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8", **options), Flavor.CPU, calib,
+    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8", **options), QdqForm.ASYMMETRIC, calib,
                             held, spec)
     if not onnx:
         return q.record, None

@@ -118,30 +118,19 @@ def _train_resnet(path: Path, epochs: int, width: int) -> None:
 def _train_wide_exit(path: Path, epochs: int) -> None:
     """``ExitMLP`` at ``WIDE_EXIT_HIDDEN`` on the clusters, the zoo recipe's loss and threshold rule, fewer epochs."""
     import torch
-    import torch.nn.functional as F
 
-    from edgegate.data import CLUSTERS_KW, load_data
+    from edgegate.data import load_data
+    from edgegate.datasets import CLUSTERS_KW
     from edgegate.loading import save
     from edgegate.nn import ExitMLP
-    from edgegate.zoo.recipes import exit_thresholds
-    from edgegate.zoo.training import deterministic, fit, tensors
+    from edgegate.zoo.recipes import fit_exits
+    from edgegate.zoo.training import deterministic
 
     n_feat = CLUSTERS_KW["n_features"]
     data = load_data("clusters", ["x"], {"x": (n_feat,)})
     with deterministic(0, threads=torch.get_num_threads()):
         model = ExitMLP(n_feat, hidden=WIDE_EXIT_HIDDEN, n_classes=CLUSTERS_KW["n_classes"], n_stages=3)
-        weights = np.linspace(0.5, 1.0, model.n_exits)
-
-        def loss_fn(m, xb, yb):
-            return sum(float(w) * F.cross_entropy(h, yb) for w, h in zip(weights, m.forward_all(xb), strict=True))
-
-        fit(model, *tensors(data, "train"), loss_fn, epochs=epochs, batch_size=64, lr=1e-3, seed=0)
-        xv, yv = tensors(data, "val")
-        with torch.no_grad():
-            heads = model.forward_all(xv)
-        probs = [torch.softmax(h, -1).amax(-1).numpy() for h in heads]
-        correct = [(h.argmax(-1) == yv).numpy() for h in heads]
-        model.set_thresholds(exit_thresholds(probs, correct, 0.6, tolerance=0.003))
+        fit_exits(model, data, 0, epochs=epochs, lr=1e-3)
     meta = {"dataset": "clusters", "seed": 0, "inputs": [{"name": "x", "shape": [n_feat], "dtype": "float32"}],
             "metrics": {"epochs": epochs}}
     save(model.eval(), path, meta=meta)

@@ -21,16 +21,14 @@ import gc
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from edgegate import targets
 from edgegate.bundle import read_bundle
-from edgegate.data import read_npz
-from edgegate.errors import DataError
+from edgegate.reports.golden_check import GOLDEN_FILE, GoldenCheck, check_golden, read_golden, static_batch
 from edgegate.reports.stats import (
     CV_WARN,
     EXIT_OUTPUT,
@@ -57,7 +55,6 @@ __all__ = [
 
 FORMAT = "edgegate.bench"
 FORMAT_VERSION = 5  # v2 ``runtime_metrics``, v3 ``budget``/``notes``, v4 ``device``, v5 ``learners``/skips; README
-GOLDEN_FILE = "golden_io.npz"
 DEFAULT_ATOL = 1e-4  # pipeline.py's tolerance, for bundles whose manifest records none
 Arrays = dict[str, np.ndarray]
 Progress = Callable[[int, "int | None"], None]  # (runs done, runs planned; None while a time budget decides)
@@ -109,15 +106,6 @@ class BenchConfig:
             return None
         cap = BUDGET_MAX_SECONDS if self.max_seconds is None else self.max_seconds
         return {"min_runs": self.min_runs, "min_seconds": min(self.min_seconds, cap), "max_seconds": cap}
-
-
-@dataclasses.dataclass(frozen=True)
-class GoldenCheck:
-    """Max |runner - golden| per output over ``samples`` inputs; integer/bool outputs must be 0."""
-
-    samples: int
-    atol: float
-    max_abs_err: dict[str, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +176,7 @@ def bench(
     if not ok:
         raise BenchError(f"bundle {name} is for target {target.name}, which cannot run here: {why}")
     options = _target_options(target, bundle.target_options, config.threads, name)
-    golden_in, golden_out = _read_golden(bundle.file(GOLDEN_FILE), name)
+    golden_in, golden_out = read_golden(bundle.file(GOLDEN_FILE), name)
     atol = float((manifest.get("golden") or {}).get("atol", DEFAULT_ATOL))
 
     rss_before = peak_rss_mib()
@@ -196,14 +184,14 @@ def bench(
     # files were verified above, and passing a Bundle (not a path) keeps load from reading them again.
     run_bundle = dataclasses.replace(bundle, manifest={**manifest, "target_options": options})
     with target.load(run_bundle) as runner:
-        static = _static_batch(manifest, runner)
+        static = static_batch(manifest, runner)
         if static is not None and config.batch not in (None, static):
             raise BenchError(
                 f"bundle {name} has a static batch of {static}; it cannot run batch {config.batch} "
                 "(leave out --batch, or re-export with that --batch)"
             )
         batch = static or config.batch or 1
-        golden = _check_golden(runner, golden_in, golden_out, static, atol, name)
+        golden = check_golden(runner, golden_in, golden_out, static, atol, name)
         gates = gate_outputs(manifest, runner.output_names)
         counted = {o for _, _, o in gates if o is not None}
         feeds = _feed_cycle(golden_in, batch, config.seed)
@@ -320,72 +308,6 @@ def _target_options(target: Any, recorded: dict[str, Any], threads: int | None, 
     if key is None:
         raise BenchError(f"bundle {name}: target {target.name} takes no thread count; leave out --threads")
     return {**recorded, key: threads}
-
-
-def _read_golden(path: Path, name: str) -> tuple[Arrays, Arrays]:
-
-    try:
-        arrays = read_npz(path, f"bundle {name}: golden file", "re-export the bundle")
-    except DataError as e:
-        raise BenchError(str(e)) from e
-    inputs = {k[6:]: v for k, v in arrays.items() if k.startswith("input.")}
-    outputs = {k[7:]: v for k, v in arrays.items() if k.startswith("output.")}
-    sizes = {v.shape[0] if v.ndim else None for v in inputs.values()}
-    if not inputs or not outputs or len(sizes) != 1 or not next(iter(sizes)):
-        raise BenchError(f"bundle {name}: {GOLDEN_FILE} needs input.*/output.* of one length; re-export")
-    return inputs, outputs
-
-
-def _static_batch(manifest: Mapping[str, Any], runner: Any) -> int | None:
-    batch = (manifest.get("export") or {}).get("batch")  # pipeline.py: None means a dynamic batch
-    dim = runner.input_specs[0].shape[0] if runner.input_specs and runner.input_specs[0].shape else None
-    return batch if batch is not None else dim if isinstance(dim, int) else None  # other tools' bundles
-
-
-def _check_golden(
-    runner: Any, inputs: Arrays, expected: Arrays, static: int | None, atol: float, name: str
-) -> GoldenCheck:
-    n = next(iter(inputs.values())).shape[0]
-    step = static or n  # a dynamic-batch golden set was made in one call, a static one per batch
-    if n % step:
-        raise BenchError(f"bundle {name}: {n} golden samples do not split into batches of {step}; re-export")
-    missing = sorted(set(expected) - set(runner.output_names))
-    if missing:
-        raise BenchError(f"bundle {name}: golden check failed: no output {missing[0]}; re-export it")
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in expected}
-    for i in range(0, n, step):
-        out = runner.run({k: v[i : i + step] for k, v in inputs.items()})
-        for k in expected:
-            chunks[k].append(np.asarray(out[k]))
-    errors = {}
-    for k, want in expected.items():
-        got = np.concatenate(chunks[k]) if want.ndim else chunks[k][-1]
-        if got.shape != want.shape:
-            raise BenchError(
-                f"bundle {name}: golden check failed: output {k} has shape {got.shape}, "
-                f"golden {want.shape}; re-export the bundle"
-            )
-        exact = want.dtype.kind in "biu"
-        err = _max_abs_err(got, want)
-        errors[k] = err
-        failed = err > 0 if exact else not err <= atol  # `not <=`: a NaN error fails too
-        if failed:
-            limit = "exact match" if exact else f"atol {atol:g}"
-            raise BenchError(
-                f"bundle {name}: golden check failed: output {k} max |error| {err:.4g} "
-                f"(needs {limit}) on {n} golden samples; the runtime here does not reproduce "
-                "the export: check runtime versions or re-export the bundle"
-            )
-    return GoldenCheck(samples=n, atol=atol, max_abs_err=errors)
-
-
-def _max_abs_err(got: np.ndarray, want: np.ndarray) -> float:
-    if got.size == 0:
-        return 0.0
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    both_nan = np.isnan(g) & np.isnan(w)  # NaN where golden has NaN is a match; elsewhere inf
-    diff = np.where(both_nan, 0.0, np.abs(g - w))
-    return float(np.max(np.nan_to_num(diff, nan=np.inf)))
 
 
 def _feed_cycle(inputs: Arrays, batch: int, seed: int) -> list[Arrays]:

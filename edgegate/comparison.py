@@ -45,61 +45,35 @@ from edgegate import targets
 from edgegate.benchmark import BenchConfig, bench
 from edgegate.bundle import read_bundle
 from edgegate.data import (
-    BUILTINS,
     NEXT_TOKEN_TASK,
-    UNSCORED,
     Inputs,
     TensorSpec,
     load_data,
     next_token_labels,
     validate_inputs,
 )
+from edgegate.datasets import BUILTINS
 from edgegate.errors import EdgegateError, TargetError
 from edgegate.loading import load, model_inputs
-from edgegate.metrics import (
-    decision_agreement,
-    routed_rows,
-    sqnr_db,
-    top1_agreement,
-    top1_expert_agreement,
-    topk_set_agreement,
-    wilson,
-)
 from edgegate.onnx_export.torch_export import is_early_exit, output_names
 from edgegate.pipeline import ExportConfig, run_export
+from edgegate.reports.compare_record import CALIBRATION_ROWS_NOTE, DEVICE_NOTE, NOTES, CompareReport, Row
 from edgegate.reports.layer_sqnr import add_layer_sqnr
 from edgegate.reports.onnx_probe import ProbeError, exit_threshold_names, run_onnx, with_thresholds
+from edgegate.reports.output_scores import (
+    agreement,
+    gate_outputs,
+    histograms,
+    logits_of,
+    rate_intervals,
+    sweep_point,
+    task_metrics,
+)
 from edgegate.reports.skip_sweep import bundle_sweep, float_sweep, skipping
-from edgegate.reports.stats import LatencyStats, plain, summarize_latencies
+from edgegate.reports.stats import summarize_latencies
 
-# The note (in the report's notes, so also in its JSON and HTML) naming the bundles whose recorded fidelity was
-# measured on their calibration rows; the text repeats it under the table.
-CALIBRATION_ROWS_NOTE = ("gate fidelity recorded at export on the calibration rows, not held-out data "
-                         "(exported without --holdout)")
-FORMAT = "edgegate.compare"
-# v4 added ``skip_sweep`` and the ACM / skip columns; v3 ``intervals`` (rows + Wilson 95%); v2 ``measured_on``
-# and the rows' ``device``; README, "Report formats"
-FORMAT_VERSION = 4
 SWEEP = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.999)
 EVAL_BATCH = 256
-NOTES = (
-    "per-layer SQNR: float torch module output vs the same layer in the bundle's model.onnx on ONNX Runtime "
-    "CPU (layer output added as a graph output), on the rows that reach the layer under the float model's "
-    "gating (samples not exited before its stage, tokens routed to its expert)",
-    "exit-threshold sweep: one threshold for all exits; float in torch, bundle = its model.onnx on ONNX Runtime "
-    "with the ExitDecision threshold initializers replaced",
-    "mask Hamming (channel/threshold gates) is the value recorded at export on held-out data: masks are not "
-    "outputs of the deployed graph",
-    "latency: bundles = `edgegate bench` on their target (batch as exported, else 1); float = torch eager, batch 1",
-    "skip sweep (bundles exported with --moe-skip): one threshold tau for every router at multiples of the deployed "
-    "one, alpha_l as calibrated; float in torch, bundle = its model.onnx on ONNX Runtime with TopKGate's "
-    "skip_threshold replaced; skip rate = routed slots given weight 0; such a bundle's agreements are counted "
-    "against the float model skipping as its manifest records",
-    "intervals: Wilson 95% score intervals over the rows each rate was counted on (samples; tokens for routes; "
-    "samples, not bits, for a mask Hamming distance recorded at export, which makes that interval conservative)",
-)
-DEVICE_NOTE = ("latency of a row with a device: measured on that device by its agent (`--device`), accuracy and "
-               "fidelity here; float = torch eager here")
 # How a bundle's latency is measured when not here: (bundle dir, config) -> its bench report (a device agent's).
 Measure = Callable[[Path, Any], Any]
 
@@ -129,45 +103,6 @@ class CompareConfig:
                 raise CompareError(f"compare {name}={getattr(self, name)} must be >= 1")
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One variant of the model. ``status`` "skipped" rows carry only ``note`` and ``recorded``."""
-
-    name: str
-    kind: str  # float | bundle | baseline
-    path: str | None
-    target: str | None
-    quant: str | None
-    calibration: str | None
-    status: str  # ok | skipped
-    note: str = ""
-    metrics: dict[str, float | None] = dataclasses.field(default_factory=dict)
-    recorded: dict[str, Any] = dataclasses.field(default_factory=dict)  # fidelity from the manifest
-    latency: LatencyStats | None = None
-    batch: int | None = None
-    layer_sqnr_db: dict[str, float] = dataclasses.field(default_factory=dict)
-    sweep: tuple[dict[str, float], ...] = ()  # {threshold, accuracy, mean_exit_depth}
-    skip_sweep: tuple[dict[str, float], ...] = ()  # {tau, skip_rate, accuracy}: MoE expert skipping
-    histograms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    device: dict[str, Any] | None = None  # the agent that measured ``latency`` ({name, url}); None: here
-    intervals: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)  # metric -> Wilson 95%
-    latencies_ms: tuple[float, ...] = dataclasses.field(default=(), repr=False)  # for plots; not in JSON
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareReport:
-    model: dict[str, Any]
-    data: dict[str, Any]
-    rows: tuple[Row, ...]
-    notes: tuple[str, ...] = NOTES
-
-    def to_dict(self) -> dict[str, Any]:
-        d = plain(dataclasses.asdict(self))
-        for row in d["rows"]:
-            row.pop("latencies_ms")
-        return {"format": FORMAT, "version": FORMAT_VERSION, **d}
-
-
 def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: CompareConfig,
             on_step: Callable[[str], None] | None = None, *, measure: Measure | None = None) -> CompareReport:
     """Evaluate the float model at `model_path` and every bundle on `config.data` (see module doc).
@@ -195,7 +130,7 @@ def compare(model_path: str | Path, bundle_paths: Sequence[str | Path], config: 
     step("float model")
     with torch.no_grad():
         float_out = _torch_outputs(model, x, names)
-    tokens = next_token_labels(x.arrays, labels, _logits(float_out).shape)
+    tokens = next_token_labels(x.arrays, labels, logits_of(float_out).shape)
     labels = labels if tokens is None else tokens  # a causal LM is scored per token on the next one
     float_row = _float_row(model, x, labels, float_out, config)
     skip = next((b.manifest["moe_skip"] for b in bundles if b.manifest.get("moe_skip")), None)
@@ -285,8 +220,8 @@ def _torch_outputs(model: Any, x: Inputs, names: Sequence[str]) -> dict[str, np.
 
 def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, np.ndarray],
                config: CompareConfig) -> Row:
-    metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
-    hists = _hists(out)
+    metrics = {**task_metrics(logits_of(out), labels), **gate_outputs(out)}
+    hists = histograms(out)
     if "exit_index" in out:
         metrics["mean_exit_depth"] = float(out["exit_index"].mean() + 1)
     times = []
@@ -305,7 +240,7 @@ def _float_row(model: Any, x: Inputs, labels: np.ndarray | None, out: dict[str, 
             m.set_thresholds([t] * len(m.thresholds))
             with torch.no_grad():
                 o = _torch_outputs(m, x, ["logits", "exit_index"])
-            points.append({"threshold": t, **_sweep_point(o["logits"], o["exit_index"], labels)})
+            points.append({"threshold": t, **sweep_point(o["logits"], o["exit_index"], labels)})
         sweep = tuple(points)
     return Row("float", "float", None, "torch", "fp32", None, "ok", metrics=metrics,
                latency=summarize_latencies(times), batch=1, sweep=sweep, histograms=hists,
@@ -352,9 +287,9 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
     static = (m.get("export") or {}).get("batch")
     with target.load(bundle) as runner:
         out = _run_runner(runner, x, static)
-    metrics = {**_task_metrics(_logits(out), labels), **_gate_outputs(out)}
-    metrics.update(_agreement(float_out, out))
-    intervals = _intervals(metrics, float_out)
+    metrics = {**task_metrics(logits_of(out), labels), **gate_outputs(out)}
+    metrics.update(agreement(float_out, out))
+    intervals = rate_intervals(metrics, float_out)
     sweep: tuple[dict[str, float], ...] = ()
     skip_sweep: tuple[dict[str, float], ...] = ()
     proto, note = None, ""
@@ -367,13 +302,13 @@ def _bundle_row(bundle: Any, kind: str, x: Inputs, labels: np.ndarray | None,
                 points = []
                 for t in SWEEP:
                     o = run_onnx(with_thresholds(proto, t), dict(x.arrays), static)
-                    points.append({"threshold": t, **_sweep_point(_logits(o), o["exit_index"], labels)})
+                    points.append({"threshold": t, **sweep_point(logits_of(o), o["exit_index"], labels)})
                 sweep = tuple(points)
             proto = (proto, static)
         except ProbeError as e:  # e.g. a target-specific model.onnx that ONNX Runtime cannot run
             note, proto = f"no sweep or per-layer SQNR: {e}", None
     row = Row(**head, status="ok", note=note, metrics=metrics, latency=report.latency, batch=report.batch,
-              sweep=sweep, skip_sweep=skip_sweep, histograms=_hists(out), device=report.device,
+              sweep=sweep, skip_sweep=skip_sweep, histograms=histograms(out), device=report.device,
               intervals=intervals, latencies_ms=report.latencies_ms)
     return row, proto
 
@@ -401,93 +336,6 @@ def _run_runner(runner: Any, x: Inputs, static: int | None) -> dict[str, np.ndar
         for k, v in runner.run(dict(part.arrays)).items():
             chunks.setdefault(k, []).append(np.asarray(v)[:rows])
     return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-def _logits(out: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The ``logits`` output, else the first one (a target may name its outputs its own way)."""
-    return out["logits"] if "logits" in out else next(iter(out.values()))
-
-
-def _task_metrics(logits: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
-    """Accuracy and loss: labels [N] of logits [N, C], or per-token targets [N, T] of logits [N, T, V]
-    (`UNSCORED` positions left out)."""
-    if labels is None or labels.ndim != logits.ndim - 1 or labels.shape != logits.shape[:-1]:
-        return {}
-    scored = labels != UNSCORED
-    if not scored.any():
-        return {}
-    logits, labels = logits[scored], labels[scored]  # flattened to [scored, C]
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    y = labels.astype(np.int64)
-    return {"accuracy": float((logits.argmax(1) == y).mean()), "loss": float(-logp[np.arange(len(y)), y].mean())}
-
-
-def _agreement(f: dict[str, np.ndarray], q: dict[str, np.ndarray]) -> dict[str, float | None]:
-    """Bundle vs float on the outputs both have: logits, exit index, route indices."""
-    fl, ql = _logits(f), _logits(q)
-    out: dict[str, float | None] = {
-        "top1_agreement": top1_agreement(fl, ql),
-        "output_sqnr_db": sqnr_db(fl, ql),
-    }
-    if "exit_index" in f and "exit_index" in q:
-        out["exit_agreement"] = decision_agreement(f["exit_index"], q["exit_index"])
-        out["mean_exit_depth"] = float(q["exit_index"].mean() + 1)
-    r = next((k for k in f if k.startswith("route")), None)
-    if r and r in q and f[r].shape == q[r].shape:  # a skipped slot is -1 in both: set agreement counts skips
-        out["topk_set_agreement"] = topk_set_agreement(f[r], q[r])
-        out["top1_expert_agreement"] = top1_expert_agreement(f[r], q[r])
-    c = next((k for k in f if k.startswith("learner")), None)
-    if c and c in q and f[c].shape == q[c].shape:
-        out["count_agreement"] = decision_agreement(f[c], q[c])
-    return out
-
-
-def _gate_outputs(out: dict[str, np.ndarray]) -> dict[str, float]:
-    """Mean learners per token (an ACM's ``learner_count`` output) and the skipped-slot rate of the route
-    output (-1 marks a slot the router skipped)."""
-    got: dict[str, float] = {}
-    c = next((k for k in out if k.startswith("learner")), None)
-    if c is not None and out[c].size:
-        got["mean_learners"] = float(out[c].mean())
-    r = next((k for k in out if k.startswith("route")), None)
-    if r is not None and out[r].size:
-        got["skip_rate"] = float((out[r] < 0).mean())
-    return got
-
-
-def _intervals(metrics: Mapping[str, float | None], f: dict[str, np.ndarray]) -> dict[str, dict[str, float | int]]:
-    """Wilson 95% interval of each rate in ``metrics`` over the rows it was counted on: samples, or routed
-    tokens (every leading dim of the route output) for the expert agreements and for a causal LM's logits, tokens
-    (every element of the learner-count output) for the learner-count agreement."""
-    logits = _logits(f)
-    samples = int(logits.size // logits.shape[-1])  # a causal LM's logits decide per token
-    r = next((k for k in f if k.startswith("route")), None)
-    tokens = routed_rows(f[r]) if r else samples
-    c = next((k for k in f if k.startswith("learner")), None)
-    rows = {"accuracy": samples, "top1_agreement": samples, "exit_agreement": samples,
-            "topk_set_agreement": tokens, "top1_expert_agreement": tokens,
-            "count_agreement": int(f[c].size) if c else samples}
-    return {m: wilson(metrics[m], n).to_dict() for m, n in rows.items() if metrics.get(m) is not None}
-
-
-def _hists(out: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """Fractions of samples per exit or learner count, and of routed slots per expert (skipped slots left out)."""
-    hists = {}
-    for k, v in out.items():
-        if k == "exit_index" or k.startswith(("route", "learner")):
-            values = v.reshape(-1).astype(np.int64)
-            counts = np.bincount(values[values >= 0])
-            hists[k] = (counts / max(counts.sum(), 1)).tolist()
-    return hists
-
-
-def _sweep_point(logits: np.ndarray, exit_index: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
-    point = {"mean_exit_depth": float(exit_index.mean() + 1)}
-    if labels is not None:
-        point["accuracy"] = float((logits.argmax(-1) == labels).mean())
-    return point
 
 
 # -------------------------------------------------------------------------------------------- baseline

@@ -75,7 +75,7 @@ def describe_onnx(data: bytes) -> dict:
     """Op counts (subgraphs included), edgegate functions, opsets, inputs and outputs."""
     import onnx  # an ONNX file or a bundle's graph; a runtime-only device shows bundles without it
 
-    from edgegate.onnx_export.passes.attach_functions import iter_nodes
+    from edgegate.onnx_export.passes.attach_functions import iter_nodes  # onnx too: loaded with it
 
     try:
         model = onnx.load_model_from_string(data)

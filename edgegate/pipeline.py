@@ -32,7 +32,7 @@ import onnxruntime
 import torch
 
 from edgegate import __version__, targets
-from edgegate.bundle import check_destination, write_bundle
+from edgegate.bundle_write import check_destination, write_bundle
 from edgegate.convert import class_path, convert, converters, verify
 from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
@@ -42,7 +42,7 @@ from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 from edgegate.schemes import QuantScheme
 
@@ -194,13 +194,14 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         conversion = _verify(original, conversion, calib, x)
     skip_record = None
     if skipping is not None:
+        # the calibration stage (brevitas): loaded only by an export that skips experts
         from edgegate.calibration.expert_skip import skip_for_export
 
         with timer.step("moe_skip"):  # the routers skip from here on: calibration and export see it
             skip_record = skip_for_export(model, gate_map, skipping, calib, held_out, [s.name for s in specs])
             gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
-        q = quantize_for_export(model, gate_map, qopts, Flavor(target.flavor), calib, held_out,
+        q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out,
                                 specs)
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),

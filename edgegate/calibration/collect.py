@@ -174,7 +174,7 @@ def finish(observed: Observed, config: QuantConfig | None = None, *,
         retuned = {}
         if config.gate_aware and config.retune_thresholds:
             retuned = retune_exit_thresholds(observed.ref, qmodel, observed.x, fparts, qparts)
-        plan = plan_from(swapped, config.flavor, float_layers(qmodel), rows)
+        plan = plan_from(swapped, config.qdq_form, float_layers(qmodel), rows)
     reasons = kept_float(observed.ref, config, observed.gate_map)
     reasons.update({f.layer: f.reason for f in observed.fallbacks if f.action == "float"})
     record = CalibrationRecord(

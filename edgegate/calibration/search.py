@@ -57,7 +57,7 @@ from edgegate.data import Inputs
 from edgegate.gates import GateKind, GateMap, find_gates
 from edgegate.quantization.config import Observer, QuantConfig
 from edgegate.quantization.layers import is_quantizable
-from edgegate.quantization.plan import Flavor, LayerKind
+from edgegate.quantization.plan import LayerKind, QdqForm
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ class _Search:
             assert self.best is not None
             quantized = {p: q.kind for p, q in self.best[2].plan.layers.items()}
             fed = feeders(self.model, self.x, self.gate_map)
-            if c.flavor is Flavor.CPU:  # trt has no 16-bit activations: an A16W8 layer would run in float anyway
+            # the symmetric form (TensorRT) has no 16-bit activations: an A16W8 layer would run in float anyway
+            if c.qdq_form is QdqForm.ASYMMETRIC:
                 self.promote(Means.A16W8, quantized, fed)
             self.promote(Means.FLOAT, quantized, fed)
         return self.finish()

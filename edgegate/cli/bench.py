@@ -8,12 +8,12 @@ from pathlib import Path
 
 from edgegate.cli._common import Status, int_at_least, positive_seconds
 from edgegate.cli.device import add_device_flags, device_client
+from edgegate.reports.bench_text import render_text
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.benchmark import BenchConfig, bench
-    from edgegate.reports.bench_text import render_text
 
     config = BenchConfig(runs=args.runs, warmup=args.warmup, threads=args.threads, batch=args.batch,
                          seed=args.seed, max_seconds=args.max_seconds, min_seconds=args.min_seconds)

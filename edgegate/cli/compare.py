@@ -8,6 +8,8 @@ from pathlib import Path
 
 from edgegate.cli._common import Status, add_input_flag, add_trust_flags, int_at_least
 from edgegate.cli.device import add_device_flags, device_client
+from edgegate.loading.inputs import parse_inputs
+from edgegate.reports.compare_text import render_text
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -15,8 +17,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate.comparison import CompareConfig, compare
-    from edgegate.loading.inputs import parse_inputs
-    from edgegate.reports.compare_text import render_text
 
     if args.html:
         import matplotlib  # noqa: F401  (the report extra: say so now, not after minutes of comparing)

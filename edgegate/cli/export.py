@@ -7,17 +7,19 @@ import sys
 import time
 from pathlib import Path
 
+from edgegate.bundle import read_bundle
 from edgegate.cli._common import Status, add_input_flag, add_trust_flags, check_interrupted, fraction, int_at_least
 from edgegate.errors import EdgegateError
+from edgegate.loading.inputs import parse_inputs
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
+from edgegate.reports.export_text import render_export
 from edgegate.schemes import QuantScheme
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
-    from edgegate.bundle import check_destination
-    from edgegate.loading.inputs import parse_inputs
+    from edgegate.bundle_write import check_destination
     from edgegate.pipeline import ExportConfig, run_export
 
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".edgegate")
@@ -43,10 +45,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         path = run_export(args.model, out, config, on_step=on_step)
     finished = time.perf_counter()
-    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
-    from edgegate.bundle import read_bundle
-    from edgegate.reports.export_text import render_export
-
     manifest = read_bundle(path).manifest
     timings = manifest.get("timings_s") or {}
     # Before the first step, run_export imports torch, onnx and brevitas (and checks its arguments: ms).

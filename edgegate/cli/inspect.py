@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 from edgegate.cli._common import add_trust_flags
+from edgegate.inspection import describe, to_json
+from edgegate.reports.inspect_text import render_inspect
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
-    from edgegate.inspection import describe, to_json
-    from edgegate.reports.inspect_text import render_inspect
-
     info = describe(args.path, trust_model=args.trust_model, model_class=args.model_class)
     print(to_json(info) if args.json else render_inspect(info, layers=args.layers))
     return 0

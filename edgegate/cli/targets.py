@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgegate.reports.text import table
+
 
 def cmd_targets(args: argparse.Namespace) -> int:
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import targets
-    from edgegate.reports.text import table
 
     rows = []
     for t in targets.all_targets():

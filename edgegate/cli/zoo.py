@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgegate.cli._common import Status
 from edgegate.errors import EdgegateError
+from edgegate.reports.text import num, table
 
 
 def cmd_zoo_help(args: argparse.Namespace) -> int:
@@ -18,7 +19,6 @@ def cmd_zoo_help(args: argparse.Namespace) -> int:
 def cmd_zoo_list(args: argparse.Namespace) -> int:
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import zoo
-    from edgegate.reports.text import table
 
     entries = [{"name": e.name, "family": e.family, "dataset": e.dataset, "description": e.description}
                for e in zoo.list_models()]
@@ -37,7 +37,6 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         raise EdgegateError(f"{out} already exists; pass --overwrite to replace that file or choose another -o")
     # loaded when the command runs: the CLI starts light, and a runtime-only install names the missing extra
     from edgegate import zoo
-    from edgegate.reports.text import num
     with Status("zoo train") as status:
         status.update(f"training {args.name}")
         path = zoo.train_and_save(args.name, out, seed=args.seed)

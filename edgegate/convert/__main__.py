@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.markdown or args.write):
         parser.error("nothing to do: give --markdown or --write PATH")
+    # torch and every converter (the docs describe their nn modules): loaded once the arguments are checked
     from edgegate.convert.docs import markdown
 
     text = markdown()

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgegate.bundle import fsync_dir, umask
 from edgegate.errors import ModelFormatError
+from edgegate.fs import fsync_dir, umask
 from edgegate.loading.detect import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, as_state_dict
 
 if TYPE_CHECKING:

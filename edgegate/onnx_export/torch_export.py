@@ -30,6 +30,7 @@ from onnxscript.values import Opset
 
 from edgegate.data import Inputs
 from edgegate.errors import ExportError
+from edgegate.nn.early_exit import EarlyExitNet
 from edgegate.nn.moe import MoE
 from edgegate.nn.routed_experts import MoEForm
 from edgegate.onnx_export.early_exit import CondEarlyExit
@@ -55,8 +56,6 @@ class ExportOptions:
 
 
 def is_early_exit(model: torch.nn.Module) -> bool:
-    from edgegate.nn import EarlyExitNet
-
     return isinstance(model, EarlyExitNet)
 
 

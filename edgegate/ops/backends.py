@@ -40,17 +40,22 @@ class Attr:
     value: int | float
 
 
-class NumpyBackend:
-    """Reference semantics. Deliberately plain numpy: this is what faster paths are tested against."""
-
-    def const(self, value: Any, dtype: str) -> np.ndarray:
-        return np.asarray(value, dtype=dtype)
+class EagerBackend:
+    """What the eager backends share: an attribute is its value, and ``choose`` picks in Python (the flag is
+    concrete here; the ONNX builder records a ``Where`` instead)."""
 
     def attr(self, a: Attr) -> int | float:
         return a.kind.coerce(a.value)
 
     def choose(self, flag, if_true, if_false):
         return if_true if flag else if_false
+
+
+class NumpyBackend(EagerBackend):
+    """Reference semantics. Deliberately plain numpy: this is what faster paths are tested against."""
+
+    def const(self, value: Any, dtype: str) -> np.ndarray:
+        return np.asarray(value, dtype=dtype)
 
     def cast(self, x, dtype: str):
         return np.asarray(x).astype(dtype)
@@ -130,7 +135,7 @@ class NumpyBackend:
         return np.asarray(w_int8).astype(np.float32) * np.asarray(scale, np.float32).reshape(-1, 1)
 
 
-class TorchBackend:
+class TorchBackend(EagerBackend):
     """The torch forward: differentiable where the math is (gates), integer ops where it is not."""
 
     def __init__(self) -> None:
@@ -140,12 +145,6 @@ class TorchBackend:
 
     def const(self, value: Any, dtype: str):
         return self.torch.tensor(value, dtype=getattr(self.torch, dtype))
-
-    def attr(self, a: Attr) -> int | float:
-        return a.kind.coerce(a.value)
-
-    def choose(self, flag, if_true, if_false):
-        return if_true if flag else if_false
 
     def cast(self, x, dtype: str):
         return x.to(getattr(self.torch, dtype))

@@ -195,7 +195,7 @@ def onnx_translation_table() -> dict:
     import torch
     from onnxscript.values import Opset
 
-    from edgegate.ops.torch_ops import torch_backend
+    from edgegate.ops.torch_ops import torch_backend  # the torch side of the ops, for the same reason
 
     torch_backend()
     register_onnx_schemas()

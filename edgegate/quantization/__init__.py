@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgegate.quantization.config import CalibrationMode, GatePrecision, Observer, QuantConfig
-from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.plan import LayerKind, LayerQuant, QdqForm, QuantPlan
 from edgegate.schemes import QuantScheme
 
 _LAZY = {
@@ -22,7 +22,7 @@ _LAZY = {
     "register_decision_layers": "edgegate.quantization.policy",
 }
 
-__all__ = ["CalibrationMode", "Flavor", "GatePrecision", "LayerKind", "LayerQuant", "Observer", "QuantConfig",
+__all__ = ["CalibrationMode", "QdqForm", "GatePrecision", "LayerKind", "LayerQuant", "Observer", "QuantConfig",
            "QuantPlan", "QuantScheme", *_LAZY]
 
 

@@ -22,7 +22,7 @@ from edgegate.quantization.config import QuantConfig
 from edgegate.quantization.functional import FunctionalQuant, build, fused_conv_outputs, plan_ops
 from edgegate.quantization.layers import ACT_QUANT, EmptySafeQuantConv2d, is_quantizable, quant_layer, quantizes_output
 from edgegate.quantization.layout import trace_layout
-from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.plan import LayerKind, LayerQuant, QdqForm, QuantPlan
 from edgegate.quantization.policy import decision_layers
 
 TRACE_ROWS = 512  # example rows the layout trace runs on (it needs the structure, not statistics)
@@ -42,12 +42,12 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict[str, str]:
     """``{path: reason}`` of the quantizable layers ``quantize`` leaves in float under ``config``.
 
-    A16W8 layers stay float for flavor ``trt``: TensorRT has no 16-bit integer activations; ``float_layers``
+    A16W8 layers stay float for the ``symmetric`` form: TensorRT has no 16-bit integer activations; ``float_layers``
     (chosen for gate fidelity) stay float everywhere.
     """
     keep = decision_layers(model, gate_map) if config.gates_in_float else {}
     keep.update({p: "feeds a gate decision; kept float for gate fidelity" for p in config.float_layers})
-    if config.flavor is Flavor.TRT:
+    if config.qdq_form is QdqForm.SYMMETRIC:
         keep.update({p: "decision-critical (A16W8 on cpu); TensorRT has no int16 activations"
                      for p in config.a16_layers})
     return keep
@@ -58,7 +58,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: Gate
     """A deep copy of ``model`` (eval mode) with each plain ``nn.Linear``/``nn.Conv2d`` replaced by its
     brevitas layer, except the gate decision layers when the gate precision policy keeps them float.
 
-    With ``example`` inputs and flavor ``cpu``, the functional ops between the layers are quantized too
+    With ``example`` inputs and the ``asymmetric`` form, the functional ops between the layers are quantized too
     (``edgegate.quantization.layout``: residual adds, concatenations, pooling, hardswish... where every
     input is quantized), traced on ``example`` under the model's own (deployed) gating.
 
@@ -74,8 +74,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: Gate
         if path in config.a16_layers and not isinstance(module, nn.Linear):
             raise EdgegateError(f"a16 layer {path} is a {type(module).__name__}; A16W8 is for Linear layers")
     layout = None
-    if config.flavor is Flavor.CPU and example is not None and targets:
-        convs = {p for p, m in targets.items() if quantizes_output(m, config.flavor)}
+    if config.qdq_form is QdqForm.ASYMMETRIC and example is not None and targets:
+        convs = {p for p, m in targets.items() if quantizes_output(m, config.qdq_form)}
         layout = trace_layout(qmodel, example[:TRACE_ROWS], targets, convs)
     swapped = QuantModules()
     for path, module in targets.items():
@@ -85,7 +85,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: Gate
         _set_submodule(qmodel, path, q)
         swapped[path] = q
     if layout is not None and not layout.empty:
-        swapped.functional = build(layout, ACT_QUANT[(config.flavor, config.observer)], swapped)
+        swapped.functional = build(layout, ACT_QUANT[(config.qdq_form, config.observer)], swapped)
         if swapped.functional is not None:
             swapped.functional.attach(qmodel)
     return qmodel, swapped
@@ -123,7 +123,7 @@ def _layer_quant(name: str, q: nn.Module, samples: int) -> LayerQuant:
         )
 
 
-def plan_from(swapped: dict[str, nn.Module], flavor: Flavor | str, float_layers: tuple[str, ...] | list[str],
+def plan_from(swapped: dict[str, nn.Module], qdq_form: QdqForm | str, float_layers: tuple[str, ...] | list[str],
               counts: dict[str, int]) -> QuantPlan:
     """Read calibrated brevitas layers back into a :class:`QuantPlan` (numpy arrays, float bias).
 
@@ -134,4 +134,4 @@ def plan_from(swapped: dict[str, nn.Module], flavor: Flavor | str, float_layers:
     for name, (scale, zp) in fused_conv_outputs(functional).items():
         if name in layers:
             layers[name] = dataclasses.replace(layers[name], out_scale=scale, out_zero_point=zp, out_after_relu=True)
-    return QuantPlan(Flavor(flavor), layers, tuple(float_layers), plan_ops(functional, swapped))
+    return QuantPlan(QdqForm(qdq_form), layers, tuple(float_layers), plan_ops(functional, swapped))

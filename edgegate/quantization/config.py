@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from edgegate.errors import EdgegateError
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.schemes import QuantScheme
 
 DEFAULT_FIDELITY_TARGET = 0.995  # every gate agrees with the float model on >= 99.5% of its decisions
@@ -58,7 +58,7 @@ class QuantConfig:
 
     scheme: QuantScheme = QuantScheme.INT8
     observer: Observer = Observer.PERCENTILE
-    flavor: Flavor = Flavor.CPU
+    qdq_form: QdqForm = QdqForm.ASYMMETRIC
     gate_precision: GatePrecision | None = None
     calibration: CalibrationMode = CalibrationMode.GATE_AWARE
     min_coverage: int = 32
@@ -71,7 +71,7 @@ class QuantConfig:
     max_promoted_layers: int = 4
 
     def __post_init__(self) -> None:
-        for name, enum in (("scheme", QuantScheme), ("observer", Observer), ("flavor", Flavor),
+        for name, enum in (("scheme", QuantScheme), ("observer", Observer), ("qdq_form", QdqForm),
                            ("calibration", CalibrationMode), ("gate_precision", GatePrecision)):
             value = getattr(self, name)
             if value is None and name == "gate_precision":

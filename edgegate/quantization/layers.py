@@ -1,13 +1,13 @@
-"""Brevitas quant layers and the activation-quantizer table (flavor x observer).
+"""Brevitas quant layers and the activation-quantizer table (QDQ form x observer).
 
 Stage: quantize (DESIGN §5). Input: a float ``nn.Linear`` / ``nn.Conv2d`` and a :class:`QuantConfig`.
 Output: the equivalent brevitas layer (int8 per-channel weights, 8-bit per-tensor input quantizer,
-int32 bias, float output; a quantized output for a ``cpu`` Conv) carrying the same weights, ready to
+int32 bias, float output; a quantized output for a Conv of the asymmetric form) carrying the same weights, ready to
 be calibrated.
 
-Flavors differ in the activation type: ``cpu`` uses asymmetric uint8 activations (ONNX Runtime on
-x86 fuses int8 kernels only with uint8 activations), ``trt`` symmetric int8 with zero point 0. A
-``cpu`` Conv also quantizes its output (the same quantizer type, after the bias): ORT x86 has only
+Forms differ in the activation type: ``asymmetric`` uses uint8 activations (ONNX Runtime on
+x86 fuses int8 kernels only with uint8 activations), ``symmetric`` int8 with zero point 0. An
+``asymmetric`` Conv also quantizes its output (the same quantizer type, after the bias): ORT x86 has only
 ``QLinearConv`` (uint8 output) as a fast integer conv and fuses it only in front of a
 QuantizeLinear, so a Conv feeding a float op (a gate's Mul, a residual Add) would stay float.
 Linear layers need no output quantizer (ORT's ``QGemm``/``MatMulIntegerToFloat`` have float outputs).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.quantization.config import Observer, QuantConfig
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 
 with warnings.catch_warnings():
     # brevitas warns at import about an optional CUDA kernel package we never use.
@@ -48,14 +48,14 @@ warnings.filterwarnings("ignore", message="Computing zero point of output accumu
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 ACT_QUANT = {
-    (Flavor.TRT, Observer.MINMAX): Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX),
-    (Flavor.TRT, Observer.PERCENTILE): Int8ActPerTensorFloat.let(high_percentile_q=99.99),
-    (Flavor.TRT, Observer.MSE): Int8ActPerTensorFloatMSE,
-    (Flavor.CPU, Observer.MINMAX): ShiftedUint8ActPerTensorFloat.let(
+    (QdqForm.SYMMETRIC, Observer.MINMAX): Int8ActPerTensorFloat.let(scaling_stats_op=StatsOp.MAX),
+    (QdqForm.SYMMETRIC, Observer.PERCENTILE): Int8ActPerTensorFloat.let(high_percentile_q=99.99),
+    (QdqForm.SYMMETRIC, Observer.MSE): Int8ActPerTensorFloatMSE,
+    (QdqForm.ASYMMETRIC, Observer.MINMAX): ShiftedUint8ActPerTensorFloat.let(
         scaling_stats_op=StatsOp.MIN_MAX, zero_point_stats_impl=NegativeMinOrZero),
-    (Flavor.CPU, Observer.PERCENTILE): ShiftedUint8ActPerTensorFloat.let(
+    (QdqForm.ASYMMETRIC, Observer.PERCENTILE): ShiftedUint8ActPerTensorFloat.let(
         high_percentile_q=99.99, low_percentile_q=0.01),
-    (Flavor.CPU, Observer.MSE): ShiftedUint8ActPerTensorFloatMSE,
+    (QdqForm.ASYMMETRIC, Observer.MSE): ShiftedUint8ActPerTensorFloatMSE,
 }
 
 
@@ -85,9 +85,9 @@ class EmptySafeQuantConv2d(qnn.QuantConv2d):
         return super().forward(x)
 
 
-def quantizes_output(module: nn.Module, flavor: Flavor) -> bool:
-    """Whether the quant layer of ``module`` has an output quantizer: Convs of flavor ``cpu``."""
-    return isinstance(module, nn.Conv2d) and flavor is Flavor.CPU
+def quantizes_output(module: nn.Module, qdq_form: QdqForm) -> bool:
+    """Whether the quant layer of ``module`` has an output quantizer: Convs of the ``asymmetric`` form."""
+    return isinstance(module, nn.Conv2d) and qdq_form is QdqForm.ASYMMETRIC
 
 
 def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8, output: bool = True) -> nn.Module:
@@ -99,9 +99,9 @@ def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8, outpu
     (``edgegate.quantization.layout``: the quantizer then sits after the ReLU, zero point 0).
     """
     has_bias = module.bias is not None
-    act = ACT_QUANT[(config.flavor, config.observer)]
+    act = ACT_QUANT[(config.qdq_form, config.observer)]
     # 8-bit: A16W8 is for Linear layers only
-    out = act if output and quantizes_output(module, config.flavor) else None
+    out = act if output and quantizes_output(module, config.qdq_form) else None
     if act_bits != 8:
         act = act.let(bit_width=act_bits)
     kw = {"bias": has_bias, "weight_quant": Int8WeightPerChannelFloat,

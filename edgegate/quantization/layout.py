@@ -6,7 +6,7 @@ quantized. Output: a :class:`Layout` saying which tensors get a quantizer ("anch
 (after the op, or after the ReLU that alone reads the op's output), which functional ops run quantized,
 and which quant layers read an anchored tensor (and share its quantizer as their input quantizer).
 
-The rule, per tensor in execution order (the ``cpu`` flavor; ONNX Runtime x86 runs these integer ops):
+The rule, per tensor in execution order (the ``asymmetric`` form; ONNX Runtime x86 runs these integer ops):
 
 * a quantized Conv's output is quantized (QLinearConv has a uint8 output);
 * a compute op (``x + y``, ``x * y``, ``torch.cat``, average pooling, hardswish, hardsigmoid) is

@@ -15,11 +15,14 @@ from enum import StrEnum
 import numpy as np
 
 
-class Flavor(StrEnum):
-    """How the canonical QDQ graph is lowered for a target (DESIGN §5)."""
+class QdqForm(StrEnum):
+    """The form of the quantized graph a target consumes (DESIGN §5); a target declares its form as ``qdq_form``."""
 
-    CPU = "cpu"  # uint8 asymmetric activations, int8 symmetric per-channel weights (ORT x86 fuses these)
-    TRT = "trt"  # int8 symmetric activations with zero point 0, int8 per-channel weights
+    # uint8 asymmetric activations, int8 symmetric per-channel weights: ONNX Runtime's QDQ graph (x86 fuses it)
+    ASYMMETRIC = "asymmetric"
+    # int8 symmetric activations with zero point 0, int8 per-channel weights: TensorRT's explicit Q/DQ and the
+    # snn integer form
+    SYMMETRIC = "symmetric"
 
 
 class LayerKind(StrEnum):
@@ -30,7 +33,7 @@ class LayerKind(StrEnum):
 @dataclass(frozen=True)
 class LayerQuant:
     """One quantized Linear/Conv: activation (input) quantizer, integer weight, float bias, and for a
-    Conv of flavor ``cpu`` an output quantizer (same type and observer as the input's): ONNX Runtime
+    Conv of the ``asymmetric`` form an output quantizer (same type and observer as the input's): ONNX Runtime
     x86 runs a Conv as ``QLinearConv`` only when a QuantizeLinear follows it."""
 
     name: str  # module path in the model
@@ -42,7 +45,7 @@ class LayerQuant:
     weight_scale: np.ndarray  # float32 [out_channels]
     bias: np.ndarray | None  # float32; lowered to int32 at scale act_scale * weight_scale[c]
     samples: int  # calibration rows (tokens/samples) that reached the layer
-    act_bits: int = 8  # 16: A16W8, a decision-critical layer (uint16 activation, cpu flavor only)
+    act_bits: int = 8  # 16: A16W8, a decision-critical layer (uint16 activation, asymmetric form only)
     out_scale: float | None = None  # output quantizer (after the bias); None: the output stays float
     out_zero_point: int | None = None  # same integer domain as act_zero_point; None iff out_scale is None
     out_after_relu: bool = False  # the output quantizer sits after the Relu that alone reads the output
@@ -76,15 +79,24 @@ class OpQuant:
 
 @dataclass(frozen=True)
 class QuantPlan:
-    flavor: Flavor
+    qdq_form: QdqForm
     layers: dict[str, LayerQuant] = field(default_factory=dict)
     float_layers: tuple[str, ...] = ()  # Linear/Conv kept in float by the gate precision policy
     ops: dict[str, OpQuant] = field(default_factory=dict)  # quantized functional ops by site key
 
+    def path_of_weight(self, name: str) -> str | None:
+        """The layer (module path, quantized or float) whose ``<path>.weight`` initializer ``name`` is: the
+        longest such path, so a wrapper's prefix on the ONNX name is allowed; None when no layer matches."""
+        if not name.endswith(".weight"):
+            return None
+        base = name[: -len(".weight")]
+        paths = [p for p in (*self.layers, *self.float_layers) if base == p or base.endswith("." + p)]
+        return max(paths, key=len) if paths else None
+
     def to_dict(self) -> dict:
         """Summary for the manifest (no arrays)."""
         return {
-            "flavor": str(self.flavor),
+            "qdq_form": str(self.qdq_form),
             "layers": {n: {"kind": str(q.kind), "act_scale": q.act_scale, "act_zero_point": q.act_zero_point,
                            "act_signed": q.act_signed, "act_bits": q.act_bits, "samples": q.samples,
                            "out_scale": q.out_scale, "out_zero_point": q.out_zero_point,

@@ -33,7 +33,7 @@ from edgegate.gates import GateKind, GateMap
 from edgegate.metrics import wilson
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET, QuantConfig
 from edgegate.quantization.fold import fold_batchnorm
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.policy import decision_layers
 from edgegate.quantization.ternary import ternarize_model
 from edgegate.schemes import QuantScheme
@@ -79,7 +79,7 @@ def _lower_int8(plan):
     return lambda proto: insert_qdq(lower_routed_experts(proto, plan), plan)
 
 
-def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, flavor: Flavor,
+def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, qdq_form: QdqForm,
                         calib: Dataset | None, held_out: Dataset | None,
                         spec: TensorSpec | Sequence[TensorSpec] | None) -> Quantized:
     """The quantize step for ``options.scheme``; ``spec``: the model's input (or one per input, in order; None:
@@ -99,8 +99,8 @@ def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptio
                             "(the checkpoint names no dataset)")
     x_cal = torch_inputs(calib, specs)
     if scheme is QuantScheme.TERNARY:
-        return _ternary(model, gate_map, options, flavor, x_cal)
-    return _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs)
+        return _ternary(model, gate_map, options, qdq_form, x_cal)
+    return _int8(model, gate_map, options, qdq_form, x_cal, calib, held_out, specs)
 
 
 def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
@@ -108,14 +108,14 @@ def torch_inputs(data: Dataset, specs: Sequence[TensorSpec]) -> Inputs:
     return data.model_inputs([s.name for s in specs] or None).map(lambda a: torch.from_numpy(np.ascontiguousarray(a)))
 
 
-def _int8(model, gate_map, options, flavor, x_cal, calib, held_out, specs) -> Quantized:
+def _int8(model, gate_map, options, qdq_form, x_cal, calib, held_out, specs) -> Quantized:
     from edgegate.calibration import calibrate  # brevitas, which only an int8 export needs
 
     if options.lowrank:
         raise EdgegateError("--lowrank needs --quant ternary")
     # Calibrate and export the model the runtime computes: BatchNorm folded into its conv.
     model, folded = fold_batchnorm(model, x_cal[:8])
-    config = QuantConfig(observer=options.observer, flavor=flavor, gate_precision=options.gate_precision,
+    config = QuantConfig(observer=options.observer, qdq_form=qdq_form, gate_precision=options.gate_precision,
                          calibration=options.calibration, min_coverage=options.min_coverage,
                          fidelity_target=options.fidelity_target)
     qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
@@ -174,14 +174,14 @@ def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     return out
 
 
-def _ternary(model, gate_map, options, flavor, x_cal) -> Quantized:
+def _ternary(model, gate_map, options, qdq_form, x_cal) -> Quantized:
     from edgegate.onnx_export.passes.lower_ternary import lower_ternary  # the export stage's pass (see _int8)
 
     keep = decision_layers(model, gate_map)
     tmodel, report = ternarize_model(model, x_cal, keep_float=set(keep), rank=options.lowrank)
     record = {"scheme": "ternary", "lowrank": options.lowrank, **report.to_dict(),
               "kept_float_reasons": keep}
-    if flavor is not Flavor.CPU:
+    if qdq_form is not QdqForm.ASYMMETRIC:
         return Quantized(tmodel, tmodel, _identity, record)
     # CPU: TernaryMatMul becomes integer MatMulInteger on the constant-folded unpack; post-training
     # layers take float activations, which the lowering quantizes dynamically, so the graph follows

@@ -126,7 +126,7 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
     config = q.get("config") or {}
     mode = "gate-aware" if config.get("calibration") == "gate_aware" else str(config.get("calibration", "?"))
     kept = "kept float" if config.get("gate_precision") == "float" else f"in {config.get('gate_precision', '?')}"
-    text = (f"int8 ({config.get('flavor', '?')} form), {mode} calibration on {q.get('calibration_data') or '?'} "
+    text = (f"int8 ({config.get('qdq_form', '?')} form), {mode} calibration on {q.get('calibration_data') or '?'} "
             f"({q.get('samples', '?')} samples), observer {config.get('observer', '?')}, gate layers {kept}")
     lines = labelled("Quantization", [text])
     coverage = q.get("calibrated") or q.get("coverage") or {}
@@ -236,7 +236,7 @@ def precision_lines(m: Mapping[str, Any]) -> list[str]:
     a16 = q.get("a16") or {}
     if a16.get("layers"):
         how = ("promoted for gate fidelity, run in float (TensorRT has no int16 activations)"
-               if (q.get("config") or {}).get("flavor") == "trt" else "16-bit activations, int8 weights")
+               if (q.get("config") or {}).get("qdq_form") == "symmetric" else "16-bit activations, int8 weights")
         lines += labelled("A16 layers", [f"{', '.join(a16['layers'])}: {how} (target {num(a16.get('target'))})"])
     reasons = q.get("float_layers") or q.get("kept_float_reasons") or {}
     if isinstance(reasons, Mapping) and reasons:

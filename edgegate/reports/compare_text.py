@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from edgegate.comparison import CALIBRATION_ROWS_NOTE, CompareReport, Row
 from edgegate.reports import text
+from edgegate.reports.compare_record import CALIBRATION_ROWS_NOTE, CompareReport, Row
 
 # (header, where the value lives, metric key, format): "m" = measured here, "r" = recorded at export.
 COLUMNS: tuple[tuple[str, str, str, str], ...] = (

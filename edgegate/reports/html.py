@@ -17,7 +17,7 @@ from edgegate.errors import EdgegateError
 from edgegate.reports.compare_text import interval_lines, table
 
 if TYPE_CHECKING:
-    from edgegate.comparison import CompareReport
+    from edgegate.reports.compare_record import CompareReport
 
 INF_SHOWN_DB = 100.0  # an identical layer (infinite SQNR) is drawn at this height
 

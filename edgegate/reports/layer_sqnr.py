@@ -19,6 +19,7 @@ import numpy as np
 
 from edgegate.data import Inputs
 from edgegate.metrics import sqnr_db
+from edgegate.nn import MoE
 from edgegate.onnx_export.torch_export import is_early_exit
 from edgegate.reports.onnx_probe import NEVER_EXIT, ProbeError, layer_outputs, run_layers, with_thresholds
 
@@ -85,8 +86,6 @@ def rows_reaching(ref: Any, paths: Sequence[str], exit_index: np.ndarray) -> dic
     """Per layer path, the rows that reach it under the float model's deployed gating (path-conditional):
     samples whose float exit index is >= the layer's stage, tokens the float router sent to its expert.
     Layers of neither kind are measured on every row (no entry here)."""
-    from edgegate.nn import MoE
-
     reach: dict[str, np.ndarray] = {}
     if is_early_exit(ref) and exit_index.size:
         for p in paths:

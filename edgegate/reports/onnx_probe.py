@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from edgegate.errors import EdgegateError
+from edgegate.onnx_export.passes._graph import copied, value_producers, value_readers
 
 EXIT_OPS = frozenset({"ExitDecision", "LearnedExitDecision"})
 LAYER_OPS = frozenset({"Gemm", "MatMul", "Conv", "MatMulInteger", "ConvInteger", "TernaryMatMul"})
@@ -59,8 +60,7 @@ def with_thresholds(model: onnx.ModelProto, value: float) -> onnx.ModelProto:
     names = set(exit_threshold_names(model))
     if not names:
         raise ProbeError("model.onnx has no edgegate ExitDecision node; there are no exit thresholds to sweep")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     found: set[str] = set()
     for g in _graphs(out.graph):
         for init in g.initializer:
@@ -91,11 +91,8 @@ def layer_outputs(model: onnx.ModelProto) -> dict[str, list[str]]:
     (Add, Sub, Mul, Div, Cast). The caller picks the one that matches the float module's output.
     """
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer = value_producers(g)
+    consumers = value_readers(g)
     constants = {i.name for i in g.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
@@ -131,8 +128,7 @@ def _affine_closure(start: str, consumers: Mapping[str, list[onnx.NodeProto]], l
 def run_layers(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: Sequence[str],
                batch: int | None) -> dict[str, np.ndarray]:
     """Run `model` on ORT CPU with `tensors` added as graph outputs; rows concatenated over batches."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     have = {o.name for o in out.graph.output}
     out.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
     names = [o.name for o in out.graph.output]

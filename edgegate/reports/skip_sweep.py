@@ -19,6 +19,8 @@ import onnx
 from onnx import helper
 
 from edgegate.data import Inputs
+from edgegate.nn import TopKRouter
+from edgegate.onnx_export.passes._graph import copied
 from edgegate.reports.onnx_probe import ProbeError, run_onnx
 
 TAU_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -42,7 +44,6 @@ def _point(tau: float, logits: np.ndarray, weights: list[np.ndarray], labels: np
 def skipping(model: Any, skip: Mapping[str, Any], tau: float | None = None) -> Iterator[dict[str, Any]]:
     """``model``'s routers named in the manifest record ``skip`` set to skip with its alpha_l and ``tau``
     (default: its own), as deployed; restored on exit. Yields the routers by path."""
-    from edgegate.nn import TopKRouter  # torch: only the float side of compare comes here
 
     found = {p: model.get_submodule(p) for p in skip.get("importance") or {}}
     found = {p: r for p, r in found.items() if isinstance(r, TopKRouter)}
@@ -59,8 +60,6 @@ def skipping(model: Any, skip: Mapping[str, Any], tau: float | None = None) -> I
 def float_sweep(model: Any, x: Inputs, labels: np.ndarray | None, skip: Mapping[str, Any]) -> tuple[dict, ...]:
     """The float model (torch) skipping with the bundle's alpha_l at each swept tau."""
     import torch
-
-    from edgegate.nn import TopKRouter
 
     found = {p: model.get_submodule(p) for p in skip.get("importance") or {}}
     found = {p: r for p, r in found.items() if isinstance(r, TopKRouter)}
@@ -93,8 +92,7 @@ def float_sweep(model: Any, x: Inputs, labels: np.ndarray | None, skip: Mapping[
 def with_skip_threshold(model: onnx.ModelProto, tau: float) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose main-graph ``TopKGate`` nodes skip at ``tau``, their weights graph outputs
     (returned by name)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     gates = [n for n in out.graph.node if n.domain == "edgegate" and n.op_type == GATE_OP]
     if not gates:
         raise ProbeError("model.onnx has no edgegate TopKGate node in its main graph; no expert skipping to sweep")

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import itertools
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from edgegate import targets as targets_registry
-from edgegate.data import BUILTINS
+from edgegate.datasets import BUILTINS
 from edgegate.device import DeviceClient, DeviceError, read_token
 from edgegate.errors import EdgegateError, one_line, os_error_text
 from edgegate.quantization.config import CalibrationMode, Observer
@@ -229,12 +229,16 @@ def _listed(value: Any, key: str, where: str) -> list[Any]:
     return items
 
 
-def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+def _values(value: Any, key: str, where: str, ok: Callable[[Any], bool], what: str) -> tuple[Any, ...]:
     items = _listed(value, key, where)
     for v in items:
-        if not isinstance(v, str) or not v.strip():
-            raise SweepError(f"{where}: key '{key}' must be a string or a list of strings, not {v!r}")
+        if not ok(v):
+            raise SweepError(f"{where}: key '{key}' must be {what}, not {v!r}")
     return tuple(dict.fromkeys(items))  # a value listed twice is one cell, not two
+
+
+def _strings(value: Any, key: str, where: str) -> tuple[str, ...]:
+    return _values(value, key, where, lambda v: isinstance(v, str) and bool(v.strip()), "a string or a list of strings")
 
 
 def _choices(value: Any, key: str, allowed: Sequence[str], where: str) -> tuple[str, ...]:
@@ -246,11 +250,8 @@ def _choices(value: Any, key: str, allowed: Sequence[str], where: str) -> tuple[
 
 
 def _ints(value: Any, key: str, where: str) -> tuple[int, ...]:
-    items = _listed(value, key, where)
-    for v in items:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise SweepError(f"{where}: key '{key}' must be an int >= 0 or a list of them, not {v!r}")
-    return tuple(dict.fromkeys(items))
+    return _values(value, key, where, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   "an int >= 0 or a list of them")
 
 
 def _model(name: str, base: Path, where: str) -> Path:

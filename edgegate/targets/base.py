@@ -113,9 +113,10 @@ class Runner(Protocol):
 class Target(Protocol):
     """A compile target. `options_type` is the frozen dataclass that `compile` accepts.
 
-    ``flavor``: the quantized-graph form the target's graphs take (``quantization.plan.Flavor`` value:
-    ``cpu`` uint8 activations for ONNX Runtime, ``trt`` symmetric int8). ``needs_calibration``: the target
-    uses representative inputs even for float exports (the snn target balances its thresholds on them).
+    ``qdq_form``: the quantized-graph form the target's graphs take (``quantization.plan.QdqForm`` value:
+    ``asymmetric`` uint8 activations for ONNX Runtime, ``symmetric`` int8, zero point 0).
+    ``needs_calibration``: the target uses representative inputs even for float exports (the snn target balances
+    its thresholds on them).
     ``golden_on_reference``: the bundle's ``model.onnx`` is another runtime's graph, so golden outputs taken
     with ONNX Runtime use basic optimizations only (its CPU fusions would requantize on the fly).
     ``moe_form``: how a MoE block's experts are exported (``nn.routed_experts.MoEForm`` value): ``dense`` (every
@@ -126,7 +127,7 @@ class Target(Protocol):
     name: str
     description: str
     options_type: type
-    flavor: str
+    qdq_form: str
     needs_calibration: bool
     golden_on_reference: bool
     moe_form: str
@@ -169,7 +170,7 @@ class TargetBase:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options_type: ClassVar[type] = type(None)
-    flavor: ClassVar[str] = "cpu"
+    qdq_form: ClassVar[str] = "asymmetric"
     needs_calibration: ClassVar[bool] = False
     golden_on_reference: ClassVar[bool] = False
     moe_form: ClassVar[str] = "dense"

@@ -127,9 +127,9 @@ class SnnTarget(TargetBase):
     description = "integer LIF network for a neuromorphic core: core image, UART stream, NIR; numpy emulator"
     options_type = SnnOptions
     needs_calibration = True  # threshold balancing needs representative inputs even for --quant fp32
-    # The quantize step's flavor: symmetric int8 (zero point 0, per-channel weights) is the integer form
-    # the compiler reads, and "trt" keeps ternary layers as edgegate::TernaryMatMul (2-bit codes intact).
-    flavor = "trt"
+    # Symmetric int8 (zero point 0, per-channel weights) is the integer form the compiler reads, and the
+    # symmetric form keeps ternary layers as edgegate::TernaryMatMul (2-bit codes intact).
+    qdq_form = "symmetric"
     golden_on_reference = True  # model.onnx is the graph the compiler read, not what the device runs
 
     def is_available(self) -> tuple[bool, str]:

@@ -102,7 +102,7 @@ class TrtTarget(TargetBase):
     name = "trt"
     description = "TensorRT engine (tensorrt or TensorRT for RTX); builds without a GPU with rtx, runs on NVIDIA GPUs"
     options_type = TrtOptions
-    flavor = "trt"  # the pipeline's quantization flavor: symmetric int8 Q/DQ, zero point 0
+    qdq_form = "symmetric"  # TensorRT's explicit quantization: int8 Q/DQ with zero point 0
     golden_on_reference = True  # model.onnx is the parsed network; the engine is what runs
     option_aliases = {"runtime": "flavor"}  # -O runtime=rtx: which TensorRT builds, not the quantized form
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgegate.data import CLUSTERS_KW, MARKOV_CONTEXT, MARKOV_VOCAB, Dataset, TensorSpec, load_data
+from edgegate.data import Dataset, TensorSpec, load_data
+from edgegate.datasets import CLUSTERS_KW, MARKOV_CONTEXT, MARKOV_VOCAB
 from edgegate.errors import EdgegateError
 from edgegate.loading import save
 from edgegate.nn import ExitMLP

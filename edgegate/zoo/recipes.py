@@ -159,14 +159,16 @@ def _policy_accuracy(probs: list[np.ndarray], correct: list[np.ndarray], thresho
     return float(np.stack(correct)[exit_at, np.arange(n)].mean())
 
 
-def train_early_exit(model: ExitMLP, data: Dataset, seed: int, first_fraction: float = 0.6) -> Metrics:
+def fit_exits(model: ExitMLP, data: Dataset, seed: int, *, epochs: int = 40, lr: float = 3e-3,
+              first_fraction: float = 0.6) -> None:
+    """Train every head of ``model`` on the train split, then set its exit thresholds on the val split."""
     weights = np.linspace(0.5, 1.0, model.n_exits)  # later heads weigh more: they must be the best
 
     def loss_fn(m: ExitMLP, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         heads = m.forward_all(xb)
         return sum(float(w) * F.cross_entropy(lg, yb) for w, lg in zip(weights, heads, strict=True))
 
-    fit(model, *tensors(data, "train"), loss_fn, epochs=40, batch_size=64, lr=3e-3, seed=seed)
+    fit(model, *tensors(data, "train"), loss_fn, epochs=epochs, batch_size=64, lr=lr, seed=seed)
     # Thresholds are set after training, on the validation split (the operating point, DESIGN §5).
     xv, yv = tensors(data, "val")
     with torch.no_grad():
@@ -174,6 +176,10 @@ def train_early_exit(model: ExitMLP, data: Dataset, seed: int, first_fraction: f
     probs = [torch.softmax(h, -1).amax(-1).numpy() for h in heads]
     correct = [(h.argmax(-1) == yv).numpy() for h in heads]
     model.set_thresholds(exit_thresholds(probs, correct, first_fraction, tolerance=0.003))
+
+
+def train_early_exit(model: ExitMLP, data: Dataset, seed: int, first_fraction: float = 0.6) -> Metrics:
+    fit_exits(model, data, seed, first_fraction=first_fraction)
 
     x, y = tensors(data, "test")
     with torch.no_grad():

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_bench import W, _make_bundle, _model  # noqa: E402
 
 from edgegate.benchmark import BenchConfig, bench, summarize_latencies  # noqa: E402
-from edgegate.bundle import read_bundle, sha256_file, write_bundle  # noqa: E402
+from edgegate.bundle import read_bundle, sha256_file  # noqa: E402
+from edgegate.bundle_write import write_bundle  # noqa: E402
 from edgegate.device import DeviceClient  # noqa: E402
 from edgegate.device.transfer import pack_bundle  # noqa: E402
 

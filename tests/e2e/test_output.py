@@ -73,8 +73,8 @@ def test_inspect_of_a_quantized_bundle_is_a_summary_with_the_raw_record_behind_j
     m = json.loads((work / "int8.edgegate" / "manifest.json").read_text())
     q = m["quant"]
     # The observer is the one the fidelity search chose (percentile asked; all three are tried).
-    assert fields["Quantization"] == [f"int8 (cpu form), gate-aware calibration on clusters ({q['samples']} samples), "
-                                      f"observer {q['config']['observer']}, gate layers kept float"]
+    assert fields["Quantization"] == [f"int8 (asymmetric form), gate-aware calibration on clusters ({q['samples']} "
+                                      f"samples), observer {q['config']['observer']}, gate layers kept float"]
     stages = " / ".join(str(n) for n in q["calibrated"]["stages"][""])
     assert fields["Coverage"][0] == f"rows per stage of ExitMLP (whole model): {stages}"
     assert fields["Coverage"][-1] == "augmented for calibration: no"

@@ -156,7 +156,7 @@ def test_every_command_works_or_names_the_extra(int8_export, tmp_path: Path) -> 
     assert targets["out"].splitlines()[2].split()[:3] == ["cpu", "yes", "yes"]
     assert {t["target"]: t["runs"] for t in json.loads(targets_json["out"])}["cpu"] is True
     lines = inspect["out"].splitlines()
-    for label, needle in [("Quantization", "int8 (cpu form), gate-aware calibration on clusters"),
+    for label, needle in [("Quantization", "int8 (asymmetric form), gate-aware calibration on clusters"),
                           ("Fidelity", "top-1 agreement 0."),
                           ("Gate fidelity", "ExitMLP (whole model): exit agreement"),
                           ("A16 layers", ": 16-bit activations, int8 weights"), ("Kept float", "heads.0 (exit head 0)"),

@@ -20,7 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from edgegate.bundle import Bundle, read_bundle, write_bundle
+from edgegate.bundle import Bundle, read_bundle
+from edgegate.bundle_write import write_bundle
 from edgegate.errors import EdgegateError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

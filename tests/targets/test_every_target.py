@@ -80,7 +80,7 @@ def runner(compiled):
 def test_registered_targets_implement_the_protocol(name):
     target = targets.get(name)
     assert isinstance(target, Target) and isinstance(target, TargetBase)
-    assert target.flavor in ("cpu", "trt") and isinstance(target.needs_calibration, bool)
+    assert target.qdq_form in ("asymmetric", "symmetric") and isinstance(target.needs_calibration, bool)
     assert all(v for v in target.option_aliases.values())
     with pytest.raises(TargetError, match="not-an-option"):
         targets.options_for_export(target, {"not-an-option": "1"}, CompileContext())

@@ -28,7 +28,8 @@ from edgegate.benchmark import (
     bench,
     summarize_latencies,
 )
-from edgegate.bundle import read_bundle, sha256_file, write_bundle
+from edgegate.bundle import read_bundle, sha256_file
+from edgegate.bundle_write import write_bundle
 from edgegate.errors import BundleError, EdgegateError, TargetError
 from edgegate.reports.bench_text import render_text
 from edgegate.targets.cpu import CpuTarget

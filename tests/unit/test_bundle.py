@@ -18,13 +18,12 @@ from onnx import TensorProto, helper
 from edgegate import bundle as bundle_mod
 from edgegate.bundle import (
     MANIFEST_VERSION,
-    check_destination,
     check_onnx_external_data,
     external_data_locations,
     read_bundle,
     sha256_file,
-    write_bundle,
 )
+from edgegate.bundle_write import check_destination, write_bundle
 from edgegate.errors import BundleError
 
 MODEL = b"\x08\x07fake-onnx-bytes"
@@ -94,7 +93,7 @@ def test_file_size_limit_is_a_one_line_bundle_error(tmp_path: Path) -> None:
     """A real write failure: the kernel refuses writes past RLIMIT_FSIZE (EFBIG), as a full disk refuses (ENOSPC)."""
     script = (
         "import resource, signal, sys\n"
-        "from edgegate.bundle import write_bundle\n"
+        "from edgegate.bundle_write import write_bundle\n"
         "from edgegate.errors import BundleError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"

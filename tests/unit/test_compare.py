@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from edgegate import zoo
-from edgegate.comparison import FORMAT, SWEEP, CompareConfig, CompareError, compare
+from edgegate.comparison import SWEEP, CompareConfig, CompareError, compare
 from edgegate.errors import DataError, EdgegateError
 from edgegate.loading import save
 from edgegate.pipeline import ExportConfig, run_export
+from edgegate.reports.compare_record import FORMAT
 from edgegate.reports.compare_text import render_text
 from edgegate.reports.html import write_html
 from tests._report import PNG_MAGIC, page_images

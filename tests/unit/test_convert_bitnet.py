@@ -21,7 +21,7 @@ from edgegate import nn as enn  # noqa: E402
 from edgegate.convert import convert, verify  # noqa: E402
 from edgegate.gates import find_gates  # noqa: E402
 from edgegate.loading import load  # noqa: E402
-from edgegate.quantization.plan import Flavor  # noqa: E402
+from edgegate.quantization.plan import QdqForm  # noqa: E402
 from edgegate.quantization.step import QuantOptions, quantize_for_export  # noqa: E402
 from edgegate.quantization.ternary import TernaryPTQLinear  # noqa: E402
 from edgegate.zoo.hf import BITNET_LAYERS, bitnet_config, packed_bitnet  # noqa: E402
@@ -64,7 +64,7 @@ def test_float_export_of_ternary_layers_is_golden_checked_as_quantized(packed_ch
     model = _reloaded(packed_checkpoint)
     convert(model)
     _, calib, _ = markov()
-    spec_args = (Flavor.CPU, calib, None, None)
+    spec_args = (QdqForm.ASYMMETRIC, calib, None, None)
     fp32 = quantize_for_export(model, find_gates(model), QuantOptions("fp32"), *spec_args)
     assert fp32.exact is False and fp32.export_model is model
     plain = LMLogits(transformers.AutoModelForCausalLM.from_config(bitnet_config())).eval()
@@ -76,8 +76,8 @@ def test_quant_ternary_keeps_the_checkpoints_own_ternary_layers(packed_checkpoin
     convert(model)
     before = {n: m.ternary_weights()[0].clone() for n, m in model.named_modules() if isinstance(m, enn.TernaryLinear)}
     _, calib, _ = markov()
-    q = quantize_for_export(model, find_gates(model), QuantOptions("ternary"), Flavor.CPU, calib.subset(np.arange(64)),
-                            None, None)
+    q = quantize_for_export(model, find_gates(model), QuantOptions("ternary"), QdqForm.ASYMMETRIC,
+                            calib.subset(np.arange(64)), None, None)
     after = dict(q.export_model.named_modules())
     for name, packed in before.items():
         assert isinstance(after[name], enn.TernaryLinear) and torch.equal(after[name].ternary_weights()[0], packed)

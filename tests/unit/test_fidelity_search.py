@@ -25,7 +25,7 @@ from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
 from edgegate.metrics import wilson
 from edgegate.quantization import QuantConfig
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, fidelity_warnings, quantize_for_export
 from edgegate.reports.bundle_text import quant_lines
 
@@ -204,7 +204,7 @@ def test_built_ins_hold_out_every_row_they_do_not_calibrate_on():
 def test_export_records_rows_intervals_and_accuracy_on_unseen_rows(zoo_model):
     model, _ = zoo_model("threshold_gate")
     calib, held = split_data(zoo.entry("threshold_gate").load_data())
-    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), Flavor.CPU, calib, held,
+    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), QdqForm.ASYMMETRIC, calib, held,
                             TensorSpec("x", (64,), "float32"))
     fid = q.record["fidelity"]
     assert (fid["samples"], fid["trained_rows"], fid["measured_on"]) == (1527, 1257, "held_out")

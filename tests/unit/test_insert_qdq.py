@@ -1,4 +1,4 @@
-"""insert_qdq: QDQ placement per flavor, ORT vs a torch fake-quant simulation, ORT's int8 fusion on x86.
+"""insert_qdq: QDQ placement per qdq_form, ORT vs a torch fake-quant simulation, ORT's int8 fusion on x86.
 
 Plans are built here by hand (minmax activation ranges from hooks, per-channel absmax int8 weights),
 as calibration would hand them over. Errors are measured in output quantization steps: the step of
@@ -25,7 +25,7 @@ from edgegate.errors import ExportError
 from edgegate.onnx_export.passes import iter_nodes
 from edgegate.onnx_export.passes.insert_qdq import insert_qdq
 from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.plan import LayerKind, LayerQuant, QdqForm, QuantPlan
 
 FLOAT_COMPUTE = {"Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NhwcFusedConv"}
 
@@ -73,19 +73,19 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def _minmax(a: np.ndarray, flavor: Flavor) -> tuple[float, int, bool]:
+def _minmax(a: np.ndarray, qdq_form: QdqForm) -> tuple[float, int, bool]:
     """(scale, zero point, signed): asymmetric uint8 over [min(a, 0), max(a, 0)] (cpu), symmetric int8 (trt)."""
-    if flavor is Flavor.CPU:
+    if qdq_form is QdqForm.ASYMMETRIC:
         lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
         scale = (hi - lo) / 255
         return scale, int(np.clip(round(-lo / scale), 0, 255)), False
     return float(np.abs(a).max()) / 127, 0, True
 
 
-def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor, float_layers: tuple[str, ...] = (),
+def make_plan(model: nn.Module, x: torch.Tensor, qdq_form: QdqForm, float_layers: tuple[str, ...] = (),
               per_tensor: bool = False, conv_outputs: bool = False) -> QuantPlan:
     """Minmax plan: asymmetric uint8 activations (cpu) or symmetric int8 (trt); int8 absmax weights;
-    ``conv_outputs``: Convs get an output quantizer too (what calibration gives flavor cpu)."""
+    ``conv_outputs``: Convs get an output quantizer too (what calibration gives the asymmetric form)."""
     mods = {n: m for n, m in _layers(model).items() if n not in float_layers}
     seen: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     out: dict[str, list[np.ndarray]] = collections.defaultdict(list)
@@ -99,15 +99,15 @@ def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor, float_layers: t
         h.remove()
     layers = {}
     for n, m in mods.items():
-        scale, zp, signed = _minmax(np.concatenate(seen[n]), flavor)
+        scale, zp, signed = _minmax(np.concatenate(seen[n]), qdq_form)
         w = m.weight.detach().numpy()
         ws = (np.abs(w.reshape(1 if per_tensor else len(w), -1)).max(1) / 127).astype(np.float32)
         wi = np.clip(np.round(w / ws.reshape((-1,) + (1,) * (w.ndim - 1))), -127, 127).astype(np.int8)
         kind = LayerKind.CONV if isinstance(m, nn.Conv2d) else LayerKind.LINEAR
-        o_scale, o_zp = _minmax(np.concatenate(out[n]), flavor)[:2] if n in out else (None, None)
+        o_scale, o_zp = _minmax(np.concatenate(out[n]), qdq_form)[:2] if n in out else (None, None)
         layers[n] = LayerQuant(n, kind, scale, zp, signed, wi, ws, m.bias.detach().numpy().copy(), len(seen[n]),
                                out_scale=o_scale, out_zero_point=o_zp)
-    return QuantPlan(flavor, layers, float_layers)
+    return QuantPlan(qdq_form, layers, float_layers)
 
 
 def simulate(model: nn.Module, plan: QuantPlan) -> nn.Module:
@@ -175,7 +175,7 @@ def _graphs(g: onnx.GraphProto):
 def test_cpu_flavor_matches_simulation_and_fuses_every_layer(net, shape):
     torch.manual_seed(0)
     model, x = net().eval(), torch.randn(*shape)
-    plan = make_plan(model, x, Flavor.CPU)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC)
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
 
@@ -218,11 +218,11 @@ def test_conv_output_quantizer_makes_convs_before_float_ops_fuse():
     """A Conv feeding a float Add stays float on ORT x86 unless a QuantizeLinear follows it."""
     torch.manual_seed(3)
     model, x = ResidualConvNet().eval(), torch.randn(32, 1, 8, 8)
-    inputs_only = insert_qdq(export_onnx(model, x), make_plan(model, x, Flavor.CPU))
+    inputs_only = insert_qdq(export_onnx(model, x), make_plan(model, x, QdqForm.ASYMMETRIC))
     fused = optimized_op_types(inputs_only)
     assert fused["QLinearConv"] == 1 and fused["Conv"] + fused["FusedConv"] == 2, fused  # the gap
 
-    plan = make_plan(model, x, Flavor.CPU, conv_outputs=True)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC, conv_outputs=True)
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
     assert _count(proto)["QuantizeLinear"] == len(plan.layers) + 3  # inputs, and the three Conv outputs
@@ -244,28 +244,28 @@ def test_conv_output_quantizer_makes_convs_before_float_ops_fuse():
 def test_bad_output_quantizer_raises():
     torch.manual_seed(0)
     model, x = ResidualConvNet().eval(), torch.randn(4, 1, 8, 8)
-    plan = make_plan(model, x, Flavor.CPU, conv_outputs=True)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC, conv_outputs=True)
     proto = export_onnx(model, x)
     for change, match in [({"out_zero_point": None}, "give both or neither"),
                           ({"out_scale": 0.0}, "output scale must be finite and > 0"),
                           ({"out_zero_point": 300}, r"output zero point 300 is outside \[0, 255\]")]:
         bad = dataclasses.replace(plan.layers["conv2"], **change)
         with pytest.raises(ExportError, match=f"layer conv2: .*{match}"):
-            insert_qdq(proto, QuantPlan(Flavor.CPU, {**plan.layers, "conv2": bad}))
-    trt = make_plan(model, x, Flavor.TRT)
+            insert_qdq(proto, QuantPlan(QdqForm.ASYMMETRIC, {**plan.layers, "conv2": bad}))
+    trt = make_plan(model, x, QdqForm.SYMMETRIC)
     bad = dataclasses.replace(trt.layers["skip"], out_scale=0.1, out_zero_point=3)
-    with pytest.raises(ExportError, match=r"layer skip: output zero point 3 .*flavor trt needs 0"):
-        insert_qdq(proto, QuantPlan(Flavor.TRT, {**trt.layers, "skip": bad}))
+    with pytest.raises(ExportError, match=r"layer skip: output zero point 3 .*the symmetric form needs 0"):
+        insert_qdq(proto, QuantPlan(QdqForm.SYMMETRIC, {**trt.layers, "skip": bad}))
 
 
-def _exit_model_and_plan(zoo_model, flavor: Flavor, float_layers: tuple[str, ...] = ()):
+def _exit_model_and_plan(zoo_model, qdq_form: QdqForm, float_layers: tuple[str, ...] = ()):
     model, _ = zoo_model("early_exit")
     calib = zoo.example_inputs("early_exit", 256)[0]
-    return model, make_plan(model, calib, flavor, float_layers), zoo.example_inputs("early_exit", 96)[0][64:]
+    return model, make_plan(model, calib, qdq_form, float_layers), zoo.example_inputs("early_exit", 96)[0][64:]
 
 
 def test_early_exit_if_form_quantizes_inside_subgraphs(zoo_model):
-    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU)
+    model, plan, x = _exit_model_and_plan(zoo_model, QdqForm.ASYMMETRIC)
     proto = insert_qdq(export_onnx(model, x[:1], options=ExportOptions(batch=1)), plan)
     _check(proto)
     branches = [a.g for n in iter_nodes(proto.graph) if n.op_type == "If" for a in n.attribute]
@@ -294,7 +294,7 @@ def test_early_exit_if_form_quantizes_inside_subgraphs(zoo_model):
 
 
 def test_early_exit_compaction_form(zoo_model):
-    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU)
+    model, plan, x = _exit_model_and_plan(zoo_model, QdqForm.ASYMMETRIC)
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
     with torch.no_grad():
@@ -310,7 +310,7 @@ def test_early_exit_compaction_form(zoo_model):
 def test_per_tensor_weight_scale_gives_scalar_dequantize():
     torch.manual_seed(2)
     model, x = ConvNet().eval(), torch.randn(16, 1, 8, 8)
-    plan = make_plan(model, x, Flavor.CPU, per_tensor=True)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC, per_tensor=True)
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -329,7 +329,7 @@ def test_per_tensor_weight_scale_gives_scalar_dequantize():
 def test_trt_flavor_places_symmetric_qdq_and_keeps_bias_float(net, shape):
     torch.manual_seed(1)
     model, x = net().eval(), torch.randn(*shape)
-    plan = make_plan(model, x, Flavor.TRT)
+    plan = make_plan(model, x, QdqForm.SYMMETRIC)
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -360,7 +360,7 @@ def test_trt_flavor_places_symmetric_qdq_and_keeps_bias_float(net, shape):
 
 
 def test_float_layers_are_left_untouched(zoo_model):
-    model, plan, x = _exit_model_and_plan(zoo_model, Flavor.CPU, float_layers=("heads.0", "heads.1", "heads.2"))
+    model, plan, x = _exit_model_and_plan(zoo_model, QdqForm.ASYMMETRIC, float_layers=("heads.0", "heads.1", "heads.2"))
     proto = insert_qdq(export_onnx(model, x), plan)
     _check(proto)
     gemms = {n.input[1]: n for n in proto.graph.node if n.op_type == "Gemm"}
@@ -374,27 +374,27 @@ def test_float_layers_are_left_untouched(zoo_model):
 def test_unmatched_layer_and_conflicting_plan_raise():
     torch.manual_seed(0)
     model, x = ConvNet().eval(), torch.randn(4, 1, 8, 8)
-    plan = make_plan(model, x, Flavor.CPU)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC)
     proto = export_onnx(model, x)
-    ghost = QuantPlan(Flavor.CPU, {**plan.layers, "body.proj": plan.layers["fc"]})
+    ghost = QuantPlan(QdqForm.ASYMMETRIC, {**plan.layers, "body.proj": plan.layers["fc"]})
     with pytest.raises(ExportError, match=r"body\.proj"):
         insert_qdq(proto, ghost)
     with pytest.raises(ExportError, match="both quantized and float"):
-        insert_qdq(proto, QuantPlan(Flavor.CPU, plan.layers, ("fc",)))
+        insert_qdq(proto, QuantPlan(QdqForm.ASYMMETRIC, plan.layers, ("fc",)))
     wrong = dict(plan.layers)
     wrong["fc"] = LayerQuant("fc", LayerKind.LINEAR, 0.1, 0, False, np.zeros((10, 7), np.int8),
                              np.ones(10, np.float32), None, 1)
     with pytest.raises(ExportError, match="layer fc: ONNX weight fc.weight has shape"):
-        insert_qdq(proto, QuantPlan(Flavor.CPU, wrong))
-    trt_asym = QuantPlan(Flavor.TRT, plan.layers)  # cpu plan: conv1's input zero point is not 0
-    with pytest.raises(ExportError, match="flavor trt needs activation zero point 0"):
+        insert_qdq(proto, QuantPlan(QdqForm.ASYMMETRIC, wrong))
+    trt_asym = QuantPlan(QdqForm.SYMMETRIC, plan.layers)  # cpu plan: conv1's input zero point is not 0
+    with pytest.raises(ExportError, match="the symmetric form needs activation zero point 0"):
         insert_qdq(proto, trt_asym)
 
 
 def test_matmul_layer_found_by_weight_values_when_scopes_are_gone():
     torch.manual_seed(0)
     model, x = TokenMLP().eval(), torch.randn(4, 5, 16)
-    plan = make_plan(model, x, Flavor.CPU)
+    plan = make_plan(model, x, QdqForm.ASYMMETRIC)
     proto = export_onnx(model, x)
     for n in proto.graph.node:
         del n.metadata_props[:]  # as inside If subgraphs, where the exporter cuts the module path

@@ -22,7 +22,7 @@ from edgegate import zoo
 from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
 from edgegate.onnx_export.torch_export import ExportOptions, export_onnx, output_names
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,7 +42,7 @@ def lowered(zoo_model):
             entry = zoo.entry(name)
             spec = TensorSpec(entry.inputs[0].name, tuple(entry.inputs[0].shape), entry.inputs[0].dtype)
             calib, held_out = split_data(entry.load_data())
-            q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), Flavor.CPU, calib,
+            q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), QdqForm.ASYMMETRIC, calib,
                                     held_out, spec)
             x = held_out.input()[:64]
             proto = q.lower(export_onnx(q.export_model, torch.from_numpy(x), spec.name, ExportOptions()))
@@ -123,11 +123,11 @@ def test_trt_flavor_keeps_the_decision_critical_layer_float(zoo_model):
 
     model, _ = zoo_model("early_exit")
     x = zoo.entry("early_exit").load_data().split("val").input()
-    _, record = calibrate(model, x, QuantConfig(flavor="trt"))
+    _, record = calibrate(model, x, QuantConfig(qdq_form="symmetric"))
     assert record.search.met and record.a16 is None
     assert "a16w8" not in {t.means for t in record.search.tries} and record.search.tries[-1].means == "float"
     chosen = record.search.tries[record.search.chosen].settings
     assert all(p in record.plan.float_layers for p in chosen["float_layers"])
     assert all(q.act_bits == 8 and q.act_zero_point == 0 for q in record.plan.layers.values())
-    _, record = calibrate(model, x, QuantConfig(flavor="trt", a16_layers=("stages.0.0",), fidelity_target=0))
+    _, record = calibrate(model, x, QuantConfig(qdq_form="symmetric", a16_layers=("stages.0.0",), fidelity_target=0))
     assert "stages.0.0" in record.plan.float_layers and "TensorRT" in record.float_layers["stages.0.0"]

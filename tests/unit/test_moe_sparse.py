@@ -26,7 +26,7 @@ from edgegate.onnx_export.passes import iter_nodes
 from edgegate.onnx_export.passes.insert_qdq import insert_qdq
 from edgegate.onnx_export.passes.lower_moe import DOMAIN, OP, QMOE_MAX_TOKENS, lower_routed_experts, register_schema
 from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.plan import LayerKind, LayerQuant, QdqForm, QuantPlan
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 D, H, E = 32, 64, 4
@@ -70,7 +70,7 @@ def exported() -> dict[str, tuple[Block, onnx.ModelProto, onnx.ModelProto, np.nd
     return out
 
 
-def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor = Flavor.CPU) -> QuantPlan:
+def make_plan(model: nn.Module, x: torch.Tensor, qdq_form: QdqForm = QdqForm.ASYMMETRIC) -> QuantPlan:
     """Minmax plan as calibration hands it over: uint8 asymmetric activations, int8 absmax per-channel weights."""
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     seen: dict[str, list[np.ndarray]] = collections.defaultdict(list)
@@ -90,7 +90,7 @@ def make_plan(model: nn.Module, x: torch.Tensor, flavor: Flavor = Flavor.CPU) ->
         wi = np.clip(np.round(w / ws[:, None]), -127, 127).astype(np.int8)
         bias = None if m.bias is None else m.bias.detach().numpy().copy()
         layers[n] = LayerQuant(n, LayerKind.LINEAR, scale, int(round(-lo / scale)), False, wi, ws, bias, len(a))
-    return QuantPlan(flavor, layers)
+    return QuantPlan(qdq_form, layers)
 
 
 def _run(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
@@ -125,7 +125,7 @@ def test_float_sparse_form_equals_dense(exported, name: str) -> None:
 def test_int8_sparse_form_equals_dense(exported, name: str) -> None:
     model, dense, sparse, x = exported[name]
     model.moe.dispatch = "dense"  # every expert sees every token: the plan calibrates all of them
-    plan = make_plan(model, torch.from_numpy(x), Flavor.CPU)
+    plan = make_plan(model, torch.from_numpy(x), QdqForm.ASYMMETRIC)
     model.moe.dispatch = "sparse"
     want_q = insert_qdq(dense, plan)
     got_q = insert_qdq(lower_routed_experts(sparse, plan), plan)
@@ -190,7 +190,7 @@ def test_zero_weight_slots_are_not_computed() -> None:
 
     # int8: the QMoE branch (few rows) and the int8 gather/scatter branch (many rows), each poisoned.
     model = _routed_graph(weights)
-    plan = make_plan(_Experts(weights), torch.from_numpy(x), Flavor.CPU)
+    plan = make_plan(_Experts(weights), torch.from_numpy(x), QdqForm.ASYMMETRIC)
     q = insert_qdq(lower_routed_experts(model, plan), plan)
     packed = {t.name for t in q.graph.initializer if t.name.endswith(("fc1_scale", "fc2_scale"))}
     assert len(packed) == 2 and _ops(q)["QMoE"] == 1
@@ -281,8 +281,8 @@ def test_converted_hf_moe_takes_the_sparse_path(mixtral) -> None:
     one TopKGate per layer."""
     original, model, calib, held = mixtral
     ids = held.input()[:4]
-    q = quantize_for_export(model, find_gates(model), QuantOptions("int8", fidelity_target=0.0), Flavor.CPU, calib,
-                            None, None)
+    q = quantize_for_export(model, find_gates(model), QuantOptions("int8", fidelity_target=0.0), QdqForm.ASYMMETRIC,
+                            calib, None, None)
     sparse = export_onnx(q.export_model, torch.from_numpy(ids), "input_ids", ExportOptions(moe_form=MoEForm.SPARSE))
     assert _ops(sparse)[OP] == 2 and _ops(sparse)["TopKGate"] == 2
     lowered = lower_routed_experts(sparse)
@@ -311,7 +311,7 @@ def test_latency_aware_pass_decides_the_gather_scatter_branch_and_keeps_qmoe(exp
 
     model, dense, sparse, x = exported["mixtral"]
     model.moe.dispatch = "dense"
-    plan = make_plan(model, torch.from_numpy(x), Flavor.CPU)
+    plan = make_plan(model, torch.from_numpy(x), QdqForm.ASYMMETRIC)
     model.moe.dispatch = "sparse"
     q = insert_qdq(lower_routed_experts(sparse, plan), plan)
     (switch,) = sparse_moe_switches(q)

@@ -13,7 +13,7 @@ from edgegate import zoo
 from edgegate.calibration import calibrate
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, find_gates, register
-from edgegate.quantization import Flavor, QuantConfig, decision_layers, plan_from, quantize
+from edgegate.quantization import QdqForm, QuantConfig, decision_layers, plan_from, quantize
 from edgegate.quantization.layers import EmptySafeQuantConv2d, EmptySafeQuantLinear, quant_layer
 
 # Layers the default policy keeps in float, per zoo model (computed from gate types, asserted by path).
@@ -31,14 +31,14 @@ FLOAT_BY_POLICY = {
 
 
 def test_config_coerces_strings_and_resolves_gate_precision():
-    c = QuantConfig(observer="mse", flavor="trt", calibration="naive")
-    assert (c.observer, c.flavor, c.calibration) == ("mse", Flavor.TRT, "naive")
+    c = QuantConfig(observer="mse", qdq_form="symmetric", calibration="naive")
+    assert (c.observer, c.qdq_form, c.calibration) == ("mse", QdqForm.SYMMETRIC, "naive")
     assert not c.gates_in_float  # naive baseline: gate-unaware PTQ quantizes every layer
     assert QuantConfig().gates_in_float
     assert not QuantConfig(gate_precision="int8").gates_in_float
     assert QuantConfig(calibration="naive", gate_precision="float").gates_in_float
     d = json.loads(json.dumps(QuantConfig().to_dict()))
-    assert d["gate_precision"] == "float" and d["observer"] == "percentile" and d["flavor"] == "cpu"
+    assert d["gate_precision"] == "float" and d["observer"] == "percentile" and d["qdq_form"] == "asymmetric"
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -114,12 +114,12 @@ def test_user_gate_declares_its_decision_layers():
 # ------------------------------------------------------------------------------------------ quant layers
 
 
-@pytest.mark.parametrize("flavor", ["cpu", "trt"])
-def test_empty_batch_passes_through_in_calibration_and_inference(flavor):
+@pytest.mark.parametrize("qdq_form", ["asymmetric", "symmetric"])
+def test_empty_batch_passes_through_in_calibration_and_inference(qdq_form):
     from brevitas.graph.calibrate import calibration_mode
 
-    lin = quant_layer(nn.Linear(6, 3), QuantConfig(flavor=flavor)).eval()
-    conv = quant_layer(nn.Conv2d(2, 3, 3, padding=1), QuantConfig(flavor=flavor)).eval()
+    lin = quant_layer(nn.Linear(6, 3), QuantConfig(qdq_form=qdq_form)).eval()
+    conv = quant_layer(nn.Conv2d(2, 3, 3, padding=1), QuantConfig(qdq_form=qdq_form)).eval()
     with torch.no_grad(), calibration_mode(lin), calibration_mode(conv):
         assert lin(torch.zeros(0, 6)).shape == (0, 3)
         assert conv(torch.zeros(0, 2, 5, 5)).shape == (0, 3, 5, 5)
@@ -127,7 +127,7 @@ def test_empty_batch_passes_through_in_calibration_and_inference(flavor):
     with torch.no_grad():
         assert lin(torch.zeros(0, 6)).shape == (0, 3)
         assert torch.isfinite(lin(torch.randn(4, 6))).all()
-    assert lin.input_quant.is_signed == (flavor == "trt")
+    assert lin.input_quant.is_signed == (qdq_form == "symmetric")
 
 
 class _TwoLayer(nn.Module):
@@ -144,16 +144,16 @@ class _TwoLayer(nn.Module):
         return self.fc(x) + self.conv(x.reshape(-1, 1, 4, 4)).flatten(1).mean(1, keepdim=True)
 
 
-@pytest.mark.parametrize("flavor", ["cpu", "trt"])
-def test_plan_reproduces_brevitas_fake_quant_in_numpy(flavor):
+@pytest.mark.parametrize("qdq_form", ["asymmetric", "symmetric"])
+def test_plan_reproduces_brevitas_fake_quant_in_numpy(qdq_form):
     """The hand-off is exact: QDQ of the input, int8 weights x scale, int32 bias, all from the plan."""
     torch.manual_seed(0)
     model = _TwoLayer().eval()
     x = torch.randn(256, 16) * 2 + 0.5
-    qmodel, record = calibrate(model, x, QuantConfig(flavor=flavor, bias_correction=False))
+    qmodel, record = calibrate(model, x, QuantConfig(qdq_form=qdq_form, bias_correction=False))
     lq = record.plan.layers["fc"]
     assert lq.samples == 256 and lq.weight_int.dtype == np.int8 and lq.weight_scale.shape == (8,)
-    if flavor == "cpu":
+    if qdq_form == "asymmetric":
         assert not lq.act_signed and 0 < lq.act_zero_point < 255  # asymmetric uint8
     else:
         assert lq.act_signed and lq.act_zero_point == 0
@@ -172,9 +172,9 @@ def test_plan_reproduces_brevitas_fake_quant_in_numpy(flavor):
     cq = record.plan.layers["conv"]
     assert str(cq.kind) == "conv" and cq.weight_int.shape == (2, 1, 3, 3)
     np.testing.assert_array_equal(cq.dequantized_weight(), qmodel.conv.quant_weight().value.detach().numpy())
-    # A cpu Conv quantizes its output too (uint8, after the bias); Linear layers and flavor trt keep it float.
+    # A cpu Conv quantizes its output too (uint8, after the bias); Linear layers and the symmetric form keep it float.
     assert lq.out_scale is None and lq.out_zero_point is None
-    if flavor == "trt":
+    if qdq_form == "symmetric":
         assert cq.out_scale is None and cq.out_zero_point is None
         return
     assert cq.out_scale > 0 and 0 < cq.out_zero_point < 255  # signed conv output: asymmetric uint8
@@ -201,9 +201,9 @@ def test_plan_from_reads_back_and_serializes():
     torch.manual_seed(0)
     model = _TwoLayer().eval()
     qmodel, record = calibrate(model, torch.randn(64, 16))
-    plan = plan_from({"fc": qmodel.fc}, "trt", ("conv",), {"fc": 7})
-    assert plan.flavor == Flavor.TRT and plan.float_layers == ("conv",) and plan.layers["fc"].samples == 7
+    plan = plan_from({"fc": qmodel.fc}, "symmetric", ("conv",), {"fc": 7})
+    assert plan.qdq_form == QdqForm.SYMMETRIC and plan.float_layers == ("conv",) and plan.layers["fc"].samples == 7
     summary = json.loads(json.dumps(record.plan.to_dict()))
-    assert set(summary["layers"]) == {"fc", "conv"} and summary["flavor"] == "cpu"
+    assert set(summary["layers"]) == {"fc", "conv"} and summary["qdq_form"] == "asymmetric"
     assert summary["layers"]["fc"]["out_scale"] is None and summary["layers"]["conv"]["out_scale"] > 0
     json.dumps(record.to_dict())  # the whole record is manifest-ready

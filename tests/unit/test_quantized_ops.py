@@ -17,34 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.models import BasicBlock
 from edgegate.data import Dataset, TensorSpec
 from edgegate.gates import find_gates
 from edgegate.onnx_export.torch_export import export_onnx
 from edgegate.quantization.fold import fold_batchnorm
-from edgegate.quantization.plan import Flavor
+from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.step import QuantOptions, quantize_for_export
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ort import optimized_op_types, session  # noqa: E402
 
 SIZE = 16
-
-
-class Block(nn.Module):
-    """torchvision's BasicBlock: conv-bn-relu-conv-bn, identity or 1x1 downsample, add, relu."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.down = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                     if stride != 1 or c_in != c_out else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.down is None else self.down(x)
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + identity)
 
 
 class ResidualNet(nn.Module):
@@ -56,7 +40,7 @@ class ResidualNet(nn.Module):
         self.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(8)
         self.pool = nn.MaxPool2d(2)
-        self.blocks = nn.Sequential(Block(8, 8, 1), Block(8, 16, 2))
+        self.blocks = nn.Sequential(BasicBlock(8, 8, 1), BasicBlock(8, 16, 2))  # torchvision's, as benchmarks run it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(self.bn(self.stem(x))))
@@ -96,7 +80,7 @@ def lowered():
             x = torch.randn(80, 3, SIZE, SIZE)
             model = _init(cls(), x[:48])
             q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8", observer="minmax"),
-                                    Flavor.CPU, Dataset("calib", {"x": x[:48].numpy()}, None), None,
+                                    QdqForm.ASYMMETRIC, Dataset("calib", {"x": x[:48].numpy()}, None), None,
                                     TensorSpec("x", (3, SIZE, SIZE), "float32"))
             proto = q.lower(export_onnx(q.export_model, x[:2], "x"))
             cache[cls] = (q, proto, x[48:])
@@ -131,7 +115,7 @@ def test_residual_adds_run_as_qlinearadd(lowered):
     assert all(plan["ops"][k]["out_after_relu"] for k in ("blocks.0:add#0", "blocks.1:add#0"))
     assert plan["ops"]["blocks.0:add#0"]["out_zero_point"] == 0  # post-ReLU: ORT folds the Relu away
     assert sorted(q.record["folded_batchnorm"]) == ["blocks.0.bn1", "blocks.0.bn2", "blocks.1.bn1", "blocks.1.bn2",
-                                                    "blocks.1.down.1", "bn"]
+                                                    "blocks.1.downsample.1", "bn"]
 
 
 def test_residual_output_within_two_steps_of_reference(lowered):

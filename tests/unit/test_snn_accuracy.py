@@ -1,6 +1,6 @@
 """The snn target on zoo models: accuracy against the quantized source network, early decision, and
 clear issues for the families it cannot take. Each model is exported as ``edgegate export --target
-snn`` does (quantize with the target's flavor, export, lower) and compiled on the calibration split."""
+snn`` does (quantize with the target's qdq_form, export, lower) and compiled on the calibration split."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def _export(model, name: str, quant: str):
     from edgegate.data import split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.plan import QdqForm
     from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     entry = zoo.entry(name)
     spec = entry.inputs[0]
     calib, held_out = split_data(entry.load_data())
-    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme=quant), Flavor(TARGET.flavor), calib,
+    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme=quant), QdqForm(TARGET.qdq_form), calib,
                             held_out, TensorSpec(spec.name, spec.shape, spec.dtype))
     x = held_out.input()[:8]
     proto = q.lower(export_onnx(q.export_model, torch.from_numpy(x), spec.name, ExportOptions()))

@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgegate import targets
-from edgegate.bundle import read_bundle, write_bundle
+from edgegate.bundle import read_bundle
+from edgegate.bundle_write import write_bundle
 from edgegate.errors import TargetError
 from edgegate.targets import Artifact, CheckIssue, Target, TensorSpec
 from edgegate.targets.cpu import CpuOptions, CpuRunner, CpuTarget

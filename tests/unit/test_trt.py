@@ -38,7 +38,7 @@ def _export(name, zoo_model):
     from edgegate.data import split_data
     from edgegate.gates import find_gates
     from edgegate.onnx_export.torch_export import ExportOptions, export_onnx
-    from edgegate.quantization.plan import Flavor
+    from edgegate.quantization.plan import QdqForm
     from edgegate.quantization.step import QuantOptions, quantize_for_export
 
     model, _ = zoo_model(name)
@@ -46,7 +46,8 @@ def _export(name, zoo_model):
     spec = entry.inputs[0]
     calib, held_out = split_data(entry.load_data())
     x = calib.input()[:16]
-    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), Flavor.TRT, calib, held_out, spec)
+    q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8"), QdqForm.SYMMETRIC, calib,
+                            held_out, spec)
     # One export serves both: the deployed float model (exit thresholds re-tuned for int8) is a float
     # model like any other, and its QDQ lowering is the int8 graph the pipeline would build.
     float_onnx = export_onnx(q.export_model, torch.from_numpy(x), spec.name, ExportOptions())

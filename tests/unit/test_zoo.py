@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from edgegate import zoo
-from edgegate.data import TensorSpec, builtin_names, load_data, validate_inputs
+from edgegate.data import TensorSpec, load_data, validate_inputs
+from edgegate.datasets import builtin_names
 from edgegate.errors import DataError, EdgegateError
 
 NAMES = [e.name for e in zoo.list_models()]

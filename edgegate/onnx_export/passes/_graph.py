@@ -1,10 +1,11 @@
-"""Graph walking shared by the passes: subgraphs of control-flow nodes, names in use, module scopes."""
+"""Graph plumbing shared by the passes: walking subgraphs (with the initializers each sees), names in use, module
+scopes, replacing or inserting nodes in place, removing initializers and functions nothing reads any more."""
 
 from __future__ import annotations
 
 import ast
 from collections import ChainMap
-from collections.abc import Iterator
+from collections.abc import Container, Iterator, Sequence
 
 import onnx
 
@@ -32,6 +33,11 @@ def value_names(graph: onnx.GraphProto) -> Iterator[str]:
     yield from (v.name for v in graph.input)
     for node in graph.node:
         yield from node.output
+
+
+def names_in_use(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of ``graph`` and its subgraphs: what `fresh_name` must avoid in a pass over the model."""
+    return {n for g in graphs(graph) for n in value_names(g)}
 
 
 def leaf_scope(node: onnx.NodeProto) -> str:
@@ -75,3 +81,63 @@ def scoped_nodes(graph: onnx.GraphProto, outer: ChainMap | None = None
         yield graph, node, visible
         for g in subgraphs(node):
             yield from scoped_nodes(g, visible)
+
+
+def replace_node(graph: onnx.GraphProto, node: onnx.NodeProto, new: Sequence[onnx.NodeProto]) -> None:
+    """Put ``new`` where ``node`` stands, in order (nodes stay topologically sorted); ``node`` leaves the graph."""
+    at = list(graph.node).index(node)
+    graph.node.remove(node)
+    for i, n in enumerate(new):
+        graph.node.insert(at + i, n)
+
+
+def insert_nodes(graph: onnx.GraphProto, anchor: onnx.NodeProto, new: Sequence[onnx.NodeProto], *,
+                 after: bool = False) -> None:
+    """Put ``new`` right before ``anchor`` (its inputs' producers), or right after it (its output's readers)."""
+    at = list(graph.node).index(anchor) + (1 if after else 0)
+    for i, n in enumerate(new):
+        graph.node.insert(at + i, n)
+
+
+def drop_unused_initializers(model: onnx.ModelProto, candidates: Container[str] | None = None) -> None:
+    """Remove the initializers no node of any graph reads and no graph returns (of ``candidates`` only, when
+    given). An initializer that is also a graph input stays: it is an overridable default, not dead weight."""
+    every = list(graphs(model.graph))
+    # Every graph's outputs count as read: a subgraph (an If branch) may return an initializer directly.
+    used = {i for g in every for n in g.node for i in n.input} | {o.name for g in every for o in g.output}
+    used |= {i.name for g in every for i in g.input}
+    for g in every:
+        keep = [t for t in g.initializer if t.name in used or (candidates is not None and t.name not in candidates)]
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+
+
+def drop_unused_function(model: onnx.ModelProto, domain: str, name: str) -> None:
+    """Remove the model-local function ``domain::name`` once no node of any graph calls it."""
+    if any(n.domain == domain and n.op_type == name for g in graphs(model.graph) for n in g.node):
+        return
+    keep = [f for f in model.functions if (f.domain, f.name) != (domain, name)]
+    del model.functions[:]
+    model.functions.extend(keep)
+
+
+def copied(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model``: a pass returns a new model and leaves the one it was given as it was."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def value_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Value name -> the node of ``graph`` that computes it (graph inputs and initializers have none)."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def value_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes of ``graph`` that read it, in graph order (subgraphs not included)."""
+    got: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            got.setdefault(i, []).append(n)
+    return got

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import subgraphs
+from edgegate.onnx_export.passes._graph import copied, subgraphs
 from edgegate.ops import CATALOG, DOMAIN, DOMAIN_VERSION
 from edgegate.ops.onnx_function import function_proto
 
@@ -27,11 +27,7 @@ def iter_nodes(graph: onnx.GraphProto):
 def attach_functions(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """``model`` with the FunctionProto of each ``edgegate`` op it uses; ``inplace``: ``model`` itself is changed
     (no copy of its initializers: the exporter's fresh proto of a large model)."""
-    if inplace:
-        out = model
-    else:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    out = model if inplace else copied(model)
     used = sorted({n.op_type for n in iter_nodes(out.graph) if n.domain == DOMAIN})
     unknown = [t for t in used if t not in CATALOG]
     if unknown:

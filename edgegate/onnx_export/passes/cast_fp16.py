@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, value_names
+from edgegate.onnx_export.passes._graph import copied, fresh_name, graphs, names_in_use
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _FLOAT32_ONLY = {("Resize", 2)}  # (op, input index) typed tensor(float) by the ONNX schema
@@ -34,9 +34,8 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 
 def cast_fp16(model: onnx.ModelProto, keep_float_domains: tuple[str, ...] = ("edgegate",)) -> onnx.ModelProto:
     types = _value_types(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    out = copied(model)
+    names = names_in_use(out.graph)
     pinned = _float32_only_inputs(out)
     float_outputs = {v.name for v in out.graph.output if v.type.tensor_type.elem_type == FLOAT}
     for g in graphs(out.graph):

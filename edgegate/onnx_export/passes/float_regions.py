@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgegate.onnx_export.passes._graph import fresh_name, value_names
+from edgegate.onnx_export.passes._graph import copied, fresh_name, value_names, value_producers, value_readers
 from edgegate.onnx_export.passes.insert_op_qdq import _scope
 from edgegate.onnx_export.passes.merge_qdq import _prune
 
@@ -42,8 +42,7 @@ def _is_qdq(node: onnx.NodeProto) -> bool:
 
 def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy in which every main-graph node has a unique name (regions and to_float key nodes by name)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     taken = {n.name for n in out.graph.node if n.name}
     seen: set[str] = set()
     for n in out.graph.node:
@@ -55,11 +54,8 @@ def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def quantized_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Main-graph compute nodes that read a DequantizeLinear output or feed a QuantizeLinear."""
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    producer = value_producers(graph)
+    readers = value_readers(graph)
     out = []
     for n in graph.node:
         if _is_qdq(n):
@@ -77,7 +73,7 @@ def regions(model: onnx.ModelProto, max_regions: int = MAX_REGIONS) -> list[tupl
     nodes = quantized_nodes(graph)
     if not nodes:
         return []
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = value_producers(graph)
     path: dict[str, str] = {}
     for n in graph.node:  # graph order: a node's feeders are resolved before it
         sc = _scope(n)
@@ -112,13 +108,12 @@ def _cut(path: str, level: int) -> str:
 
 
 def to_float(model: onnx.ModelProto, node_names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     graph = out.graph
     inside = set(node_names)
     names = set(value_names(graph))
     inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = value_producers(graph)
     for node in graph.node:
         if node.name not in inside:
             continue
@@ -148,7 +143,7 @@ def all_float(model: onnx.ModelProto) -> onnx.ModelProto:
     DequantizeLinear pair removed: the FP32 graph the INT8 one came from, with its weights rounded."""
     out = to_float(model, [n.name for n in quantized_nodes(model.graph)])
     graph = out.graph
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = value_producers(graph)
     inits = {t.name for t in graph.initializer}
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]:
         q = producer.get(dq.input[0])
@@ -193,8 +188,7 @@ def switch_branch_to_float(model: onnx.ModelProto, node_name: str, branch: str =
     """A copy in which ``branch`` of the main-graph ``If`` node ``node_name`` computes in float: ``all_float``
     of that branch (its integer weights dequantized into float initializers, its activation Q/DQ pairs removed).
     Names the branch reads from the outer graph and its outputs are unchanged."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     node = next((n for n in out.graph.node if n.name == node_name), None)
     attr = None if node is None else next((a for a in node.attribute if a.name == branch), None)
     if attr is None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, value_names
+from edgegate.onnx_export.passes._graph import copied, fresh_name, names_in_use
 from edgegate.quantization.plan import OpQuant, QuantPlan
 from edgegate.quantization.sites import OpKind, kind_of_fx
 
@@ -65,12 +65,11 @@ def op_nodes(graph: onnx.GraphProto) -> dict[tuple[str, OpKind], list[onnx.NodeP
 
 
 def insert_op_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copied(model)
     if not plan.ops:
         return out
     graph = out.graph
-    names = {n for g in graphs(graph) for n in value_names(g)}
+    names = names_in_use(graph)
     found = op_nodes(graph)
     skipped: set[tuple[str, str]] = set()
     for op in plan.ops.values():

@@ -8,14 +8,14 @@ its module name scope or, inside subgraphs where scopes are cut, by its weight v
 few quantization steps of the plan's dequantized weight). Nodes of ``plan.float_layers`` are left as
 they are.
 
-Guarantees: each matched node reads its activation through QuantizeLinear -> DequantizeLinear (flavor
+Guarantees: each matched node reads its activation through QuantizeLinear -> DequantizeLinear (qdq_form
 ``cpu``: the plan's uint8/int8 type and zero point, which ONNX Runtime x86 fuses into
-QLinearConv/QGemm/MatMulIntegerToFloat; flavor ``trt``: int8 with zero point 0) and its weight as an
+QLinearConv/QGemm/MatMulIntegerToFloat; the ``symmetric`` form: int8 with zero point 0) and its weight as an
 int8 initializer ``<layer>.weight_quantized`` with a per-output-channel scale and zero point 0
 through DequantizeLinear (axis 0; axis 1 for MatMul). Biases sit on brevitas' Int32Bias grid
-(round(b / (act_scale * weight_scale[c]))): flavor ``cpu`` stores a Conv/Gemm bias as that int32
+(round(b / (act_scale * weight_scale[c]))): the ``asymmetric`` form stores a Conv/Gemm bias as that int32
 behind DequantizeLinear (fused into QLinearConv/QGemm); a MatMul's bias Add (where ORT fuses no bias
-DQ) and every bias of flavor ``trt`` (TensorRT rejects an int32 bias behind DequantizeLinear) get the
+DQ) and every bias of the ``symmetric`` form (TensorRT rejects an int32 bias behind DequantizeLinear) get the
 float values that DequantizeLinear would give, ``<layer>.bias_rounded``. A layer with an output
 quantizer (every Conv of a calibrated cpu plan) writes its output through QuantizeLinear ->
 DequantizeLinear of the same activation type, the DequantizeLinear keeping the old output name: ORT
@@ -37,11 +37,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_nodes, value_names
+from edgegate.onnx_export.passes._graph import (
+    drop_unused_initializers,
+    fresh_name,
+    graphs,
+    insert_nodes,
+    leaf_scope,
+    names_in_use,
+    scoped_nodes,
+)
 from edgegate.onnx_export.passes.insert_op_qdq import insert_op_qdq
 from edgegate.onnx_export.passes.integer_kernels import lower_integer
 from edgegate.onnx_export.passes.merge_qdq import merge_qdq
-from edgegate.quantization.plan import Flavor, LayerKind, LayerQuant, QuantPlan
+from edgegate.quantization.plan import LayerKind, LayerQuant, QdqForm, QuantPlan
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 MATCH_REL_ERROR = 0.1  # a MatMul weight is the plan's layer if ||W.T - dequant(plan)|| <= 10 % of its norm
@@ -58,7 +66,7 @@ class _Site:
 
 def insert_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     out = _lower(model, plan, frozenset())
-    if plan.flavor is Flavor.CPU:
+    if plan.qdq_form is QdqForm.ASYMMETRIC:
         # Linear layers that ORT would leave in float become explicit integer matmuls instead.
         left = frozenset(float_layers_after_ort(out) & set(plan.layers))
         if left:
@@ -81,7 +89,7 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
         raise ExportError(f"layers {clash} are both quantized and float in the plan; keep each in one list")
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    names = names_in_use(out.graph)
     sites, matmuls = [], []
     for graph, node, visible in scoped_nodes(out.graph):
         if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -100,12 +108,8 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
                           "'<layer>.weight', no MatMul with its weights); was the plan made for this model?")
     replaced: set[str] = set()
     for site in sites:
-        _rewrite(site, plan.flavor, names, replaced, site.layer.name in integer)
-    used = {i for g in graphs(out.graph) for n in g.node for i in n.input} | {o.name for o in out.graph.output}
-    for g in graphs(out.graph):
-        keep = [t for t in g.initializer if t.name not in replaced or t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        _rewrite(site, plan.qdq_form, names, replaced, site.layer.name in integer)
+    drop_unused_initializers(out, replaced)
     return out
 
 
@@ -114,14 +118,8 @@ def _insert(model: onnx.ModelProto, plan: QuantPlan, integer: frozenset[str]) ->
 
 def _layer_of_weight(name: str, plan: QuantPlan) -> LayerQuant | None:
     """The plan layer whose ``<path>.weight`` this is: the longest path that ends the name; None if float."""
-    if not name.endswith(".weight"):
-        return None
-    base = name[: -len(".weight")]
-    paths = [p for p in (*plan.layers, *plan.float_layers) if base == p or base.endswith("." + p)]
-    if not paths:
-        return None
-    best = max(paths, key=len)
-    return plan.layers.get(best)
+    path = plan.path_of_weight(name)
+    return None if path is None else plan.layers.get(path)
 
 
 
@@ -162,7 +160,7 @@ def _rel_error(w: np.ndarray, ref: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------- rewriting
 
 
-def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], integer: bool = False) -> None:
+def _rewrite(site: _Site, qdq_form: QdqForm, names: set[str], replaced: set[str], integer: bool = False) -> None:
     q, node, graph = site.layer, site.node, site.graph
     assert q is not None
     matmul = node.op_type == "MatMul"
@@ -199,9 +197,9 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
         node.input[2] = name
         site.visible.maps[0][name] = graph.initializer[-1]
     if q.out_scale is not None or q.out_zero_point is not None:
-        _quantize_output(site, flavor, fresh, init)
+        _quantize_output(site, qdq_form, fresh, init)
     if q.act_bits == 16 or integer:
-        _rewrite_integer(site, flavor, fresh, init, replaced)
+        _rewrite_integer(site, qdq_form, fresh, init, replaced)
         return
 
     new_nodes = []
@@ -213,9 +211,9 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
         return y
 
     # Activation: Q -> DQ
-    signed = q.act_signed or flavor is Flavor.TRT
-    if flavor is Flavor.TRT and q.act_zero_point != 0:
-        raise ExportError(f"layer {q.name}: flavor trt needs activation zero point 0, the plan has "
+    signed = q.act_signed or qdq_form is QdqForm.SYMMETRIC
+    if qdq_form is QdqForm.SYMMETRIC and q.act_zero_point != 0:
+        raise ExportError(f"layer {q.name}: the symmetric form needs activation zero point 0, the plan has "
                           f"{q.act_zero_point}; calibrate with symmetric activations")
     lo, hi = (-128, 127) if signed else (0, 255)
     if not (np.isfinite(q.act_scale) and q.act_scale > 0 and np.all(np.asarray(q.weight_scale) > 0)):
@@ -243,7 +241,7 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
 
     # Bias on brevitas' Int32Bias grid: int32 behind DQ (cpu Conv/Gemm), else the float values of that grid
     bias_scale = np.broadcast_to(np.float32(q.act_scale) * w_scale, (channels,)).astype(np.float32)
-    if flavor is Flavor.CPU and not matmul and len(node.input) > 2 and node.input[2] in site.visible:
+    if qdq_form is QdqForm.ASYMMETRIC and not matmul and len(node.input) > 2 and node.input[2] in site.visible:
         b = _bias_values(q, site.visible[node.input[2]])
         replaced.add(node.input[2])
         b_q = init("bias_quantized", int32_bias(b, bias_scale))
@@ -253,17 +251,15 @@ def _rewrite(site: _Site, flavor: Flavor, names: set[str], replaced: set[str], i
     elif len(node.input) > 2 and node.input[2] in site.visible:  # trt: float, on the same int32 grid
         replaced.add(node.input[2])
         node.input[2] = init("bias_rounded", _on_grid(_bias_values(q, site.visible[node.input[2]]), bias_scale))
-    at = list(graph.node).index(node)
-    for i, n in enumerate(new_nodes):
-        graph.node.insert(at + i, n)
+    insert_nodes(graph, node, new_nodes)
 
 
-def _quantize_output(site: _Site, flavor: Flavor, fresh, init) -> None:
+def _quantize_output(site: _Site, qdq_form: QdqForm, fresh, init) -> None:
     """The layer's output through QuantizeLinear -> DequantizeLinear, in the activation type of its input
     (uint8 asymmetric for cpu, int8 with zero point 0 for trt). The DequantizeLinear produces the node's
     old output name, so every consumer (and a graph output of that name) reads the dequantized value."""
     q, node, graph = site.layer, site.node, site.graph
-    signed = q.act_signed or flavor is Flavor.TRT
+    signed = q.act_signed or qdq_form is QdqForm.SYMMETRIC
     lo, hi = (-128, 127) if signed else (0, 255)
     if q.out_scale is None or q.out_zero_point is None:
         raise ExportError(f"layer {q.name}: output quantizer has scale {q.out_scale} and zero point "
@@ -271,9 +267,9 @@ def _quantize_output(site: _Site, flavor: Flavor, fresh, init) -> None:
     if not (np.isfinite(q.out_scale) and q.out_scale > 0):
         raise ExportError(f"layer {q.name}: output scale must be finite and > 0, the plan has {q.out_scale}; "
                           "was the layer calibrated?")
-    if not lo <= q.out_zero_point <= hi or (flavor is Flavor.TRT and q.out_zero_point != 0):
+    if not lo <= q.out_zero_point <= hi or (qdq_form is QdqForm.SYMMETRIC and q.out_zero_point != 0):
         raise ExportError(f"layer {q.name}: output zero point {q.out_zero_point} is outside "
-                          f"[{lo}, {hi}]" + (" (flavor trt needs 0)" if flavor is Flavor.TRT else ""))
+                          f"[{lo}, {hi}]" + (" (the symmetric form needs 0)" if qdq_form is QdqForm.SYMMETRIC else ""))
     scale = init("output_scale", np.float32(q.out_scale))
     zp = init("output_zero_point", np.array(q.out_zero_point, np.int8 if signed else np.uint8))
     if q.out_after_relu:
@@ -286,9 +282,9 @@ def _quantize_output(site: _Site, flavor: Flavor, fresh, init) -> None:
         node = readers[0]
     y, raw, yq = node.output[0], fresh("output_float"), fresh("output_quantized")
     node.output[0] = raw
-    at = list(graph.node).index(node)
-    graph.node.insert(at + 1, helper.make_node("QuantizeLinear", [raw, scale, zp], [yq], name=yq))
-    graph.node.insert(at + 2, helper.make_node("DequantizeLinear", [yq, scale, zp], [y], name=fresh("output_dq")))
+    insert_nodes(graph, node, [helper.make_node("QuantizeLinear", [raw, scale, zp], [yq], name=yq),
+                               helper.make_node("DequantizeLinear", [yq, scale, zp], [y], name=fresh("output_dq"))],
+                 after=True)
 
 
 def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
@@ -320,12 +316,12 @@ def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
 _FLOAT_MATMULS = {"Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
 
 
-def _rewrite_integer(site: _Site, flavor: Flavor, fresh, init, replaced: set[str]) -> None:
+def _rewrite_integer(site: _Site, qdq_form: QdqForm, fresh, init, replaced: set[str]) -> None:
     """A Linear as explicit integer matmuls: A16W8 (byte-sliced), or an 8-bit layer ORT would not fuse (cpu)."""
     q, node = site.layer, site.node
-    if flavor is not Flavor.CPU:
-        raise ExportError(f"layer {q.name}: 16-bit activations are lowered for flavor cpu only; flavor {flavor} "
-                          "keeps A16W8 layers in float")
+    if qdq_form is not QdqForm.ASYMMETRIC:
+        raise ExportError(f"layer {q.name}: 16-bit activations are lowered for the asymmetric form "
+                          f"only; the {qdq_form} form keeps A16W8 layers in float")
     w_scale = np.asarray(q.weight_scale, np.float32).reshape(-1)
     bias_scale = np.broadcast_to(np.float32(q.act_scale) * w_scale, (q.weight_int.shape[0],)).astype(np.float32)
     matmul = node.op_type == "MatMul"

@@ -1,4 +1,4 @@
-"""Quantized Linear layers as explicit integer matmuls (``MatMulInteger``), for flavor ``cpu``.
+"""Quantized Linear layers as explicit integer matmuls (``MatMulInteger``), for the ``asymmetric`` form.
 
 Two cases where the QDQ form would leave a float ``Gemm`` on ONNX Runtime x86:
 
@@ -31,6 +31,7 @@ import onnx
 from onnx import helper
 
 from edgegate.errors import ExportError
+from edgegate.onnx_export.passes._graph import replace_node
 from edgegate.quantization.plan import LayerQuant
 
 A16_MAX = 65535
@@ -96,7 +97,4 @@ def _finish(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto, nodes: 
         y = op("Mul", [acc, out_scale], "scaled")
         nodes.append(helper.make_node("Add", [y, init("bias_rounded", bias_on_grid)], [node.output[0]],
                                       name=fresh("output")))
-    at = list(graph.node).index(node)
-    graph.node.remove(node)
-    for i, n in enumerate(nodes):
-        graph.node.insert(at + i, n)
+    replace_node(graph, node, nodes)

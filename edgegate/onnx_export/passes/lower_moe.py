@@ -41,7 +41,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, scoped_graphs, value_names
+from edgegate.onnx_export.passes._graph import (
+    copied,
+    drop_unused_initializers,
+    fresh_name,
+    graphs,
+    names_in_use,
+    replace_node,
+    scoped_graphs,
+)
 from edgegate.quantization.plan import LayerKind, LayerQuant, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -86,9 +94,8 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
                          qmoe_max_tokens: int = QMOE_MAX_TOKENS) -> onnx.ModelProto:
     """The model with every ``RoutedExperts`` node lowered; ``plan`` None: a float graph (no ``QMoE``).
     ``qmoe_max_tokens`` 0 leaves ``QMoE`` out."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    out = copied(model)
+    names = names_in_use(out.graph)
     params: set[str] = set()  # the float expert parameters the lowered nodes read
     lowered = False
     for graph, visible in scoped_graphs(out.graph):
@@ -96,22 +103,19 @@ def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
             spec = _read(node, visible)
             params.update(node.input[2:])
             layers = _qmoe_layers(spec, plan, visible) if qmoe_max_tokens > 0 else None
-            at = list(graph.node).index(node)
-            graph.node.remove(node)
             fresh = _namer(names, node.name or "routed_experts")
             if layers is None:
                 new, inits = _compaction(spec, node.output[0], fresh)
             else:
                 new, inits = _switch(spec, layers, node.output[0], fresh, qmoe_max_tokens)
-            for i, n in enumerate(new):
-                graph.node.insert(at + i, n)
+            replace_node(graph, node, new)
             graph.initializer.extend(inits)
             lowered = True
             log.debug("%s: %s", node.name, "gather/scatter" if layers is None else f"QMoE up to {qmoe_max_tokens} "
                       "tokens, else gather/scatter")
     if not lowered:
         return model
-    _drop_unused(out, params)
+    drop_unused_initializers(out, params)
     _set_opsets(out)
     return out
 
@@ -161,15 +165,6 @@ def _read(node: onnx.NodeProto, visible: ChainMap) -> _Experts:
                     k=int(attrs.get("k", len(groups))))
 
 
-def _layer_name(weight: str, plan: QuantPlan) -> str | None:
-    """The plan layer (module path) whose ``<path>.weight`` initializer this is; a wrapper prefix is allowed."""
-    if not weight.endswith(".weight"):
-        return None
-    base = weight[: -len(".weight")]
-    paths = [p for p in (*plan.layers, *plan.float_layers) if base == p or base.endswith("." + p)]
-    return max(paths, key=len) if paths else None
-
-
 def qmoe_block(d_model: int, d_hidden: int) -> int | None:
     """The QMoE block size for these widths: the largest of `QMOE_BLOCKS` dividing both, else None."""
     return next((b for b in QMOE_BLOCKS if d_model % b == 0 and d_hidden % b == 0), None)
@@ -184,7 +179,7 @@ def _qmoe_layers(spec: _Experts, plan: QuantPlan | None, visible: ChainMap) -> l
         return None
     layers = []
     for w in (n for group in spec.weights for n in group):
-        name = _layer_name(w, plan)
+        name = plan.path_of_weight(w)
         q = plan.layers.get(name) if name else None
         if q is None or q.kind is not LayerKind.LINEAR or q.act_bits != 8 or q.weight_int.ndim != 2:
             log.info("%s: expert layer %s is not an int8 Linear of the plan; per-expert gather/scatter", spec.x, w)
@@ -320,16 +315,6 @@ def _namer(names: set[str], base: str):
         return fresh_name(names, hint if "." in hint else f"{base}.{hint}")
     return fresh
 
-
-
-def _drop_unused(model: onnx.ModelProto, candidates: set[str]) -> None:
-    """Remove the initializers named in ``candidates`` that no node (and no graph output) reads any more."""
-    used = {i for g in graphs(model.graph) for n in g.node for i in n.input} | {o.name for o in model.graph.output}
-    for g in graphs(model.graph):
-        keep = [t for t in g.initializer if t.name in used or t.name not in candidates]
-        if len(keep) != len(g.initializer):
-            del g.initializer[:]
-            g.initializer.extend(keep)
 
 
 def _set_opsets(model: onnx.ModelProto) -> None:

@@ -35,7 +35,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_graphs, value_names
+from edgegate.onnx_export.passes._graph import (
+    copied,
+    drop_unused_function,
+    fresh_name,
+    graphs,
+    leaf_scope,
+    names_in_use,
+    replace_node,
+    scoped_graphs,
+    value_producers,
+)
 from edgegate.ops import DOMAIN, TERNARY_LUT
 
 OP = "TernaryMatMul"
@@ -52,9 +62,8 @@ _SHARED = {  # decode constants, added once to each graph that needs them (~70 b
 
 def lower_ternary(model: onnx.ModelProto, activation_scales: Mapping[str, float] | None = None) -> onnx.ModelProto:
     scales = dict(activation_scales or {})
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    out = copied(model)
+    names = names_in_use(out.graph)
     seen: list[str] = []
     for graph, visible in scoped_graphs(out.graph):
         for node in [n for n in graph.node if n.domain == DOMAIN and n.op_type == OP]:
@@ -63,10 +72,7 @@ def lower_ternary(model: onnx.ModelProto, activation_scales: Mapping[str, float]
     if unknown:
         raise ExportError(f"activation_scales names {unknown}, which are no TernaryMatMul layers of the model "
                           f"(found {seen or 'none'})")
-    if not any(n.domain == DOMAIN and n.op_type == OP for g in graphs(out.graph) for n in g.node):
-        keep = [f for f in out.functions if (f.domain, f.name) != (DOMAIN, OP)]
-        del out.functions[:]
-        out.functions.extend(keep)
+    drop_unused_function(out, DOMAIN, OP)
     return out
 
 
@@ -136,10 +142,7 @@ def _lower(graph, node, visible: ChainMap, scales: dict[str, float], names: set[
         acc = emit("Cast", [emit("MatMulInteger", [xq, w_kn, xz], "acc")], "acc_f", to=TensorProto.FLOAT)
         new.append(helper.make_node("Mul", [acc, emit("Mul", [xs, scale_name], "output_step")], [y],
                                     name=fresh("dequantize")))
-    at = list(graph.node).index(node)
-    graph.node.remove(node)
-    for i, n in enumerate(new):
-        graph.node.insert(at + i, n)
+    replace_node(graph, node, new)
     if quantizer is not None and layer not in scales:
         _drop_if_unused(graph, x)
     return layer
@@ -147,7 +150,7 @@ def _lower(graph, node, visible: ChainMap, scales: dict[str, float], names: set[
 
 def _per_token_quantizer(graph, x: str, visible: ChainMap) -> tuple[str, str] | None:
     """(clip output, m) when x = Div(Clip(Round(Mul(v, m)), lo, hi), m) with int8-range bounds."""
-    producer = {o: n for n in graph.node for o in n.output}
+    producer = value_producers(graph)
     div = producer.get(x)
     if div is None or div.op_type != "Div":
         return None

@@ -29,16 +29,25 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgegate.errors import ExportError
-from edgegate.onnx_export.passes._graph import fresh_name, graphs, leaf_scope, scoped_graphs, value_names
+from edgegate.onnx_export.passes._graph import (
+    copied,
+    drop_unused_function,
+    drop_unused_initializers,
+    fresh_name,
+    graphs,
+    leaf_scope,
+    names_in_use,
+    replace_node,
+    scoped_graphs,
+)
 from edgegate.ops import DOMAIN, unpack_ternary
 
 TERNARY = "TernaryMatMul"
 
 
 def lower_trt(model: onnx.ModelProto, *, nonzero: bool = True) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    names = {n for g in graphs(out.graph) for n in value_names(g)}
+    out = copied(model)
+    names = names_in_use(out.graph)
     bool_1d = _bool_1d_values(out) if nonzero else set()
     replaced: set[str] = set()
     for graph, visible in scoped_graphs(out.graph):
@@ -47,23 +56,9 @@ def lower_trt(model: onnx.ModelProto, *, nonzero: bool = True) -> onnx.ModelProt
                 replaced |= _lower_ternary(graph, node, visible, names)
             elif nonzero and node.domain in ("", "ai.onnx") and node.op_type == "NonZero" and node.input[0] in bool_1d:
                 _lower_nonzero(graph, node, names)
-    used = {i for g in graphs(out.graph) for n in g.node for i in n.input} | {o.name for o in out.graph.output}
-    for g in graphs(out.graph):
-        keep_init = [t for t in g.initializer if t.name not in replaced or t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep_init)
-    if not any(n.domain == DOMAIN and n.op_type == TERNARY for g in graphs(out.graph) for n in g.node):
-        keep = [f for f in out.functions if (f.domain, f.name) != (DOMAIN, TERNARY)]
-        del out.functions[:]
-        out.functions.extend(keep)
+    drop_unused_initializers(out, replaced)
+    drop_unused_function(out, DOMAIN, TERNARY)
     return out
-
-
-def _replace(graph: onnx.GraphProto, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
-    at = list(graph.node).index(node)
-    graph.node.remove(node)
-    for i, n in enumerate(new):
-        graph.node.insert(at + i, n)
 
 
 def _lower_ternary(graph: onnx.GraphProto, node: onnx.NodeProto, visible: ChainMap, names: set[str]) -> set[str]:
@@ -90,7 +85,7 @@ def _lower_ternary(graph: onnx.GraphProto, node: onnx.NodeProto, visible: ChainM
                                                      s_name))
     w = fresh_name(names, f"{layer}.weight_dequantized")
     attrs = {"axis": 1} if per_channel else {}
-    _replace(graph, node, [
+    replace_node(graph, node, [
         helper.make_node("DequantizeLinear", [w_name, s_name], [w], name=w, **attrs),
         helper.make_node("MatMul", [x, w], list(node.output), name=fresh_name(names, f"{layer}.matmul")),
     ])
@@ -120,7 +115,7 @@ def _lower_nonzero(graph: onnx.GraphProto, node: onnx.NodeProto, names: set[str]
     (k,) = emit("ReduceSum", [emit("Cast", [m], "count", to=TensorProto.INT64)[0], axis0], "k", keepdims=1)
     _, idx = emit("TopK", [score, k], "topk", n_out=2, axis=0, largest=1, sorted=1)
     new.append(helper.make_node("Unsqueeze", [idx, axis0], list(node.output), name=fresh_name(names, base)))
-    _replace(graph, node, new)
+    replace_node(graph, node, new)
 
 
 def _bool_1d_values(model: onnx.ModelProto) -> set[str]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgegate.onnx_export.passes._graph import graphs
+from edgegate.onnx_export.passes._graph import drop_unused_initializers, graphs
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -99,11 +99,4 @@ def _prune(model: onnx.ModelProto) -> None:
                 removed = True
         if not removed:
             break
-    # Every graph's outputs count as read: a subgraph (an If branch) may return an initializer directly.
-    used = ({i for g in graphs(model.graph) for n in g.node for i in n.input}
-            | {o.name for g in graphs(model.graph) for o in g.output})
-    inputs = {i.name for g in graphs(model.graph) for i in g.input}  # an initializer that is an input stays
-    for g in graphs(model.graph):
-        keep_init = [t for t in g.initializer if t.name in used or t.name in inputs]
-        del g.initializer[:]
-        g.initializer.extend(keep_init)
+    drop_unused_initializers(model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import onnx
 
+from edgegate.onnx_export.passes._graph import copied
 from edgegate.onnx_export.passes.attach_functions import iter_nodes
 
 KEPT_KEYS = frozenset({"pkg.torch.onnx.name_scopes"})
@@ -19,11 +20,7 @@ KEPT_KEYS = frozenset({"pkg.torch.onnx.name_scopes"})
 
 def strip_debug_metadata(model: onnx.ModelProto, inplace: bool = False) -> onnx.ModelProto:
     """``inplace``: change ``model`` itself (no copy of its initializers)."""
-    if inplace:
-        out = model
-    else:
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+    out = model if inplace else copied(model)
     for node in iter_nodes(out.graph):
         keep = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_KEYS]
         del node.metadata_props[:]
