@@ -184,7 +184,7 @@ class CpuTarget(TargetBase):
         _session(data, options, "the compiled model")  # ORT must accept it now, not on the device
         recorded = options.to_manifest()
         if options.latency_aware and _has_qdq(model):
-            from edgegate.targets.cpu_latency import keep_fast_regions
+            from edgegate.targets.cpu_latency import keep_fast_regions  # compile only: the runtime needs no onnx
 
             model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options)
             data = model.SerializeToString()
@@ -281,7 +281,7 @@ def _timing_inputs(model: onnx.ModelProto, options: CpuOptions) -> dict[str, np.
 def _external_tensors(model: onnx.ModelProto) -> list[tuple[str, str]]:
     """(tensor name, location) of every tensor kept in external data: initializers of every graph, tensor
     attributes of every node (Constant values; subgraphs and function bodies included)."""
-    from edgegate.onnx_export.passes._graph import graphs
+    from edgegate.onnx_export.passes._graph import graphs  # onnx-side helpers: the runtime loads them on use
 
     tensors = [t for g in graphs(model.graph) for t in g.initializer]
     tensors += [t for _, n in _walk_nodes(model) for a in n.attribute for t in [*a.tensors, *([a.t] if a.HasField("t")

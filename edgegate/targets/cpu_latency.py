@@ -38,6 +38,16 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.onnx_export.passes.float_regions import (
+    all_float,
+    regions,
+    sparse_moe_switches,
+    switch_branch_to_float,
+    to_float,
+    with_node_names,
+)
+from edgegate.targets.cpu import GRAPH_OPTIMIZATION
+
 log = logging.getLogger(__name__)
 
 MIN_SPEEDUP = 1.02
@@ -62,7 +72,6 @@ class _Timer:
         return self.ort.InferenceSession(model_bytes, sess_options=self._options(), providers=["CPUExecutionProvider"])
 
     def _options(self) -> Any:
-        from edgegate.targets.cpu import GRAPH_OPTIMIZATION
 
         so = self.ort.SessionOptions()
         so.intra_op_num_threads = self.threads
@@ -142,7 +151,6 @@ def _feeds(inputs: Mapping[str, np.ndarray], static_batch: int | None) -> list[d
 
 def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> tuple[Any, dict[str, Any]]:
     """(model with slow INT8 regions in float, the decision record for the manifest)."""
-    from edgegate.onnx_export.passes.float_regions import all_float, regions, to_float, with_node_names
 
     model = with_node_names(model)
     graph_input = model.graph.input[0]
@@ -289,7 +297,6 @@ def _by_region(node_ms: dict[str, float], owner: dict[str, str]) -> tuple[dict[s
 def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:
     """Each sparse MoE block's int8 gather/scatter branch kept only where it runs faster than float (see the
     module doc); one record per block."""
-    from edgegate.onnx_export.passes.float_regions import sparse_moe_switches, switch_branch_to_float
 
     decisions = []
     current_session = None

@@ -19,10 +19,6 @@ MAX_IN_FUNCTION_IMPORTS = 60
 KNOWN_BARE = {
     ("edgegate/quantization/step.py", "edgegate.onnx_export.passes.insert_qdq"),
     ("edgegate/quantization/step.py", "edgegate.onnx_export.passes.lower_moe"),
-    ("edgegate/targets/cpu.py", "edgegate.targets.cpu_latency"),
-    ("edgegate/targets/cpu.py", "edgegate.onnx_export.passes._graph"),
-    ("edgegate/targets/cpu_latency.py", "edgegate.targets.cpu"),
-    ("edgegate/targets/cpu_latency.py", "edgegate.onnx_export.passes.float_regions"),
 }
 ROOT = Path(edgegate.__file__).parent
 
