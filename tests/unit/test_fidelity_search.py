@@ -19,7 +19,7 @@ from edgegate import zoo
 from edgegate.calibration import calibrate, measure_fidelity
 from edgegate.calibration.inputs import as_inputs
 from edgegate.calibration.margins import Decisions, estimate, expected_disagreement
-from edgegate.calibration.search import Means, describe, feeders
+from edgegate.calibration.search import SAFETY_SE, Means, describe, feeders
 from edgegate.cli import build_parser
 from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
@@ -113,7 +113,7 @@ def test_search_tries_means_by_cost_and_stops_at_the_first_that_meets_the_target
     for t in s.tries:
         (gate,) = [e for e in t.measured if e.metric == "exit_agreement"]
         assert gate.rows == len(x) == 600 and 0 < gate.se < 0.01
-        assert t.margin == pytest.approx(min(gate.value, gate.expected - gate.se) - 0.995)
+        assert t.margin == pytest.approx(min(gate.value, gate.expected - SAFETY_SE * gate.se) - 0.995)
     chosen = s.tries[-1].settings
     assert chosen["a16_layers"] + chosen["float_layers"]  # 8-bit everywhere cannot hold the exits
     assert record.config.a16_layers == tuple(chosen["a16_layers"])
