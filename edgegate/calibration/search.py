@@ -10,8 +10,9 @@ target, the one-line warning naming the best value reached. One calibration is
 The means, tried in order of cost: those free at inference first (in order of calibration time), then
 those that cost latency. Each try is a full calibration (gate-aware: every observer sees the rows that
 reach it, each expert its own tokens) judged on the calibration rows, on the gate metrics the model
-has: exit agreement, top-k set and top-1 expert agreement, 1 - mask Hamming distance, learner-count
-agreement (ACM); for a model whose
+has: exit agreement, top-k set agreement (a router's decision; its top-1 expert agreement is measured
+and reported, held only for a router that computes every expert), 1 - mask Hamming distance,
+learner-count agreement (ACM); for a model whose
 only gates are soft (sigmoid), the top-1 agreement of its prediction.
 
 1. ``int8``: path-conditional observers alone;
@@ -139,11 +140,19 @@ class _Search:
         self.configs: list[QuantConfig] = []
         self.best: tuple[int, nn.Module, CalibrationRecord] | None = None
         self.reference = capture(model, x, gate_map)  # the float side, the same for every try
-        available = {d.metric for d in pair(self.reference, self.reference, gate_map, top1=True)}
+        decisions = pair(self.reference, self.reference, gate_map, top1=True)
+        available = {d.metric for d in decisions}
         # A soft gate (sigmoid) decides nothing by itself: its fidelity is the prediction it leads to. A model
         # with no data-dependent gate at all (plain, ternary) has no gate fidelity to hold.
         soft = any(g.kind == GateKind.SIGMOID for g in gate_map) and "top1_agreement" in available
         self.metrics = tuple(m for m in GATE_METRICS if m in available) or (("top1_agreement",) if soft else ())
+        # A router decides its top-k set: which experts compute. Which expert of the set ranks first changes no
+        # expert's work (for k >= 2 only which of two near-equal weights is larger; for k = 1 the set is the
+        # top-1), so top-1 expert agreement is measured and reported but held only by a router without a set.
+        sets = {d.gate for d in decisions if d.metric == "topk_set_agreement"}
+        self.held = frozenset((d.gate, d.metric) for d in decisions if d.metric in self.metrics
+                              and not (d.metric == "top1_expert_agreement" and d.gate in sets))
+        self.metrics = tuple(m for m in self.metrics if any(metric == m for _, metric in self.held))
 
     def attempt(self, means: Means, config: QuantConfig, observed: Observed | None = None) -> Try:
         """Calibrate with ``config`` (finishing ``observed`` on a copy when given) and judge it."""
@@ -154,7 +163,7 @@ class _Search:
             qmodel, record = finish(observed, config, copy_model=True)
         decisions = pair(self.reference, capture(qmodel, self.x, self.gate_map), self.gate_map, top1=True)
         measured = tuple(estimate(d) for d in decisions)
-        judged = [e for e in measured if e.metric in self.metrics]
+        judged = [e for e in measured if self.holds(e)]
         worst = min((margin(e, self.target) for e in judged), default=0.0)
         t = Try(str(means), settings(config), measured, worst, worst >= 0, time.perf_counter() - started)
         self.tries.append(t)
@@ -164,6 +173,10 @@ class _Search:
         if self.best is None or worst > self.tries[self.best[0]].margin:
             self.best = (len(self.tries) - 1, qmodel, record)
         return t
+
+    def holds(self, e: Estimate) -> bool:
+        """Whether the search holds ``e`` to the target (the rest is measured and reported)."""
+        return (e.gate, e.metric) in self.held
 
     @property
     def met(self) -> bool:
@@ -177,8 +190,7 @@ class _Search:
         """Gates whose metric misses the target in the best try so far (``OUTPUT``: top-1 agreement)."""
         assert self.best is not None
         t = self.tries[self.best[0]]
-        return list(dict.fromkeys(e.gate for e in t.measured if e.metric in self.metrics
-                                  and margin(e, self.target) < 0))
+        return list(dict.fromkeys(e.gate for e in t.measured if self.holds(e) and margin(e, self.target) < 0))
 
     def promote(self, means: Means, quantized: dict[str, LayerKind], fed: dict[str, list[str]]) -> None:
         """Greedy, on top of the best try so far: promote each layer feeding a failing gate in turn (nearest
@@ -248,14 +260,14 @@ class _Search:
         search = SearchRecord(self.target, self.metrics, len(self.x), tuple(self.tries), index, warning)
         a16 = [p for p in chosen.settings["a16_layers"] if p not in self.config.a16_layers]
         if a16:
-            first = min((margin(e, self.target) for e in self.tries[0].measured if e.metric in self.metrics),
+            first = min((margin(e, self.target) for e in self.tries[0].measured if self.holds(e)),
                         default=0.0)
             record = dataclasses.replace(record, a16={"layers": a16, "target": self.target,
                                                       "margin": {"before": first, "after": chosen.margin}})
         return qmodel, dataclasses.replace(record, search=search)
 
     def warning(self, chosen: Try) -> str:
-        worst = min((e for e in chosen.measured if e.metric in self.metrics),
+        worst = min((e for e in chosen.measured if self.holds(e)),
                     key=lambda e: margin(e, self.target))
         how = describe(chosen)
         where = worst.gate or type(self.model).__name__

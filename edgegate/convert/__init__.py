@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from edgegate.convert import hf_bitnet, hf_moe, hf_qwen3_next  # noqa: F401
 from edgegate.convert.registry import ConverterInfo, class_path, converters, lookup, refuse, register
 from edgegate.errors import ExportError
-from edgegate.gates import GateKind
+from edgegate.gates import GateKind, family_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,7 +89,9 @@ def convert(model: nn.Module) -> Conversion:
             continue
         info = lookup(type(module))
         if info is None:
-            if _MOE_LIKE.search(type(module).__name__) and hasattr(module, "experts"):
+            # One with a registered gate inside (edgegate's own MoE, a user's registered router) has its gate.
+            if (_MOE_LIKE.search(type(module).__name__) and hasattr(module, "experts")
+                    and not any(family_of(m) is not None for m in module.modules())):
                 unknown.append(path)
             continue
         if info.converter is None:

@@ -158,6 +158,15 @@ def test_unknown_moe_like_blocks_are_reported(caplog):
     assert conversion.to_dict() == {"converted": [], "unrecognised": ["1"]}
 
 
+def test_moe_blocks_with_their_own_gate_are_not_reported(caplog):
+    """edgegate's own MoE (and any block holding a registered gate) already has its router."""
+    from edgegate import nn as enn
+
+    with caplog.at_level(logging.WARNING, logger="edgegate.convert"):
+        conversion = convert(nn.Sequential(enn.MoE(8, 16, n_experts=4, k=2)))
+    assert conversion.unrecognised == () and "without a gate" not in caplog.text
+
+
 def test_registry_refuses_duplicates_and_unqualified_names():
     path = hf_moe._cls("mixtral", "MixtralSparseMoeBlock")
     assert converters()[path].architecture == "Mixtral"
