@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from edgegate import nn as enn
-from edgegate.calibration.collect import Observed, calibrate_once, finish, observe
+from edgegate.calibration.collect import Observed, calibrate_once, finish, finished_state, observe, restore_state
 from edgegate.calibration.gating import naive_gating
 from edgegate.calibration.inputs import Specs, as_inputs, check_fits
 from edgegate.calibration.margins import AGREEMENTS, OUTPUT, capture, estimate, pair
@@ -155,12 +155,10 @@ class _Search:
         self.metrics = tuple(m for m in self.metrics if any(metric == m for _, metric in self.held))
 
     def attempt(self, means: Means, config: QuantConfig, observed: Observed | None = None) -> Try:
-        """Calibrate with ``config`` (finishing ``observed`` on a copy when given) and judge it."""
+        """Calibrate with ``config`` (finishing ``observed`` in place when given) and judge it."""
         started = time.perf_counter()
-        if observed is None:
-            qmodel, record = finish(observe(self.model, self.x, config, self.gate_map, None))
-        else:
-            qmodel, record = finish(observed, config, copy_model=True)
+        observed = observed or observe(self.model, self.x, config, self.gate_map, None)
+        qmodel, record = finish(observed, config)
         decisions = pair(self.reference, capture(qmodel, self.x, self.gate_map), self.gate_map, top1=True)
         measured = tuple(estimate(d) for d in decisions)
         judged = [e for e in measured if self.holds(e)]
@@ -229,12 +227,18 @@ class _Search:
             ladder.append((Means.RETUNE, dataclasses.replace(ladder[-1][1], retune_thresholds=True)))
         if c.bias_correction:
             ladder.append((Means.BIAS, dataclasses.replace(ladder[-1][1], bias_correction=True)))
-        # These differ only after the quantizers are observed: observe once, finish each on a copy. All of them
-        # are judged: they cost nothing at inference and nothing more to calibrate, so the best one is kept.
+        # These differ only after the quantizers are observed: observe once, finish each in place from the observed
+        # state (a copy of the model per try would hold its weights twice). All of them are judged: they cost
+        # nothing at inference and nothing more to calibrate, so the best one is kept.
         observed = observe(self.model, self.x, ladder[0][1], self.gate_map, None)
+        fresh, states = finished_state(observed), []
         for means, cfg in ladder:
+            restore_state(observed, fresh)
             self.attempt(means, cfg, observed)
-        del observed
+            states.append(finished_state(observed))
+        assert self.best is not None
+        restore_state(observed, states[self.best[0]])  # the model every ladder try shared, as the best left it
+        del observed, fresh, states
         if self.met:
             return self.finish()
         free = self.best_config()
