@@ -189,23 +189,22 @@ def finish(observed: Observed, config: QuantConfig | None = None, *,
     return qmodel, record
 
 
-def finished_state(observed: Observed) -> dict[str, torch.Tensor]:
-    """A copy of what `finish` changes in place on ``observed.qmodel``: the quantized layers' biases (bias
-    correction) and the early-exit thresholds (re-tuning). A few KiB, where a copy of the model is all its weights."""
+def finished_state(observed: Observed) -> dict[tuple[str, str], torch.Tensor]:
+    """A copy of what `finish` changes in place on ``observed.qmodel``, keyed by (module path, attribute): the
+    quantized layers' biases (bias correction) and the early-exit thresholds (re-tuning). A few KiB, where a copy
+    of the model is all its weights."""
     q = observed.qmodel
-    state = {f"{p}.bias": q.get_submodule(p).bias for p in observed.calibrated.layers
+    state = {(p, "bias"): q.get_submodule(p).bias for p in observed.calibrated.layers
              if getattr(q.get_submodule(p), "bias", None) is not None}
-    state.update({f"{p}.thresholds": net.thresholds for p, net in GatedParts.of(q, observed.gate_map).exits.items()})
+    state.update({(p, "thresholds"): net.thresholds for p, net in GatedParts.of(q, observed.gate_map).exits.items()})
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def restore_state(observed: Observed, state: dict[str, torch.Tensor]) -> None:
+def restore_state(observed: Observed, state: dict[tuple[str, str], torch.Tensor]) -> None:
     """Put ``state`` (from `finished_state`) back on ``observed.qmodel``, in place."""
-    q = observed.qmodel
     with torch.no_grad():
-        for key, value in state.items():
-            path, name = key.rsplit(".", 1)
-            getattr(q.get_submodule(path), name).copy_(value)
+        for (path, name), value in state.items():
+            getattr(observed.qmodel.get_submodule(path), name).copy_(value)
 
 
 def calibrate_once(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap | None = None,
