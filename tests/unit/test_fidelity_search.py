@@ -23,7 +23,7 @@ from edgegate.calibration.search import SAFETY_SE, Means, describe, feeders
 from edgegate.cli import build_parser
 from edgegate.data import TensorSpec, split_data
 from edgegate.gates import find_gates
-from edgegate.metrics import wilson
+from edgegate.metrics import sqnr_db, wilson
 from edgegate.quantization import QuantConfig
 from edgegate.quantization.plan import Flavor
 from edgegate.quantization.step import QuantOptions, fidelity_warnings, quantize_for_export
@@ -49,6 +49,17 @@ def searched(zoo_model):
 
 
 # ---------------------------------------------------------------------------------------- the intervals
+
+
+def test_sqnr_sums_float64_a_slice_at_a_time():
+    """As exact as float64 copies of the whole arrays, without them (a causal LM's logits: 2 GiB transient)."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(3, 1 << 20)).astype(np.float32)  # three slices
+    noisy = ref + np.float32(1e-2) * rng.normal(size=ref.shape).astype(np.float32)
+    r, t = ref.astype(np.float64), noisy.astype(np.float64)
+    assert sqnr_db(ref, noisy) == pytest.approx(10 * np.log10(np.square(r).sum() / np.square(r - t).sum()), rel=1e-9)
+    assert sqnr_db(ref, noisy) == pytest.approx(40.0, abs=0.05)
+    assert sqnr_db(ref, ref) == float("inf") and sqnr_db(np.zeros(4), np.ones(4)) == float("-inf")
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 270), (1, 270), (266, 270), (270, 270), (3383, 3400), (50, 100)])
