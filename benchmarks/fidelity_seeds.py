@@ -25,12 +25,12 @@ import numpy as np
 from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, time_interleaved
 from benchmarks.workspace import Workspace
 
-FULL_FAMILIES = ("early_exit", "moe", "moe_pp", "channel_gate", "threshold_gate", "gated_attention")
+FULL_FAMILIES = ("early_exit", "moe", "moe_pp", "channel_gate", "threshold_gate", "gated_attention", "acm")
 SMOKE_FAMILIES = ("early_exit",)  # the family that needs the whole ladder; its seed-0 checkpoint is shared
 FULL_SEEDS, SMOKE_SEEDS = (0, 1, 2, 3, 4), (0,)
 TARGET = 0.995
 MAX_ACCURACY_DROP = 0.005  # half a point
-GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming")
+GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "count_agreement", "mask_hamming")
 METRICS = (*GATE_METRICS, "top1_agreement", "gate_mae", "accuracy_change")
 LOWER_IS_BETTER = ("mask_hamming", "gate_mae")
 

@@ -11,7 +11,8 @@ brevitas calibration mode under the calibration gating (augmented, or naive for 
 calibrate layers that got no rows on their naive inputs; correct biases on the same rows; re-tune exit
 thresholds; read the plan back. ``observe`` does the first part and ``finish`` the rest, so the
 fidelity-target search (``calibration.search``, where ``calibrate`` lives) can finish one observation
-with and without bias correction and re-tuning; ``calibrate_once`` is both in a row.
+with and without bias correction and re-tuning (in place, between `finished_state` and `restore_state`);
+``calibrate_once`` is both in a row.
 
 The whole calibration set goes through in ONE forward: brevitas averages one statistic per call, so
 a call with 3 rows would weigh as much as one with 3000 (gating makes per-layer batch sizes vary).
@@ -116,7 +117,10 @@ class Observed:
 def observe(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap, input_spec: Specs) -> Observed:
     """Quantize a copy of ``model`` and calibrate its quantizers on ``data`` (one forward, see module doc)."""
     x = as_inputs(data, model, input_spec)
-    ref = copy.deepcopy(model).eval()  # private float reference: gating is changed on it temporarily
+    # The float reference: every gating change on it is a context manager that puts it back, so a model in eval
+    # mode serves as it is (a copy would double the float weights held during the search); one in training mode
+    # is copied rather than switched.
+    ref = copy.deepcopy(model).eval() if model.training else model
     check_fits(ref, x)
     qmodel, swapped = quantize(ref, config, gate_map, example=x)
     fparts, qparts = GatedParts.of(ref, gate_map), GatedParts.of(qmodel, gate_map)
@@ -183,6 +187,24 @@ def finish(observed: Observed, config: QuantConfig | None = None, *,
         bias_corrections=corrections,
         float_layers={p: reasons.get(p, "") for p in plan.float_layers}, plan=plan)
     return qmodel, record
+
+
+def finished_state(observed: Observed) -> dict[tuple[str, str], torch.Tensor]:
+    """A copy of what `finish` changes in place on ``observed.qmodel``, keyed by (module path, attribute): the
+    quantized layers' biases (bias correction) and the early-exit thresholds (re-tuning). A few KiB, where a copy
+    of the model is all its weights."""
+    q = observed.qmodel
+    state = {(p, "bias"): q.get_submodule(p).bias for p in observed.calibrated.layers
+             if getattr(q.get_submodule(p), "bias", None) is not None}
+    state.update({(p, "thresholds"): net.thresholds for p, net in GatedParts.of(q, observed.gate_map).exits.items()})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def restore_state(observed: Observed, state: dict[tuple[str, str], torch.Tensor]) -> None:
+    """Put ``state`` (from `finished_state`) back on ``observed.qmodel``, in place."""
+    with torch.no_grad():
+        for (path, name), value in state.items():
+            getattr(observed.qmodel.get_submodule(path), name).copy_(value)
 
 
 def calibrate_once(model: nn.Module, data: Any, config: QuantConfig, gate_map: GateMap | None = None,

@@ -124,7 +124,8 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
 class Capture:
     """One model's decision scores on the same rows: per early-exit net, each exit's score for every row
     (no row exits) and the thresholds, and the exit each row takes as deployed; per router / mask gate,
-    its scores; the class logits. ``pair`` lines two captures up into `Decisions`."""
+    its scores; the class logits ([N, C]; None for any other output). ``pair`` lines two captures up into
+    `Decisions`."""
 
     exit_scores: dict[str, list[torch.Tensor]]
     thresholds: dict[str, list[float]]
@@ -146,10 +147,12 @@ def capture(model: nn.Module, x: Inputs, gate_map: GateMap) -> Capture:
             x.run(model)  # no row exits: every head scores every row
         scores = {p: [exit_score(net, k, probe.heads(p, k)) for k in range(net.n_exits - 1)]
                   for p, net in parts.exits.items()}
+    # Only class logits [N, C] are paired (top-1 agreement); a causal LM's [N, T, V] logits are not kept, since
+    # the search holds the float capture throughout (256 MiB for 512 x 16 tokens of an 8 192-word vocabulary).
+    kept = logits if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
     return Capture(scores, {p: [float(t) for t in net.thresholds] for p, net in parts.exits.items()},
                    {p: deployed.exits(p).cpu() for p in parts.exits},
-                   {n: torch.cat(v) for n, v in got.items()},
-                   logits if isinstance(logits, torch.Tensor) else None)
+                   {n: torch.cat(v) for n, v in got.items()}, kept)
 
 
 def _exit_decisions(path: str, f: Capture, q: Capture) -> Decisions | None:

@@ -16,8 +16,10 @@ from torch import nn
 
 from edgegate import zoo
 from edgegate.calibration import calibrate, comparable_metrics, measure_fidelity
+from edgegate.calibration.collect import finish, finished_state, observe, restore_state
 from edgegate.calibration.probe import exit_score
 from edgegate.errors import DataError
+from edgegate.gates import find_gates
 from edgegate.nn import ExitMLP, MoE
 from edgegate.quantization import QuantConfig
 from edgegate.quantization.layers import quant_layer
@@ -170,6 +172,33 @@ def test_retuned_thresholds_reproduce_the_float_exit_profile(calibrated):
     t = record.thresholds[""]
     assert t["before"] == [float(v) for v in model.thresholds]  # the float model itself is untouched
     assert t["after"] == [float(v) for v in qmodel.thresholds]
+
+
+def test_free_tries_finish_one_model_in_place_and_restore_it(zoo_model):
+    """The search finishes one observation three ways in place (no copy of the model per try): `finished_state`
+    / `restore_state` save and put back all that `finish` changes; the float model serves as the reference
+    uncopied and is left as it was."""
+    model, _ = zoo_model("early_exit")
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = zoo.entry("early_exit").load_data().split("val").input()
+    config = QuantConfig(**ONCE)
+    observed = observe(model, x, config, find_gates(model), None)
+    assert observed.ref is model
+    fresh = finished_state(observed)
+    assert sorted(fresh) == [("", "thresholds"), *[(f"stages.{i}.0", "bias") for i in range(3)]]  # heads: float
+    copied, copied_record = finish(observed, config, copy_model=True)
+    assert all(torch.equal(v, finished_state(observed)[k]) for k, v in fresh.items())  # a copy: untouched
+    qmodel, record = finish(observed, config)
+    assert qmodel is observed.qmodel
+    done = finished_state(observed)
+    # In place it ends as the copy did: biases corrected, thresholds re-tuned.
+    assert all(torch.equal(v, getattr(copied.get_submodule(p), a)) for (p, a), v in done.items())
+    assert record.thresholds == copied_record.thresholds and record.bias_corrections == copied_record.bias_corrections
+    assert not torch.equal(done["", "thresholds"], fresh["", "thresholds"])
+    assert sum(not torch.equal(done[k], fresh[k]) for k in fresh) >= 2
+    restore_state(observed, fresh)
+    assert all(torch.equal(v, fresh[k]) for k, v in finished_state(observed).items())
+    assert all(torch.equal(v, float_state[k]) for k, v in model.state_dict().items())
 
 
 def test_exit_score_is_what_decide_compares():
