@@ -73,6 +73,7 @@ def _lower_float(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _lower_int8(plan):
     """QDQ from the plan, after the sparse MoE blocks (cpu) are lowered (``QMoE`` and int8 gather/scatter)."""
+    # The export stage's passes import this stage's plan: loaded when the step runs (see _lower_float).
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
 

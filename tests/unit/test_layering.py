@@ -16,10 +16,6 @@ MAX_IN_FUNCTION_IMPORTS = 60
 # Imports whose reason is not written yet, in modules under other work at the time (the cpu target's speed work,
 # the quantize step's fidelity work): each keeps onnx or the export passes off the runtime side, except
 # cpu_latency's import of cpu, which dodges the cpu <-> cpu_latency cycle. Shrink this set, never grow it.
-KNOWN_BARE = {
-    ("edgegate/quantization/step.py", "edgegate.onnx_export.passes.insert_qdq"),
-    ("edgegate/quantization/step.py", "edgegate.onnx_export.passes.lower_moe"),
-}
 ROOT = Path(edgegate.__file__).parent
 
 
@@ -55,7 +51,7 @@ def _commented(lines: list[str], node: ast.stmt) -> bool:
 
 def test_in_function_imports_are_few_and_each_says_why():
     found = _in_function_imports()
-    bare = [f"{f}:{n}" for f, n, m, c in found if not c and (f, m) not in KNOWN_BARE]
+    bare = [f"{f}:{n}" for f, n, m, c in found if not c]
     assert not bare, f"in-function edgegate imports without a comment saying why: {bare}"
     assert len(found) <= MAX_IN_FUNCTION_IMPORTS, f"{len(found)} in-function edgegate imports"
 
