@@ -22,8 +22,9 @@ Runtime with one intra-op thread at batch 1, interleaved:
   agreement, export wall time and peak RSS, int8 against fp32 latency. A model this small is bound by ONNX
   Runtime's per-node overhead, not arithmetic, so its latency ratio is reported with no goal.
 
-At the smoke size (CI) the MLP is 64 wide with 3 stages, the Mixtral folder is exported fp32 only, and both
-export in this process (no peak RSS of their own).
+At the smoke size (CI) only the MLP runs, 64 wide with 3 stages, exported in this process (no peak RSS of its
+own) and quantized without the fidelity search (``--fidelity-target 0``); the Mixtral folder's training and two
+exports would take longer than the whole smoke section.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ SPLIT_VAL = 0.15  # edgegate.data's val fraction of a user .npz: the rows the pi
 EXIT_SHARE = 0.25  # of the rows still running, the share each exit lets leave on the calibration rows
 LOGIT_STD = 2.0
 FULL = {"exit": {"in_features": 1024, "hidden": 4096, "n_classes": 10, "n_stages": 5}, "calib": 128, "test": 64,
-        "hf_quants": ("fp32", "int8"), "child": True}
+        "exit_int8_args": (), "child": True}
+# Smoke: plain gate-aware int8 (--fidelity-target 0, one calibration attempt): the search's retries would take
+# most of the smoke budget on their own.
 SMOKE = {"exit": {"in_features": 32, "hidden": 64, "n_classes": 10, "n_stages": 3}, "calib": 64, "test": 32,
-         "hf_quants": ("fp32",), "child": False}
+         "exit_int8_args": ("--fidelity-target", "0"), "child": False}
 HF_CALIB, HF_HELD = 256, 64  # token windows of 8; --holdout 0.2 of the 320 rows in tokens.npz
 EXIT_SPEED_GOAL = 1.0  # the int8 exit MLP no slower than its fp32 bundle at batch 1
 
@@ -173,8 +176,9 @@ def bench_exit(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, A
     root = ws.root / "real-exit_mlp"
     root.mkdir(exist_ok=True)
     ckpt, calib, test, info = exit_checkpoint(root, spec)
-    exports = {q: export([ckpt, "--quant", q, "--observer", OBSERVER],
-                         root / f"exit_mlp-{q}.edgegate", spec["child"]) for q in ("fp32", "int8")}
+    int8 = ("--observer", OBSERVER, *spec["exit_int8_args"])
+    exports = {q: export([ckpt, "--quant", q, *(int8 if q == "int8" else ())], root / f"exit_mlp-{q}.edgegate",
+                         spec["child"]) for q in ("fp32", "int8")}
     fp32 = root / "exit_mlp-fp32.edgegate" / "model.onnx"
     models = {"fp32": fp32.read_bytes(), "edgegate": (root / "exit_mlp-int8.edgegate" / "model.onnx").read_bytes()}
     models["ort_static"], pre = quantize_static_peer(str(fp32), root, "x", calib)
@@ -218,7 +222,7 @@ def bench_hf(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, Any
     tokens = root / "tokens.npz"
     np.savez(tokens, input_ids=np.concatenate([calib.input()[:HF_CALIB], held.input()[:HF_HELD]]))
     exports, sessions = {}, {}
-    for q in spec["hf_quants"]:
+    for q in ("fp32", "int8"):
         extra = ["--calib", tokens, "--holdout", "0.2"] if q == "int8" else []
         out = root / f"mixtral-{q}.edgegate"
         exports[q] = export([folder, "--input", f"input_ids:1x{hf.CONTEXT}:int64", "--quant", q, *extra], out,
@@ -243,6 +247,7 @@ def bench_hf(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, Any
 
 
 ROWS = {"hf_mixtral": bench_hf, "early_exit_mlp": bench_exit}
+SMOKE_ROWS = ("early_exit_mlp",)  # the Mixtral folder's training and exports alone would pass the smoke budget
 
 
 def run_rows(ws: Workspace, sizes: Sizes, names: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
