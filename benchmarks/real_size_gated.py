@@ -269,7 +269,9 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         one, q = m["latency"], m["quality"]
         t, e = one["timings"]["fp32"], one["timings"]["edgegate"]
-        out.append(goal(f"early_exit_mlp {m['parameters'] / 1e6:.0f}M: INT8 >= {EXIT_SPEED_GOAL:g}x FP32 (batch 1, "
+        p = m["parameters"]
+        size = f"{p / 1e6:.0f}M" if p >= 1e6 else f"{p / 1e3:.0f}k"
+        out.append(goal(f"early_exit_mlp {size}: INT8 >= {EXIT_SPEED_GOAL:g}x FP32 (batch 1, "
                         "1 thread)", f">= {EXIT_SPEED_GOAL}", one["speedup_vs_fp32"],
                         one["speedup_vs_fp32"] >= EXIT_SPEED_GOAL,
                         f"fastest repeats {t['min_ms'] / e['min_ms']:.3f}x"))
