@@ -47,6 +47,8 @@ def _cpu_int8(s: dict[str, Any]) -> list[str]:
 
 
 def _real_size(s: dict[str, Any]) -> list[str]:
+    if not s["models"]:  # only gated rows were asked for (EDGEGATE_BENCH_REAL_SIZE)
+        return _real_size_gated(s.get("gated") or []) + _errors(s)
     rows = [[m["model"], r["threads"], r["batch"], r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"],
              r["speedup_vs_fp32"], r["speedup_vs_ort_static"], r["ort_static_speedup_vs_fp32"]]
             for m in s["models"] for r in m["latency"]]
@@ -183,7 +185,7 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "ternary": ("3. Ternary 2-bit linear vs FP32 MatMul", _ternary),
              "snn": ("4. SNN emulator vs snnTorch", _snn),
              "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time),
-             "real_size": ("6. Real-size models (CNNs at 224 x 224, a 71M early-exit MLP, a Hugging Face MoE folder): "
+             "real_size": ("6. Real-size models (CNNs at 224 x 224, a 72M early-exit MLP, a Hugging Face MoE folder): "
                            "edgegate INT8 vs ORT FP32 vs ORT quantize_static",
                            _real_size),
              "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
