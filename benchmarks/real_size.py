@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, ratio, time_interleaved
+from benchmarks import real_size_gated
+from benchmarks.harness import BenchmarkError, Sizes, batches, cycling, goal, ort_session, ratio, time_interleaved
 from benchmarks.workspace import Workspace
 
 MODELS = {"resnet18": "benchmarks.models:ResNet18", "mobilenet_v3_small": "benchmarks.models:MobileNetV3Small"}
@@ -48,6 +49,7 @@ SPEEDUP_GOAL = 3.0  # ResNet-18 INT8 vs FP32, batch 1, 1 thread
 OBSERVER = "minmax"  # the range estimator of quantize_static, the peer
 SPLIT_VAL = 0.15  # edgegate.data's val fraction of a user .npz: the rows the pipeline calibrates on
 THREADS = 1
+ROWS_ENV = "EDGEGATE_BENCH_REAL_SIZE"  # comma-separated rows to run (default: all)
 _MEAN, _STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
@@ -189,16 +191,33 @@ def _parameters(ckpt: Path, cls: str) -> int:
     return int(sum(p.numel() for p in load(ckpt, model_class=cls).module.parameters()))
 
 
+def selected(smoke: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(CNNs, gated rows) to run: all of them, or those named in ``EDGEGATE_BENCH_REAL_SIZE`` (comma-separated),
+    so a full-size run of one row need not pay for the others."""
+    cnns = (SMOKE if smoke else FULL)["models"]
+    gated = real_size_gated.SMOKE_ROWS if smoke else tuple(real_size_gated.ROWS)
+    names = [n.strip() for n in os.environ.get(ROWS_ENV, "").split(",") if n.strip()]
+    if not names:
+        return cnns, gated
+    unknown = sorted(set(names) - set(MODELS) - set(gated))
+    if unknown:  # a typo must not pass as a run of nothing
+        raise BenchmarkError(f"{ROWS_ENV}: unknown rows {', '.join(unknown)}; use {', '.join([*MODELS, *gated])}")
+    return tuple(n for n in names if n in MODELS), tuple(n for n in names if n in gated)
+
+
 def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
     spec = SMOKE if sizes.smoke else FULL
+    cnns, gated_names = selected(sizes.smoke)
     rows, errors = [], []
-    for name in spec["models"]:
+    for name in cnns:
         try:
             rows.append(bench_model(ws, name, sizes, spec))
         except Exception as e:  # one model failing is a result, not a crash
             errors.append({"model": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"})
-    return {"method": __doc__.split("\n\n", 1)[1].strip(), "models": rows, "errors": errors, "goals": _goals(rows),
-            "input_size": spec["size"]}
+    gated, gated_errors = real_size_gated.run_rows(ws, sizes, gated_names)
+    return {"method": __doc__.split("\n\n", 1)[1].strip() + "\n\n" + real_size_gated.__doc__.strip(),
+            "models": rows, "gated": gated, "errors": errors + gated_errors,
+            "goals": _goals(rows) + real_size_gated.goals(gated), "input_size": spec["size"]}
 
 
 def _row(m: dict[str, Any], batch: int) -> dict[str, Any] | None:

@@ -47,6 +47,8 @@ def _cpu_int8(s: dict[str, Any]) -> list[str]:
 
 
 def _real_size(s: dict[str, Any]) -> list[str]:
+    if not s["models"]:  # only gated rows were asked for (EDGEGATE_BENCH_REAL_SIZE)
+        return _real_size_gated(s.get("gated") or []) + _errors(s)
     rows = [[m["model"], r["threads"], r["batch"], r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"],
              r["speedup_vs_fp32"], r["speedup_vs_ort_static"], r["ort_static_speedup_vs_fp32"]]
             for m in s["models"] for r in m["latency"]]
@@ -64,7 +66,34 @@ def _real_size(s: dict[str, Any]) -> list[str]:
     lines += _table(["model", "params", "SQNR dB edgegate", "SQNR dB qs", "top-1 agr. edgegate", "top-1 agr. qs",
                      "export s FP32", "export s INT8", "peak RSS MiB FP32", "peak RSS MiB INT8",
                      "INT8 regions kept"], rows)
-    return lines + _errors(s)
+    return lines + _real_size_gated(s.get("gated") or []) + _errors(s)
+
+
+def _real_size_gated(gated: list[dict[str, Any]]) -> list[str]:
+    """The early-exit MLP and the Hugging Face Mixtral folder: batch 1, 1 thread, through ``edgegate export``."""
+    if not gated:
+        return []
+    rows = []
+    for m in gated:
+        r, e = m["latency"], m["export"]
+        if m["model"] == "early_exit_mlp":
+            q = m["quality"]
+            agreement = (f"exit {q['edgegate']['exit_agreement']} (qs {q['ort_static']['exit_agreement']}); "
+                         f"SQNR {q['edgegate']['sqnr_db']} (qs {q['ort_static']['sqnr_db']}) dB")
+            times = [r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"], r["speedup_vs_fp32"],
+                     r["speedup_vs_ort_static"]]
+        else:
+            q = m["quality"] or {}
+            agreement = (f"top-k set {q.get('topk_set_agreement', '–')}, top-1 expert "
+                         f"{q.get('top1_expert_agreement', '–')} ({q.get('measured_on', 'no int8 export')}); "
+                         f"{m['bound']}: no speed goal")
+            times = [r["fp32_ms"], r.get("int8_ms", "–"), "–", r["int8_speedup_vs_fp32"] or "–", "–"]
+        rows.append([m["model"], f"{m['parameters']:,}", *times, agreement,
+                     *(e.get(k, {}).get("wall_s", "–") for k in ("fp32", "int8")),
+                     *(e.get(k, {}).get("peak_rss_mib") or "–" for k in ("fp32", "int8"))])
+    return _table(["gated model", "params", "FP32 ms", "INT8 ms", "quantize_static ms", "INT8 ×FP32", "INT8 ×qs",
+                   "agreement with FP32", "export s FP32", "export s INT8", "peak RSS MiB FP32",
+                   "peak RSS MiB INT8"], rows)
 
 
 def _early_exit(s: dict[str, Any]) -> list[str]:
@@ -156,7 +185,8 @@ _SECTIONS = {"cpu_int8": ("1. CPU INT8, zoo (µs-scale, per-node-overhead bound)
              "ternary": ("3. Ternary 2-bit linear vs FP32 MatMul", _ternary),
              "snn": ("4. SNN emulator vs snnTorch", _snn),
              "export_time": ("5. Export wall time (int8, incl. calibration)", _export_time),
-             "real_size": ("6. Real-size CNNs (224 x 224): edgegate INT8 vs ORT FP32 vs ORT quantize_static",
+             "real_size": ("6. Real-size models (CNNs at 224 x 224, a 72M early-exit MLP, a Hugging Face MoE folder): "
+                           "edgegate INT8 vs ORT FP32 vs ORT quantize_static",
                            _real_size),
              "fidelity_seeds": ("7. Gate fidelity over seeds: gate-aware vs naive int8",
                                 lambda s: fidelity_seeds.render(s, _table)),

@@ -223,5 +223,12 @@ def test_real_size(smoke):
     assert decisions and all(d["kept"] in ("int8", "float") for d in decisions)
     names = {g["goal"] for g in s["goals"]}
     assert "resnet18: INT8 >= 3x FP32 (batch 1, 1 thread)" in names and any("batch 4" in n for n in names)
+    (g,) = s["gated"]  # the smoke-size early-exit MLP: exits fire on some rows, fp32 and int8 through the CLI
+    assert g["model"] == "early_exit_mlp" and 0.0 < g["test_exit_shares_fp32"][-1] < 1.0
+    r = g["latency"]
+    assert r["batch"] == 1 and all(_positive(r[k]) for k in ("fp32_ms", "edgegate_ms", "ort_static_ms"))
+    assert all(0.0 <= g["quality"][k]["exit_agreement"] <= 1.0 for k in ("edgegate", "ort_static"))
+    assert _positive(g["export"]["int8"]["wall_s"]) and "calibrate" in g["export"]["int8"]["steps_s"]
+    assert any(n.startswith("early_exit_mlp") for n in names) and "gated model" in smoke["_md"]
     e = smoke["sections"]["snn"]["energy"]
     assert e["default"]["energy_pj_per_sample"] > 0 and e["ann_energy_pj_per_sample"] > 0
