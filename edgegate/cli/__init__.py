@@ -10,9 +10,12 @@ text for people and pipes alike; see ``_common``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
+from typing import NoReturn
 
 from edgegate.cli import bench, compare, device, export, inspect, sweep, targets, zoo
 from edgegate.cli._common import (
@@ -44,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_help(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 0
+
+
+def run() -> NoReturn:
+    """The ``edgegate`` command: ``main`` and exit with its code.
+
+    An interrupted run (130) leaves the process without running the interpreter's shutdown: its cleanup
+    already ran while the interrupt unwound, and a KeyboardInterrupt that passed through code a C extension
+    ran (``PyRun_*``) leaves CPython's "unhandled interrupt" mark set, which at shutdown turns exit 130 into
+    a death by SIGINT."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,5 @@
 """``python -m edgegate.cli``: the same as the ``edgegate`` command."""
 
-import sys
+from edgegate.cli import run
 
-from edgegate.cli import main
-
-sys.exit(main())
+run()
