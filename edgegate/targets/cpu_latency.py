@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from edgegate.onnx_export.passes._graph import value_producers, value_readers
 from edgegate.onnx_export.passes.float_regions import (
     all_float,
     regions,
@@ -227,11 +228,7 @@ def _owners(model, found: list[tuple[str, list[str]]]) -> dict[str, str]:
     owner = {n: name for name, nodes in found for n in nodes}
     graph = model.graph
     inits = {t.name for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    producer, readers = value_producers(graph), value_readers(graph)
     for n in graph.node:
         if n.op_type == "QuantizeLinear" and n.input[0] in producer and producer[n.input[0]].name in owner:
             owner.setdefault(n.name, owner[producer[n.input[0]].name])

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgegate.onnx_export.passes._graph import drop_unused_initializers, graphs
+from edgegate.onnx_export.passes._graph import drop_unused_initializers, graphs, value_producers
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -60,7 +60,7 @@ def _rewire(g: onnx.GraphProto, old: str, new: str) -> None:
 
 def _merge(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> bool:
     outputs = {o.name for o in g.output}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = value_producers(g)
     changed = False
     first: dict[tuple, str] = {}
     for node in list(g.node):
