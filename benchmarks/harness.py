@@ -113,6 +113,18 @@ def ort_session(source: bytes | str, threads: int) -> Any:
     return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:
+    """SQNR of ``got`` against ``want`` in dB, rounded for the report; finite (a noise floor of 1e-30) for JSON."""
+    noise = float(np.sum((got.astype(np.float64) - want) ** 2))
+    return round(float(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30))), 2)
+
+
+def output_quality(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """A variant's outputs against the reference's: SQNR and top-1 (argmax of the last axis) agreement."""
+    return {"sqnr_db": sqnr_db(got, want), "top1_agreement": round(float(np.mean(got.argmax(-1) == want.argmax(-1))),
+                                                                    4)}
+
+
 def batches(x: np.ndarray, batch: int, count: int = 16) -> list[np.ndarray]:
     """Up to ``count`` distinct consecutive batches of ``x`` (tiled when ``x`` is short)."""
     need = batch * count

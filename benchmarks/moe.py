@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Sizes, cycling, goal, ort_session, ratio, time_interleaved
+from benchmarks.harness import Sizes, cycling, goal, ort_session, output_quality, ratio, sqnr_db, time_interleaved
 from benchmarks.workspace import Workspace
 
 BLOCK, LM = "benchmarks.models:MoEBlock", "benchmarks.models:MoELM"
@@ -109,11 +109,6 @@ def checkpoint(root: Path, name: str, cls: str, config: dict[str, Any], data: np
     save(model, path, meta={"dataset": str(npz), "seed": 0, "inputs": [
         {"name": input_name, "shape": list(data.shape[1:]), "dtype": str(data.dtype)}]})
     return path
-
-
-def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:
-    noise = float(np.sum((got.astype(np.float64) - want) ** 2))
-    return round(float(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30))), 2)
 
 
 def bare_moe(model: Any, quant: str) -> bytes:
@@ -280,8 +275,7 @@ def lm_speed(root: Path, tokens: np.ndarray, sizes: Sizes) -> tuple[dict[str, An
     quality = {}
     for k in ("int8", "ort_static"):
         got = sessions[k].run(None, {"tokens": test})[0]
-        quality[k] = {"sqnr_db": sqnr_db(got, ref), "top1_agreement": round(float(np.mean(
-            got.argmax(-1) == ref.argmax(-1))), 4)}
+        quality[k] = output_quality(got, ref)
     manifest = json.loads((root / "moe_lm-int8.edgegate" / "manifest.json").read_text())
     quality["int8"]["topk_set_agreement"] = (manifest["quant"].get("fidelity") or {}).get("summary", {}).get(
         "topk_set_agreement")

@@ -36,7 +36,17 @@ from typing import Any
 import numpy as np
 
 from benchmarks import real_size_gated
-from benchmarks.harness import BenchmarkError, Sizes, batches, cycling, goal, ort_session, ratio, time_interleaved
+from benchmarks.harness import (
+    BenchmarkError,
+    Sizes,
+    batches,
+    cycling,
+    goal,
+    ort_session,
+    output_quality,
+    ratio,
+    time_interleaved,
+)
 from benchmarks.workspace import Workspace
 
 MODELS = {"resnet18": "benchmarks.models:ResNet18", "mobilenet_v3_small": "benchmarks.models:MobileNetV3Small"}
@@ -139,11 +149,6 @@ def export_child(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
     return result
 
 
-def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:
-    noise = float(np.sum((got.astype(np.float64) - want) ** 2))
-    return round(float(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30))), 2)
-
-
 def bench_model(ws: Workspace, name: str, sizes: Sizes, spec: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.cpu_int8 import quantize_static_peer
 
@@ -165,8 +170,7 @@ def bench_model(ws: Workspace, name: str, sizes: Sizes, spec: dict[str, Any]) ->
     quality = {}
     for k in ("edgegate", "ort_static"):
         got = np.concatenate([sessions[k].run(None, {"x": b})[0] for b in batches(test, 8, len(test) // 8)])
-        quality[k] = {"sqnr_db": sqnr_db(got, ref), "top1_agreement": round(float(np.mean(
-            got.argmax(-1) == ref.argmax(-1))), 4)}
+        quality[k] = output_quality(got, ref)
     latency = []
     for batch in spec["batches"]:
         feeds = batches(test, batch, max(1, min(8, len(test) // batch)))

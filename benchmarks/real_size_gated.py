@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, ratio, time_interleaved
+from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, output_quality, ratio, time_interleaved
 from benchmarks.workspace import Workspace
 
 THREADS = 1
@@ -105,11 +105,6 @@ def export(args: list[str], out: Path, child: bool) -> dict[str, Any]:
 
 def _fidelity(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())["quant"].get("fidelity") or {}
-
-
-def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:
-    noise = float(np.sum((got.astype(np.float64) - want) ** 2))
-    return round(float(10 * np.log10(float(np.sum(want.astype(np.float64) ** 2)) / max(noise, 1e-30))), 2)
 
 
 # ------------------------------------------------------------------------------------------------ early exit
@@ -187,10 +182,8 @@ def bench_exit(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, A
     quality = {}
     for k in ("edgegate", "ort_static"):
         got, got_exit = _outputs(sessions[k], test)
-        quality[k] = {"sqnr_db": sqnr_db(got, ref), "top1_agreement": round(float(np.mean(
-            got.argmax(-1) == ref.argmax(-1))), 4),
-            "exit_agreement": None if got_exit is None or ref_exit is None else round(float(np.mean(
-                got_exit == ref_exit)), 4)}
+        quality[k] = {**output_quality(got, ref), "exit_agreement": None if got_exit is None or ref_exit is None
+                      else round(float(np.mean(got_exit == ref_exit)), 4)}
     fid = _fidelity(root / "exit_mlp-int8.edgegate")
     search = json.loads((root / "exit_mlp-int8.edgegate" / "manifest.json").read_text())["quant"].get("search") or {}
     chosen = search.get("chosen") or {}
