@@ -50,11 +50,11 @@ SPLIT_VAL = 0.15  # edgegate.data's val fraction of a user .npz: the rows the pi
 EXIT_SHARE = 0.25  # of the rows still running, the share each exit lets leave on the calibration rows
 LOGIT_STD = 2.0
 FULL = {"exit": {"in_features": 1024, "hidden": 4096, "n_classes": 10, "n_stages": 5}, "calib": 128, "test": 64,
-        "exit_int8_args": (), "child": True}
+        "exit_int8_args": (), "child": True, "plain": True}
 # Smoke: plain gate-aware int8 (--fidelity-target 0, one calibration attempt): the search's retries would take
 # most of the smoke budget on their own.
 SMOKE = {"exit": {"in_features": 32, "hidden": 64, "n_classes": 10, "n_stages": 3}, "calib": 64, "test": 32,
-         "exit_int8_args": ("--fidelity-target", "0"), "child": False}
+         "exit_int8_args": ("--fidelity-target", "0"), "child": False, "plain": False}
 HF_CALIB, HF_HELD = 256, 64  # token windows of 8; --holdout 0.2 of the 320 rows in tokens.npz
 EXIT_SPEED_GOAL = 1.0  # the int8 exit MLP no slower than its fp32 bundle at batch 1
 
@@ -171,16 +171,24 @@ def bench_exit(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, A
     root = ws.root / "real-exit_mlp"
     root.mkdir(exist_ok=True)
     ckpt, calib, test, info = exit_checkpoint(root, spec)
-    int8 = ("--observer", OBSERVER, *spec["exit_int8_args"])
-    exports = {q: export([ckpt, "--quant", q, *(int8 if q == "int8" else ())], root / f"exit_mlp-{q}.edgegate",
-                         spec["child"]) for q in ("fp32", "int8")}
+    # fp32; int8 with the defaults (the fidelity search); at full size also int8 at quantize_static's own
+    # precision (every layer u8, no search: --fidelity-target 0), which separates the kernels' speed from what
+    # the search spends on fidelity.
+    int8 = ("--quant", "int8", "--observer", OBSERVER)
+    configs = {"fp32": ("--quant", "fp32"), "int8": (*int8, *spec["exit_int8_args"])}
+    if spec["plain"]:
+        configs["int8_plain"] = (*int8, "--fidelity-target", "0")
+    exports = {q: export([ckpt, *a], root / f"exit_mlp-{q}.edgegate", spec["child"]) for q, a in configs.items()}
     fp32 = root / "exit_mlp-fp32.edgegate" / "model.onnx"
-    models = {"fp32": fp32.read_bytes(), "edgegate": (root / "exit_mlp-int8.edgegate" / "model.onnx").read_bytes()}
+    models = {"fp32": fp32.read_bytes()}
+    for q, name in (("int8", "edgegate"), ("int8_plain", "edgegate_plain")):
+        if q in exports:
+            models[name] = (root / f"exit_mlp-{q}.edgegate" / "model.onnx").read_bytes()
     models["ort_static"], pre = quantize_static_peer(str(fp32), root, "x", calib)
     sessions = {k: ort_session(v, THREADS) for k, v in models.items()}
     ref, ref_exit = _outputs(sessions["fp32"], test)
     quality = {}
-    for k in ("edgegate", "ort_static"):
+    for k in (k for k in models if k != "fp32"):
         got, got_exit = _outputs(sessions[k], test)
         quality[k] = {**output_quality(got, ref), "exit_agreement": None if got_exit is None or ref_exit is None
                       else round(float(np.mean(got_exit == ref_exit)), 4)}
@@ -199,6 +207,8 @@ def bench_exit(ws: Workspace, sizes: Sizes, spec: dict[str, Any]) -> dict[str, A
                "speedup_vs_fp32": ratio(t["fp32"], t["edgegate"]),
                "speedup_vs_ort_static": ratio(t["ort_static"], t["edgegate"]),
                "ort_static_speedup_vs_fp32": ratio(t["fp32"], t["ort_static"]),
+               **({"plain_speedup_vs_ort_static": ratio(t["ort_static"], t["edgegate_plain"]),
+                   "plain_speedup_vs_fp32": ratio(t["fp32"], t["edgegate_plain"])} if "edgegate_plain" in t else {}),
                "timings": {k: v.to_dict() for k, v in t.items()}}
     test_exits = None if ref_exit is None else [round(float(s), 4) for s in np.bincount(
         ref_exit.astype(np.int64), minlength=spec["exit"]["n_stages"]) / len(test)]
@@ -279,6 +289,13 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         one["speedup_vs_ort_static"], one["speedup_vs_ort_static"] >= 1.0,
                         f"fastest repeats {peer_t['min_ms'] / e['min_ms']:.3f}x; search chose "
                         f"{q['edgegate']['search']['means']}"))
+        if "plain_speedup_vs_ort_static" in one:
+            plain = one["timings"]["edgegate_plain"]
+            out.append(goal(f"early_exit_mlp {size}: INT8 at quantize_static's precision (--fidelity-target 0) "
+                            ">= 1.0x quantize_static (batch 1, 1 thread)", ">= 1.0",
+                            one["plain_speedup_vs_ort_static"], one["plain_speedup_vs_ort_static"] >= 1.0,
+                            f"fastest repeats {peer_t['min_ms'] / plain['min_ms']:.3f}x; exit agreement "
+                            f"{q['edgegate_plain']['exit_agreement']} vs {q['ort_static']['exit_agreement']}"))
         ours, peer = q["edgegate"]["exit_agreement"], q["ort_static"]["exit_agreement"]
         if ours is not None and peer is not None:
             out.append(goal("early_exit_mlp: exit agreement with FP32 >= quantize_static's", ">= peer",

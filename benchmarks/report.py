@@ -91,6 +91,13 @@ def _real_size_gated(gated: list[dict[str, Any]]) -> list[str]:
         rows.append([m["model"], f"{m['parameters']:,}", *times, agreement,
                      *(e.get(k, {}).get("wall_s", "–") for k in ("fp32", "int8")),
                      *(e.get(k, {}).get("peak_rss_mib") or "–" for k in ("fp32", "int8"))])
+        if "edgegate_plain_ms" in r:  # the same model at quantize_static's precision: no fidelity search
+            plain = m["quality"]["edgegate_plain"]
+            rows.append([f"{m['model']} (--fidelity-target 0)", f"{m['parameters']:,}", r["fp32_ms"],
+                         r["edgegate_plain_ms"], r["ort_static_ms"], r["plain_speedup_vs_fp32"],
+                         r["plain_speedup_vs_ort_static"],
+                         f"exit {plain['exit_agreement']}; SQNR {plain['sqnr_db']} dB",
+                         "–", e["int8_plain"]["wall_s"], "–", e["int8_plain"]["peak_rss_mib"] or "–"])
     return _table(["gated model", "params", "FP32 ms", "INT8 ms", "quantize_static ms", "INT8 ×FP32", "INT8 ×qs",
                    "agreement with FP32", "export s FP32", "export s INT8", "peak RSS MiB FP32",
                    "peak RSS MiB INT8"], rows)
