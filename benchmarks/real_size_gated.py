@@ -12,8 +12,10 @@ Runtime with one intra-op thread at batch 1, interleaved:
   leave before the last stage. The head weights are scaled so the logits have a standard deviation of 2
   (``LOGIT_STD``), which spreads the scores beyond the noise of int8. Rows: seeded Gaussian vectors, the
   checkpoint's ``.npz`` (the pipeline calibrates on its ``val`` split, ``quantize_static`` gets the same rows).
-  Timed: the fp32 bundle, the int8 bundle (``--observer minmax``, ``quantize_static``'s estimator) and
-  ``quantize_static`` of the fp32 bundle, cycling over held-out rows, so each run exits where its row does.
+  Timed: the fp32 bundle, the int8 bundle (``--observer minmax``, ``quantize_static``'s estimator) with the
+  default fidelity search, the same at ``quantize_static``'s own precision (``--fidelity-target 0``: every stage
+  u8, no layer promoted; full size only) and ``quantize_static`` of the fp32 bundle, cycling over held-out
+  rows, so each run exits where its row does.
   Quality: the exit each test row takes in each int8 model against fp32's, the int8 manifest's held-out exit
   agreement, and the logits' SQNR.
 * ``hf_mixtral``: ``edgegate.zoo.hf.trained("mixtral")`` (32k parameters, 2 MoE layers, top-2 of 4) saved with
