@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import agreement
-from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, ratio, time_interleaved
+from benchmarks.harness import Sizes, batches, crashing, cycling, goal, ort_session, ratio, time_interleaved
 from benchmarks.workspace import RESNET, Workspace
 
 log = logging.getLogger(__name__)
@@ -86,17 +86,20 @@ def bench_model(ws: Workspace, name: str, sizes: Sizes) -> dict[str, Any]:
 
     latency = []
     for threads in THREADS:
-        sessions = {k: ort_session(v, threads) for k, v in models.items()}
+        # A session that crashes ONNX Runtime (seen: quantize_static's moe graph at 2 threads) is left out of
+        # this thread count's timing and recorded, instead of ending the run.
+        crashed = crashing(models, threads, input_name, [f for b in BATCHES for f in batches(x_test, b)])
+        sessions = {k: ort_session(v, threads) for k, v in models.items() if k not in crashed}
         for batch in BATCHES:
             feeds = batches(x_test, batch)
             fns = {k: cycling(lambda f, s=s: s.run(None, {input_name: f}), feeds) for k, s in sessions.items()}
             t = time_interleaved(fns, sizes)
             latency.append({
                 "threads": threads, "batch": batch, **{f"{k}_ms": round(v.median_ms, 4) for k, v in t.items()},
-                "speedup_vs_fp32": ratio(t["fp32"], t["edgegate"]),
-                "speedup_vs_ort_static": ratio(t["ort_static"], t["edgegate"]),
-                "ort_static_speedup_vs_fp32": ratio(t["fp32"], t["ort_static"]),
-                "timings": {k: v.to_dict() for k, v in t.items()},
+                "speedup_vs_fp32": _ratio(t, "fp32", "edgegate"),
+                "speedup_vs_ort_static": _ratio(t, "ort_static", "edgegate"),
+                "ort_static_speedup_vs_fp32": _ratio(t, "fp32", "ort_static"),
+                "timings": {k: v.to_dict() for k, v in t.items()}, **({"crashed": crashed} if crashed else {}),
             })
     return {"model": name, "gated": name in GATED, "test_rows": int(len(x_test)),
             "ort_static_preprocessed": preprocessed, "quality": quality, "latency": latency,
@@ -117,19 +120,32 @@ def run(ws: Workspace, sizes: Sizes) -> dict[str, Any]:
                     "where compute dominates"}
 
 
+def _ratio(t: dict[str, Any], slow: str, fast: str) -> float | None:
+    return ratio(t[slow], t[fast]) if slow in t and fast in t else None  # None: one of them crashed
+
+
+def _range_goal(what: str, target: str, values: list[float | None], floor: float,
+                crashed: list[str]) -> dict[str, Any]:
+    """A goal over every config; a config whose peer crashed is not counted, and the note says so."""
+    got = [v for v in values if v is not None]
+    note = (f"range {min(got)}-{max(got)}" if got else "no config measured") + \
+        (f"; {', '.join(crashed)}" if crashed else "")
+    return goal(what, target, min(got) if got else None, bool(got) and min(got) >= floor, note)
+
+
 def _goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     goals = []
     for row in rows:
         name = row["model"]
+        crashed = sorted({f"{k}: {why}" for r in row["latency"] for k, why in (r.get("crashed") or {}).items()})
         speed = [r["speedup_vs_fp32"] for r in row["latency"]]
-        vs_peer = [r["speedup_vs_ort_static"] for r in row["latency"]]
-        goals.append(goal(f"{name}: >= {SPEEDUP_GOAL}x faster than FP32", f">= {SPEEDUP_GOAL} (every config)",
-                          min(speed), min(speed) >= SPEEDUP_GOAL, f"range {min(speed)}-{max(speed)}"))
-        goals.append(goal(f"{name}: no slower than quantize_static", ">= 1.0 (every config)", min(vs_peer),
-                          min(vs_peer) >= 1.0, f"range {min(vs_peer)}-{max(vs_peer)}"))
+        goals.append(_range_goal(f"{name}: >= {SPEEDUP_GOAL}x faster than FP32", f">= {SPEEDUP_GOAL} (every config)",
+                                 speed, SPEEDUP_GOAL, crashed))
+        goals.append(_range_goal(f"{name}: no slower than quantize_static", ">= 1.0 (every config)",
+                                 [r["speedup_vs_ort_static"] for r in row["latency"]], 1.0, crashed))
         big = [r["speedup_vs_fp32"] for r in row["latency"] if r["batch"] == max(BATCHES)]
-        goals.append(goal(f"{name}: INT8 bundle no slower than its FP32 bundle at batch {max(BATCHES)}",
-                          ">= 1.0 (1 and 2 threads)", min(big), min(big) >= 1.0))
+        goals.append(_range_goal(f"{name}: INT8 bundle no slower than its FP32 bundle at batch {max(BATCHES)}",
+                                 ">= 1.0 (1 and 2 threads)", big, 1.0, crashed))
         if row["gated"]:
             q_e, q_o = row["quality"]["edgegate"], row["quality"]["ort_static"]
             key = "accuracy" if "accuracy" in q_e else "top1_agreement"

@@ -14,6 +14,9 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -111,6 +114,51 @@ def ort_session(source: bytes | str, threads: int) -> Any:
     # steal the cores from the next session's call, so worker threads block instead (both sides alike).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+# Runs each model's session over the feeds and prints its name once every feed ran. A session that kills its
+# process (an ONNX Runtime segfault) prints nothing more, which names it to the parent.
+_PROBE = """
+import sys
+import numpy as np
+from benchmarks.harness import ort_session
+folder, threads, input_name, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+feeds = np.load(folder + "/feeds.npz")
+for name in names:
+    session = ort_session(folder + "/" + name + ".onnx", threads)
+    for _ in range(2):
+        for key in feeds.files:
+            session.run(None, {input_name: feeds[key]})
+    print(name, flush=True)
+"""
+
+
+def crashing(models: Mapping[str, bytes], threads: int, input_name: str, feeds: list[np.ndarray]) -> dict[str, str]:
+    """``{name: why}`` for each of ``models`` whose ONNX Runtime session, built by :func:`ort_session` with
+    ``threads``, kills its process on ``feeds``: each runs in a child first, so a crash inside ONNX Runtime is
+    a row of the results instead of the end of the benchmark."""
+    crashed: dict[str, str] = {}
+    left = list(models)
+    with tempfile.TemporaryDirectory(prefix="edgegate-probe-") as folder:
+        np.savez(os.path.join(folder, "feeds.npz"), *feeds)
+        for name, model in models.items():
+            with open(os.path.join(folder, f"{name}.onnx"), "wb") as f:
+                f.write(model)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + \
+            env.get("PYTHONPATH", "")
+        while left:
+            proc = subprocess.run([sys.executable, "-c", _PROBE, folder, str(threads), input_name, *left],
+                                  capture_output=True, text=True, env=env)
+            done = proc.stdout.split()
+            if proc.returncode == 0:
+                break
+            bad = left[len(done)]
+            why = f"signal {-proc.returncode}" if proc.returncode < 0 else \
+                (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
+            crashed[bad] = f"ONNX Runtime session died ({why}) at {threads} thread(s)"
+            left = left[len(done) + 1:]
+    return crashed
 
 
 def sqnr_db(got: np.ndarray, want: np.ndarray) -> float:

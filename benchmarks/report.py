@@ -28,11 +28,15 @@ def _errors(section: dict[str, Any]) -> list[str]:
 
 def _cpu_int8(s: dict[str, Any]) -> list[str]:
     lines = [f"_{s['note']}._", ""]
-    rows = [[m["model"], r["threads"], r["batch"], r["fp32_ms"], r["edgegate_ms"], r["ort_static_ms"],
+    # A session that crashed ONNX Runtime at that thread count was not timed (harness.crashing).
+    rows = [[m["model"], r["threads"], r["batch"],
+             *(r.get(f"{k}_ms", "crashed") for k in ("fp32", "edgegate", "ort_static")),
              r["speedup_vs_fp32"], r["speedup_vs_ort_static"], r["ort_static_speedup_vs_fp32"]]
             for m in s["models"] for r in m["latency"]]
     lines += _table(["model", "threads", "batch", "FP32 ms", "edgegate ms", "quantize_static ms",
                      "edgegate ×FP32", "edgegate ×qs", "qs ×FP32"], rows)
+    lines += list(dict.fromkeys(f"- {m['model']}: {k} not timed: {why}" for m in s["models"] for r in m["latency"]
+                                for k, why in (r.get("crashed") or {}).items()))
     rows = []
     for m in s["models"]:
         q = m["quality"]

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("onnxruntime.quantization")
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks.harness import Sizes, machine_info, time_interleaved  # noqa: E402
+from benchmarks.harness import Sizes, crashing, machine_info, time_interleaved  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,25 @@ def test_time_interleaved_counts_repeats():
     t = time_interleaved({"a": bump("a"), "b": bump("b")}, Sizes(smoke=True, repeats=5, inner=3, warmup=1), inner=3)
     assert calls == {"a": 1 + 5 * 3, "b": 1 + 5 * 3}
     assert t["a"].repeats == 5 and t["a"].inner == 3 and t["a"].min_ms <= t["a"].median_ms <= t["a"].max_ms
+
+
+def test_crashing_names_the_session_that_dies_and_probes_the_rest():
+    """A session that fails in the child is named; the sessions after it are still probed, the good ones pass."""
+    from onnx import TensorProto, helper
+
+    def model(op: str) -> bytes:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, 5])  # 4 values cannot be 3 x 5
+        nodes = [helper.make_node("Relu", ["x"], ["y"])] if op == "Relu" else [
+            helper.make_node("Reshape", ["x", "shape"], ["y"])]
+        graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [shape] if op != "Relu" else [])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+    feeds = [np.ones((1, 4), np.float32)]
+    got = crashing({"first": model("Relu"), "bad": model("Reshape"), "last": model("Relu")}, 1, "x", feeds)
+    assert list(got) == ["bad"] and "at 1 thread(s)" in got["bad"], got
+    assert crashing({"only": model("Relu")}, 2, "x", feeds) == {}
 
 
 def test_machine_info_fields():
