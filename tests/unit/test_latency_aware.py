@@ -193,3 +193,81 @@ def test_region_times_follow_ort_node_names():
     assert _fastest({1: {"decided": 2.0, "int8": 1.0, "float": 3.0}, 8: {"decided": 9.0, "int8": 8.0,
                                                                            "float": 8.5}}) == "int8"
     assert _fastest({1: {"decided": 2.0, "float": 1.9}}) == "float"
+
+
+RANGE = 40.0  # the activation range [0, RANGE] of both layers' inputs (inputs in [0, 3], Relu outputs below it)
+
+
+def _lowered_mlp(act_bits: int) -> tuple[onnx.ModelProto, list, np.ndarray]:
+    """x -> Linear "fc.0" (lowered to integer matmuls, 8- or 16-bit input) -> Relu -> Linear "fc.1" -> y."""
+    from edgegate.onnx_export.passes._graph import fresh_name, value_names
+    from edgegate.onnx_export.passes.insert_qdq import int32_bias
+    from edgegate.onnx_export.passes.integer_kernels import lower_integer
+    from edgegate.quantization.plan import LayerKind, LayerQuant
+
+    rng = np.random.default_rng(0)
+    shapes, layers, nodes, x = [(16, 32), (8, 16)], [], [], "x"
+    inits = []
+    for i, (n_out, n_in) in enumerate(shapes):
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        w_scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+        q = LayerQuant(f"fc.{i}", LayerKind.LINEAR, act_scale=RANGE / (2 ** act_bits - 1), act_zero_point=0,
+                       act_signed=False, weight_int=np.round(w / w_scale[:, None]).astype(np.int8),
+                       weight_scale=w_scale, bias=rng.standard_normal(n_out).astype(np.float32), samples=64,
+                       act_bits=act_bits)
+        layers.append(q)
+        grid = (np.float32(q.act_scale) * q.weight_scale).astype(np.float32)  # Int32Bias values, as insert_qdq
+        bias = (int32_bias(q.bias, grid).astype(np.float32) * grid).astype(np.float32)
+        inits += [numpy_helper.from_array(q.dequantized_weight(), f"w{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"h{i}"], name=f"gemm{i}", transB=1))
+        x = f"h{i}"
+        if i == 0:
+            nodes.append(helper.make_node("Relu", [x], ["r0"], name="relu0"))
+            x = "r0"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    names = set(value_names(model.graph))
+    for q, node in zip(layers, [n for n in model.graph.node if n.op_type == "Gemm"], strict=True):
+        def fresh(suffix, _q=q):
+            return fresh_name(names, f"{_q.name}.{suffix}")
+
+        def init(suffix, value, _fresh=fresh):
+            name = _fresh(suffix)
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+            return name
+        lower_integer(q, model.graph, node, fresh, init, numpy_helper.to_array(
+            next(t for t in reference.graph.initializer if t.name == node.input[2])))
+    x = rng.uniform(0, 3, (4, 32)).astype(np.float32)
+    return model, reference, x
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_integer_lowered_layers_are_regions_and_turn_float(act_bits):
+    """A Linear lowered to MatMulInteger reads no DequantizeLinear; the pass still sees it (its own region) and
+    turns it back into a float MatMul on its dequantized weights."""
+    from edgegate.onnx_export.passes.float_regions import integer_layers
+    from edgegate.targets.cpu import _session
+
+    model, reference, x = _lowered_mlp(act_bits)
+    model = with_node_names(model)
+    assert [layer.path for layer in integer_layers(model.graph)] == ["fc.0", "fc.1"]
+    found = dict(regions(model))
+    assert set(found) == {"fc.0", "fc.1"}
+    first = to_float(model, found["fc.0"])
+    ops = [n.op_type for n in first.graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("MatMulInteger") == (1 if act_bits == 8 else 2)
+    assert [layer.path for layer in integer_layers(first.graph)] == ["fc.1"]  # the other layer stays integer
+    onnx.checker.check_model(first, full_check=True)
+    floated = all_float(model)
+    assert not any(n.op_type == "MatMulInteger" for n in floated.graph.node)
+    run = {k: _session(m.SerializeToString(), CpuOptions(), k).run(None, {"x": x})[0]
+           for k, m in (("ref", reference), ("int", model), ("first", first), ("float", floated))}
+    # Float on the integer weights is the fake-quantized model without its activation rounding: exact to float
+    # rounding against the float graph on the same (dequantized) weights.
+    np.testing.assert_allclose(run["float"], run["ref"], rtol=1e-5, atol=1e-5)
+    # The integer layers round their inputs: within a few percent at 8 bits, far closer at 16.
+    tol = (0.05 if act_bits == 8 else 1e-3) * np.abs(run["ref"]).max()
+    assert 0 < np.abs(run["int"] - run["ref"]).max() < tol and np.abs(run["first"] - run["ref"]).max() < tol

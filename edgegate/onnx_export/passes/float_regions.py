@@ -11,6 +11,11 @@ Both key nodes by name: call ``with_node_names`` first.
 ``sparse_moe_switches`` / ``switch_branch_to_float``: the ``If(QMoE, int8 gather/scatter)`` nodes of sparse MoE
 blocks (``lower_moe``), which live outside the regions, and one of their branches turned to float.
 
+Linear layers that ``integer_kernels`` lowered to ``MatMulInteger`` (8-bit inputs, and A16W8's two byte
+matmuls) read no DequantizeLinear: ``integer_layers`` finds each by its weight initializer and output node,
+and they are quantized nodes too, in the region of their own module path. ``to_float`` turns such a layer
+back into ``MatMul`` + ``Add`` on its dequantized weights (its input read in float).
+
 ``to_float(model, nodes)`` guarantees that the named nodes compute in float: their integer weights and
 biases (DequantizeLinear of an initializer) become float initializers holding the dequantized values,
 and every activation QuantizeLinear -> DequantizeLinear pair whose tensor a region node produces is
@@ -24,12 +29,22 @@ and their names are unchanged; unread Q/DQ nodes and initializers are removed. T
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgegate.onnx_export.passes._graph import copied, fresh_name, value_names, value_producers, value_readers
+from edgegate.onnx_export.passes._graph import (
+    copied,
+    fresh_name,
+    replace_node,
+    value_names,
+    value_producers,
+    value_readers,
+)
 from edgegate.onnx_export.passes.insert_op_qdq import _scope
+from edgegate.onnx_export.passes.integer_kernels import lowered_names
 from edgegate.onnx_export.passes.merge_qdq import _prune
 
 MAX_REGIONS = 24
@@ -52,12 +67,58 @@ def with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+@dataclass(frozen=True)
+class IntegerLayer:
+    """A Linear layer lowered to integer matmuls: its nodes, float input and output, and initializers."""
+
+    path: str  # module path (the plan's layer name)
+    nodes: tuple[str, ...]  # node names, graph order
+    x: str
+    y: str
+    weight: str  # int8 [K, N]
+    output_scale: str  # act_scale * w_scale[N]
+    input_scale: str
+    bias: str | None
+
+
+def integer_layers(graph: onnx.GraphProto) -> list[IntegerLayer]:
+    """The main graph's ``integer_kernels`` layers, in graph order."""
+    inits = {t.name for t in graph.initializer}
+    by_name = {n.name: n for n in graph.node if n.name}
+    producer = value_producers(graph)
+    out = []
+    for node in graph.node:
+        names = None if not node.name.endswith(".output") else lowered_names(node.name[:-len(".output")])
+        if names is None or names["weight"] not in inits or names["output_scale"] not in inits:
+            continue
+        first = by_name.get(names["input_quantized"]) or by_name.get(names["a16_div"])
+        if first is None:
+            continue
+        x = first.input[0]
+        chain, todo = {node.name}, [node]
+        while todo:  # every node between x and the output: the lowering reads only x and initializers
+            for i in todo.pop().input:
+                src = producer.get(i)
+                if i != x and src is not None and src.name not in chain:
+                    chain.add(src.name)
+                    todo.append(src)
+        bias = names["bias"] if names["bias"] in inits and names["bias"] in node.input else None
+        out.append(IntegerLayer(names["path"], tuple(n.name for n in graph.node if n.name in chain), x,
+                                node.output[0], names["weight"], names["output_scale"], names["input_scale"], bias))
+    return out
+
+
 def quantized_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Main-graph compute nodes that read a DequantizeLinear output or feed a QuantizeLinear."""
+    """Main-graph compute nodes that read a DequantizeLinear output or feed a QuantizeLinear, and the nodes of
+    integer-lowered layers."""
     producer = value_producers(graph)
     readers = value_readers(graph)
+    lowered = {name for layer in integer_layers(graph) for name in layer.nodes}
     out = []
     for n in graph.node:
+        if n.name in lowered:
+            out.append(n)
+            continue
         if _is_qdq(n):
             continue
         reads_dq = any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
@@ -74,10 +135,13 @@ def regions(model: onnx.ModelProto, max_regions: int = MAX_REGIONS) -> list[tupl
     if not nodes:
         return []
     producer = value_producers(graph)
+    own = {name: layer.path for layer in integer_layers(graph) for name in layer.nodes}
     path: dict[str, str] = {}
     for n in graph.node:  # graph order: a node's feeders are resolved before it
         sc = _scope(n)
-        if sc is not None:
+        if n.name in own:  # a lowered layer's nodes carry no scope: its module path is its name
+            path[n.name] = own[n.name]
+        elif sc is not None:
             path[n.name] = sc[0]
         else:
             fed = [producer[i] for i in n.input if i in producer]
@@ -113,6 +177,9 @@ def to_float(model: onnx.ModelProto, node_names: list[str]) -> onnx.ModelProto:
     inside = set(node_names)
     names = set(value_names(graph))
     inits = {t.name: t for t in graph.initializer}
+    for layer in integer_layers(graph):
+        if inside.intersection(layer.nodes):
+            inside.update(_float_layer(graph, layer, inits, names))
     producer = value_producers(graph)
     for node in graph.node:
         if node.name not in inside:
@@ -156,6 +223,27 @@ def all_float(model: onnx.ModelProto) -> onnx.ModelProto:
         del dq.attribute[:]
     _prune(out)
     return out
+
+
+def _float_layer(graph: onnx.GraphProto, layer: IntegerLayer, inits: dict, names: set[str]) -> list[str]:
+    """Replace ``layer``'s integer nodes by ``MatMul`` (+ ``Add``) on its dequantized weights, reading its input
+    in float; the names of the new nodes."""
+    w = numpy_helper.to_array(inits[layer.weight]).astype(np.float64)  # [K, N]
+    w_scale = numpy_helper.to_array(inits[layer.output_scale]).astype(np.float64) / \
+        float(numpy_helper.to_array(inits[layer.input_scale]))
+    weight = fresh_name(names, f"{layer.path}.weight_float")
+    graph.initializer.append(numpy_helper.from_array((w * w_scale.reshape(1, -1)).astype(np.float32), weight))
+    product = fresh_name(names, f"{layer.path}.matmul_float") if layer.bias else layer.y
+    nodes = [onnx.helper.make_node("MatMul", [layer.x, weight], [product], name=fresh_name(names, product))]
+    if layer.bias:
+        nodes.append(onnx.helper.make_node("Add", [product, layer.bias], [layer.y],
+                                           name=fresh_name(names, f"{layer.path}.bias_float")))
+    by_name = {n.name: n for n in graph.node}
+    last = by_name[layer.nodes[-1]]
+    for name in layer.nodes[:-1]:
+        graph.node.remove(by_name[name])
+    replace_node(graph, last, nodes)
+    return [n.name for n in nodes]
 
 
 def _dequantized(graph: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, names: set[str]) -> str:

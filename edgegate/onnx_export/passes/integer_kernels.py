@@ -37,6 +37,14 @@ from edgegate.quantization.plan import LayerQuant
 A16_MAX = 65535
 
 
+def lowered_names(path: str) -> dict[str, str]:
+    """The names ``lower_integer`` gives layer ``path``'s nodes and initializers (``insert_qdq`` names them
+    ``PATH.SUFFIX``), by role: how ``float_regions`` finds a lowered layer again."""
+    return {"path": path, "weight": f"{path}.weight_quantized", "output_scale": f"{path}.output_scale",
+            "input_scale": f"{path}.input_scale", "bias": f"{path}.bias_rounded",
+            "input_quantized": f"{path}.input_quantized", "a16_div": f"{path}.a16_div"}
+
+
 def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
                   fresh: Callable[[str], str], init: Callable[[str, np.ndarray], str],
                   bias_on_grid: np.ndarray | None) -> None:
