@@ -186,7 +186,8 @@ class CpuTarget(TargetBase):
         if options.latency_aware and _has_qdq(model):
             from edgegate.targets.cpu_latency import keep_fast_regions  # compile only: the runtime needs no onnx
 
-            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options)
+            del data  # serialized again below, from the tuned model: not held while the trials run
+            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options, workdir)
             data = model.SerializeToString()
             _session(data, options, "the latency-tuned model")
         return Artifact(target=self.name, files={MODEL_FILE: data}, options=recorded)
