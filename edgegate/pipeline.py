@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import platform
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -203,6 +206,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out,
                                 specs)
+    release_freed_heap()
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
                             moe_form=MoEForm(target.moe_form))
@@ -211,6 +215,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         _keep(config, out, "export_onnx.onnx", proto.SerializeToString())
         proto = q.lower(proto)
         _keep(config, out, "lowered.onnx", proto.SerializeToString())
+    release_freed_heap()
     with timer.step("check"):
         problems = target.check(proto)
         if problems:
@@ -227,6 +232,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
     opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
     del proto
+    release_freed_heap()
     with timer.step("golden"):
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
@@ -271,6 +277,24 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     path = write_bundle(out, files, manifest, overwrite=config.overwrite)
     log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))
     return path
+
+
+def release_freed_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing) between steps.
+
+    A step's freed tensors and protos below glibc's mmap threshold stay in the heap, counted in the process's
+    RSS, and the next step's large buffers (mmapped) cannot reuse them: after calibration of a 59M-parameter
+    LM this held 330 MiB that no object used."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` (None on other C libraries and systems)."""
+    # The process's own symbols: the C library it runs on (musl has no malloc_trim).
+    return getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def _skip_option(config: ExportConfig) -> Any:

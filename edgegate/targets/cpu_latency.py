@@ -74,9 +74,11 @@ class _Timer:
 
         self.ort, self.options, self.threads, self.feeds, self.workdir = ort, options, threads, feeds, workdir
 
-    def save(self, name: str, model: Any) -> str:
+    def save(self, name: str, model: Any, spent: bool = False) -> str:
+        """The file of ``model``; ``spent``: the caller drops the proto after, so its tensors go to a data file
+        one at a time (the proto keeps only their locations) instead of through one bytes copy of the model."""
         path = str(Path(self.workdir) / f"{name}.onnx")
-        onnx.save_model(model, path)
+        onnx.save_model(model, path, save_as_external_data=spent, location=f"{name}.data")
         return path
 
     def session(self, path: str) -> Any:
@@ -181,7 +183,7 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
         return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
     timer = _Timer(options, threads, _feeds(inputs, static_batch), tmp)
     start = time.perf_counter()
-    int8_path, fp32_path = timer.save("int8", model), timer.save("float", all_float(model))
+    int8_path, fp32_path = timer.save("int8", model), timer.save("float", all_float(model), spent=True)
     owner = _owners(model, found)
     per_batch = {}
     for feed in timer.feeds:
@@ -202,7 +204,8 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
             slow += nodes
     # Whole-graph trial: the profile times nodes alone; boundaries between float and INT8 regions (a
     # DequantizeLinear in, a QuantizeLinear out, layout reorders) cost extra, measured here.
-    candidates = {"decided": timer.save("decided", to_float(model, slow)) if slow else int8_path, "float": fp32_path}
+    candidates = {"decided": timer.save("decided", to_float(model, slow), spent=True) if slow else int8_path,
+                  "float": fp32_path}
     if slow:
         candidates["int8"] = int8_path
     times = timer.compare({k: timer.session(v) for k, v in candidates.items()})
@@ -314,7 +317,7 @@ def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:
     current = None  # the file of ``model``
     for i, name in enumerate(sparse_moe_switches(model)):
         # One proto and two sessions at a time: the candidate lives in its file until it ships.
-        float_path = timer.save(f"moe{i}_float", switch_branch_to_float(model, name))
+        float_path = timer.save(f"moe{i}_float", switch_branch_to_float(model, name), spent=True)
         current = current or timer.save(f"moe{i}_int8", model)
         times = timer.compare({"int8": timer.session(current), "float": timer.session(float_path)})
         speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
