@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import functools
 import json
 import logging
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +38,7 @@ from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
 from edgegate.gates import find_gates
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+from edgegate.heap import release_freed_heap
 from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
@@ -277,24 +275,6 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     path = write_bundle(out, files, manifest, overwrite=config.overwrite)
     log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))
     return path
-
-
-def release_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing) between steps.
-
-    A step's freed tensors and protos below glibc's mmap threshold stay in the heap, counted in the process's
-    RSS, and the next step's large buffers (mmapped) cannot reuse them: after calibration of a 59M-parameter
-    LM this held 330 MiB that no object used."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim`` (None on other C libraries and systems)."""
-    # The process's own symbols: the C library it runs on (musl has no malloc_trim).
-    return getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 def _skip_option(config: ExportConfig) -> Any:

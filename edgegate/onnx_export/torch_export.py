@@ -30,6 +30,7 @@ from onnxscript.values import Opset
 
 from edgegate.data import Inputs
 from edgegate.errors import ExportError
+from edgegate.heap import release_freed_heap
 from edgegate.nn.early_exit import EarlyExitNet
 from edgegate.nn.moe import MoE
 from edgegate.nn.routed_experts import MoEForm
@@ -127,6 +128,7 @@ def export_onnx(
     proto.producer_name = "edgegate"
     try:
         check_proto(proto)  # through a file: one copy of the weights fewer than check_model of the proto
+        release_freed_heap()  # the checker's parsed copies of the model
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported ONNX fails onnx.checker: {str(e).splitlines()[0]}") from e
     log.debug("exported %s: %d nodes, %d functions", type(model).__name__, len(proto.graph.node),

@@ -30,6 +30,7 @@ from torch import nn
 from edgegate.data import Dataset, Inputs, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
+from edgegate.heap import release_freed_heap
 from edgegate.metrics import wilson
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET, QuantConfig
 from edgegate.quantization.fold import fold_batchnorm
@@ -126,6 +127,7 @@ def _int8(model, gate_map, options, qdq_form, x_cal, calib, held_out, specs) -> 
                          calibration=options.calibration, min_coverage=options.min_coverage,
                          fidelity_target=options.fidelity_target)
     qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
+    release_freed_heap()  # the calibration's activations, before the fidelity runs make their own
     fidelity = held_out_fidelity(model, qmodel, gate_map, calib, held_out, specs)
     record = record.with_fidelity(fidelity)
     warnings = fidelity_warnings(record.to_dict(), config.fidelity_target if config.gate_aware else 0.0)

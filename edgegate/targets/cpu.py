@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.heap import release_freed_heap
 from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, TargetBase, TensorSpec
 
 if TYPE_CHECKING:
@@ -188,7 +189,9 @@ class CpuTarget(TargetBase):
                 onnx.checker.check_model(str(path), full_check=True)  # the bytes ORT gets, serialized once
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
+            release_freed_heap()  # the checker's parsed copies of the model, before ORT makes its own
             _session(str(path), options, "the compiled model")  # ORT must accept it now, not on the device
+            release_freed_heap()
             recorded = options.to_manifest()
             if not (options.latency_aware and _has_qdq(model)):
                 return Artifact(target=self.name, files={MODEL_FILE: path.read_bytes()}, options=recorded)
