@@ -38,6 +38,7 @@ from edgegate.data import Inputs, TensorSpec, load_data, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
 from edgegate.gates import find_gates
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+from edgegate.heap import release_freed_heap
 from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
@@ -203,6 +204,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out,
                                 specs)
+    release_freed_heap()
     names_in = [s.name for s in specs]
     options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
                             moe_form=MoEForm(target.moe_form))
@@ -211,6 +213,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
         _keep(config, out, "export_onnx.onnx", proto.SerializeToString())
         proto = q.lower(proto)
         _keep(config, out, "lowered.onnx", proto.SerializeToString())
+    release_freed_heap()
     with timer.step("check"):
         problems = target.check(proto)
         if problems:
@@ -227,6 +230,7 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
     opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
     del proto
+    release_freed_heap()
     with timer.step("golden"):
         runs_here, _ = targets.can_run(target)
         with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:

@@ -14,6 +14,7 @@ not bits, since the bits of one sample move together (the interval is then conse
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,8 +30,6 @@ from edgegate.metrics import (
     decision_agreement,
     mask_hamming,
     routed_rows,
-    sqnr_db,
-    top1_agreement,
     top1_expert_agreement,
     topk_set_agreement,
     wilson,
@@ -66,14 +65,76 @@ def _decisions(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[t
             h.remove()
 
 
-def _run(model: nn.Module, x: Inputs, gate_map: GateMap,
-         batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    outs = []
-    with torch.no_grad(), _decisions(model, gate_map) as got:
+class _Outputs:
+    """What the output metrics need of both models' first outputs, batch by batch: argmax indices, SQNR
+    sums, summed cross-entropy. Holding both models' whole outputs instead costs twice their size (512 MiB
+    for a causal LM's logits of 512 x 16 tokens x 8 192 words, the peak of an int8 export)."""
+
+    def __init__(self, x: Inputs, y: torch.Tensor | None) -> None:
+        self.x, self.labels, self.y = x, y, y  # y: per-token targets once the first batch shows a causal LM
+        self.task: bool | None = None
+        self.shape: tuple[int, ...] = ()
+        self.top1: dict[str, list[torch.Tensor]] = {"float": [], "quant": []}
+        self.signal = self.noise = 0.0
+        self.loss = {"float": 0.0, "quant": 0.0}
+
+    def add(self, start: int, f: torch.Tensor, q: torch.Tensor) -> None:
+        if self.task is None:  # the first batch: the outputs' shape decides whether labels are next tokens
+            self.shape = (len(self.x), *f.shape[1:])
+            tokens = next_token_labels(self.x.map(_numpy).arrays, None if self.labels is None
+                                       else self.labels.numpy(), self.shape)
+            self.task = tokens is not None
+            if tokens is not None:
+                self.y = torch.from_numpy(tokens)
+        for name, out in (("float", f), ("quant", q)):
+            self.top1[name].append(out.argmax(-1) if out.dim() > 1 else out)
+        flat_f, flat_q = f.reshape(-1).numpy(), q.reshape(-1).numpy()
+        for i in range(0, len(flat_f), _SLICE):  # float64 sums a slice at a time, as metrics.sqnr_db
+            r, t = flat_f[i:i + _SLICE].astype(np.float64), flat_q[i:i + _SLICE].astype(np.float64)
+            self.noise += float(np.square(r - t).sum())
+            self.signal += float(np.square(r).sum())
+        if self._scored():
+            y = self.y[start:start + len(f)]
+            scored = y != UNSCORED
+            for name, out in (("float", f), ("quant", q)):
+                self.loss[name] += float(F.cross_entropy(out[scored].float(), y[scored], reduction="sum"))
+
+    def _scored(self) -> bool:
+        return self.y is not None and self.y.dim() == len(self.shape) - 1 and bool((self.y != UNSCORED).any())
+
+    def metrics(self) -> dict[str, Any]:
+        f_top, q_top = (torch.cat(v) for v in self.top1.values())
+        if len(self.shape) < 2:  # one value per sample: argmax over the whole output, as top1_agreement takes it
+            f_top, q_top = f_top.argmax(-1), q_top.argmax(-1)
+        result: dict[str, Any] = {
+            "top1_agreement": float(np.mean(f_top.numpy() == q_top.numpy())),
+            "output_sqnr_db": math.inf if self.noise == 0 else 10 * math.log10(self.signal / self.noise)
+            if self.signal else -math.inf,
+        }
+        if self.task:  # a causal LM: logits per token; labels, if any, are the token after the window
+            result["task"] = NEXT_TOKEN_TASK
+            result["scored_tokens"] = int((self.y != UNSCORED).sum())
+        if self._scored():
+            scored = self.y != UNSCORED
+            n = int(scored.sum())
+            result["accuracy"] = {k: float((top == self.y)[scored].float().mean())
+                                  for k, top in (("float", f_top), ("quant", q_top))}
+            result["loss"] = {k: v / n for k, v in self.loss.items()}
+        return result
+
+
+_SLICE = 1 << 22
+
+
+def _run(models: tuple[nn.Module, nn.Module], x: Inputs, y: torch.Tensor | None, gate_map: GateMap,
+         batch_size: int) -> tuple[_Outputs, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Both models on each batch in turn: the output metrics' sums, each model's gate decisions."""
+    acc = _Outputs(x, y)
+    with torch.no_grad(), _decisions(models[0], gate_map) as f_got, _decisions(models[1], gate_map) as q_got:
         for i in range(0, len(x), batch_size):
-            out = x[i: i + batch_size].run(model)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return torch.cat(outs), {n: torch.cat(v) for n, v in got.items() if v}
+            f, q = (x[i: i + batch_size].run(m) for m in models)
+            acc.add(i, f[0] if isinstance(f, tuple) else f, q[0] if isinstance(q, tuple) else q)
+    return acc, *({n: torch.cat(v) for n, v in got.items() if v} for got in (f_got, q_got))
 
 
 def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int | None) -> dict[str, Any]:
@@ -126,24 +187,8 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
     check_fits(float_model, x, source="evaluation data")
     gate_map = find_gates(float_model) if gate_map is None else gate_map
     bs = batch_size or len(x)
-    f_out, f_gates = _run(float_model, x, gate_map, bs)
-    q_out, q_gates = _run(quant_model, x, gate_map, bs)
-    result: dict[str, Any] = {
-        "samples": len(x),
-        "top1_agreement": top1_agreement(f_out.numpy(), q_out.numpy()),
-        "output_sqnr_db": sqnr_db(f_out.numpy(), q_out.numpy()),
-    }
-    tokens = next_token_labels(x.map(_numpy).arrays, None if y is None else y.numpy(), tuple(f_out.shape))
-    if tokens is not None:  # a causal LM: logits per token; labels, if any, are the token after the window
-        y = torch.from_numpy(tokens)
-        result["task"] = NEXT_TOKEN_TASK
-        result["scored_tokens"] = int((y != UNSCORED).sum())
-    if y is not None and y.dim() == f_out.dim() - 1 and bool((y != UNSCORED).any()):
-        scored = y != UNSCORED
-        result["accuracy"] = {"float": float((f_out.argmax(-1) == y)[scored].float().mean()),
-                              "quant": float((q_out.argmax(-1) == y)[scored].float().mean())}
-        result["loss"] = {"float": float(F.cross_entropy(f_out[scored].float(), y[scored])),
-                          "quant": float(F.cross_entropy(q_out[scored].float(), y[scored]))}
+    outputs, f_gates, q_gates = _run((float_model, quant_model), x, y, gate_map, bs)
+    result: dict[str, Any] = {"samples": len(x), **outputs.metrics()}
     gates: dict[str, Any] = {}
     for info in gate_map:
         if info.name in f_gates and info.name in q_gates:
@@ -154,7 +199,7 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
     result["gates"] = gates
     summary: dict[str, float] = {}
     # Rows behind each rate: one decision per sample, or per token for a causal LM's per-token logits.
-    decisions = int(f_out.numel() // f_out.shape[-1])
+    decisions = int(np.prod(outputs.shape[:-1]))
     intervals = {"top1_agreement": wilson(result["top1_agreement"], decisions).to_dict()}
     if "accuracy" in result:
         intervals["accuracy"] = wilson(result["accuracy"]["quant"], result.get("scored_tokens", len(x))).to_dict()

@@ -30,9 +30,11 @@ from onnxscript.values import Opset
 
 from edgegate.data import Inputs
 from edgegate.errors import ExportError
+from edgegate.heap import release_freed_heap
 from edgegate.nn.early_exit import EarlyExitNet
 from edgegate.nn.moe import MoE
 from edgegate.nn.routed_experts import MoEForm
+from edgegate.onnx_export.check import check_proto
 from edgegate.onnx_export.early_exit import CondEarlyExit
 from edgegate.onnx_export.passes import attach_functions, lower_moe, strip_debug_metadata
 from edgegate.ops.onnx_function import onnx_translation_table, register_onnx_schemas
@@ -125,7 +127,8 @@ def export_onnx(
     proto = strip_debug_metadata(attach_functions(proto, inplace=True), inplace=True)
     proto.producer_name = "edgegate"
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        check_proto(proto)  # through a file: one copy of the weights fewer than check_model of the proto
+        release_freed_heap()  # the checker's parsed copies of the model
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported ONNX fails onnx.checker: {str(e).splitlines()[0]}") from e
     log.debug("exported %s: %d nodes, %d functions", type(model).__name__, len(proto.graph.node),

@@ -30,6 +30,7 @@ from torch import nn
 from edgegate.data import Dataset, Inputs, TensorSpec
 from edgegate.errors import EdgegateError
 from edgegate.gates import GateKind, GateMap
+from edgegate.heap import release_freed_heap
 from edgegate.metrics import wilson
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET, QuantConfig
 from edgegate.quantization.fold import fold_batchnorm
@@ -37,6 +38,10 @@ from edgegate.quantization.plan import QdqForm
 from edgegate.quantization.policy import decision_layers
 from edgegate.quantization.ternary import ternarize_model
 from edgegate.schemes import QuantScheme
+
+# Rows per forward of the held-out fidelity: both models' outputs of all rows at once are the export's peak
+# on a causal LM (2 x 256 MiB of logits for 512 rows of 16 tokens over 8 192 words).
+FIDELITY_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class QuantOptions:
 class Quantized:
     export_model: nn.Module
     reference: nn.Module  # what golden outputs are compared with (fake-quant for int8)
+    # The export lowered; it may change the proto it is given (the pipeline's own, replaced by the result).
     lower: Callable[[onnx.ModelProto], onnx.ModelProto]
     record: dict[str, Any] = field(default_factory=dict)
     exact: bool = True  # ORT must match ``reference`` to float tolerance (no integer kernels involved)
@@ -64,20 +70,21 @@ def _identity(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _lower_float(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A float export: its sparse MoE blocks (cpu) lowered; nothing else changes."""
+    """A float export: its sparse MoE blocks (cpu) lowered, in place; nothing else changes."""
     # The export stage's passes import this stage's plan: loaded when the step runs.
     from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
 
-    return lower_routed_experts(proto)
+    return lower_routed_experts(proto, inplace=True)
 
 
 def _lower_int8(plan):
-    """QDQ from the plan, after the sparse MoE blocks (cpu) are lowered (``QMoE`` and int8 gather/scatter)."""
+    """QDQ from the plan, after the sparse MoE blocks (cpu) are lowered in place (``QMoE`` and int8
+    gather/scatter)."""
     # The export stage's passes import this stage's plan: loaded when the step runs (see _lower_float).
     from edgegate.onnx_export.passes.insert_qdq import insert_qdq
     from edgegate.onnx_export.passes.lower_moe import lower_routed_experts
 
-    return lambda proto: insert_qdq(lower_routed_experts(proto, plan), plan)
+    return lambda proto: insert_qdq(lower_routed_experts(proto, plan, inplace=True), plan)
 
 
 def quantize_for_export(model: nn.Module, gate_map: GateMap, options: QuantOptions, qdq_form: QdqForm,
@@ -120,10 +127,13 @@ def _int8(model, gate_map, options, qdq_form, x_cal, calib, held_out, specs) -> 
                          calibration=options.calibration, min_coverage=options.min_coverage,
                          fidelity_target=options.fidelity_target)
     qmodel, record = calibrate(model, x_cal, config, gate_map, input_spec=specs)
+    release_freed_heap()  # the calibration's activations, before the fidelity runs make their own
     fidelity = held_out_fidelity(model, qmodel, gate_map, calib, held_out, specs)
     record = record.with_fidelity(fidelity)
     warnings = fidelity_warnings(record.to_dict(), config.fidelity_target if config.gate_aware else 0.0)
-    deployed = copy.deepcopy(model).eval()
+    # The module tree copied, the parameters shared: a second copy of the weights is the size of the model
+    # (236 MB on a 59M-parameter LM). Buffers are copied: set_thresholds writes the copy's in place.
+    deployed = copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
     for path, values in record.thresholds.items():
         # The exported graph is the float model with Q/DQ added: give it the re-tuned operating point.
         deployed.get_submodule(path).set_thresholds(values["after"])
@@ -140,13 +150,14 @@ def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, ca
     from edgegate.calibration import measure_fidelity  # brevitas: int8 exports only (see _int8)
 
     part = held_out if held_out is not None else calib
-    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), None, gate_map, input_spec=specs)
+    fidelity = measure_fidelity(model, qmodel, torch_inputs(part, specs), None, gate_map, input_spec=specs,
+                                batch_size=FIDELITY_BATCH)
     fidelity["measured_on"] = "held_out" if held_out is not None else "calibration"
     fidelity["trained_rows"] = len(part.splits["train"]) if "train" in part.splits else 0
     unseen = part.split("test") if "test" in part.splits else part
     if unseen.labels is not None:
         scored = measure_fidelity(model, qmodel, torch_inputs(unseen, specs), unseen.labels, gate_map,
-                                  input_spec=specs)
+                                  input_spec=specs, batch_size=FIDELITY_BATCH)
         for key in ("accuracy", "loss"):
             fidelity[key] = {**scored[key], "samples": scored["samples"]}
         fidelity["intervals"]["accuracy"] = scored["intervals"]["accuracy"]

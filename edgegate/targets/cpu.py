@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.heap import release_freed_heap
 from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, TargetBase, TensorSpec
 
 if TYPE_CHECKING:
@@ -155,7 +157,8 @@ class CpuTarget(TargetBase):
         return issues
 
     def compile(self, model: onnx.ModelProto, options: CpuOptions | None, workdir: Path) -> Artifact:
-        """Validate `model` and package it as ``model.onnx``; the cpu target needs no scratch files."""
+        """Validate `model` and package it as ``model.onnx``; scratch files (the model for the checker, the
+        latency-aware trials) go to a temporary directory in ``workdir`` when it exists."""
         options = CpuOptions() if options is None else options
         if not isinstance(options, CpuOptions):
             raise TargetError(f"cpu compile options must be CpuOptions, not {type(options).__name__}")
@@ -176,19 +179,27 @@ class CpuTarget(TargetBase):
             shown = "; ".join(f"{i.node}: {i.message}" for i in issues[:3])
             more = f" (and {len(issues) - 3} more)" if len(issues) > 3 else ""
             raise TargetError(f"cpu cannot run {len(issues)} node(s): {shown}{more}; {issues[0].hint}")
-        data = model.SerializeToString()
-        try:
-            onnx.checker.check_model(data, full_check=True)  # the bytes ORT gets, serialized once
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
-        _session(data, options, "the compiled model")  # ORT must accept it now, not on the device
-        recorded = options.to_manifest()
-        if options.latency_aware and _has_qdq(model):
+        scratch = workdir if workdir is not None and Path(workdir).is_dir() else None
+        with tempfile.TemporaryDirectory(prefix="edgegate-cpu-", dir=scratch) as tmp:
+            # The checker and the trial session read the serialized model from a file: its bytes are not held
+            # beside their copies of the weights (export peak memory); read back when it ships as it is.
+            path = Path(tmp) / MODEL_FILE
+            path.write_bytes(model.SerializeToString())
+            try:
+                onnx.checker.check_model(str(path), full_check=True)  # the bytes ORT gets, serialized once
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                raise TargetError(f"model fails the ONNX checker: {_one_line(e)}; fix the export") from e
+            release_freed_heap()  # the checker's parsed copies of the model, before ORT makes its own
+            _session(str(path), options, "the compiled model")  # ORT must accept it now, not on the device
+            release_freed_heap()
+            recorded = options.to_manifest()
+            if not (options.latency_aware and _has_qdq(model)):
+                return Artifact(target=self.name, files={MODEL_FILE: path.read_bytes()}, options=recorded)
             from edgegate.targets.cpu_latency import keep_fast_regions  # compile only: the runtime needs no onnx
 
-            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options)
-            data = model.SerializeToString()
-            _session(data, options, "the latency-tuned model")
+            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options, tmp)
+        data = model.SerializeToString()
+        _session(data, options, "the latency-tuned model")
         return Artifact(target=self.name, files={MODEL_FILE: data}, options=recorded)
 
     def load(self, bundle_or_artifact: Bundle | Artifact | str | os.PathLike[str]) -> CpuRunner:

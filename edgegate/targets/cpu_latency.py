@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from edgegate.onnx_export.passes._graph import value_producers, value_readers
 from edgegate.onnx_export.passes.float_regions import (
@@ -62,15 +63,26 @@ MOE_BATCH = 32  # rows for the sparse MoE trial: above lower_moe's QMoE token li
 
 
 class _Timer:
-    """ONNX Runtime sessions with the bundle's options; interleaved medians of per-call wall time."""
+    """ONNX Runtime sessions with the bundle's options; interleaved medians of per-call wall time.
 
-    def __init__(self, options: Any, threads: int, feeds: list[dict[str, np.ndarray]]) -> None:
+    Each trial model goes to a file in ``workdir`` and its session loads from the path: the proto and its bytes
+    need not stay alive beside ORT's own copy of the weights (export peak memory), and a trial model that
+    ships is read back from its file."""
+
+    def __init__(self, options: Any, threads: int, feeds: list[dict[str, np.ndarray]], workdir: str) -> None:
         import onnxruntime as ort
 
-        self.ort, self.options, self.threads, self.feeds = ort, options, threads, feeds
+        self.ort, self.options, self.threads, self.feeds, self.workdir = ort, options, threads, feeds, workdir
 
-    def session(self, model_bytes: bytes) -> Any:
-        return self.ort.InferenceSession(model_bytes, sess_options=self._options(), providers=["CPUExecutionProvider"])
+    def save(self, name: str, model: Any, spent: bool = False) -> str:
+        """The file of ``model``; ``spent``: the caller drops the proto after, so its tensors go to a data file
+        one at a time (the proto keeps only their locations) instead of through one bytes copy of the model."""
+        path = str(Path(self.workdir) / f"{name}.onnx")
+        onnx.save_model(model, path, save_as_external_data=spent, location=f"{name}.data")
+        return path
+
+    def session(self, path: str) -> Any:
+        return self.ort.InferenceSession(path, sess_options=self._options(), providers=["CPUExecutionProvider"])
 
     def _options(self) -> Any:
 
@@ -107,19 +119,20 @@ class _Timer:
             out[batch] = {k: round(statistics.median(v), 5) for k, v in medians.items()}
         return out
 
-    def profile(self, models: dict[str, bytes], feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        """{name: {ORT node name: ms}}: each node's fastest time over interleaved profiled runs of the models.
+    def profile(self, models: dict[str, str], feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """{name: {ORT node name: ms}}: each node's fastest time over interleaved profiled runs of the models
+        (``models``: {name: file path}).
 
         The fastest of many runs is the time another process disturbed least: on a loaded machine a node of
         half a millisecond is preempted in some runs, never in all (medians of whole-graph times are not so
         robust when one region is a few percent of the graph)."""
         with tempfile.TemporaryDirectory() as tmp:
             sessions = {}
-            for k, data in models.items():
+            for k, path in models.items():
                 so = self._options()
                 so.enable_profiling = True
                 so.profile_file_prefix = str(Path(tmp) / k)
-                sessions[k] = self.ort.InferenceSession(data, sess_options=so, providers=["CPUExecutionProvider"])
+                sessions[k] = self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
             t0 = time.perf_counter()
             for s in sessions.values():
                 s.run(None, feed)
@@ -150,27 +163,32 @@ def _feeds(inputs: Mapping[str, np.ndarray], static_batch: int | None) -> list[d
     return out
 
 
-def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> tuple[Any, dict[str, Any]]:
-    """(model with slow INT8 regions in float, the decision record for the manifest)."""
+def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any,
+                      workdir: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """(model with slow INT8 regions in float, the decision record for the manifest); ``workdir``: where the
+    trial models are written (default: a temporary directory)."""
+    with tempfile.TemporaryDirectory(prefix="edgegate-latency-", dir=workdir) as tmp:
+        return _keep_fast_regions(model, inputs, options, tmp)
 
+
+def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tmp: str) -> tuple[Any, dict[str, Any]]:
     model = with_node_names(model)
     graph_input = model.graph.input[0]
     dims = graph_input.type.tensor_type.shape.dim
     static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     threads = options.intra_op_threads or 1
-    model, moe = _keep_fast_moe(model, _Timer(options, threads, [_feeds(inputs, static_batch or MOE_BATCH)[-1]]))
+    model, moe = _keep_fast_moe(model, _Timer(options, threads, [_feeds(inputs, static_batch or MOE_BATCH)[-1]], tmp))
     found = regions(model)
     if not found:
         return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
-    timer = _Timer(options, threads, _feeds(inputs, static_batch))
+    timer = _Timer(options, threads, _feeds(inputs, static_batch), tmp)
     start = time.perf_counter()
-    fp32 = all_float(model)
-    int8_bytes, fp32_bytes = model.SerializeToString(), fp32.SerializeToString()
+    int8_path, fp32_path = timer.save("int8", model), timer.save("float", all_float(model), spent=True)
     owner = _owners(model, found)
     per_batch = {}
     for feed in timer.feeds:
         batch = len(next(iter(feed.values())))
-        node_ms = timer.profile({"int8": int8_bytes, "float": fp32_bytes}, feed)
+        node_ms = timer.profile({"int8": int8_path, "float": fp32_path}, feed)
         per_batch[batch] = {k: _by_region(v, owner) for k, v in node_ms.items()}
     times = {name: {(b, k): r[k][0].get(name, 0.0) for b, r in per_batch.items() for k in r} for name, _ in found}
     decisions, slow = [], []
@@ -184,15 +202,15 @@ def keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any) -> 
                           "int8_ms": int8_ms, "float_ms": float_ms, "int8_speedup": speedups})
         if not keep:
             slow += nodes
-    decided = to_float(model, slow) if slow else model
     # Whole-graph trial: the profile times nodes alone; boundaries between float and INT8 regions (a
     # DequantizeLinear in, a QuantizeLinear out, layout reorders) cost extra, measured here.
-    candidates = {"decided": decided.SerializeToString(), "float": fp32_bytes}
+    candidates = {"decided": timer.save("decided", to_float(model, slow), spent=True) if slow else int8_path,
+                  "float": fp32_path}
     if slow:
-        candidates["int8"] = int8_bytes
+        candidates["int8"] = int8_path
     times = timer.compare({k: timer.session(v) for k, v in candidates.items()})
     choice = _fastest(times)
-    current = {"decided": decided, "float": fp32, "int8": model}[choice]
+    current = model if candidates[choice] == int8_path else onnx.load(candidates[choice])
     final = {k: {str(b): t[k] for b, t in times.items()} for k in candidates} | {"kept": choice}
     if choice != "decided":  # each region's ``kept`` says what ships (the golden check reads it)
         for d in decisions:
@@ -296,11 +314,12 @@ def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:
     module doc); one record per block."""
 
     decisions = []
-    current_session = None
-    for name in sparse_moe_switches(model):
-        candidate = switch_branch_to_float(model, name)
-        current_session = current_session or timer.session(model.SerializeToString())
-        times = timer.compare({"int8": current_session, "float": timer.session(candidate.SerializeToString())})
+    current = None  # the file of ``model``
+    for i, name in enumerate(sparse_moe_switches(model)):
+        # One proto and two sessions at a time: the candidate lives in its file until it ships.
+        float_path = timer.save(f"moe{i}_float", switch_branch_to_float(model, name), spent=True)
+        current = current or timer.save(f"moe{i}_int8", model)
+        times = timer.compare({"int8": timer.session(current), "float": timer.session(float_path)})
         speedups = {b: round(t["float"] / t["int8"], 4) for b, t in times.items()}
         keep = all(s >= MIN_SPEEDUP for s in speedups.values())
         decisions.append({"block": name, "qmoe_branch": "int8 (QMoE, not timed)",
@@ -309,5 +328,5 @@ def _keep_fast_moe(model, timer: _Timer) -> tuple[Any, list[dict[str, Any]]]:
                           "float_ms": {str(b): t["float"] for b, t in times.items()},
                           "int8_speedup": {str(b): s for b, s in speedups.items()}})
         if not keep:
-            model, current_session = candidate, None
+            model, current = onnx.load(float_path), float_path
     return model, decisions

@@ -91,10 +91,11 @@ class _Experts:
 
 
 def lower_routed_experts(model: onnx.ModelProto, plan: QuantPlan | None = None,
-                         qmoe_max_tokens: int = QMOE_MAX_TOKENS) -> onnx.ModelProto:
+                         qmoe_max_tokens: int = QMOE_MAX_TOKENS, inplace: bool = False) -> onnx.ModelProto:
     """The model with every ``RoutedExperts`` node lowered; ``plan`` None: a float graph (no ``QMoE``).
-    ``qmoe_max_tokens`` 0 leaves ``QMoE`` out."""
-    out = copied(model)
+    ``qmoe_max_tokens`` 0 leaves ``QMoE`` out. ``inplace``: ``model`` itself is changed and returned (the
+    export pipeline's: a copy of the float weights is the size of the model)."""
+    out = model if inplace else copied(model)
     names = names_in_use(out.graph)
     params: set[str] = set()  # the float expert parameters the lowered nodes read
     lowered = False
