@@ -2,11 +2,12 @@
 
 Per family and seed: the zoo recipe trains the model (seed 0 is the run's shared checkpoint; each model is
 trained once per run), then the int8 quantize step of ``edgegate export --target cpu --quant int8`` runs
-three times on the ``val`` split: gate-aware with the default fidelity target (the search), naive (the
-gate-unaware baseline), and plain INT8 (gate-aware, target 0: one calibration, every feeding layer 8-bit).
-Agreements are measured on every held-out row (the test split, then the train split: 1 527 digits rows,
-3 400 clusters rows; agreement compares quantized with float, so rows the model was trained on measure it
-as well), accuracy on the test split only. Per family: mean / min / max over seeds of every agreement and
+three times on the export's calibration rows (``val`` plus a seeded pick of ``train``: 897 digits rows,
+1 024 clusters rows; ``data.split_data``): gate-aware with the default fidelity target (the search), naive
+(the gate-unaware baseline), and plain INT8 (gate-aware, target 0: one calibration, every feeding layer
+8-bit). Agreements are measured on every held-out row (the test split, then the rest of train: 900 digits
+rows, 2 976 clusters rows; agreement compares quantized with float, so rows the model was trained on
+measure it as well), accuracy on the test split only. Per family: mean / min / max over seeds of every agreement and
 of the accuracy change (points, quantized - float), gate-aware and naive side by side, and whether
 gate-aware is at least as good as naive on every seed (gate metrics and accuracy).
 
