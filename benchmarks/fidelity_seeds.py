@@ -2,13 +2,17 @@
 
 Per family and seed: the zoo recipe trains the model (seed 0 is the run's shared checkpoint; each model is
 trained once per run), then the int8 quantize step of ``edgegate export --target cpu --quant int8`` runs
-three times on the ``val`` split: gate-aware with the default fidelity target (the search), naive (the
-gate-unaware baseline), and plain INT8 (gate-aware, target 0: one calibration, every feeding layer 8-bit).
-Agreements are measured on every held-out row (the test split, then the train split: 1 527 digits rows,
-3 400 clusters rows; agreement compares quantized with float, so rows the model was trained on measure it
-as well), accuracy on the test split only. Per family: mean / min / max over seeds of every agreement and
+three times on the export's calibration rows (``val`` plus a seeded pick of ``train``: 897 digits rows,
+1 024 clusters rows; ``data.split_data``): gate-aware with the default fidelity target (the search), naive
+(the gate-unaware baseline), and plain INT8 (gate-aware, target 0: one calibration, every feeding layer
+8-bit). Agreements are measured on every held-out row (the test split, then the rest of train: 900 digits
+rows, 2 976 clusters rows; agreement compares quantized with float, so rows the model was trained on
+measure it as well), accuracy on the test split only. Per family: mean / min / max over seeds of every agreement and
 of the accuracy change (points, quantized - float), gate-aware and naive side by side, and whether
-gate-aware is at least as good as naive on every seed (gate metrics and accuracy).
+gate-aware is at least as good as naive on every seed (gate metrics and accuracy). Accuracy differences of one
+or two test samples are also shown paired: per seed, the test rows each quantized model gets right that float
+gets wrong (gained) and the reverse (lost), and the exact one-sided McNemar p-value that gate-aware is less
+accurate than naive (from the test rows on which exactly one of the two is right).
 
 The cost of the fidelity: the chosen precision mix's ``model.onnx`` vs plain INT8's on ONNX Runtime
 (1 thread, batch 1, held-out rows in turn; interleaved, ``harness``); ratio = chosen / plain median ms
@@ -17,6 +21,7 @@ The cost of the fidelity: the chosen precision mix's ``model.onnx`` vs plain INT
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -49,8 +54,9 @@ def _model(ws: Workspace, name: str, seed: int, cache: dict) -> Any:
     return cache[name, seed]
 
 
-def _quantize(model: Any, name: str, *, onnx: bool = True, **options: Any) -> tuple[Any, bytes | None]:
-    """(quant record, lowered model.onnx or None) of the int8 quantize step, as ``export --target cpu`` runs it."""
+def _quantize(model: Any, name: str, *, onnx: bool = True, **options: Any) -> tuple[Any, bytes | None, Any]:
+    """(quant record, lowered model.onnx or None, whether each test row is predicted right [test rows]) of the int8
+    quantize step, as ``export --target cpu`` runs it."""
     import torch
 
     from edgegate import zoo
@@ -65,11 +71,35 @@ def _quantize(model: Any, name: str, *, onnx: bool = True, **options: Any) -> tu
     calib, held = split_data(entry.load_data())
     q = quantize_for_export(model, find_gates(model), QuantOptions(scheme="int8", **options), QdqForm.ASYMMETRIC, calib,
                             held, spec)
+    right = _right(q.reference, held.split("test"), spec.dtype)
     if not onnx:
-        return q.record, None
+        return q.record, None, right
     x = torch.from_numpy(np.ascontiguousarray(held.input()[:2].astype(spec.dtype)))
     proto = q.lower(export_onnx(q.export_model, x, spec.name, ExportOptions()))
-    return q.record, proto.SerializeToString()
+    return q.record, proto.SerializeToString(), right
+
+
+def _right(model: Any, test: Any, dtype: str) -> np.ndarray:
+    """Whether ``model`` predicts each row of ``test`` right (the first output's argmax vs the labels)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(test.input().astype(dtype))))
+    logits = out[0] if isinstance(out, tuple) else out
+    return logits.argmax(-1).numpy() == test.labels
+
+
+def _paired(right: np.ndarray, reference: np.ndarray) -> dict[str, int]:
+    """Test rows ``right`` gets right and ``reference`` wrong (gained), and the reverse (lost)."""
+    return {"gained": int((right & ~reference).sum()), "lost": int((~right & reference).sum())}
+
+
+def _mcnemar_worse(aware: np.ndarray, naive: np.ndarray) -> float:
+    """Exact one-sided McNemar p-value that gate-aware is less accurate than naive: P(X >= c), X ~ Bin(b + c, 1/2),
+    where c = test rows only naive gets right and b = rows only gate-aware gets right (1.0: no evidence)."""
+    c, b = int((naive & ~aware).sum()), int((aware & ~naive).sum())
+    n = b + c
+    return float(sum(math.comb(n, i) for i in range(c, n + 1)) / 2 ** n) if n else 1.0
 
 
 def _metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -80,12 +110,24 @@ def _metrics(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _latency(name: str, chosen: bytes, plain: bytes, sizes: Sizes) -> dict[str, Any]:
+def _held_out(name: str) -> Any:
     from edgegate import zoo
     from edgegate.data import split_data
 
+    return split_data(zoo.entry(name).load_data())[1]
+
+
+def _dtype(name: str) -> str:
+    from edgegate import zoo
+
+    return zoo.entry(name).inputs[0].dtype
+
+
+def _latency(name: str, chosen: bytes, plain: bytes, sizes: Sizes) -> dict[str, Any]:
+    from edgegate import zoo
+
     entry = zoo.entry(name)
-    held = split_data(entry.load_data())[1].input().astype(entry.inputs[0].dtype)
+    held = _held_out(name).input().astype(entry.inputs[0].dtype)
     feeds = batches(held, 1, count=64)
     runs = {}
     for label, model in (("chosen", chosen), ("plain_int8", plain)):
@@ -99,8 +141,9 @@ def _latency(name: str, chosen: bytes, plain: bytes, sizes: Sizes) -> dict[str, 
 
 def _seed_row(ws: Workspace, name: str, seed: int, sizes: Sizes, cache: dict) -> dict[str, Any]:
     model = _model(ws, name, seed, cache)
-    aware, aware_onnx = _quantize(model, name)
-    naive, _ = _quantize(model, name, onnx=False, calibration="naive")
+    aware, aware_onnx, aware_right = _quantize(model, name)
+    naive, _, naive_right = _quantize(model, name, onnx=False, calibration="naive")
+    float_right = _right(model, _held_out(name).split("test"), _dtype(name))
     search = aware["search"] or {}
     chosen = search.get("chosen") or {}
     promoted = [*chosen.get("a16_layers", []), *chosen.get("float_layers", [])]
@@ -109,9 +152,12 @@ def _seed_row(ws: Workspace, name: str, seed: int, sizes: Sizes, cache: dict) ->
            "intervals": {k: v for k, v in aware["fidelity"]["intervals"].items() if k in GATE_METRICS},
            "met": search.get("met"), "tries": len(search.get("tries", [])), "means": chosen.get("means"),
            "a16_layers": chosen.get("a16_layers", []), "float_layers": chosen.get("float_layers", []),
-           "observer": chosen.get("observer"), "warnings": aware["warnings"]}
+           "observer": chosen.get("observer"), "warnings": aware["warnings"],
+           "test_rows_vs_float": {"gate_aware": _paired(aware_right, float_right),
+                                  "naive": _paired(naive_right, float_right)},
+           "mcnemar_p_gate_aware_worse": round(_mcnemar_worse(aware_right, naive_right), 4)}
     if promoted:
-        plain, plain_onnx = _quantize(model, name, fidelity_target=0)
+        plain, plain_onnx, _ = _quantize(model, name, fidelity_target=0)
         row["plain_int8"] = _metrics(plain)
         row["latency"] = _latency(name, aware_onnx, plain_onnx, sizes)
     else:  # the search kept plain INT8: the same graph, nothing to time
@@ -158,6 +204,10 @@ def _goals(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str
     ok = min((stats[m]["gate_aware_ge_naive_seeds"] for m in compared), default=0)
     out.append(goal(f"{name}: gate-aware >= naive on every seed", f"{len(rows)} / {len(rows)} seeds", ok,
                     ok == len(rows), ", ".join(compared)))
+    worst_p = min(r["mcnemar_p_gate_aware_worse"] for r in rows)
+    out.append(goal(f"{name}: gate-aware not significantly less accurate than naive, every seed (paired)",
+                    "McNemar p >= 0.05", worst_p, worst_p >= 0.05,
+                    "exact one-sided, test rows where one of the two is right; smallest p over seeds"))
     return out
 
 
@@ -203,10 +253,15 @@ def render(s: dict[str, Any], table: Any) -> list[str]:
                          f"{st['gate_aware_ge_naive_seeds']}/{st['seeds']}"])
     lines += table(["family", "metric", "gate-aware", "naive", "plain INT8 (no search)", "gate-aware ≥ naive"],
                    rows)
+    def flips(d: dict[str, int]) -> str:
+        return f"+{d['gained']} −{d['lost']}"
+
     per_seed = [[r["family"], r["seed"], r["met"], r["tries"], r["means"], r["observer"],
                  ", ".join(r["a16_layers"]) or "–", ", ".join(r["float_layers"]) or "–", r["latency"]["ratio"],
-                 r["held_out_rows"]] for r in s["rows"]]
+                 r["held_out_rows"], flips(r["test_rows_vs_float"]["gate_aware"]),
+                 flips(r["test_rows_vs_float"]["naive"]), r["mcnemar_p_gate_aware_worse"]] for r in s["rows"]]
     lines += table(["family", "seed", "target met", "tries", "chosen means", "observer", "A16W8", "float",
-                    "latency × plain INT8", "held-out rows"], per_seed)
+                    "latency × plain INT8", "held-out rows", "test rows vs float: gate-aware", "naive",
+                    "McNemar p (gate-aware worse)"], per_seed)
     lines += [f"Median latency ratio of the chosen precision mix vs plain INT8: {s['latency_ratio_median']}.", ""]
     return lines + [f"- **error** {e['model']} {e['form']}: {e['error']}" for e in s["errors"]]

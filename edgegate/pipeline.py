@@ -34,7 +34,7 @@ import torch
 from edgegate import __version__, targets
 from edgegate.bundle_write import check_destination, write_bundle
 from edgegate.convert import class_path, convert, converters, verify
-from edgegate.data import Inputs, TensorSpec, load_data, split_data
+from edgegate.data import Inputs, TensorSpec, load_data, row_counts, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
 from edgegate.gates import find_gates
 from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
@@ -248,6 +248,8 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     quant_record = {**q.record, "calibration_data": source_data if quantized else None}
     if quantized:
         quant_record["holdout"] = config.holdout
+        # Which rows calibrated (and judged the fidelity search) and which were held out, by split of origin.
+        quant_record["data_split"] = {"calibration": row_counts(calib), "held_out": row_counts(held_out)}
     manifest = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": versions(),

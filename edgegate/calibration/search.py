@@ -75,10 +75,10 @@ class Means(StrEnum):
 
 GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming", "count_agreement")
 OBSERVERS = (Observer.MINMAX, Observer.PERCENTILE, Observer.MSE)  # by calibration time
-# Standard errors the expected agreement must clear the target by: with one, a try that met the target on the
-# calibration rows fell short on held-out rows for one MoE seed in five (0.9941 on 1 527 rows); two keep a
-# one-sided ~98% confidence that the held-out agreement reaches the target.
-SAFETY_SE = 2.0
+# Standard errors the expected agreement must clear the target by. With two, a try that cleared the target by
+# 0.00006 on 897 calibration rows (expected 0.99685 +- 0.0009) fell short on held-out rows for one MoE seed in
+# five (0.9944 on 900 rows); three keep a one-sided ~99.9% confidence that the agreement reaches the target.
+SAFETY_SE = 3.0
 MAX_CANDIDATES = 4  # feeders tried per greedy step, nearest to the failing gate first
 FEEDER_ROWS = 4  # rows of the forward that orders layers and gates
 WORDS = {"exit_agreement": "exit agreement", "topk_set_agreement": "top-k set agreement",

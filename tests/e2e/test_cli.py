@@ -103,10 +103,12 @@ def test_int8_export_records_calibration_and_fidelity(int8_export):
     assert q["scheme"] == "int8" and q["calibration_data"] == "clusters"
     assert q["config"]["calibration"] == "gate_aware" and q["config"]["gate_precision"] == "float"
     assert q["plan"]["layers"] and q["float_layers"]  # stages quantized, exit heads kept float
-    # The fidelity target holds on the 3 400 held-out rows (test + train splits), with its interval.
+    # val + 424 train rows calibrate; the target holds on the 2 976 held-out rows (test + the rest of train).
+    assert q["data_split"] == {"calibration": {"rows": 1024, "splits": {"val": 600, "train": 424}},
+                               "held_out": {"rows": 2976, "splits": {"test": 600, "train": 2376}}}
     fid = q["fidelity"]
-    assert fid["summary"]["exit_agreement"] >= 0.995 and fid["samples"] == 3400 and fid["trained_rows"] == 2800
-    assert fid["intervals"]["exit_agreement"]["rows"] == 3400 and fid["accuracy"]["samples"] == 600
+    assert fid["summary"]["exit_agreement"] >= 0.995 and fid["samples"] == 2976 and fid["trained_rows"] == 2376
+    assert fid["intervals"]["exit_agreement"]["rows"] == 2976 and fid["accuracy"]["samples"] == 600
     info = json.loads(edgegate("inspect", "int8.edgegate", "--json", cwd=trained).stdout)
     # The stages in front of the exits decide them: the search met the target by promoting them (A16W8 runs
     # as two byte-sliced integer matmuls); every try it made is recorded, the last one chosen.

@@ -122,16 +122,16 @@ def test_json_is_versioned_and_strict(ee_report):
 
 
 def test_agreements_carry_rows_and_wilson_intervals(ee_report):
-    """Measured here on the 600 test rows; recorded at export on the 3 400 held-out rows (train + test)."""
+    """Measured here on the 600 test rows; recorded at export on the 2 976 held-out rows (test + train)."""
     for r in ee_report.rows[1:]:
         for key in ("accuracy", "top1_agreement", "exit_agreement"):
             ci = r.intervals[key]
             assert ci["rows"] == 600 and ci["value"] == r.metrics[key]
             assert ci["low"] < ci["value"] <= ci["high"] <= 1 and ci["high"] - ci["low"] < 0.05
     recorded = ee_report.rows[1].recorded
-    assert recorded["samples"] == 3400 and recorded["trained_rows"] == 2800
+    assert recorded["samples"] == 2976 and recorded["trained_rows"] == 2376
     ci = recorded["intervals"]["exit_agreement"]
-    assert ci["rows"] == 3400 and ci["value"] == recorded["exit_agreement"] >= 0.995
+    assert ci["rows"] == 2976 and ci["value"] == recorded["exit_agreement"] >= 0.995
     assert ci["high"] - ci["low"] < ee_report.rows[1].intervals["exit_agreement"]["high"] - \
         ee_report.rows[1].intervals["exit_agreement"]["low"]  # more rows, a narrower interval
     assert ee_report.rows[0].intervals == {}
@@ -145,7 +145,7 @@ def test_text_and_html_reports(ee_report, tmp_path):
     ci = q.intervals["exit_agreement"]
     line = next(x for x in text.splitlines() if x.startswith("  ee-int8: measured here"))
     assert f"exit agr {ci['value']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}] on 600" in line
-    assert "recorded at export on 3400 held-out rows (2800 of them trained on): " in line
+    assert "recorded at export on 2976 held-out rows (2376 of them trained on): " in line
     page = write_html(ee_report, tmp_path / "report.html")
     assert "95% intervals (Wilson; rows counted):" in page.read_text()
     images = page_images(page)

@@ -92,8 +92,8 @@ def test_split_data_uses_a_file_in_full_or_holds_out_a_fixed_share(tmp_path):
     assert np.array_equal(again.inputs["x"], held.inputs["x"])  # the same rows on every run
     with pytest.raises(DataError, match="clusters already holds out every row it does not calibrate on"):
         split_data(load_data("clusters", ["x"]), 0.2)
-    val, held = split_data(load_data("clusters", ["x"]))
-    assert (len(val), len(held), len(held.splits["test"]), len(held.splits["train"])) == (600, 3400, 600, 2800)
+    calib, held = split_data(load_data("clusters", ["x"]))  # val + 424 train rows; the split: test_data_split.py
+    assert (len(calib), len(held), len(held.splits["test"]), len(held.splits["train"])) == (1024, 2976, 600, 2376)
     with pytest.raises(DataError, match="--holdout needs at least 2"):
         split_data(Dataset("one", {"x": np.zeros((1, 2))}, None, {}, {"kind": "npz"}), 0.5)
 
