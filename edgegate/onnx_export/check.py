@@ -14,11 +14,14 @@ from pathlib import Path
 
 import onnx
 
+from edgegate.fs import scratch_write
+
 
 def check_proto(model: onnx.ModelProto, workdir: str | Path | None = None) -> None:
     """The full check of ``model`` (no external data), through a temporary file in ``workdir`` (default: the
     system's temporary directory)."""
     with tempfile.TemporaryDirectory(prefix="edgegate-check-", dir=workdir) as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path))
+        with scratch_write(path):
+            onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path), full_check=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgegate.errors import TargetError
+from edgegate.fs import scratch_write
 from edgegate.heap import release_freed_heap
 from edgegate.targets.base import Artifact, BaseRunner, CheckIssue, TargetBase, TensorSpec
 
@@ -184,7 +185,8 @@ class CpuTarget(TargetBase):
             # The checker and the trial session read the serialized model from a file: its bytes are not held
             # beside their copies of the weights (export peak memory); read back when it ships as it is.
             path = Path(tmp) / MODEL_FILE
-            path.write_bytes(model.SerializeToString())
+            with scratch_write(path):
+                path.write_bytes(model.SerializeToString())
             try:
                 onnx.checker.check_model(str(path), full_check=True)  # the bytes ORT gets, serialized once
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgegate.fs import scratch_write
 from edgegate.onnx_export.passes._graph import value_producers, value_readers
 from edgegate.onnx_export.passes.float_regions import (
     all_float,
@@ -78,7 +79,8 @@ class _Timer:
         """The file of ``model``; ``spent``: the caller drops the proto after, so its tensors go to a data file
         one at a time (the proto keeps only their locations) instead of through one bytes copy of the model."""
         path = str(Path(self.workdir) / f"{name}.onnx")
-        onnx.save_model(model, path, save_as_external_data=spent, location=f"{name}.data")
+        with scratch_write(path):
+            onnx.save_model(model, path, save_as_external_data=spent, location=f"{name}.data")
         return path
 
     def session(self, path: str) -> Any:

@@ -37,6 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgegate.errors import ExportError
+from edgegate.fs import scratch_write
 from edgegate.onnx_export.passes._graph import (
     drop_unused_initializers,
     fresh_name,
@@ -307,7 +308,8 @@ def float_layers_after_ort(model: onnx.ModelProto) -> set[str]:
     so.add_session_config_entry("session.disable_prepacking", "1")
     with tempfile.TemporaryDirectory(prefix="edgegate-ort-") as tmp:
         so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        onnx.save_model(model, str(Path(tmp) / "model.onnx"))
+        with scratch_write(Path(tmp) / "model.onnx"):
+            onnx.save_model(model, str(Path(tmp) / "model.onnx"))
         ort.InferenceSession(str(Path(tmp) / "model.onnx"), so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(so.optimized_model_filepath)
     suffix = ".weight_dequantized"
