@@ -14,7 +14,8 @@ import re
 import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -81,47 +82,36 @@ def _suggestion(message: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+def number(what: str, ok: Callable[[Any], bool], must: str, kind: type = float) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` (``what``: "a number", "an integer"...) for which ``ok`` holds; else the
+    error "TEXT must ..." (``must``)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} {must}")
         return value
 
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a float strictly between 0 and 1 (--holdout)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a fraction between 0 and 1 (e.g. 0.2)")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+    return number("an integer", lambda v: v >= minimum, f"must be >= {minimum}", int)
+
+
+fraction = number("a number", lambda v: 0 < v < 1, "must be a fraction between 0 and 1 (e.g. 0.2)")  # --holdout
+positive_seconds = number("a number of seconds", lambda v: 0 < v < float("inf"),
+                          "must be a finite number of seconds > 0")
 
 
 def add_input_flag(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
                     help="a model input, batch first, e.g. x:1x3x224x224 or input_ids:1x128:int64 (dtype default "
                     "float32); repeat it for each input in forward's order; replaces the inputs the model records")
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
-    return value
 
 
 def add_trust_flags(sp: argparse.ArgumentParser) -> None:

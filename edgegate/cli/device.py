@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgegate.cli._common import int_at_least, positive_seconds
+from edgegate.cli._common import int_at_least, number, positive_seconds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -85,14 +85,7 @@ def _default_workdir() -> Path:
     return Path(cache) / "edgegate" / "agent"
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
-    if not 0 < value < 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text} must be a number of MiB > 0")
-    return value
+_megabytes = number("a number of MiB", lambda v: 0 < v < 1 << 20, "must be a number of MiB > 0")
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
