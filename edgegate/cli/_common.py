@@ -9,6 +9,7 @@ wrapping at the terminal width), the same on a terminal and in a pipe; a command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import re
 import sys
@@ -82,6 +83,19 @@ def _suggestion(message: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+def add_group(sub: argparse._SubParsersAction, name: str, commands: str, **kwargs: Any) -> argparse._SubParsersAction:
+    """Command ``name`` made of subcommands (``commands``: their metavar, e.g. "{list,train}"); its parser gets
+    ``kwargs`` (help, description). Alone (``edgegate zoo``) it prints its help, not "required: zoo_command"."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=lambda args: print_help(parser))
+    return parser.add_subparsers(dest=f"{name}_command", metavar=commands)
+
+
 def number(what: str, ok: Callable[[Any], bool], must: str, kind: type = float) -> Callable[[str], Any]:
     """An argparse type: a ``kind`` (``what``: "a number", "an integer"...) for which ``ok`` holds; else the
     error "TEXT must ..." (``must``)."""
@@ -121,7 +135,7 @@ def add_trust_flags(sp: argparse.ArgumentParser) -> None:
                     help="module.path:Class that rebuilds a plain state_dict or a non-edgegate checkpoint")
 
 
-class Status:
+class Status(contextlib.AbstractContextManager):
     """One live line on stderr while a command works (``export: calibrate (4/9) 3.2s``), erased at the end.
 
     Drawn only when stderr is a terminal, and never faster than `interval`: bench reports every run, and
@@ -136,9 +150,6 @@ class Status:
         self._start = time.perf_counter()
         self._last = -interval
         self._shown = False
-
-    def __enter__(self) -> Status:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.clear()
