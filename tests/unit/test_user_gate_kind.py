@@ -17,6 +17,7 @@ from edgegate.errors import EdgegateError
 from edgegate.gates import GateFamily, GateKind, GateMap, Observe, find_gates, register_family
 from edgegate.metrics import decision_agreement
 from edgegate.quantization.config import QuantConfig
+from edgegate.reports.bundle_text import fidelity_lines
 
 VOTE = "vote"  # the new kind: a name, not a GateKind member
 
@@ -61,13 +62,19 @@ def test_a_user_kind_is_found_calibrated_to_its_target_and_measured_held_out() -
     rng = np.random.default_rng(0)
     x_cal, x_test = (rng.standard_normal((n, 16)).astype(np.float32) for n in (256, 300))
 
-    qmodel, record = calibrate(model, x_cal, QuantConfig(fidelity_target=0.99, max_promoted_layers=2))
+    # A target the free means miss: the search must judge the vote's agreement and promote layers that feed it.
+    qmodel, record = calibrate(model, x_cal, QuantConfig(fidelity_target=0.999, max_promoted_layers=2))
     search = record.search
     assert search is not None and search.metrics == ("vote_agreement",)
     assert all(any(e.gate == "2" and e.metric == "vote_agreement" and e.rows == 256 for e in t.measured)
                for t in search.tries)
     chosen = search.tries[search.chosen]
-    assert chosen.passed == (chosen.margin >= 0) and (search.warning is None) == chosen.passed
+    assert [t.means for t in search.tries[:2]] == ["int8", "bias_correction"] and len(search.tries) >= 4
+    promoted = {*chosen.settings["a16_layers"], *chosen.settings["float_layers"]}
+    assert promoted and promoted <= {"0", "2.proj"}  # layers that run before the vote decides
+    assert chosen.margin > search.tries[0].margin
+    assert (search.warning is None) == chosen.passed
+    assert chosen.passed or "reaches vote agreement" in search.warning  # the kind's own words
 
     fid = measure_fidelity(model, qmodel, x_test)
     with torch.no_grad():
@@ -81,6 +88,9 @@ def test_a_user_kind_is_found_calibrated_to_its_target_and_measured_held_out() -
     assert fid["intervals"]["vote_agreement"]["rows"] == 300
     ci = gate["intervals"]["vote_agreement"]
     assert ci["low"] <= gate["vote_agreement"] <= ci["high"] and ci["rows"] == 300
+    # `inspect` (runtime side, no torch, no registry) still shows the new kind's rate, by its key
+    shown = "\n".join(fidelity_lines({"quant": {"scheme": "int8", "fidelity": fid}}))
+    assert f"vote agreement {gate['vote_agreement']:.4f}" in shown and "over 300 rows" in shown
 
 
 def test_a_metric_name_means_one_thing() -> None:
