@@ -50,7 +50,8 @@ class Decisions:
 
     ``row``: the calibration row each decision belongs to (resampled together); ``group``: errors are
     pooled within a group (an exit, a channel, a neuron); ``rows``: what the metric divides the
-    disagreeing decisions by (samples or tokens; times channels for a mask)."""
+    disagreeing decisions by (samples or tokens; times channels for a mask); ``held``: False for a decision
+    the fidelity-target search measures and reports but does not hold to the target."""
 
     gate: str
     metric: str
@@ -59,6 +60,7 @@ class Decisions:
     row: np.ndarray
     group: np.ndarray
     rows: int
+    held: bool = True
 
     def counted(self) -> float:
         """Disagreeing decisions / ``rows`` as counted (no smoothing)."""
@@ -172,12 +174,12 @@ def set_margins(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(~mask, float("inf")).amin(1) - scores.masked_fill(mask, float("-inf")).amax(1)
 
 
-def ranked(fs: torch.Tensor, qs: torch.Tensor, k: int, gate: str, metric: str) -> Decisions:
+def ranked(fs: torch.Tensor, qs: torch.Tensor, k: int, gate: str, metric: str, *, held: bool = True) -> Decisions:
     """Decisions "the float model's top-``k`` choice stays the top ``k``", one per row of ``fs`` [rows, choices]."""
     chosen = torch.topk(fs, k, dim=-1).indices
     n = len(fs)
     return Decisions(gate, metric, set_margins(fs, chosen).numpy(), set_margins(qs, chosen).numpy(),
-                     np.arange(n), np.zeros(n, dtype=np.int64), n)
+                     np.arange(n), np.zeros(n, dtype=np.int64), n, held)
 
 
 def per_feature(gate: str, fm: torch.Tensor, qm: torch.Tensor, metric: str = "mask_hamming") -> Decisions:
@@ -212,9 +214,12 @@ def _router_scores(module: nn.Module, keep: Callable[[torch.Tensor], None]) -> l
 
 
 def _router_pair(info: GateInfo, fs: torch.Tensor, qs: torch.Tensor) -> list[Decisions]:
+    # A router decides its top-k set: which experts compute. Which expert of the set ranks first changes no expert's
+    # work (for k >= 2 only which of two near-equal weights is larger; for k = 1 the set is the top-1), so top-1
+    # expert agreement is measured and reported but held only by a router without a set (one computing every expert).
     k = int(info.details.get("k", 1))
     sets = [ranked(fs, qs, k, info.name, "topk_set_agreement")] if k < fs.shape[-1] else []
-    return [*sets, ranked(fs, qs, 1, info.name, "top1_expert_agreement")]
+    return [*sets, ranked(fs, qs, 1, info.name, "top1_expert_agreement", held=not sets)]
 
 
 register_measure(GateMeasure(

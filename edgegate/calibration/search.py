@@ -148,12 +148,8 @@ class _Search:
         soft = any(getattr(measure_of(g.kind), "soft", False) for g in gate_map) and "top1_agreement" in available
         held = (m.name for m in gate_metrics() if m.name in available)
         self.metrics = tuple(held) or (("top1_agreement",) if soft else ())
-        # A router decides its top-k set: which experts compute. Which expert of the set ranks first changes no
-        # expert's work (for k >= 2 only which of two near-equal weights is larger; for k = 1 the set is the
-        # top-1), so top-1 expert agreement is measured and reported but held only by a router without a set.
-        sets = {d.gate for d in decisions if d.metric == "topk_set_agreement"}
-        self.held = frozenset((d.gate, d.metric) for d in decisions if d.metric in self.metrics
-                              and not (d.metric == "top1_expert_agreement" and d.gate in sets))
+        # What a kind measures but does not hold (a router's top-1 expert when it has a top-k set) says so itself.
+        self.held = frozenset((d.gate, d.metric) for d in decisions if d.metric in self.metrics and d.held)
         self.metrics = tuple(m for m in self.metrics if any(held == m for _, held in self.held))
 
     def attempt(self, means: Means, config: QuantConfig, observed: Observed | None = None) -> Try:
