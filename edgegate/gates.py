@@ -207,7 +207,8 @@ def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers
         kind = GateKind(kind)
     except ValueError:
         raise EdgegateError(f"register: unknown gate kind {kind!r}; use one of "
-                            f"{', '.join(k.value for k in GateKind)}") from None
+                            f"{', '.join(k.value for k in GateKind)}, or declare a kind of your own with "
+                            "register_family and edgegate.calibration.kinds.register_measure") from None
     _ensure_builtins()
     known = family_of_class(cls)
     if known is not None and known.kind != kind:
