@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -32,6 +32,9 @@ from edgegate.errors import EdgegateError
 
 
 class GateKind(StrEnum):
+    """The built-in gate kinds. A kind is a name: a user's kind is any other string given to
+    :func:`register_family`, measured once ``edgegate.calibration.kinds.register_measure`` declares how."""
+
     SIGMOID = "sigmoid"  # soft multiplicative gate (gated attention, gated shared expert)
     THRESHOLD = "threshold"  # per-neuron hard threshold (TauGate)
     CHANNEL = "channel"  # predicted channel mask (dynamic pruning)
@@ -80,11 +83,19 @@ def _own_decision_layers(module: Any, info: GateInfo, model: Any) -> Iterable[tu
     return [(layer, f"decision layer of {info.module}") for layer in own()] if callable(own) else []
 
 
+def kind_of(name: GateKind | str) -> GateKind | str:
+    """A built-in kind as its GateKind member, a user's kind as its name."""
+    try:
+        return GateKind(name)
+    except ValueError:
+        return str(name)
+
+
 @dataclass(frozen=True)
 class GateFamily:
     """How edgegate treats the modules of one class (and its subclasses)."""
 
-    kind: GateKind
+    kind: GateKind | str  # a user's kind by name (GateKind holds the built-in ones)
     observe: Observe
     details: Callable[[Any], dict[str, Any]] = _no_details
     decision_layers: DecisionLayers = _own_decision_layers
@@ -97,7 +108,7 @@ class GateInfo:
     """One gating module: ``name`` is its path in the model (``""`` for the model itself)."""
 
     name: str
-    kind: GateKind
+    kind: GateKind | str
     module: str  # class name
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -125,11 +136,11 @@ class GateMap:
         raise KeyError(name)
 
     def by_kind(self, kind: GateKind | str) -> tuple[GateInfo, ...]:
-        kind = GateKind(kind)
+        kind = kind_of(kind)
         return tuple(g for g in self.gates if g.kind == kind)
 
     @property
-    def kinds(self) -> tuple[GateKind, ...]:
+    def kinds(self) -> tuple[GateKind | str, ...]:
         return tuple(dict.fromkeys(g.kind for g in self.gates))
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +148,7 @@ class GateMap:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GateMap:
-        return cls(tuple(GateInfo(g["name"], GateKind(g["kind"]), g["module"], dict(g.get("details", {})))
+        return cls(tuple(GateInfo(g["name"], kind_of(g["kind"]), g["module"], dict(g.get("details", {})))
                          for g in d.get("gates", [])))
 
 
@@ -170,6 +181,9 @@ _PROTOCOL_OF = {
 def register_family(cls: type, family: GateFamily) -> type:
     """Declare how edgegate treats ``cls`` (and subclasses). Re-declaring a class with another kind is an
     error; the same kind replaces the declaration (a module reloaded, a user adding decision layers)."""
+    if not str(family.kind):
+        raise EdgegateError(f"register_family: {cls.__qualname__} needs a gate kind (a GateKind or a name)")
+    family = replace(family, kind=kind_of(family.kind))
     known = _FAMILIES.get(cls)
     if known is not None and known.kind != family.kind:
         raise EdgegateError(f"register: {cls.__qualname__} is already registered as a {known.kind} gate; "
@@ -193,7 +207,8 @@ def register(cls: type, kind: GateKind | str, *, decision_layers: DecisionLayers
         kind = GateKind(kind)
     except ValueError:
         raise EdgegateError(f"register: unknown gate kind {kind!r}; use one of "
-                            f"{', '.join(k.value for k in GateKind)}") from None
+                            f"{', '.join(k.value for k in GateKind)}, or declare a kind of your own with "
+                            "register_family and edgegate.calibration.kinds.register_measure") from None
     _ensure_builtins()
     known = family_of_class(cls)
     if known is not None and known.kind != kind:
@@ -229,7 +244,7 @@ def family_of(module: Any) -> GateFamily | None:
     return family_of_class(type(module))
 
 
-def registered_kind(module: Any) -> GateKind | None:
+def registered_kind(module: Any) -> GateKind | str | None:
     family = family_of(module)
     return None if family is None else family.kind
 

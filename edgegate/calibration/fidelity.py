@@ -24,45 +24,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgegate.calibration.inputs import Specs, as_inputs, as_labels, check_fits
+from edgegate.calibration.kinds import gate_metrics, higher_is_better, measure_of, removing
 from edgegate.data import NEXT_TOKEN_TASK, UNSCORED, Inputs, next_token_labels
-from edgegate.gates import GateKind, GateMap, find_gates
-from edgegate.metrics import (
-    decision_agreement,
-    mask_hamming,
-    routed_rows,
-    top1_expert_agreement,
-    topk_set_agreement,
-    wilson,
-)
+from edgegate.gates import GateInfo, GateMap, find_gates
+from edgegate.metrics import wilson
 
-# Metric -> True when higher is better (for comparisons such as gate-aware vs naive calibration).
-HIGHER_IS_BETTER = {
-    "accuracy": True, "loss": False, "top1_agreement": True, "output_sqnr_db": True,
-    "exit_agreement": True, "topk_set_agreement": True, "top1_expert_agreement": True,
-    "mask_hamming": False, "gate_mae": False, "count_agreement": True,
-}
+# Metric -> True when higher is better (for comparisons such as gate-aware vs naive calibration): the output
+# metrics, then each built-in gate kind's (``calibration.kinds``; ``kinds.higher_is_better()`` adds user kinds').
+HIGHER_IS_BETTER = higher_is_better()
 _WORST = {True: min, False: max}
-INTERVAL_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming",
-                    "count_agreement")
-_OBSERVED = (GateKind.EXIT, GateKind.ROUTER, GateKind.CHANNEL, GateKind.THRESHOLD, GateKind.SIGMOID,
-             GateKind.LEARNERS)
+# Gate metrics that are rates over rows, reported with a Wilson interval (built-in kinds).
+INTERVAL_METRICS = tuple(m.name for m in gate_metrics() if m.interval)
 
 
 @contextlib.contextmanager
 def _decisions(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Collect each gate's ``last_decision`` after each of its forwards (works across batches)."""
-    got: dict[str, list[torch.Tensor]] = {g.name: [] for g in gate_map if g.kind in _OBSERVED}
-    handles = []
-    for name in got:
-        def hook(module: nn.Module, args: tuple, out: object, _name: str = name) -> None:
-            if getattr(module, "last_decision", None) is not None:
-                got[_name].append(module.last_decision)
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
+    """Collect each observed gate's ``last_decision`` after each of its forwards (works across batches)."""
+    got: dict[str, list[torch.Tensor]] = {g.name: [] for g in gate_map if measure_of(g.kind) is not None}
+
+    def keep(module: nn.Module, name: str) -> None:
+        if getattr(module, "last_decision", None) is not None:
+            got[name].append(module.last_decision)
+
+    with removing() as handles:
+        handles += [model.get_submodule(n).register_forward_hook(lambda m, a, o, _n=n: keep(m, _n)) for n in got]
         yield got
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class _Outputs:
@@ -137,31 +123,15 @@ def _run(models: tuple[nn.Module, nn.Module], x: Inputs, y: torch.Tensor | None,
     return acc, *({n: torch.cat(v) for n, v in got.items() if v} for got in (f_got, q_got))
 
 
-def _gate_metrics(kind: GateKind, f: torch.Tensor, q: torch.Tensor, n_exits: int | None) -> dict[str, Any]:
+def _gate_metrics(info: GateInfo, f: torch.Tensor, q: torch.Tensor) -> dict[str, Any]:
     if f.shape != q.shape:  # e.g. a router inside a compacted stage: rows differ, nothing to align
-        return {"kind": str(kind), "aligned": False}
-    if kind == GateKind.EXIT:
-        n = n_exits or int(max(f.max(), q.max())) + 1
-        frac = {name: [float(v) for v in torch.bincount(t, minlength=n).float() / len(t)]
-                for name, t in (("float", f), ("quant", q))}
-        out = {"kind": str(kind), "exit_agreement": decision_agreement(f.numpy(), q.numpy()), "exit_fractions": frac}
-    elif kind == GateKind.ROUTER:
-        out = {"kind": str(kind), "topk_set_agreement": topk_set_agreement(f.numpy(), q.numpy()),
-               "top1_expert_agreement": top1_expert_agreement(f.numpy(), q.numpy())}
-    elif kind == GateKind.LEARNERS:  # ACM: how many learners each token runs
-        out = {"kind": str(kind), "count_agreement": decision_agreement(f.numpy(), q.numpy()),
-               "mean_count": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
-    elif kind == GateKind.SIGMOID:
-        return {"kind": str(kind), "gate_mae": float((f.float() - q.float()).abs().mean()), "rows": len(f)}
-    else:
-        out = {"kind": str(kind), "mask_hamming": mask_hamming(f.numpy(), q.numpy()),
-               "open_fraction": {"float": float(f.float().mean()), "quant": float(q.float().mean())}}
-    # Decisions per row: one exit per sample, one route per token (leading dims), one learner count per token,
-    # a mask per sample.
-    rows = routed_rows(f.numpy()) if kind == GateKind.ROUTER else int(f.numel()) if kind == GateKind.LEARNERS \
-        else len(f)
-    out["rows"] = rows
-    out["intervals"] = {m: wilson(out[m], rows).to_dict() for m in INTERVAL_METRICS if m in out}
+        return {"kind": str(info.kind), "aligned": False}
+    spec = measure_of(info.kind)
+    assert spec is not None  # only observed gates record decisions (_run)
+    out = {"kind": str(info.kind), **spec.measure(f, q, info), "rows": spec.rows(f)}
+    rates = [m.name for m in spec.metrics if m.interval]
+    if rates:
+        out["intervals"] = {m: wilson(out[m], out["rows"]).to_dict() for m in rates if m in out}
     return out
 
 
@@ -192,9 +162,8 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
     gates: dict[str, Any] = {}
     for info in gate_map:
         if info.name in f_gates and info.name in q_gates:
-            gates[info.name] = _gate_metrics(info.kind, f_gates[info.name], q_gates[info.name],
-                                             info.details.get("n_exits"))
-        elif info.kind in _OBSERVED:  # a gate that records no decision is listed as unmeasured, not skipped
+            gates[info.name] = _gate_metrics(info, f_gates[info.name], q_gates[info.name])
+        elif measure_of(info.kind) is not None:  # a gate that records no decision is listed as unmeasured, not skipped
             gates[info.name] = {"kind": str(info.kind), "observed": False}
     result["gates"] = gates
     summary: dict[str, float] = {}
@@ -203,12 +172,13 @@ def measure_fidelity(float_model: nn.Module, quant_model: nn.Module, data: Any,
     intervals = {"top1_agreement": wilson(result["top1_agreement"], decisions).to_dict()}
     if "accuracy" in result:
         intervals["accuracy"] = wilson(result["accuracy"]["quant"], result.get("scored_tokens", len(x))).to_dict()
-    for metric, higher in HIGHER_IS_BETTER.items():
-        values = [g for g in gates.values() if metric in g]
+    for m in gate_metrics():
+        values = [g for g in gates.values() if m.name in g]
         if values:
-            worst = _WORST[higher](values, key=lambda g: g[metric])
+            metric = m.name
+            worst = _WORST[m.higher_is_better](values, key=lambda g: g[metric])
             summary[metric] = worst[metric]
-            if metric in INTERVAL_METRICS:
+            if m.interval:
                 intervals[metric] = worst["intervals"][metric]
     result["summary"] = summary
     result["intervals"] = intervals
@@ -228,4 +198,5 @@ def comparable_metrics(fidelity: dict[str, Any]) -> dict[str, float]:
 def at_least_as_good(a: dict[str, Any], b: dict[str, Any]) -> dict[str, bool]:
     """Per metric: is fidelity result ``a`` at least as good as ``b``?"""
     ma, mb = comparable_metrics(a), comparable_metrics(b)
-    return {k: (ma[k] >= mb[k]) if HIGHER_IS_BETTER[k] else (ma[k] <= mb[k]) for k in ma if k in mb}
+    higher = higher_is_better()
+    return {k: (ma[k] >= mb[k]) if higher[k] else (ma[k] <= mb[k]) for k in ma if k in mb}

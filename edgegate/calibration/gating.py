@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgegate.calibration.probe import GatedParts, Probe, exit_score
+from edgegate.calibration.probe import GatedParts, Probe, exit_scores
 from edgegate.calibration.record import Augmentation
 from edgegate.data import Inputs
 
@@ -137,12 +137,9 @@ def augment_exits(model: nn.Module, x: Inputs, parts: GatedParts,
     records: list[Augmentation] = []
     depth = max((net.n_exits for net in parts.exits.values()), default=1)
     for k in range(depth - 1):
-        with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_heads=True) as probe:
-            x.run(model)
-        for path, net in parts.exits.items():
-            if k >= net.n_exits - 1:
-                continue
-            scores = exit_score(net, k, probe.heads(path, k)).cpu().numpy()
+        with exit_thresholds(parts, thresholds):
+            scored = exit_scores(model, x, parts, k)
+        for path, scores in scored.items():
             need = min(min_coverage, len(scores))
             going_on = int((scores < thresholds[path][k]).sum())
             if going_on >= need:
@@ -180,14 +177,22 @@ def _rows_per_slot(indices: torch.Tensor, moe: nn.Module) -> dict[int, int]:
     return rows
 
 
+def _probed(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: dict[str, list[float]],
+            **keep: bool) -> Probe:
+    """A probe of one forward of ``x`` under the calibration gating (exit ``thresholds``), keeping what ``keep``
+    asks for (``Probe``'s ``keep_*`` flags)."""
+    with exit_thresholds(parts, thresholds), Probe(model, [], parts, **keep) as probe:
+        x.run(model)
+    return probe
+
+
 def augment_routing(model: nn.Module, x: Inputs, parts: GatedParts, thresholds: dict[str, list[float]],
                     quantized: set[str], min_coverage: int) -> tuple[dict[str, int], list[Augmentation]]:
     """Smallest k' >= k (up to every slot) giving each quantized expert ``min(min_coverage, tokens)``
     tokens, per router, under the (already exit-augmented) calibration gating."""
     if not parts.routers:
         return {}, []
-    with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_router_inputs=True) as probe:
-        x.run(model)
+    probe = _probed(model, x, parts, thresholds, keep_router_inputs=True)
     k_wide: dict[str, int] = {}
     records: list[Augmentation] = []
     for path, router in parts.routers.items():
@@ -220,10 +225,8 @@ def augment_learners(model: nn.Module, x: Inputs, parts: GatedParts, thresholds:
     (the population most like the one it serves), under the (already exit-augmented) calibration gating."""
     if not parts.acms:
         return {}, []
-    with exit_thresholds(parts, thresholds), Probe(model, [], parts, keep_acm_counts=True) as probe:
-        x.run(model)
-    extra: dict[str, int] = {}
-    records: list[Augmentation] = []
+    probe = _probed(model, x, parts, thresholds, keep_acm_counts=True)
+    extra, records = {}, []  # widening per ACM path, what was widened
     for path, acm in parts.acms.items():
         prefix = f"{path}." if path else ""
         used = [i for i in range(acm.n_learners) if any(p.startswith(f"{prefix}learners.{i}.") for p in quantized)]

@@ -20,52 +20,23 @@ the count on the calibration rows does. Its standard error comes from resampling
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgegate import nn as enn
 from edgegate.calibration.gating import exit_thresholds
+from edgegate.calibration.kinds import OUTPUT, Decisions, measure_of, metric, ranked, removing
 from edgegate.calibration.probe import GatedParts, Probe, exit_score
 from edgegate.calibration.record import Estimate
 from edgegate.data import Inputs
-from edgegate.gates import GateKind, GateMap
+from edgegate.gates import GateMap
 
 BOOTSTRAP = 200  # row resamples for the standard error
 BOOTSTRAP_SEED = 0
 _CLIP = 1e-7  # exit scores are compared in logit space; clip so a saturated softmax stays finite
-
-OUTPUT = "(output)"  # the "gate" of top-1 agreement: the model's class prediction
-# Metrics that count disagreeing decisions per row (``agreement = 1 - disagreement``), and the one that
-# is a disagreement itself (mask Hamming distance).
-AGREEMENTS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "top1_agreement", "count_agreement")
-DISAGREEMENTS = ("mask_hamming",)
-
-
-@dataclass(frozen=True)
-class Decisions:
-    """Aligned binary decisions of one gate metric: decision = ``margin >= 0``, float and quantized.
-
-    ``row``: the calibration row each decision belongs to (resampled together); ``group``: errors are
-    pooled within a group (an exit, a channel, a neuron); ``rows``: what the metric divides the
-    disagreeing decisions by (samples or tokens; times channels for a mask)."""
-
-    gate: str
-    metric: str
-    float_margin: np.ndarray
-    quant_margin: np.ndarray
-    row: np.ndarray
-    group: np.ndarray
-    rows: int
-
-    def counted(self) -> float:
-        """Disagreeing decisions / ``rows`` as counted (no smoothing)."""
-        flips = (self.float_margin >= 0) != (self.quant_margin >= 0)
-        return float(flips.sum() / max(self.rows, 1))
-
 
 # ------------------------------------------------------------------------------------------ estimator
 
@@ -107,7 +78,7 @@ def estimate(d: Decisions) -> Estimate:
     counts = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=BOOTSTRAP).astype(np.float64)
     se = float(np.std(expected_disagreement(d, counts), ddof=1)) if n_rows > 1 else 1.0
     counted = d.counted()
-    if d.metric in DISAGREEMENTS:
+    if not metric(d.metric).higher_is_better:  # a disagreement itself (mask Hamming distance)
         return Estimate(d.gate, d.metric, counted, point, se, d.rows)
     return Estimate(d.gate, d.metric, 1.0 - counted, 1.0 - point, se, d.rows)
 
@@ -176,60 +147,21 @@ def _exit_decisions(path: str, f: Capture, q: Capture) -> Decisions | None:
                      np.concatenate(group), rows)
 
 
-def _set_margins(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Worst chosen score minus best other score, per row: >= 0 iff ``chosen`` is still the top set."""
-    mask = torch.zeros_like(scores, dtype=torch.bool).scatter(1, chosen, True)
-    return scores.masked_fill(~mask, float("inf")).amin(1) - scores.masked_fill(mask, float("-inf")).amax(1)
-
-
-def _ranked(fs: torch.Tensor, qs: torch.Tensor, k: int, gate: str, metric: str) -> Decisions:
-    chosen = torch.topk(fs, k, dim=-1).indices
-    n = len(fs)
-    return Decisions(gate, metric, _set_margins(fs, chosen).numpy(), _set_margins(qs, chosen).numpy(),
-                     np.arange(n), np.zeros(n, dtype=np.int64), n)
-
-
-def _per_feature(gate: str, fm: torch.Tensor, qm: torch.Tensor) -> Decisions:
-    """Mask decisions [rows, features] (leading dims flattened to rows); errors pooled per feature."""
-    width = fm.shape[-1]
-    fm, qm = fm.reshape(-1, width).double(), qm.reshape(-1, width).double()
-    n = len(fm)
-    return Decisions(gate, "mask_hamming", fm.flatten().numpy(), qm.flatten().numpy(),
-                     np.repeat(np.arange(n), width), np.tile(np.arange(width), n), n * width)
-
-
 @contextlib.contextmanager
 def _captured(model: nn.Module, gate_map: GateMap) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Hooks keeping each gate's decision scores: router scores, ACM gate logits, channel-mask logits,
-    threshold margins."""
+    """Each gate's decision scores, kept by the hooks its kind's measure installs (``kinds.GateMeasure.capture``):
+    router scores, ACM gate logits, channel-mask logits, threshold margins..."""
     got: dict[str, list[torch.Tensor]] = {}
-    handles = []
 
-    def keep(name: str, value: torch.Tensor) -> None:
-        got.setdefault(name, []).append(value.detach())
+    def keeper(name: str) -> Callable[[torch.Tensor], None]:
+        return lambda value: got.setdefault(name, []).append(value.detach())
 
-    for info in gate_map:
-        module = model.get_submodule(info.name)
-        if isinstance(module, enn.TopKRouter):
-            def on_router(m: nn.Module, args: tuple, out: torch.Tensor, _r: nn.Module = module,
-                          _n: str = info.name) -> None:
-                scores = getattr(_r, "choice_scores", None)  # what top-k ranks (softmax is monotone)
-                keep(_n, (scores(out) if callable(scores) else out).float())
-            handles.append(module.proj.register_forward_hook(on_router))
-        elif isinstance(module, enn.ACM):
-            handles.append(module.gate.register_forward_hook(
-                lambda m, args, out, _n=info.name: keep(_n, out.reshape(-1, out.shape[-1]).float())))
-        elif isinstance(module, enn.ChannelGate):
-            handles.append(module.predictor.register_forward_hook(
-                lambda m, args, out, _n=info.name: keep(_n, out.float())))
-        elif isinstance(module, enn.ThresholdGate):
-            handles.append(module.register_forward_pre_hook(
-                lambda m, args, _n=info.name: keep(_n, (args[0] - m.tau).float())))
-    try:
+    with removing() as handles:
+        for info in gate_map:
+            spec = measure_of(info.kind)
+            if spec is not None and spec.capture is not None:
+                handles += spec.capture(model.get_submodule(info.name), keeper(info.name))
         yield got
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def pair(f: Capture, q: Capture, gate_map: GateMap, *, top1: bool = False) -> list[Decisions]:
@@ -243,18 +175,12 @@ def pair(f: Capture, q: Capture, gate_map: GateMap, *, top1: bool = False) -> li
         fs, qs = f.gates[info.name], q.gates[info.name]
         if fs.shape != qs.shape:
             continue
-        if info.kind == GateKind.ROUTER:
-            k = int(info.details.get("k", 1))
-            if k < fs.shape[-1]:
-                out.append(_ranked(fs, qs, k, info.name, "topk_set_agreement"))
-            out.append(_ranked(fs, qs, 1, info.name, "top1_expert_agreement"))
-        elif info.kind == GateKind.LEARNERS:  # k = argmax of the N+1 gate logits
-            out.append(_ranked(fs, qs, 1, info.name, "count_agreement"))
-        elif info.kind in (GateKind.CHANNEL, GateKind.THRESHOLD):
-            out.append(_per_feature(info.name, fs, qs))
+        spec = measure_of(info.kind)
+        if spec is not None and spec.pair is not None:
+            out += spec.pair(info, fs, qs)
     fl, ql = f.logits, q.logits
     if top1 and fl is not None and ql is not None and fl.dim() == 2 and fl.shape == ql.shape and fl.shape[-1] > 1:
-        out.append(_ranked(fl.double(), ql.double(), 1, OUTPUT, "top1_agreement"))
+        out.append(ranked(fl.double(), ql.double(), 1, OUTPUT, "top1_agreement"))
     return out
 
 

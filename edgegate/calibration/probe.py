@@ -14,10 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import numpy as np
 import torch
 from torch import nn
 
 from edgegate import nn as enn
+from edgegate.data import Inputs
 from edgegate.gates import GateMap, Observe, family_of
 
 
@@ -70,6 +72,15 @@ def exit_score(net: enn.EarlyExitNet, k: int, logits: torch.Tensor) -> torch.Ten
     return torch.sigmoid(net.gate_logit(k, logits).float())
 
 
+def exit_scores(model: nn.Module, x: Inputs, parts: GatedParts, k: int) -> dict[str, np.ndarray]:
+    """One no-grad forward of ``x``: per early-exit net with an exit ``k`` before its last, the exit-``k`` score
+    of each row that reaches exit ``k`` under the gating in force."""
+    with torch.no_grad(), Probe(model, [], parts, keep_heads=True) as probe:
+        x.run(model)
+    return {path: exit_score(net, k, probe.heads(path, k)).cpu().numpy()
+            for path, net in parts.exits.items() if k < net.n_exits - 1}
+
+
 class Probe:
     """Context manager: forward hooks counting rows per layer / stage / slot over every forward run
     inside it. ``keep_heads``: also keep each exit head's logits (the samples that reached it);
@@ -106,9 +117,11 @@ class Probe:
                 self.inputs[path].append(args[0].detach())
         return hook
 
-    def _stage_hook(self, path: str, k: int):
+    @staticmethod
+    def _count_hook(counts: list[int], i: int):
+        """Adds the rows (samples or tokens, the leading dim) of each input to ``counts[i]``."""
         def hook(module: nn.Module, args: tuple) -> None:
-            self.stage_rows[path][k] += int(args[0].shape[0])
+            counts[i] += int(args[0].shape[0])
         return hook
 
     def _head_hook(self, path: str, k: int):
@@ -133,11 +146,6 @@ class Probe:
                 self.router_inputs[path].append(args[0].detach())
         return hook
 
-    def _learner_hook(self, path: str, i: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.learner_rows[path][i] += int(args[0].shape[0])
-        return hook
-
     def _acm_hook(self, path: str):
         def hook(module: enn.ACM, args: tuple, out: object) -> None:
             if module.last_decision is not None:  # eval forward: the counts it chose
@@ -150,7 +158,7 @@ class Probe:
             add(self.model.get_submodule(path).register_forward_pre_hook(self._layer_hook(path)))
         for path, net in self.parts.exits.items():
             for k, stage in enumerate(net.stages):
-                add(stage.register_forward_pre_hook(self._stage_hook(path, k)))
+                add(stage.register_forward_pre_hook(self._count_hook(self.stage_rows[path], k)))
             if self.keep_heads:
                 for k, head in enumerate(net.heads):
                     add(head.register_forward_hook(self._head_hook(path, k)))
@@ -159,7 +167,7 @@ class Probe:
             add(router.register_forward_hook(self._router_hook(path)))
         for path, acm in self.parts.acms.items():
             for i, learner in enumerate(acm.learners):
-                add(learner.register_forward_pre_hook(self._learner_hook(path, i)))
+                add(learner.register_forward_pre_hook(self._count_hook(self.learner_rows[path], i)))
             if self.keep_acm_counts:
                 add(acm.register_forward_hook(self._acm_hook(path)))
         return self

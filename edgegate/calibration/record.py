@@ -37,8 +37,15 @@ class Coverage:
         return out
 
 
+class _Fields:
+    """A record whose fields are JSON-able as they are: ``to_dict`` is ``dataclasses.asdict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class Augmentation:
+class Augmentation(_Fields):
     """A calibration-only change of the gating that raised coverage (restored afterwards).
 
     ``kind="exit_threshold"``: threshold ``index`` of net ``gate`` raised from ``before`` to ``after``;
@@ -56,12 +63,9 @@ class Augmentation:
     rows_before: int
     rows_after: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
-class Fallback:
+class Fallback(_Fields):
     """A layer the gated calibration left without rows. ``action="naive"``: calibrated on its inputs
     under naive gating (all calibration data); ``"float"``: never executed at all, left in float."""
 
@@ -69,9 +73,6 @@ class Fallback:
     action: str
     rows: int
     reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgegate.calibration.probe import GatedParts, Probe, exit_score
+from edgegate.calibration.probe import GatedParts, Probe, exit_scores
 from edgegate.data import Inputs
 
 
@@ -54,12 +54,8 @@ def retune_exit_thresholds(float_model: nn.Module, qmodel: nn.Module, x: Inputs,
     depth = max(net.n_exits for net in qparts.exits.values())
     for k in range(depth - 1):
         # Exits before k are already refitted, so the samples reaching k are the quantized model's own.
-        with torch.no_grad(), Probe(qmodel, [], qparts, keep_heads=True) as probe:
-            x.run(qmodel)
-        for path, net in qparts.exits.items():
-            if k >= net.n_exits - 1:
-                continue
-            scores = exit_score(net, k, probe.heads(path, k)).cpu().numpy()
+        for path, scores in exit_scores(qmodel, x, qparts, k).items():
+            net = qparts.exits[path]
             new = [float(t) for t in net.thresholds]
             new[k] = matched_threshold(scores, int(target[path][k]), new[k])
             net.set_thresholds(new)

@@ -47,14 +47,16 @@ import torch
 from torch import nn
 
 from edgegate import nn as enn
+from edgegate.calibration import kinds
 from edgegate.calibration.collect import Observed, calibrate_once, finish, finished_state, observe, restore_state
 from edgegate.calibration.gating import naive_gating
 from edgegate.calibration.inputs import Specs, as_inputs, check_fits
-from edgegate.calibration.margins import AGREEMENTS, OUTPUT, capture, estimate, pair
+from edgegate.calibration.kinds import OUTPUT, gate_metrics, measure_of, metric
+from edgegate.calibration.margins import capture, estimate, pair
 from edgegate.calibration.probe import GatedParts
 from edgegate.calibration.record import CalibrationRecord, Estimate, SearchRecord, Try
 from edgegate.data import Inputs
-from edgegate.gates import GateKind, GateMap, find_gates
+from edgegate.gates import GateMap, find_gates
 from edgegate.quantization.config import Observer, QuantConfig
 from edgegate.quantization.layers import is_quantizable
 from edgegate.quantization.plan import LayerKind, QdqForm
@@ -73,7 +75,6 @@ class Means(StrEnum):
     FLOAT = "float"
 
 
-GATE_METRICS = ("exit_agreement", "topk_set_agreement", "top1_expert_agreement", "mask_hamming", "count_agreement")
 OBSERVERS = (Observer.MINMAX, Observer.PERCENTILE, Observer.MSE)  # by calibration time
 # Standard errors the expected agreement must clear the target by. With two, a try that cleared the target by
 # 0.00006 on 897 calibration rows (expected 0.99685 +- 0.0009) fell short on held-out rows for one MoE seed in
@@ -81,13 +82,13 @@ OBSERVERS = (Observer.MINMAX, Observer.PERCENTILE, Observer.MSE)  # by calibrati
 SAFETY_SE = 3.0
 MAX_CANDIDATES = 4  # feeders tried per greedy step, nearest to the failing gate first
 FEEDER_ROWS = 4  # rows of the forward that orders layers and gates
-WORDS = {"exit_agreement": "exit agreement", "topk_set_agreement": "top-k set agreement",
-         "top1_expert_agreement": "top-1 expert agreement", "mask_hamming": "mask Hamming distance",
-         "count_agreement": "learner-count agreement", "top1_agreement": "top-1 agreement"}
+# Metric -> its words in the export text: every registered kind's (``calibration.kinds``; a live dict).
+WORDS = kinds.WORDS
+
 
 def margin(e: Estimate, target: float) -> float:
     """How far ``e`` clears ``target``, counted and expected-less-``SAFETY_SE``-SEs alike (negative: it misses)."""
-    if e.metric in AGREEMENTS:
+    if metric(e.metric).higher_is_better:  # an agreement
         return min(e.value, e.expected - SAFETY_SE * e.se) - target
     # A disagreement: 1 - Hamming must reach the target.
     return (1 - target) - max(e.value, e.expected + SAFETY_SE * e.se)
@@ -144,15 +145,12 @@ class _Search:
         available = {d.metric for d in decisions}
         # A soft gate (sigmoid) decides nothing by itself: its fidelity is the prediction it leads to. A model
         # with no data-dependent gate at all (plain, ternary) has no gate fidelity to hold.
-        soft = any(g.kind == GateKind.SIGMOID for g in gate_map) and "top1_agreement" in available
-        self.metrics = tuple(m for m in GATE_METRICS if m in available) or (("top1_agreement",) if soft else ())
-        # A router decides its top-k set: which experts compute. Which expert of the set ranks first changes no
-        # expert's work (for k >= 2 only which of two near-equal weights is larger; for k = 1 the set is the
-        # top-1), so top-1 expert agreement is measured and reported but held only by a router without a set.
-        sets = {d.gate for d in decisions if d.metric == "topk_set_agreement"}
-        self.held = frozenset((d.gate, d.metric) for d in decisions if d.metric in self.metrics
-                              and not (d.metric == "top1_expert_agreement" and d.gate in sets))
-        self.metrics = tuple(m for m in self.metrics if any(metric == m for _, metric in self.held))
+        soft = any(getattr(measure_of(g.kind), "soft", False) for g in gate_map) and "top1_agreement" in available
+        held = (m.name for m in gate_metrics() if m.name in available)
+        self.metrics = tuple(held) or (("top1_agreement",) if soft else ())
+        # What a kind measures but does not hold (a router's top-1 expert when it has a top-k set) says so itself.
+        self.held = frozenset((d.gate, d.metric) for d in decisions if d.metric in self.metrics and d.held)
+        self.metrics = tuple(m for m in self.metrics if any(held == m for _, held in self.held))
 
     def attempt(self, means: Means, config: QuantConfig, observed: Observed | None = None) -> Try:
         """Calibrate with ``config`` (finishing ``observed`` in place when given) and judge it."""
@@ -277,7 +275,7 @@ class _Search:
         how = describe(chosen)
         where = worst.gate or type(self.model).__name__
         return (f"fidelity target {self.target:g} not met on the {len(self.x)} calibration rows: the best of "
-                f"{len(self.tries)} tries ({how}) reaches {WORDS[worst.metric]} {worst.value:.4f} (expected "
+                f"{len(self.tries)} tries ({how}) reaches {metric(worst.metric).words} {worst.value:.4f} (expected "
                 f"{worst.expected:.4f} +- {worst.se:.4f}) at {where}; exported with it")
 
 

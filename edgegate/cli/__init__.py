@@ -25,6 +25,7 @@ from edgegate.cli._common import (
     Parser,
     check_interrupted,
     missing_extra,
+    print_help,
     raise_interrupt,
 )
 from edgegate.errors import EdgegateError, os_error_text
@@ -40,13 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(sub)
-    p.set_defaults(func=lambda args: _print_help(p))  # `edgegate` alone: the commands, not an error
+    p.set_defaults(func=lambda args: print_help(p))  # `edgegate` alone: the commands, not an error
     return p
-
-
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 0
 
 
 def run() -> NoReturn:

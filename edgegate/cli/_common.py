@@ -9,12 +9,14 @@ wrapping at the terminal width), the same on a terminal and in a pipe; a command
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import re
 import sys
 import threading
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -81,47 +83,49 @@ def _suggestion(message: str) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+def print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
 
-    def parse(text: str) -> int:
+
+def add_group(sub: argparse._SubParsersAction, name: str, commands: str, **kwargs: Any) -> argparse._SubParsersAction:
+    """Command ``name`` made of subcommands (``commands``: their metavar, e.g. "{list,train}"); its parser gets
+    ``kwargs`` (help, description). Alone (``edgegate zoo``) it prints its help, not "required: zoo_command"."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=lambda args: print_help(parser))
+    return parser.add_subparsers(dest=f"{name}_command", metavar=commands)
+
+
+def number(what: str, ok: Callable[[Any], bool], must: str, kind: type = float) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` (``what``: "a number", "an integer"...) for which ``ok`` holds; else the
+    error "TEXT must ..." (``must``)."""
+
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} {must}")
         return value
 
     return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a float strictly between 0 and 1 (--holdout)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a fraction between 0 and 1 (e.g. 0.2)")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum` (negative batch sizes and ranks are refused up front)."""
+    return number("an integer", lambda v: v >= minimum, f"must be >= {minimum}", int)
+
+
+fraction = number("a number", lambda v: 0 < v < 1, "must be a fraction between 0 and 1 (e.g. 0.2)")  # --holdout
+positive_seconds = number("a number of seconds", lambda v: 0 < v < float("inf"),
+                          "must be a finite number of seconds > 0")
 
 
 def add_input_flag(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
                     help="a model input, batch first, e.g. x:1x3x224x224 or input_ids:1x128:int64 (dtype default "
                     "float32); repeat it for each input in forward's order; replaces the inputs the model records")
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds > 0")
-    return value
 
 
 def add_trust_flags(sp: argparse.ArgumentParser) -> None:
@@ -131,7 +135,7 @@ def add_trust_flags(sp: argparse.ArgumentParser) -> None:
                     help="module.path:Class that rebuilds a plain state_dict or a non-edgegate checkpoint")
 
 
-class Status:
+class Status(contextlib.AbstractContextManager):
     """One live line on stderr while a command works (``export: calibrate (4/9) 3.2s``), erased at the end.
 
     Drawn only when stderr is a terminal, and never faster than `interval`: bench reports every run, and
@@ -146,9 +150,6 @@ class Status:
         self._start = time.perf_counter()
         self._last = -interval
         self._shown = False
-
-    def __enter__(self) -> Status:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.clear()

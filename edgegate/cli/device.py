@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgegate.cli._common import int_at_least, positive_seconds
+from edgegate.cli._common import add_group, int_at_least, number, positive_seconds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -75,24 +75,12 @@ def _g(v: Any) -> str:
     return f"{v:g}" if isinstance(v, (int, float)) else str(v)
 
 
-def _print_help(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 0
-
-
 def _default_workdir() -> Path:
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "edgegate" / "agent"
 
 
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
-    if not 0 < value < 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text} must be a number of MiB > 0")
-    return value
+_megabytes = number("a number of MiB", lambda v: 0 < v < 1 << 20, "must be a number of MiB > 0")
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:
@@ -116,11 +104,10 @@ def device_client(args: argparse.Namespace):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("device", help="measure on an edge device over the network: the agent and its info",
-                       description="`serve` runs on the device with the runtime install only (numpy, onnxruntime, "
-                       "the served target's runtime); `bench`/`compare --device URL --token-file F` measure on it.")
-    dsub = d.add_subparsers(dest="device_command", metavar="{serve,info}")
-    d.set_defaults(func=lambda args: _print_help(d))  # `edgegate device` alone: its commands, not an error
+    dsub = add_group(sub, "device", "{serve,info}",
+                     help="measure on an edge device over the network: the agent and its info",
+                     description="`serve` runs on the device with the runtime install only (numpy, onnxruntime, "
+                     "the served target's runtime); `bench`/`compare --device URL --token-file F` measure on it.")
     s = dsub.add_parser("serve", help="run the device agent (on the device: numpy + onnxruntime + target runtime)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback; off a trusted network put TLS or an SSH tunnel "

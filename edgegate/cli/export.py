@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 
 from edgegate.bundle import read_bundle
-from edgegate.cli._common import Status, add_input_flag, add_trust_flags, check_interrupted, fraction, int_at_least
+from edgegate.cli._common import (
+    Status,
+    add_input_flag,
+    add_trust_flags,
+    check_interrupted,
+    fraction,
+    int_at_least,
+    number,
+)
 from edgegate.errors import EdgegateError
 from edgegate.loading.inputs import parse_inputs
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
@@ -56,15 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target(text: str) -> float:
-    """An argparse type: a fraction in [0, 1] (--fidelity-target; 0 turns the search off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1 (e.g. 0.995; 0 turns the search off)")
-    return value
+# --fidelity-target: a fraction in [0, 1]; 0 turns the search off
+_target = number("a number", lambda v: 0 <= v <= 1, "must be between 0 and 1 (e.g. 0.995; 0 turns the search off)")
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, str]:

@@ -6,14 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from edgegate.cli._common import Status
+from edgegate.cli._common import Status, add_group
 from edgegate.errors import EdgegateError
 from edgegate.reports.text import num, table
-
-
-def cmd_zoo_help(args: argparse.Namespace) -> int:
-    args.zoo_parser.print_help()  # `edgegate zoo` alone: what it can do, not "required: zoo_command"
-    return 0
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
@@ -53,11 +48,9 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    z = sub.add_parser("zoo", help="tiny reference models of each gated family (list, train)",
-                       description="One tiny model per gated family, trained deterministically in seconds on "
-                       "offline data. Needs the compile extra (torch).")
-    zsub = z.add_subparsers(dest="zoo_command", metavar="{list,train}")
-    z.set_defaults(func=cmd_zoo_help, zoo_parser=z)
+    zsub = add_group(sub, "zoo", "{list,train}", help="tiny reference models of each gated family (list, train)",
+                     description="One tiny model per gated family, trained deterministically in seconds on "
+                     "offline data. Needs the compile extra (torch).")
     zl = zsub.add_parser("list", help="list the zoo models")
     zl.add_argument("--json", action="store_true", help="print the list as JSON")
     zl.set_defaults(func=cmd_zoo_list)

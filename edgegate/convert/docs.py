@@ -66,6 +66,17 @@ manifest, their decision layers (`decision_layers=` or a `decision_layers()` met
 their `last_decision` (when the module records one) compared float vs quantized. The exported graph
 keeps such a gate by name only if its forward calls an `edgegate.ops` op.
 
+## Adding a gate kind
+
+A kind of gate edgegate does not know is a name, declared in one module: the module class records
+`last_decision` after each eval forward, `edgegate.calibration.kinds.register_measure(GateMeasure(name,
+metrics, measure, rows=..., capture=..., pair=...))` says how calibration measures it (its metrics with
+their words and which way is better; the held-out metrics from the recorded float and quantized decisions;
+optionally the hooks that keep its decision scores and how two captures become margin `Decisions`, which
+lets the fidelity-target search hold its metric), and `register_family(cls, GateFamily(name,
+Observe.DECISION))` makes its modules gates. The built-in kinds are declared the same way in
+`edgegate/calibration/kinds.py`; `tests/unit/test_user_gate_kind.py` declares one end to end.
+
 ## Your own early-exit network
 
 A network whose `forward` decides in Python (`if confidence > t: return ...`) cannot be exported as

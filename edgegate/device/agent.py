@@ -19,6 +19,7 @@ Runtime side: the standard library and numpy; the runtimes load only in the work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -99,7 +100,7 @@ class AgentConfig:
             raise DeviceError(f"agent port {self.port!r} must be 0..65535")
 
 
-class Agent:
+class Agent(contextlib.AbstractContextManager):
     """Bind, clean the work folder, describe the device; `serve_forever` until `shutdown`."""
 
     def __init__(self, config: AgentConfig) -> None:
@@ -162,9 +163,6 @@ class Agent:
                 log.warning("a request was still open at exit; the next start of the agent removes its job folder")
         self._server.server_close()
         self.workdir.unlock()
-
-    def __enter__(self) -> Agent:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -63,17 +63,14 @@ class NumpyBackend(EagerBackend):
     def cast_like(self, x, like):
         return np.asarray(x).astype(np.asarray(like).dtype)
 
-    def add(self, a, b):
-        return np.add(a, b)
-
-    def sub(self, a, b):
-        return np.subtract(a, b)
-
-    def mul(self, a, b):
-        return np.multiply(a, b)
-
-    def div(self, a, b):
-        return np.divide(a, b)
+    # Element-wise arithmetic, comparisons and matmul: numpy's own functions.
+    add = staticmethod(np.add)
+    sub = staticmethod(np.subtract)
+    mul = staticmethod(np.multiply)
+    div = staticmethod(np.divide)
+    greater = staticmethod(np.greater)
+    greater_equal = staticmethod(np.greater_equal)
+    matmul = staticmethod(np.matmul)
 
     def sigmoid(self, x):
         x = np.asarray(x)
@@ -83,12 +80,6 @@ class NumpyBackend(EagerBackend):
         x = np.asarray(x)
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return (e / e.sum(axis=-1, keepdims=True)).astype(x.dtype)
-
-    def greater(self, a, b):
-        return np.greater(a, b)
-
-    def greater_equal(self, a, b):
-        return np.greater_equal(a, b)
 
     def reduce_max(self, x):
         return np.max(x, axis=-1)
@@ -106,9 +97,6 @@ class NumpyBackend(EagerBackend):
 
     def gather_last(self, x, idx):
         return np.take_along_axis(np.asarray(x), np.asarray(idx).astype(np.int64), axis=-1)
-
-    def matmul(self, a, b):
-        return np.matmul(a, b)
 
     def transpose(self, x):
         return np.swapaxes(x, -1, -2)

@@ -8,6 +8,7 @@ an :class:`OnnxBuilder` (standard ops only, default opset ``ONNX_OPSET``).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -24,6 +25,15 @@ _ATTR_FIELDS = {AttrKind.INT: ("value_int", onnx.AttributeProto.INT),
                 AttrKind.FLOAT: ("value_float", onnx.AttributeProto.FLOAT)}
 _DTYPES = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int8": TensorProto.INT8,
            "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
+
+
+def _one_node(op: str, **attrs: Any) -> Callable[..., str]:
+    """An :class:`OnnxBuilder` method recording one ``op`` node (with ``attrs``) of its arguments."""
+
+    def method(self: OnnxBuilder, *inputs: str) -> str:
+        return self._node(op, list(inputs), **attrs)
+
+    return method
 
 
 class OnnxBuilder:
@@ -59,6 +69,19 @@ class OnnxBuilder:
         self.nodes.append(node)
         return out
 
+    # The ops that are one standard node of their inputs, in argument order.
+    add = _one_node("Add")
+    sub = _one_node("Sub")
+    mul = _one_node("Mul")
+    div = _one_node("Div")
+    sigmoid = _one_node("Sigmoid")
+    softmax = _one_node("Softmax", axis=-1)
+    greater = _one_node("Greater")
+    greater_equal = _one_node("GreaterOrEqual")
+    argmax_last = _one_node("ArgMax", axis=-1, keepdims=0, select_last_index=0)
+    matmul = _one_node("MatMul")
+    cast_like = _one_node("CastLike")
+
     def choose(self, flag, if_true, if_false):
         # The function body is built once for every attribute value: select at run time.
         return self._node("Where", [self.cast(flag, "bool"), if_true, if_false])
@@ -70,32 +93,14 @@ class OnnxBuilder:
     def cast(self, x, dtype: str):
         return self._node("Cast", [x], to=_DTYPES[dtype])
 
-    def cast_like(self, x, like):
-        return self._node("CastLike", [x, like])
 
-    def add(self, a, b):
-        return self._node("Add", [a, b])
 
-    def sub(self, a, b):
-        return self._node("Sub", [a, b])
 
-    def mul(self, a, b):
-        return self._node("Mul", [a, b])
 
-    def div(self, a, b):
-        return self._node("Div", [a, b])
 
-    def sigmoid(self, x):
-        return self._node("Sigmoid", [x])
 
-    def softmax(self, x):
-        return self._node("Softmax", [x], axis=-1)
 
-    def greater(self, a, b):
-        return self._node("Greater", [a, b])
 
-    def greater_equal(self, a, b):
-        return self._node("GreaterOrEqual", [a, b])
 
     def reduce_max(self, x):
         return self._node("ReduceMax", [x, self._ints([-1])], keepdims=0)
@@ -103,15 +108,11 @@ class OnnxBuilder:
     def reduce_sum(self, x):
         return self._node("ReduceSum", [x, self._ints([-1])], keepdims=1)
 
-    def argmax_last(self, x):
-        return self._node("ArgMax", [x], axis=-1, keepdims=0, select_last_index=0)
 
     def topk(self, x, k):
         k1 = self._node("Reshape", [k, self._ints([1])])
         return self._node("TopK", [x, k1], n_out=2, axis=-1, largest=1, sorted=1)
 
-    def matmul(self, a, b):
-        return self._node("MatMul", [a, b])
 
     def transpose(self, x):
         # Function inputs have unknown rank; callers only transpose 2-D weights.

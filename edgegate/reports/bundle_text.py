@@ -176,8 +176,10 @@ def fidelity_lines(m: Mapping[str, Any]) -> list[str]:
     by_name = _gates_by_name(m)
     per_gate = []
     for name, g in (fid.get("gates") or {}).items():
-        shown = [f"{words} {_fixed(g[key])}{ci((g.get('intervals') or {}).get(key))}" for key, words in GATE_METRICS
-                 if key in g]
+        # The built-in kinds' metrics in their words; a user kind's rates (those with an interval) by their key.
+        rates = g.get("intervals") or {}
+        metrics = [*GATE_METRICS, *((k, k.replace("_", " ")) for k in rates if k not in GATE_WORDS)]
+        shown = [f"{words} {_fixed(g[key])}{ci(rates.get(key))}" for key, words in metrics if key in g]
         if g.get("rows") is not None and shown:
             shown[-1] += f" over {g['rows']} rows"
         if g.get("aligned") is False:

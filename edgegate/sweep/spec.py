@@ -170,17 +170,27 @@ def _shown(source: str | None) -> str | None:
 # ------------------------------------------------------------------------------------------------ read
 
 
+def read_parsed(path: Path, parse: Callable[[str], Any], name: str, invalid: Callable[[ValueError], str]) -> Any:
+    """``parse`` of the UTF-8 text of the file ``path``; a SweepError "cannot read NAME: why" when it cannot be
+    read, ``invalid(e)`` when it is not UTF-8 or ``parse`` refuses it (TOML and JSON errors are ValueErrors)."""
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SweepError(f"cannot read {name}: {os_error_text(e)}") from e
+    except ValueError as e:
+        raise SweepError(invalid(e)) from e
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate the spec at `path`; relative file names are resolved against its folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SweepError(f"cannot read sweep spec {path}: {os_error_text(e)}") from e
-    except UnicodeDecodeError as e:
-        raise SweepError(f"sweep spec {path} is not UTF-8 text; save it as UTF-8") from e
-    except tomllib.TOMLDecodeError as e:
-        raise SweepError(f"sweep spec {path} is not valid TOML: {one_line(e, 160)}") from e
+
+    def invalid(e: ValueError) -> str:
+        if isinstance(e, UnicodeDecodeError):
+            return f"sweep spec {path} is not UTF-8 text; save it as UTF-8"
+        return f"sweep spec {path} is not valid TOML: {one_line(e, 160)}"
+
+    raw = read_parsed(path, tomllib.loads, f"sweep spec {path}", invalid)
     return parse_spec(raw, path.parent.absolute(), str(path))
 
 

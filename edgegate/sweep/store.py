@@ -31,7 +31,7 @@ from typing import Any
 import edgegate
 from edgegate.bundle import read_bundle, sha256_file
 from edgegate.errors import EdgegateError, one_line, os_error_text
-from edgegate.sweep.spec import Cell, CellStatus, SweepError, SweepSpec
+from edgegate.sweep.spec import Cell, CellStatus, SweepError, SweepSpec, read_parsed
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,8 @@ def check_out_dir(out: Path) -> None:
 
 def read_sweep_json(out: Path) -> dict[str, Any]:
     path = out / SWEEP_JSON
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SweepError(f"cannot read {path}: {os_error_text(e)}") from e
-    except ValueError as e:
-        raise SweepError(f"{path} is not valid JSON ({one_line(e, 100)}); choose another -o") from e
+    data = read_parsed(path, json.loads, str(path), lambda e: f"{path} is not valid JSON ({one_line(e, 100)}); "
+                       "choose another -o")
     if not isinstance(data, dict):
         raise SweepError(f"{path} is not a JSON object; choose another -o")
     return data

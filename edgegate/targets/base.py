@@ -215,7 +215,7 @@ class TargetBase:
         return artifact.files[name]
 
 
-class BaseRunner(abc.ABC):
+class BaseRunner(contextlib.AbstractContextManager, abc.ABC):
     """The input checks and latency record every built-in runner shares.
 
     A subclass sets ``input_specs`` and ``output_names`` and implements ``run_impl(arrays)`` (the feeds,
@@ -233,9 +233,6 @@ class BaseRunner(abc.ABC):
     def __init__(self) -> None:
         self.latencies_ms: list[float] = []
         self.closed = False
-
-    def __enter__(self) -> BaseRunner:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

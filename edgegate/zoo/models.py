@@ -17,7 +17,16 @@ from edgegate.errors import EdgegateError
 from edgegate.nn import ACM, ChannelGate, GatedAttention, HGFLinear, MoE, TernaryLinear, ThresholdGate
 
 
-class AttentionClassifier(nn.Module):
+class _Configured(nn.Module):
+    """A zoo model whose constructor keeps its arguments in ``_config``: ``get_config()`` rebuilds it."""
+
+    _config: dict[str, Any]
+
+    def get_config(self) -> dict[str, Any]:
+        return dict(self._config)
+
+
+class AttentionClassifier(_Configured):
     """Rows of an image as tokens [B, T, token_dim] -> one gated-attention block -> mean pool -> head."""
 
     input_names = ("x",)
@@ -35,9 +44,6 @@ class AttentionClassifier(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, d_model))
         self.head = nn.Linear(d_model, n_classes)
 
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.pos
         h = h + self.attn(self.norm1(h))
@@ -45,7 +51,7 @@ class AttentionClassifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-class ThresholdMLP(nn.Module):
+class ThresholdMLP(_Configured):
     """Linear -> ThresholdGate (TauGate) -> Linear."""
 
     input_names = ("x",)
@@ -59,14 +65,11 @@ class ThresholdMLP(nn.Module):
         self.gate = ThresholdGate(hidden, temperature=temperature)
         self.fc2 = nn.Linear(hidden, n_classes)
 
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.gate(self.fc1(x)))
 
 
-class ChannelGateCNN(nn.Module):
+class ChannelGateCNN(_Configured):
     """[B, 1, 8, 8] -> conv -> two convs whose output channels are pruned per sample -> head.
 
     The head reads the flattened 4x4 map (not a global average) so position information survives.
@@ -86,9 +89,6 @@ class ChannelGateCNN(nn.Module):
         self.gate3 = ChannelGate(c2, c3)
         self.head = nn.Linear(c3 * (image_size // 2) ** 2, n_classes)
 
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
     def gates(self) -> list[ChannelGate]:
         return [self.gate2, self.gate3]
 
@@ -100,7 +100,7 @@ class ChannelGateCNN(nn.Module):
         return self.head(h.flatten(1))
 
 
-class MoEClassifier(nn.Module):
+class MoEClassifier(_Configured):
     """Each sample is one token: embed -> residual MoE block (top-k; optional MoE++ experts) -> head.
 
     Training returns logits; eval returns ``(logits, route_indices)`` (the k routed slot ids per
@@ -121,9 +121,6 @@ class MoEClassifier(nn.Module):
         self.moe = MoE(d_model, d_hidden, n_experts, k, n_zero, n_copy, n_const)
         self.head = nn.Linear(d_model, n_classes)
 
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.embed(x))
         y, route_indices = self.moe.forward_routed(self.norm(h))
@@ -131,7 +128,7 @@ class MoEClassifier(nn.Module):
         return logits if self.training else (logits, route_indices)
 
 
-class ACMClassifier(nn.Module):
+class ACMClassifier(_Configured):
     """Each sample is one token: embed -> residual Adaptive Computation Module (N learners) -> head.
 
     Training returns logits; eval returns ``(logits, learner_count)`` (how many learners the sample ran,
@@ -151,9 +148,6 @@ class ACMClassifier(nn.Module):
         self.acm = ACM(d_model, n_learners, d_hidden, gate_hidden, act)
         self.head = nn.Linear(d_model, n_classes)
 
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The ACM's input tokens [B, d_model]."""
         return self.norm(F.relu(self.embed(x)))
@@ -168,7 +162,7 @@ class ACMClassifier(nn.Module):
 LINEAR_KINDS = ("float", "ternary", "hgf")
 
 
-class TinyLM(nn.Module):
+class TinyLM(_Configured):
     """Next-token MLP LM over a fixed context: tokens [B, ctx] -> logits [B, vocab].
 
     Embedding and output head stay full precision (as in BitNet); the two hidden projections are
@@ -199,9 +193,6 @@ class TinyLM(nn.Module):
         if kind == "hgf":
             return HGFLinear(n_in, n_out, rank, bias=True)
         return nn.Linear(n_in, n_out)
-
-    def get_config(self) -> dict[str, Any]:
-        return dict(self._config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens).flatten(1)
