@@ -167,6 +167,7 @@ def held_out_fidelity(model: nn.Module, qmodel: nn.Module, gate_map: GateMap, ca
 def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     """One line per shortfall: the search's own (target not met on the calibration rows), and each gate metric
     that misses ``target`` on the held-out rows although the search met it."""
+    from edgegate.calibration.kinds import higher_is_better  # brevitas: int8 exports only (see _int8)
     from edgegate.calibration.search import WORDS  # brevitas: int8 exports only (see _int8)
 
     search = record.get("search") or {}
@@ -174,11 +175,12 @@ def fidelity_warnings(record: dict[str, Any], target: float) -> list[str]:
     fid = record.get("fidelity") or {}
     if not target or not search.get("met") or fid.get("measured_on") != "held_out":
         return out
+    higher = higher_is_better()
     for metric in search.get("metrics", []):
         value = (fid.get("summary") or {}).get(metric, fid.get(metric))
         if value is None:
             continue
-        agreement = 1 - value if metric == "mask_hamming" else value
+        agreement = value if higher.get(metric, True) else 1 - value  # a disagreement rate: 1 - it must reach it
         if agreement < target:
             ci = (fid.get("intervals") or {}).get(metric) or wilson(value, fid.get("samples", 0)).to_dict()
             out.append(f"held-out {WORDS[metric]} {value:.4f} (95% CI {ci['low']:.4f}-{ci['high']:.4f}, "
