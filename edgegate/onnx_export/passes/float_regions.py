@@ -44,7 +44,7 @@ from edgegate.onnx_export.passes._graph import (
     value_readers,
 )
 from edgegate.onnx_export.passes.insert_op_qdq import _scope
-from edgegate.onnx_export.passes.integer_kernels import lowered_names
+from edgegate.onnx_export.passes.integer_kernels import SUFFIX, lowered_names
 from edgegate.onnx_export.passes.merge_qdq import _prune
 
 MAX_REGIONS = 24
@@ -86,9 +86,9 @@ def integer_layers(graph: onnx.GraphProto) -> list[IntegerLayer]:
     inits = {t.name for t in graph.initializer}
     by_name = {n.name: n for n in graph.node if n.name}
     producer = value_producers(graph)
-    out = []
+    out, end = [], f".{SUFFIX['output']}"
     for node in graph.node:
-        names = None if not node.name.endswith(".output") else lowered_names(node.name[:-len(".output")])
+        names = lowered_names(node.name[:-len(end)]) if node.name.endswith(end) else None
         if names is None or names["weight"] not in inits or names["output_scale"] not in inits:
             continue
         first = by_name.get(names["input_quantized"]) or by_name.get(names["a16_div"])

@@ -37,12 +37,15 @@ from edgegate.quantization.plan import LayerQuant
 A16_MAX = 65535
 
 
+# The name suffixes ``lower_integer`` gives a layer's nodes and initializers, by role: ``insert_qdq`` names
+# them ``PATH.SUFFIX``, and ``float_regions`` finds a lowered layer again by them (``lowered_names``).
+SUFFIX = {"weight": "weight_quantized", "output_scale": "output_scale", "input_scale": "input_scale",
+          "bias": "bias_rounded", "input_quantized": "input_quantized", "a16_div": "a16_div", "output": "output"}
+
+
 def lowered_names(path: str) -> dict[str, str]:
-    """The names ``lower_integer`` gives layer ``path``'s nodes and initializers (``insert_qdq`` names them
-    ``PATH.SUFFIX``), by role: how ``float_regions`` finds a lowered layer again."""
-    return {"path": path, "weight": f"{path}.weight_quantized", "output_scale": f"{path}.output_scale",
-            "input_scale": f"{path}.input_scale", "bias": f"{path}.bias_rounded",
-            "input_quantized": f"{path}.input_quantized", "a16_div": f"{path}.a16_div"}
+    """The names of layer ``path``'s lowered nodes and initializers, by role (``SUFFIX``), and its ``path``."""
+    return {"path": path, **{role: f"{path}.{suffix}" for role, suffix in SUFFIX.items()}}
 
 
 def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
@@ -67,18 +70,18 @@ def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
         nodes.append(helper.make_node(op_type, inputs, [y], name=y, **attrs))
         return y
 
-    s = init("input_scale", np.float32(q.act_scale))
+    s = init(SUFFIX["input_scale"], np.float32(q.act_scale))
     if node.op_type not in ("Gemm", "MatMul"):
         raise ExportError(f"layer {q.name}: integer lowering is for Linear layers (Gemm/MatMul), not {node.op_type}")
-    w_t = init("weight_quantized", np.ascontiguousarray(w.T))  # [K, N] for x @ W^T
+    w_t = init(SUFFIX["weight"], np.ascontiguousarray(w.T))  # [K, N] for x @ W^T
     if q.act_bits == 8:
         zp = init("input_zero_point", np.uint8(q.act_zero_point))
-        xq = op("QuantizeLinear", [node.input[0], s, zp], "input_quantized")
+        xq = op("QuantizeLinear", [node.input[0], s, zp], SUFFIX["input_quantized"])
         acc = op("Cast", [op("MatMulInteger", [xq, w_t, zp], "matmul_integer")], "accumulator",
                  to=onnx.TensorProto.FLOAT)
         _finish(q, graph, node, nodes, op, fresh, init, acc, w_scale, bias_on_grid)
         return
-    code = op("Div", [node.input[0], s], "a16_div")
+    code = op("Div", [node.input[0], s], SUFFIX["a16_div"])
     code = op("Add", [op("Round", [code], "a16_round"), init("input_zero_point", np.float32(q.act_zero_point))],
               "a16_shift")
     code = op("Clip", [code, init("a16_min", np.float32(0)), init("a16_max", np.float32(A16_MAX))], "a16_code")
@@ -98,11 +101,11 @@ def lower_integer(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto,
 def _finish(q: LayerQuant, graph: onnx.GraphProto, node: onnx.NodeProto, nodes: list[onnx.NodeProto], op, fresh,
             init, acc: str, w_scale: np.ndarray, bias_on_grid: np.ndarray | None) -> None:
     """acc * (act_scale * w_scale) (+ bias) into ``node``'s output; swap ``node`` for ``nodes``."""
-    out_scale = init("output_scale", (np.float32(q.act_scale) * w_scale).astype(np.float32))
+    out_scale = init(SUFFIX["output_scale"], (np.float32(q.act_scale) * w_scale).astype(np.float32))
     if bias_on_grid is None:
-        nodes.append(helper.make_node("Mul", [acc, out_scale], [node.output[0]], name=fresh("output")))
+        nodes.append(helper.make_node("Mul", [acc, out_scale], [node.output[0]], name=fresh(SUFFIX["output"])))
     else:
         y = op("Mul", [acc, out_scale], "scaled")
-        nodes.append(helper.make_node("Add", [y, init("bias_rounded", bias_on_grid)], [node.output[0]],
-                                      name=fresh("output")))
+        nodes.append(helper.make_node("Add", [y, init(SUFFIX["bias"], bias_on_grid)], [node.output[0]],
+                                      name=fresh(SUFFIX["output"])))
     replace_node(graph, node, nodes)
