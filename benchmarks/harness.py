@@ -116,6 +116,15 @@ def ort_session(source: bytes | str, threads: int) -> Any:
     return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository root first on PYTHONPATH: a ``python -c`` child imports
+    ``benchmarks`` and ``edgegate`` from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + \
+        env.get("PYTHONPATH", "")
+    return env
+
+
 # Runs each model's session over the feeds and prints its name once every feed ran. A session that kills its
 # process (an ONNX Runtime segfault) prints nothing more, which names it to the parent.
 _PROBE = """
@@ -144,9 +153,7 @@ def crashing(models: Mapping[str, bytes], threads: int, input_name: str, feeds: 
         for name, model in models.items():
             with open(os.path.join(folder, f"{name}.onnx"), "wb") as f:
                 f.write(model)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + \
-            env.get("PYTHONPATH", "")
+        env = child_env()
         while left:
             proc = subprocess.run([sys.executable, "-c", _PROBE, folder, str(threads), input_name, *left],
                                   capture_output=True, text=True, env=env)

@@ -24,7 +24,6 @@ this process, so no peak RSS is reported.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,7 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Sizes, cycling, goal, ort_session, output_quality, ratio, sqnr_db, time_interleaved
+from benchmarks.harness import (
+    Sizes,
+    child_env,
+    cycling,
+    goal,
+    ort_session,
+    output_quality,
+    ratio,
+    sqnr_db,
+    time_interleaved,
+)
 from benchmarks.workspace import Workspace
 
 BLOCK, LM = "benchmarks.models:MoEBlock", "benchmarks.models:MoELM"
@@ -84,8 +93,7 @@ def export(ckpt: Path, out: Path, child: bool, **config: Any) -> dict[str, Any]:
         path = run_export(ckpt, out, ExportConfig(**config))
         return {"wall_s": round(time.perf_counter() - t0, 3), "peak_rss_mib": None,
                 "timings_s": json.loads((path / "manifest.json").read_text())["timings_s"]}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt), str(out), json.dumps(config)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:

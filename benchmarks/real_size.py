@@ -40,6 +40,7 @@ from benchmarks.harness import (
     BenchmarkError,
     Sizes,
     batches,
+    child_env,
     cycling,
     goal,
     ort_session,
@@ -133,9 +134,7 @@ def export_here(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
 
 def export_child(ckpt: Path, out: Path, quant: str, cls: str) -> dict[str, Any]:
     """``run_export`` in a child process: its wall time, step timings and peak RSS (MiB)."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(ckpt), str(out), quant, cls, OBSERVER], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,7 +42,17 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import Sizes, batches, cycling, goal, ort_session, output_quality, ratio, time_interleaved
+from benchmarks.harness import (
+    Sizes,
+    batches,
+    child_env,
+    cycling,
+    goal,
+    ort_session,
+    output_quality,
+    ratio,
+    time_interleaved,
+)
 from benchmarks.workspace import Workspace
 
 THREADS = 1
@@ -80,8 +89,7 @@ def export(args: list[str], out: Path, child: bool) -> dict[str, Any]:
     """``edgegate export ARGS -o OUT``: wall time, peak RSS (MiB, child only) and the pipeline's step timings."""
     args = ["export", *map(str, args), "-o", str(out), "--overwrite"]
     if child:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env()
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], env=env, capture_output=True,
                               text=True)
