@@ -26,6 +26,7 @@ A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/sc
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -62,6 +63,10 @@ LARGE_BATCH = 8
 PROFILE_MS = 600.0  # profiled runs: about this long per batch size, within PROFILE_RUNS
 PROFILE_RUNS = (12, 60)
 MOE_BATCH = 32  # rows for the sparse MoE trial: above lower_moe's QMoE token limit (8)
+# Distinct rows timed one at a time at batch 1: a conditional model's cost depends on the row (how far it runs
+# before an exit, which experts it routes to), so batch-1 times are the mean over these rows, not one row's.
+ROWS_AT_BATCH_1 = 8
+Feeds = list[tuple[int, list[dict[str, np.ndarray]]]]  # (batch, the feeds timed at it, in turn)
 
 
 class _Timer:
@@ -71,7 +76,7 @@ class _Timer:
     need not stay alive beside ORT's own copy of the weights (export peak memory), and a trial model that
     ships is read back from its file."""
 
-    def __init__(self, options: Any, threads: int, feeds: list[dict[str, np.ndarray]], workdir: str) -> None:
+    def __init__(self, options: Any, threads: int, feeds: Feeds, workdir: str) -> None:
         import onnxruntime as ort
 
         self.ort, self.options, self.threads, self.feeds, self.workdir = ort, options, threads, feeds, workdir
@@ -99,32 +104,37 @@ class _Timer:
         return so
 
     def compare(self, sessions: dict[str, Any]) -> dict[int, dict[str, float]]:
-        """{batch: {name: median ms}} for each feed's batch size."""
+        """{batch: {name: median ms}}: per repeat, each feed's least-disturbed call, averaged over the feeds
+        of that batch size; the median over repeats."""
         out = {}
-        for feed in self.feeds:
-            batch = len(next(iter(feed.values())))
+        for batch, feeds in self.feeds:
             for s in sessions.values():
-                s.run(None, feed)
+                for feed in feeds:
+                    s.run(None, feed)
             t0 = time.perf_counter()
             for s in sessions.values():
-                s.run(None, feed)
-            per_call_ms = (time.perf_counter() - t0) * 1e3 / len(sessions)
-            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_call_ms, 1e-3))))
+                for feed in feeds:
+                    s.run(None, feed)
+            per_call_ms = (time.perf_counter() - t0) * 1e3 / (len(sessions) * len(feeds))
+            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_call_ms * len(feeds), 1e-3))))
             medians: dict[str, list[float]] = {k: [] for k in sessions}
             for _ in range(REPEATS):
                 for k, s in sessions.items():
-                    times = []
-                    for _ in range(calls):
-                        t = time.perf_counter()
-                        s.run(None, feed)
-                        times.append(time.perf_counter() - t)
-                    medians[k].append(min(times) * 1e3)  # the least-disturbed call of the repeat
+                    fastest = []
+                    for feed in feeds:
+                        times = []
+                        for _ in range(calls):
+                            t = time.perf_counter()
+                            s.run(None, feed)
+                            times.append(time.perf_counter() - t)
+                        fastest.append(min(times))  # the least-disturbed call of the repeat
+                    medians[k].append(statistics.fmean(fastest) * 1e3)
             out[batch] = {k: round(statistics.median(v), 5) for k, v in medians.items()}
         return out
 
-    def profile(self, models: dict[str, str], feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        """{name: {ORT node name: ms}}: each node's fastest time over interleaved profiled runs of the models
-        (``models``: {name: file path}).
+    def profile(self, models: dict[str, str], feeds: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+        """{name: {ORT node name: ms per call}}: interleaved profiled runs of the models (``models``: {name: file
+        path}) over ``feeds`` in turn; each node's fastest time per feed, averaged over the feeds (``_per_call_ms``).
 
         The fastest of many runs is the time another process disturbed least: on a loaded machine a node of
         half a millisecond is preempted in some runs, never in all (medians of whole-graph times are not so
@@ -138,31 +148,43 @@ class _Timer:
                 sessions[k] = self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
             t0 = time.perf_counter()
             for s in sessions.values():
-                s.run(None, feed)
+                for feed in feeds:
+                    s.run(None, feed)
             per_round_ms = (time.perf_counter() - t0) * 1e3
             runs = max(PROFILE_RUNS[0], min(PROFILE_RUNS[1], int(PROFILE_MS / max(per_round_ms, 1e-3))))
             for _ in range(runs):
                 for s in sessions.values():
-                    s.run(None, feed)
-            out = {}
-            for k, s in sessions.items():
-                fastest: dict[str, float] = {}
-                events = json.loads(Path(s.end_profiling()).read_text())
-                for e in events:
-                    if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                        node = e["name"][:-len("_kernel_time")]
-                        fastest[node] = min(fastest.get(node, float("inf")), e["dur"] / 1e3)
-                out[k] = fastest
+                    for feed in feeds:
+                        s.run(None, feed)
+            out = {k: _per_call_ms(json.loads(Path(s.end_profiling()).read_text()), len(feeds))
+                   for k, s in sessions.items()}
         return out
 
 
-def _feeds(inputs: Mapping[str, np.ndarray], static_batch: int | None) -> list[dict[str, np.ndarray]]:
-    """One feed of every model input per timed batch size (rows cut, or repeated when too few)."""
-    batches = [static_batch] if static_batch else [1, LARGE_BATCH]
-    out = []
+def _per_call_ms(events: list[dict[str, Any]], n_feeds: int) -> dict[str, float]:
+    """{ORT node name: ms per call} from one session's profile of calls cycling over ``n_feeds`` feeds: per
+    node and feed, its fastest run (a node behind a gate that a feed's rows skip runs on no rows, in
+    microseconds, or not at all: the fastest over all calls would be that one); the mean over the feeds."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    fastest: dict[str, dict[int, float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            call = max(0, bisect.bisect_right(starts, e["ts"]) - 1)  # the model_run it falls in
+            by_feed = fastest.setdefault(e["name"][:-len("_kernel_time")], {})
+            by_feed[call % n_feeds] = min(by_feed.get(call % n_feeds, float("inf")), e["dur"] / 1e3)
+    return {node: sum(by_feed.values()) / n_feeds for node, by_feed in fastest.items()}
+
+
+def _feeds(inputs: Mapping[str, np.ndarray], batches: list[int]) -> Feeds:
+    """The feeds of every model input per timed batch size: ``ROWS_AT_BATCH_1`` distinct rows at batch 1 (as many
+    as there are), one feed of the first rows (repeated when too few) at a larger batch."""
+    out: Feeds = []
     for b in batches:
-        out.append({name: np.ascontiguousarray(x[:b] if len(x) >= b else np.resize(x, (b, *x.shape[1:])))
-                    for name, x in inputs.items()})
+        rows = min(ROWS_AT_BATCH_1, min(len(x) for x in inputs.values())) if b == 1 else 1
+        out.append((b, [{name: np.ascontiguousarray(x[i:i + 1]) for name, x in inputs.items()} for i in range(rows)]
+                    if b == 1 else [{name: np.ascontiguousarray(x[:b] if len(x) >= b else
+                                                               np.resize(x, (b, *x.shape[1:])))
+                                     for name, x in inputs.items()}]))
     return out
 
 
@@ -180,18 +202,17 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
     dims = graph_input.type.tensor_type.shape.dim
     static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     threads = options.intra_op_threads or 1
-    model, moe = _keep_fast_moe(model, _Timer(options, threads, [_feeds(inputs, static_batch or MOE_BATCH)[-1]], tmp))
+    model, moe = _keep_fast_moe(model, _Timer(options, threads, _feeds(inputs, [static_batch or MOE_BATCH]), tmp))
     found = regions(model)
     if not found:
         return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
-    timer = _Timer(options, threads, _feeds(inputs, static_batch), tmp)
+    timer = _Timer(options, threads, _feeds(inputs, [static_batch] if static_batch else [1, LARGE_BATCH]), tmp)
     start = time.perf_counter()
     int8_path, fp32_path = timer.save("int8", model), timer.save("float", all_float(model), spent=True)
     owner = _owners(model, found)
     per_batch = {}
-    for feed in timer.feeds:
-        batch = len(next(iter(feed.values())))
-        node_ms = timer.profile({"int8": int8_path, "float": fp32_path}, feed)
+    for batch, feeds in timer.feeds:
+        node_ms = timer.profile({"int8": int8_path, "float": fp32_path}, feeds)
         per_batch[batch] = {k: _by_region(v, owner) for k, v in node_ms.items()}
     times = {name: {(b, k): r[k][0].get(name, 0.0) for b, r in per_batch.items() for k in r} for name, _ in found}
     decisions, slow = [], []
@@ -223,7 +244,7 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
              choice, time.perf_counter() - start)
     record = {"method": "onnxruntime node profile (fastest of interleaved runs), then whole-graph trial",
               "min_speedup": MIN_SPEEDUP, "threads": threads,
-              "batches": [len(next(iter(f.values()))) for f in timer.feeds],
+              "batches": [b for b, _ in timer.feeds], "rows_timed": {str(b): len(f) for b, f in timer.feeds},
               "unattributed_ms": {str(b): {k: round(v[1], 5) for k, v in r.items()} for b, r in per_batch.items()},
               "seconds": round(time.perf_counter() - start, 2), "regions": decisions, "final": final}
     if moe:

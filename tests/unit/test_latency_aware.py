@@ -200,6 +200,28 @@ def test_region_times_follow_ort_node_names():
     assert _fastest({1: {"decided": 1.0, "float": 2.0, "int8": 1.0}}) == "decided"  # a tie: the decided graph
 
 
+def test_node_times_are_per_row_then_averaged():
+    """Calls cycle over the rows; a node behind an exit runs on no rows (microseconds) for a row that left
+    before it: its fastest call per row, averaged over the rows, not its fastest call overall."""
+    from edgegate.targets.cpu_latency import _per_call_ms
+
+    def run(call: int, stage2_ms: float | None) -> list[dict]:
+        ts = 1000 * call
+        out = [{"cat": "Session", "name": "model_run", "ts": ts, "dur": 900},
+               {"cat": "Node", "name": "stage1_kernel_time", "ts": ts + 10, "dur": 100 + call}]
+        if stage2_ms is not None:
+            out.append({"cat": "Node", "name": "stage2_kernel_time", "ts": ts + 200, "dur": stage2_ms * 1e3})
+        return out
+
+    # Two rows in turn over three rounds: row 0 exits after stage 1 (stage 2 runs on 0 rows), row 1 runs on.
+    events = [e for c in range(6) for e in run(c, 0.001 if c % 2 == 0 else 0.5 + 0.1 * c)]
+    got = _per_call_ms(events, 2)
+    assert got["stage1"] == pytest.approx((0.100 + 0.101) / 2)  # each row's fastest call
+    assert got["stage2"] == pytest.approx((0.001 + 0.6) / 2)
+    # A node that runs for one row only (an If branch) counts as nothing for the other.
+    assert _per_call_ms([e for c in range(4) for e in run(c, 0.4 if c % 2 else None)], 2)["stage2"] == 0.2
+
+
 def test_fused_and_lowered_node_names_find_their_region():
     from edgegate.targets.cpu_latency import _region_of
 
