@@ -166,10 +166,12 @@ def _moe(s: dict[str, Any]) -> list[str]:
     if dec:
         big, small = max(dec["experts"]), min(dec["experts"])
         rows = [[r["quant"], r[f"e{big}_1_token_ms"], r[f"e{small}_1_token_ms"], r["decode_ratio"],
-                 r.get("bare_decode_ratio"), r[f"e{big}_64_tokens_ms"], r["bare_64_tokens_ms"], r["bundle_vs_bare"]]
+                 r.get("bare_decode_ratio"), r.get("weight_read_ratio", "-"), r[f"e{big}_64_tokens_ms"],
+                 r["bare_64_tokens_ms"], r["bundle_vs_bare"]]
                 for r in dec["latency"]]
         lines += _table(["quant", f"E={big} 1 token ms", f"E={small} 1 token ms", "ratio", "bare ORT op ratio",
-                         f"E={big} 64 tokens ms", "bare ORT op 64 tokens ms", "bundle / bare"], rows)
+                         "weight read ratio", f"E={big} 64 tokens ms", "bare ORT op 64 tokens ms", "bundle / bare"],
+                        rows)
         lines += _table(["output (64 tokens)", "SQNR dB vs float", "route set agreement"],
                         [[k, v["sqnr_db_vs_float"], v.get("route_set_agreement", "-")]
                          for k, v in dec["quality"].items()])

@@ -20,11 +20,18 @@ only gates are soft (sigmoid), the top-1 agreement of its prediction.
 3. ``bias_correction``: + each layer's mean output error removed on its own rows (1-3 finish one
    observation of the quantizers three ways and are all judged: equally free, the best is kept);
 4. ``observer``: the other activation observers (minmax, percentile, mse) on the best of 1-3;
-5. ``a16w8``: 16-bit inputs (int8 weights, still integer kernels on cpu) for Linear layers that feed a
-   failing gate, greedily, most helpful first (router inputs, channel-gate predictors' inputs, the stages
-   in front of an exit, threshold-gate pre-activations); not for ``trt``, which runs them in float;
-6. ``float``: layers that feed a failing gate kept in float, greedily; at most ``max_promoted_layers``
-   layers over 5 and 6.
+5. ``float``: layers that feed a failing gate kept in float, greedily, most helpful first (router inputs,
+   channel-gate predictors' inputs, the stages in front of an exit, threshold-gate pre-activations);
+6. ``a16w8``: 16-bit inputs (int8 weights, two byte-sliced integer matmuls on cpu) for Linear layers that
+   feed a gate still failing, on the room ``float`` left; not for ``trt``, which has no 16-bit activations.
+   At most ``max_promoted_layers`` layers over 5 and 6.
+
+Float comes before A16W8 because on the cpu target it is the cheaper of the two: ONNX Runtime on x86 runs an
+A16W8 Linear (two ``MatMulInteger``, their rescale and the 16-bit split) slower than the same layer in float
+(the latency-aware pass measures both and floats such layers), and float is exact where A16W8 still
+rounds the weights. Measured on the early_exit zoo model (seeds 0 and 2): float-first met the target with
+one or two float stages in 7-8 tries, at 0.9-0.98x the plain INT8 latency; A16W8-first took 10 tries and
+chose one A16W8 plus one float stage, at 1.1-1.16x.
 
 The search stops at the first try (the best of 1-3) that meets the target, else keeps the best of all.
 A try meets the target when, for every gate metric it applies to, both the counted value on the
@@ -71,8 +78,8 @@ class Means(StrEnum):
     RETUNE = "retune"
     BIAS = "bias_correction"
     OBSERVER = "observer"
-    A16W8 = "a16w8"
     FLOAT = "float"
+    A16W8 = "a16w8"
 
 
 OBSERVERS = (Observer.MINMAX, Observer.PERCENTILE, Observer.MSE)  # by calibration time
@@ -247,10 +254,10 @@ class _Search:
             assert self.best is not None
             quantized = {p: q.kind for p, q in self.best[2].plan.layers.items()}
             fed = feeders(self.model, self.x, self.gate_map)
+            self.promote(Means.FLOAT, quantized, fed)
             # the symmetric form (TensorRT) has no 16-bit activations: an A16W8 layer would run in float anyway
             if c.qdq_form is QdqForm.ASYMMETRIC:
                 self.promote(Means.A16W8, quantized, fed)
-            self.promote(Means.FLOAT, quantized, fed)
         return self.finish()
 
     def finish(self) -> tuple[nn.Module, CalibrationRecord]:

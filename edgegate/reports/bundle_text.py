@@ -127,7 +127,8 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
     mode = "gate-aware" if config.get("calibration") == "gate_aware" else str(config.get("calibration", "?"))
     kept = "kept float" if config.get("gate_precision") == "float" else f"in {config.get('gate_precision', '?')}"
     text = (f"int8 ({config.get('qdq_form', '?')} form), {mode} calibration on {q.get('calibration_data') or '?'} "
-            f"({q.get('samples', '?')} samples), observer {config.get('observer', '?')}, gate layers {kept}")
+            f"({q.get('samples', '?')} samples{_split_words(q.get('data_split'))}), observer "
+            f"{config.get('observer', '?')}, gate layers {kept}")
     lines = labelled("Quantization", [text])
     coverage = q.get("calibrated") or q.get("coverage") or {}
     cov: list[str] = []
@@ -148,6 +149,19 @@ def _int8_lines(q: Mapping[str, Any], gates: Mapping[str, Mapping[str, Any]]) ->
     for f in q.get("fallbacks") or []:
         cov.append(f"{f.get('layer')}: {f.get('action')} fallback ({f.get('reason')})")
     return lines + labelled("Coverage", cov)
+
+
+def _split_words(split: Mapping[str, Any] | None) -> str:
+    """``: train 424 + val 600; held out 2976: test 600 + train 2376`` from ``quant.data_split`` (a built-in
+    dataset's calibration rows and held-out rows by split), or nothing."""
+    if not split:
+        return ""
+
+    def rows(part: Mapping[str, Any]) -> str:
+        return " + ".join(f"{name} {n}" for name, n in (part.get("splits") or {}).items())
+
+    held = split.get("held_out") or {}
+    return f": {rows(split.get('calibration') or {})}; held out {held.get('rows', '?')}: {rows(held)}"
 
 
 def fidelity_lines(m: Mapping[str, Any]) -> list[str]:

@@ -14,8 +14,8 @@ put a region's gain at a few percent of the measured time, below the noise of a 
 fuse nodes of neighbouring regions into one (a float Conv with the Relu after it): a region its profile
 shows no time for is decided together with the next. A final whole-graph trial (interleaved medians of each repeat's
 fastest call) times the decided graph against the all-float one (and the all-INT8 one when they differ):
-the decided graph ships unless it is slower than all-float at some batch, then all-INT8 if that is not,
-else all-float, so the bundle is never slower than its FP32 form as measured here. Each region record's
+of the graphs at least as fast as all-float at every batch the fastest ships (the decided one on a tie), else
+all-float, so the bundle is never slower than its FP32 form as measured here. Each region record's
 ``kept`` is what ships (its profile's verdict in ``profiled`` when the whole-graph trial overrode it).
 
 A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/scatter)``, written by
@@ -26,6 +26,7 @@ A sparse MoE block of an int8 graph (``If(tokens <= 8: QMoE, else int8 gather/sc
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
@@ -43,6 +44,7 @@ from edgegate.fs import scratch_write
 from edgegate.onnx_export.passes._graph import value_producers, value_readers
 from edgegate.onnx_export.passes.float_regions import (
     all_float,
+    integer_layers,
     regions,
     sparse_moe_switches,
     switch_branch_to_float,
@@ -61,6 +63,10 @@ LARGE_BATCH = 8
 PROFILE_MS = 600.0  # profiled runs: about this long per batch size, within PROFILE_RUNS
 PROFILE_RUNS = (12, 60)
 MOE_BATCH = 32  # rows for the sparse MoE trial: above lower_moe's QMoE token limit (8)
+# Distinct rows timed one at a time at batch 1: a conditional model's cost depends on the row (how far it runs
+# before an exit, which experts it routes to), so batch-1 times are the mean over these rows, not one row's.
+ROWS_AT_BATCH_1 = 8
+Feeds = list[tuple[int, list[dict[str, np.ndarray]]]]  # (batch, the feeds timed at it, in turn)
 
 
 class _Timer:
@@ -70,7 +76,7 @@ class _Timer:
     need not stay alive beside ORT's own copy of the weights (export peak memory), and a trial model that
     ships is read back from its file."""
 
-    def __init__(self, options: Any, threads: int, feeds: list[dict[str, np.ndarray]], workdir: str) -> None:
+    def __init__(self, options: Any, threads: int, feeds: Feeds, workdir: str) -> None:
         import onnxruntime as ort
 
         self.ort, self.options, self.threads, self.feeds, self.workdir = ort, options, threads, feeds, workdir
@@ -98,32 +104,37 @@ class _Timer:
         return so
 
     def compare(self, sessions: dict[str, Any]) -> dict[int, dict[str, float]]:
-        """{batch: {name: median ms}} for each feed's batch size."""
+        """{batch: {name: median ms}}: per repeat, each feed's least-disturbed call, averaged over the feeds
+        of that batch size; the median over repeats."""
         out = {}
-        for feed in self.feeds:
-            batch = len(next(iter(feed.values())))
+        for batch, feeds in self.feeds:
             for s in sessions.values():
-                s.run(None, feed)
+                for feed in feeds:
+                    s.run(None, feed)
             t0 = time.perf_counter()
             for s in sessions.values():
-                s.run(None, feed)
-            per_call_ms = (time.perf_counter() - t0) * 1e3 / len(sessions)
-            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_call_ms, 1e-3))))
+                for feed in feeds:
+                    s.run(None, feed)
+            per_call_ms = (time.perf_counter() - t0) * 1e3 / (len(sessions) * len(feeds))
+            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_call_ms * len(feeds), 1e-3))))
             medians: dict[str, list[float]] = {k: [] for k in sessions}
             for _ in range(REPEATS):
                 for k, s in sessions.items():
-                    times = []
-                    for _ in range(calls):
-                        t = time.perf_counter()
-                        s.run(None, feed)
-                        times.append(time.perf_counter() - t)
-                    medians[k].append(min(times) * 1e3)  # the least-disturbed call of the repeat
+                    fastest = []
+                    for feed in feeds:
+                        times = []
+                        for _ in range(calls):
+                            t = time.perf_counter()
+                            s.run(None, feed)
+                            times.append(time.perf_counter() - t)
+                        fastest.append(min(times))  # the least-disturbed call of the repeat
+                    medians[k].append(statistics.fmean(fastest) * 1e3)
             out[batch] = {k: round(statistics.median(v), 5) for k, v in medians.items()}
         return out
 
-    def profile(self, models: dict[str, str], feed: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-        """{name: {ORT node name: ms}}: each node's fastest time over interleaved profiled runs of the models
-        (``models``: {name: file path}).
+    def profile(self, models: dict[str, str], feeds: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+        """{name: {ORT node name: ms per call}}: interleaved profiled runs of the models (``models``: {name: file
+        path}) over ``feeds`` in turn; each node's fastest time per feed, averaged over the feeds (``_per_call_ms``).
 
         The fastest of many runs is the time another process disturbed least: on a loaded machine a node of
         half a millisecond is preempted in some runs, never in all (medians of whole-graph times are not so
@@ -137,31 +148,43 @@ class _Timer:
                 sessions[k] = self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
             t0 = time.perf_counter()
             for s in sessions.values():
-                s.run(None, feed)
+                for feed in feeds:
+                    s.run(None, feed)
             per_round_ms = (time.perf_counter() - t0) * 1e3
             runs = max(PROFILE_RUNS[0], min(PROFILE_RUNS[1], int(PROFILE_MS / max(per_round_ms, 1e-3))))
             for _ in range(runs):
                 for s in sessions.values():
-                    s.run(None, feed)
-            out = {}
-            for k, s in sessions.items():
-                fastest: dict[str, float] = {}
-                events = json.loads(Path(s.end_profiling()).read_text())
-                for e in events:
-                    if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                        node = e["name"][:-len("_kernel_time")]
-                        fastest[node] = min(fastest.get(node, float("inf")), e["dur"] / 1e3)
-                out[k] = fastest
+                    for feed in feeds:
+                        s.run(None, feed)
+            out = {k: _per_call_ms(json.loads(Path(s.end_profiling()).read_text()), len(feeds))
+                   for k, s in sessions.items()}
         return out
 
 
-def _feeds(inputs: Mapping[str, np.ndarray], static_batch: int | None) -> list[dict[str, np.ndarray]]:
-    """One feed of every model input per timed batch size (rows cut, or repeated when too few)."""
-    batches = [static_batch] if static_batch else [1, LARGE_BATCH]
-    out = []
+def _per_call_ms(events: list[dict[str, Any]], n_feeds: int) -> dict[str, float]:
+    """{ORT node name: ms per call} from one session's profile of calls cycling over ``n_feeds`` feeds: per
+    node and feed, its fastest run (a node behind a gate that a feed's rows skip runs on no rows, in
+    microseconds, or not at all: the fastest over all calls would be that one); the mean over the feeds."""
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    fastest: dict[str, dict[int, float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            call = max(0, bisect.bisect_right(starts, e["ts"]) - 1)  # the model_run it falls in
+            by_feed = fastest.setdefault(e["name"][:-len("_kernel_time")], {})
+            by_feed[call % n_feeds] = min(by_feed.get(call % n_feeds, float("inf")), e["dur"] / 1e3)
+    return {node: sum(by_feed.values()) / n_feeds for node, by_feed in fastest.items()}
+
+
+def _feeds(inputs: Mapping[str, np.ndarray], batches: list[int]) -> Feeds:
+    """The feeds of every model input per timed batch size: ``ROWS_AT_BATCH_1`` distinct rows at batch 1 (as many
+    as there are), one feed of the first rows (repeated when too few) at a larger batch."""
+    out: Feeds = []
     for b in batches:
-        out.append({name: np.ascontiguousarray(x[:b] if len(x) >= b else np.resize(x, (b, *x.shape[1:])))
-                    for name, x in inputs.items()})
+        rows = min(ROWS_AT_BATCH_1, min(len(x) for x in inputs.values())) if b == 1 else 1
+        out.append((b, [{name: np.ascontiguousarray(x[i:i + 1]) for name, x in inputs.items()} for i in range(rows)]
+                    if b == 1 else [{name: np.ascontiguousarray(x[:b] if len(x) >= b else
+                                                               np.resize(x, (b, *x.shape[1:])))
+                                     for name, x in inputs.items()}]))
     return out
 
 
@@ -179,18 +202,17 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
     dims = graph_input.type.tensor_type.shape.dim
     static_batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
     threads = options.intra_op_threads or 1
-    model, moe = _keep_fast_moe(model, _Timer(options, threads, [_feeds(inputs, static_batch or MOE_BATCH)[-1]], tmp))
+    model, moe = _keep_fast_moe(model, _Timer(options, threads, _feeds(inputs, [static_batch or MOE_BATCH]), tmp))
     found = regions(model)
     if not found:
         return model, {"regions": [], "note": "no quantized region", **({"sparse_moe": moe} if moe else {})}
-    timer = _Timer(options, threads, _feeds(inputs, static_batch), tmp)
+    timer = _Timer(options, threads, _feeds(inputs, [static_batch] if static_batch else [1, LARGE_BATCH]), tmp)
     start = time.perf_counter()
     int8_path, fp32_path = timer.save("int8", model), timer.save("float", all_float(model), spent=True)
     owner = _owners(model, found)
     per_batch = {}
-    for feed in timer.feeds:
-        batch = len(next(iter(feed.values())))
-        node_ms = timer.profile({"int8": int8_path, "float": fp32_path}, feed)
+    for batch, feeds in timer.feeds:
+        node_ms = timer.profile({"int8": int8_path, "float": fp32_path}, feeds)
         per_batch[batch] = {k: _by_region(v, owner) for k, v in node_ms.items()}
     times = {name: {(b, k): r[k][0].get(name, 0.0) for b, r in per_batch.items() for k in r} for name, _ in found}
     decisions, slow = [], []
@@ -222,7 +244,7 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
              choice, time.perf_counter() - start)
     record = {"method": "onnxruntime node profile (fastest of interleaved runs), then whole-graph trial",
               "min_speedup": MIN_SPEEDUP, "threads": threads,
-              "batches": [len(next(iter(f.values()))) for f in timer.feeds],
+              "batches": [b for b, _ in timer.feeds], "rows_timed": {str(b): len(f) for b, f in timer.feeds},
               "unattributed_ms": {str(b): {k: round(v[1], 5) for k, v in r.items()} for b, r in per_batch.items()},
               "seconds": round(time.perf_counter() - start, 2), "regions": decisions, "final": final}
     if moe:
@@ -231,15 +253,15 @@ def _keep_fast_regions(model, inputs: Mapping[str, np.ndarray], options: Any, tm
 
 
 def _fastest(times: dict[int, dict[str, float]]) -> str:
-    """The candidate to ship: the decided graph unless it is slower than all-float at some batch (then the
-    faster of all-INT8 and all-float by the same rule), each at least as fast as float at every batch."""
-    def not_slower_than_float(k: str) -> bool:
-        return all(t[k] <= t["float"] for t in times.values())
-
-    for k in ("decided", "int8"):
-        if k in next(iter(times.values())) and not_slower_than_float(k):
-            return k
-    return "float"
+    """The candidate to ship: of those at least as fast as all-float at every batch, the fastest (mean time
+    relative to float over the batches; the decided graph on a tie), else all-float. The profile's per-region
+    verdicts can be wrong (a region whose float nodes ORT renamed past recognition looks free in float): the
+    whole-graph times decide."""
+    names = [k for k in ("decided", "int8") if k in next(iter(times.values()))]
+    fit = [k for k in names if all(t[k] <= t["float"] for t in times.values())]
+    if not fit:
+        return "float"
+    return min(fit, key=lambda k: (statistics.fmean(t[k] / t["float"] for t in times.values()), names.index(k)))
 
 
 def _owners(model, found: list[tuple[str, list[str]]]) -> dict[str, str]:
@@ -264,6 +286,12 @@ def _owners(model, found: list[tuple[str, list[str]]]) -> dict[str, str]:
         if n.name in owner:
             for o in n.output:
                 owner.setdefault(o, owner[n.name])
+    # A Linear lowered to integer matmuls is named PATH.<role>, and so are its float nodes in the all-float graph
+    # (PATH.matmul_float, PATH.bias_float): the key "PATH." owns them (``_region_of`` tries dotted prefixes).
+    for layer in integer_layers(graph):
+        region = next((owner[n] for n in layer.nodes if n in owner), None)
+        if region is not None:
+            owner.setdefault(f"{layer.path}.", region)
     return owner
 
 
@@ -293,19 +321,36 @@ def _merge_unseen(found: list[tuple[str, list[str]]], times: dict[str, dict[Any,
 
 
 _ORT_SUFFIX = re.compile(r"(_token_\d+|_nchwc)$")
+_ORT_FUSED = "fused "  # ORT's name of a node it fused with the next (Gemm + Relu): "fused <first node>"
+
+
+def _region_of(name: str, owner: dict[str, str]) -> str | None:
+    """The region owning ORT's node ``name``: ORT names a node it fused or rewrote after the node it replaced
+    (or its output), with ``_token_N`` / ``_nchwc`` appended, ``fused `` prepended or ``/<Fusion>`` appended
+    (``x.matmul_float/MatMulAddFusion``); a lowered layer's nodes are found by their dotted path prefix."""
+    base = name.removeprefix(_ORT_FUSED)
+    if base not in owner and "/" in base:
+        base = base.rsplit("/", 1)[0]
+    while base not in owner and _ORT_SUFFIX.search(base):
+        base = _ORT_SUFFIX.sub("", base)
+    if base in owner:
+        return owner[base]
+    parts = base.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # a lowered layer's node PATH.<role>: the key "PATH." (``_owners``)
+        region = owner.get(".".join(parts[:i]) + ".")
+        if region is not None:
+            return region
+    return None
 
 
 def _by_region(node_ms: dict[str, float], owner: dict[str, str]) -> tuple[dict[str, float], float]:
-    """({region: ms}, ms of nodes no region owns) from ORT's per-node times. ORT names a node it fused or
-    rewrote after the node it replaced (or its output), with ``_token_N`` / ``_nchwc`` appended."""
+    """({region: ms}, ms of nodes no region owns) from ORT's per-node times (names: ``_region_of``)."""
     out: dict[str, float] = {}
     rest = 0.0
     for name, ms in node_ms.items():
-        base = name
-        while base not in owner and _ORT_SUFFIX.search(base):
-            base = _ORT_SUFFIX.sub("", base)
-        if base in owner:
-            out[owner[base]] = out.get(owner[base], 0.0) + ms
+        region = _region_of(name, owner)
+        if region is not None:
+            out[region] = out.get(region, 0.0) + ms
         else:
             rest += ms
     return out, rest

@@ -159,9 +159,10 @@ def test_every_command_works_or_names_the_extra(int8_export, tmp_path: Path) -> 
     for label, needle in [("Quantization", "int8 (asymmetric form), gate-aware calibration on clusters"),
                           ("Fidelity", "top-1 agreement 0."),
                           ("Gate fidelity", "ExitMLP (whole model): exit agreement"),
-                          ("A16 layers", ": 16-bit activations, int8 weights"), ("Kept float", "heads.0 (exit head 0)"),
+                          ("Kept float", "heads.0 (exit head 0)"),
                           ("Files", "model.onnx"), ("ONNX ops", "need onnx: pip install 'edgegate[compile]'")]:
         assert any(line.startswith(f"{label:<13}: ") and needle in line for line in lines), (label, inspect["out"])
+    assert "(feeds a gate decision; kept float for gate fidelity)" in inspect["out"]  # the search's promotion
     info = json.loads(inspect_json["out"])
     assert info["quant"]["fidelity"]["samples"] > 0 and info["onnx"] is None
     assert "Golden check : passed" in bench["out"]
