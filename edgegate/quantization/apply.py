@@ -67,7 +67,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: Gate
     """
     config = config or QuantConfig()
     gate_map = find_gates(model) if gate_map is None else gate_map
-    qmodel = copy.deepcopy(model).eval()
+    # The module tree copied, the parameters shared (the brevitas layers share the weights too, `quant_layer`):
+    # nothing here writes a float parameter in place, and a copy of the weights is the size of the model.
+    qmodel = copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
     keep = kept_float(qmodel, config, gate_map)
     targets = {path: m for path, m in qmodel.named_modules() if is_quantizable(m) and path not in keep}
     for path, module in targets.items():
