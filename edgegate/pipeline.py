@@ -6,7 +6,9 @@ target.compile -> golden I/O -> write_bundle. Each step is a plain function of t
 ``keep_intermediate``, keeps each step's output in ``<out>.steps/`` so a run can be inspected.
 ``export`` is the same from Python with keyword options, and also takes an ``nn.Module`` with example
 inputs. Every model input (``--input``, or what the model records) travels through every step: the
-calibration data, the ONNX graph inputs, ``golden_io.npz`` and the manifest's ``export.inputs``.
+calibration data, the ONNX graph inputs, ``golden_io.npz`` and the manifest's ``export.inputs``. The torch
+steps (load .. export_onnx) run in one call whose models die with it: check, compile and golden hold the graph
+and the golden reference outputs (computed before export_onnx), not the models (export peak memory).
 """
 
 from __future__ import annotations
@@ -227,23 +229,22 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
 
 @dataclass(frozen=True)
 class _TorchSide:
-    """What the steps after export_onnx read of the torch side: records, data and the golden reference outputs,
-    no model."""
+    """What the steps after export_onnx read of the torch side: records, data, golden reference outputs; no model."""
 
     spec: dict  # the loaded model's spec (class, config, meta)
     source: dict  # the manifest's ``source`` entry
     specs: tuple[TensorSpec, ...]
     source_data: str | None
     quantized: bool
-    calib: Any  # calibration rows (Dataset) or None
+    calib: Any  # calibration rows (Dataset) or None, and the held-out rows
     held_out: Any
     x: Inputs  # golden samples
     names: list[str]  # output names
     want: list[np.ndarray]  # the reference's outputs on ``x`` (golden.torch_outputs)
     float_want: list[np.ndarray] | None  # the float (export) model's, where it is not the reference
-    quant: dict[str, Any]
+    quant: dict[str, Any]  # the quantize step's record
     exact: bool
-    conversion: dict[str, Any]
+    conversion: dict[str, Any]  # the records of the conversion, the gates, expert skipping (manifest entries)
     gates: dict[str, Any]
     moe_skip: Any
     exit_form: str | None
@@ -286,7 +287,6 @@ def _torch_steps(model_path: Any, out: Path, config: ExportConfig, target: Any, 
         x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
         _check_fits(model, x, specs)
         conversion = _verify(original, conversion, calib, x)
-    del original
     skip_record = None
     if skipping is not None:
         # the calibration stage (brevitas): loaded only by an export that skips experts
@@ -297,8 +297,7 @@ def _torch_steps(model_path: Any, out: Path, config: ExportConfig, target: Any, 
             gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
         q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out, specs)
-    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
-                            moe_form=MoEForm(target.moe_form))
+    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form), moe_form=MoEForm(target.moe_form))
     with timer.step("export_onnx"):
         # The torch half of the golden check first, so the fake-quant reference is freed before the exporter runs.
         want = torch_outputs(q.reference, x, config.batch)
@@ -309,7 +308,7 @@ def _torch_steps(model_path: Any, out: Path, config: ExportConfig, target: Any, 
                        conversion=conversion.to_dict(), gates=gate_map.to_dict(), moe_skip=skip_record,
                        exit_form=_exit_form(q.export_model, options))
         export_model, lower = q.export_model, q.lower
-        del q, source, loaded, model, conversion, gate_map  # export_model is the one model the exporter needs
+        del q, source, loaded, model, original, conversion, gate_map  # the exporter needs export_model alone
         release_freed_heap()
         proto = export_onnx(export_model, x.map(torch.from_numpy), [s.name for s in specs], options)
         del export_model
