@@ -62,10 +62,36 @@ def _top1_accepted(got: np.ndarray, want: np.ndarray, also: np.ndarray | None, t
     return float(np.mean(ok))
 
 
+def whole_batches(x: Inputs, batch: int | None) -> Inputs:
+    """``x`` tiled or trimmed to whole static batches (every input alike); as it is for a dynamic batch."""
+    n = len(x)
+    step = batch or n
+    return x[np.arange(step * max(1, n // step)) % n] if n % step else x
+
+
+def torch_outputs(model: Any, x: Inputs, batch: int | None) -> list[np.ndarray]:
+    """The torch model's outputs on `whole_batches` of ``x``, one batch per call as `run_golden` runs it: its
+    ``model`` argument, computed before compile so the torch model need not be held through it."""
+    import torch
+
+    x = whole_batches(x, batch)
+    step = batch or len(x)
+    refs: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for i in range(0, len(x), step):
+            ref = x[i:i + step].map(torch.from_numpy).run(model)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            refs = refs or [[] for _ in ref]
+            for acc, y in zip(refs, ref, strict=True):
+                acc.append(y.numpy())
+    return [np.concatenate(a) for a in refs]
+
+
 def run_golden(onnx_bytes: bytes, model: Any, x: Inputs, names: list[str], batch: int | None, runner: Any = None,
                reference_only: bool = False) -> tuple[bytes, Inputs, list[np.ndarray], list[np.ndarray]]:
     """Run the compiled model here and torch on every input of ``x``: (npz bytes, inputs, device outputs,
     torch outputs). The npz holds ``input.<name>`` per model input and ``output.<name>`` per output.
+    ``model``: the torch model, or its outputs from `torch_outputs` (same ``x`` and ``batch``).
 
     The device outputs come from the target's own ``runner`` when it runs on this machine, else from
     ONNX Runtime on the bundle's ``model.onnx`` (the reference runtime). ``reference_only``: the graph
@@ -75,7 +101,6 @@ def run_golden(onnx_bytes: bytes, model: Any, x: Inputs, names: list[str], batch
     import io
 
     import onnxruntime as ort
-    import torch
 
     if runner is None:
         so = ort.SessionOptions()
@@ -89,23 +114,16 @@ def run_golden(onnx_bytes: bytes, model: Any, x: Inputs, names: list[str], batch
         def run(chunk: Inputs) -> list[np.ndarray]:
             out = runner.run(dict(chunk.arrays))
             return [out[k] for k in names]
-    n = len(x)
-    step = batch or n
-    if n % step:  # whole static batches only: tile or trim the samples (every input alike)
-        x = x[np.arange(step * max(1, n // step)) % n]
+    x = whole_batches(x, batch)  # whole static batches only
+    step = batch or len(x)
     outs: list[list[np.ndarray]] = [[] for _ in names]
-    refs: list[list[np.ndarray]] = [[] for _ in names]
-    with torch.no_grad():
-        for i in range(0, len(x), step):
-            chunk = x[i:i + step]
-            for acc, y in zip(outs, run(chunk), strict=True):
-                acc.append(y)
-            ref = chunk.map(torch.from_numpy).run(model)
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            for acc, y in zip(refs, ref, strict=True):
-                acc.append(y.numpy())
+    for i in range(0, len(x), step):
+        for acc, y in zip(outs, run(x[i:i + step]), strict=True):
+            acc.append(y)
     got = [np.concatenate(a) for a in outs]
-    want = [np.concatenate(a) for a in refs]
+    want = model if isinstance(model, list) else torch_outputs(model, x, batch)
+    if len(want) != len(names):
+        raise ExportError(f"the torch model gives {len(want)} output(s), the graph {len(names)} ({', '.join(names)})")
     buf = io.BytesIO()
     np.savez(buf, **{f"input.{k}": v for k, v in x.arrays.items()},
              **{f"output.{k}": v for k, v in zip(names, got, strict=True)})

@@ -6,7 +6,9 @@ target.compile -> golden I/O -> write_bundle. Each step is a plain function of t
 ``keep_intermediate``, keeps each step's output in ``<out>.steps/`` so a run can be inspected.
 ``export`` is the same from Python with keyword options, and also takes an ``nn.Module`` with example
 inputs. Every model input (``--input``, or what the model records) travels through every step: the
-calibration data, the ONNX graph inputs, ``golden_io.npz`` and the manifest's ``export.inputs``.
+calibration data, the ONNX graph inputs, ``golden_io.npz`` and the manifest's ``export.inputs``. The torch
+steps (load .. export_onnx) run in one call whose models die with it: check, compile and golden hold the graph
+and the golden reference outputs (computed before export_onnx), not the models (export peak memory).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from edgegate.convert import class_path, convert, converters, verify
 from edgegate.data import Inputs, TensorSpec, load_data, row_counts, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
 from edgegate.gates import find_gates
-from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden
+from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden, torch_outputs
 from edgegate.heap import release_freed_heap
 from edgegate.loading.inputs import model_inputs, parse_input, value_range
 from edgegate.loading.source import describe, open_source
@@ -152,10 +154,6 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
                on_step: Callable[[str], None] | None = None, *, example_inputs: Any = None) -> Path:
     """Export ``model_path`` (a model file, a Hugging Face folder or an ``nn.Module``) for ``config.target``
     into the bundle directory ``out``; returns its path. ``example_inputs``: see `export`."""
-    # The exporter loads torch.onnx (dynamo, onnxscript) when an export gets there, not with the pipeline: an
-    # export interrupted before it then exits 130 cleanly instead of dying with torch.onnx's machinery loaded.
-    from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
-
     out = Path(out)
     check_destination(out, config.overwrite)  # before minutes of calibration, not after
     skipping = _skip_option(config)
@@ -163,16 +161,112 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
     ok, why = target.is_available()
     if not ok:
         raise EdgegateError(f"target {config.target} is not available here: {why}")
+    timer = StepTimer(on_step=on_step)
+    # The torch side returns the graph and what the later steps read of the models: the models (the float one,
+    # the fake-quant one: each the size of the weights) are freed before the graph is checked and compiled.
+    proto, t = _torch_steps(model_path, out, config, target, skipping, timer, example_inputs)
+    release_freed_heap()
+    with timer.step("check"):
+        problems = target.check(proto)
+        if problems:
+            raise ExportError(targets.refusal(target.name, problems))
+    names_in = [s.name for s in t.specs]
+    rows = t.calib.model_inputs(names_in) if t.calib is not None else t.x
+    context = targets.CompileContext(
+        quant=config.quant, batch=config.batch, input_name=names_in[0], output_names=tuple(t.names),
+        calibration=rows.first, dataset=t.source_data, calibration_inputs=dict(rows.arrays),
+        inputs=tuple(targets.TensorSpec(s.name, (config.batch, *s.shape), np.dtype(s.dtype)) for s in t.specs))
+    topts = targets.options_for_export(target, config.target_options, context)
+    with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
+        artifact = target.compile(proto, topts, Path(workdir))
+    # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
+    opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
+    del proto
+    release_freed_heap()
+    with timer.step("golden"):
+        runs_here, _ = targets.can_run(target)
+        with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
+            golden, x, got, want = run_golden(artifact.files["model.onnx"], t.want, t.x, t.names, config.batch,
+                                              runner, reference_only=target.golden_on_reference)
+        also = None
+        if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
+               .get("regions", [])):  # regions run in float: the float model is a reference there too
+            also = t.float_want
+        golden_record = check_golden(got, want, t.names, t.exact and artifact.options.get("exact", True), also)
+        if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
+            golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
+        golden_record["source"] = target.name if runs_here else "onnxruntime"
+    quant_record = {**t.quant, "calibration_data": t.source_data if t.quantized else None}
+    if t.quantized:
+        quant_record["holdout"] = config.holdout
+        # Which rows calibrated (and judged the fidelity search) and which were held out, by split of origin.
+        quant_record["data_split"] = {"calibration": row_counts(t.calib), "held_out": row_counts(t.held_out)}
+    manifest = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "source": t.source,
+        "model": {"class": t.spec.get("class"), "config": t.spec.get("config"), "meta": t.spec.get("meta")},
+        "target": target.name,
+        "target_options": artifact.options,
+        "quant": quant_record,
+        "conversion": t.conversion,
+        "gates": t.gates,
+        "moe_skip": t.moe_skip,
+        "export": {"opset": opset, "batch": config.batch, "exit_form": t.exit_form, "input": t.specs[0].to_dict(),
+                   "inputs": [s.to_dict() for s in t.specs], "outputs": t.names, "functions": functions},
+        "golden": {"samples": len(x), **golden_record},
+        "timings_s": timer.seconds,
+    }
+    files = dict(artifact.files)
+    files["golden_io.npz"] = golden
+    if on_step:
+        on_step("write_bundle")  # the caller's last chance to stop before anything is written
+    t0 = time.perf_counter()
+    path = write_bundle(out, files, manifest, overwrite=config.overwrite)
+    log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))
+    return path
+
+
+@dataclass(frozen=True)
+class _TorchSide:
+    """What the steps after export_onnx read of the torch side: records, data, golden reference outputs; no model."""
+
+    spec: dict  # the loaded model's spec (class, config, meta)
+    source: dict  # the manifest's ``source`` entry
+    specs: tuple[TensorSpec, ...]
+    source_data: str | None
+    quantized: bool
+    calib: Any  # calibration rows (Dataset) or None, and the held-out rows
+    held_out: Any
+    x: Inputs  # golden samples
+    names: list[str]  # output names
+    want: list[np.ndarray]  # the reference's outputs on ``x`` (golden.torch_outputs)
+    float_want: list[np.ndarray] | None  # the float (export) model's, where it is not the reference
+    quant: dict[str, Any]  # the quantize step's record
+    exact: bool
+    conversion: dict[str, Any]  # the records of the conversion, the gates, expert skipping (manifest entries)
+    gates: dict[str, Any]
+    moe_skip: Any
+    exit_form: str | None
+
+
+def _torch_steps(model_path: Any, out: Path, config: ExportConfig, target: Any, skipping: Any, timer: StepTimer,
+                 example_inputs: Any) -> tuple[onnx.ModelProto, _TorchSide]:
+    """load -> convert -> find_gates -> [load_data -> calibrate/quantize] -> export_onnx: (the lowered graph,
+    what the later steps need); the models die with this call."""
+    # The exporter loads torch.onnx (dynamo, onnxscript) when an export gets there, not with the pipeline: an
+    # export interrupted before it then exits 130 cleanly instead of dying with torch.onnx's machinery loaded.
+    from edgegate.onnx_export.torch_export import ExitForm, ExportOptions, export_onnx, output_names
+
     qopts = QuantOptions(scheme=config.quant, observer=config.observer, gate_precision=config.gate_precision,
                          calibration=config.calibration, lowrank=config.lowrank, min_coverage=config.min_coverage,
                          fidelity_target=config.fidelity_target)
-
-    timer = StepTimer(on_step=on_step)
     with timer.step("load"):
         source = open_source(model_path, trust_model=config.trust_model, model_class=config.model_class,
                              inputs=config.inputs, example_inputs=example_inputs)
         loaded, specs = source.loaded, source.inputs
         model = loaded.module.eval()
+    release_freed_heap()  # the checkpoint's tensors, copied into the model (225 MB on a 59M-parameter LM)
     with timer.step("convert"):
         original, model, conversion = _convert(model, convert)
     with timer.step("find_gates"):
@@ -202,81 +296,27 @@ def run_export(model_path: Any, out: str | Path, config: ExportConfig,
             skip_record = skip_for_export(model, gate_map, skipping, calib, held_out, [s.name for s in specs])
             gate_map = find_gates(model)
     with timer.step("calibrate" if quantized else "quantize"):
-        q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out,
-                                specs)
-    release_freed_heap()
-    names_in = [s.name for s in specs]
-    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form),
-                            moe_form=MoEForm(target.moe_form))
+        q = quantize_for_export(model, gate_map, qopts, QdqForm(target.qdq_form), calib, held_out, specs)
+    options = ExportOptions(batch=config.batch, exit_form=ExitForm(config.exit_form), moe_form=MoEForm(target.moe_form))
     with timer.step("export_onnx"):
-        proto = export_onnx(q.export_model, x.map(torch.from_numpy), names_in, options)
-        _keep(config, out, "export_onnx.onnx", proto.SerializeToString())
-        proto = q.lower(proto)
-        _keep(config, out, "lowered.onnx", proto.SerializeToString())
-    release_freed_heap()
-    with timer.step("check"):
-        problems = target.check(proto)
-        if problems:
-            raise ExportError(targets.refusal(target.name, problems))
-    names = output_names(model)
-    rows = calib.model_inputs(names_in) if calib is not None else x
-    context = targets.CompileContext(
-        quant=config.quant, batch=config.batch, input_name=names_in[0], output_names=tuple(names),
-        calibration=rows.first, dataset=source_data, calibration_inputs=dict(rows.arrays),
-        inputs=tuple(targets.TensorSpec(s.name, (config.batch, *s.shape), np.dtype(s.dtype)) for s in specs))
-    topts = targets.options_for_export(target, config.target_options, context)
-    with timer.step("compile"), tempfile.TemporaryDirectory(prefix="edgegate-compile-") as workdir:
-        artifact = target.compile(proto, topts, Path(workdir))
-    # The artifact holds the weights now: the proto's copy goes before the golden run (export peak memory).
-    opset, functions = proto.opset_import[0].version, [f.name for f in proto.functions]
-    del proto
-    release_freed_heap()
-    with timer.step("golden"):
-        runs_here, _ = targets.can_run(target)
-        with target.load(artifact) if runs_here else contextlib.nullcontext() as runner:
-            golden, x, got, want = run_golden(artifact.files["model.onnx"], q.reference, x, names, config.batch,
-                                              runner, reference_only=target.golden_on_reference)
-            also = None
-            if any(r.get("kept") == "float" for r in artifact.options.get("latency_aware_decisions", {})
-                   .get("regions", [])):  # regions run in float: the float model is a reference there too
-                also = run_golden(artifact.files["model.onnx"], q.export_model, x, names, config.batch,
-                                  runner, reference_only=target.golden_on_reference)[3]
-        golden_record = check_golden(got, want, names, q.exact and artifact.options.get("exact", True), also)
-        if "golden_atol" in artifact.options:  # the target knows its device's numerics (fp16, spikes)
-            golden_record["atol"] = max(golden_record["atol"], float(artifact.options["golden_atol"]))
-        golden_record["source"] = target.name if runs_here else "onnxruntime"
-    quant_record = {**q.record, "calibration_data": source_data if quantized else None}
-    if quantized:
-        quant_record["holdout"] = config.holdout
-        # Which rows calibrated (and judged the fidelity search) and which were held out, by split of origin.
-        quant_record["data_split"] = {"calibration": row_counts(calib), "held_out": row_counts(held_out)}
-    manifest = {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "source": describe(loaded),
-        "model": {"class": loaded.spec.get("class"), "config": loaded.spec.get("config"),
-                  "meta": loaded.spec.get("meta")},
-        "target": target.name,
-        "target_options": artifact.options,
-        "quant": quant_record,
-        "conversion": conversion.to_dict(),
-        "gates": gate_map.to_dict(),
-        "moe_skip": skip_record,
-        "export": {"opset": opset, "batch": config.batch,
-                   "exit_form": _exit_form(q.export_model, options), "input": specs[0].to_dict(),
-                   "inputs": [s.to_dict() for s in specs],
-                   "outputs": names, "functions": functions},
-        "golden": {"samples": len(x), **golden_record},
-        "timings_s": timer.seconds,
-    }
-    files = dict(artifact.files)
-    files["golden_io.npz"] = golden
-    if on_step:
-        on_step("write_bundle")  # the caller's last chance to stop before anything is written
-    t0 = time.perf_counter()
-    path = write_bundle(out, files, manifest, overwrite=config.overwrite)
-    log.info("wrote %s in %.2fs (steps: %s)", path, time.perf_counter() - t0, json.dumps(timer.seconds))
-    return path
+        # The torch half of the golden check first, so the fake-quant reference is freed before the exporter runs.
+        want = torch_outputs(q.reference, x, config.batch)
+        float_want = None if q.reference is q.export_model else torch_outputs(q.export_model, x, config.batch)
+        t = _TorchSide(spec=loaded.spec, source=describe(loaded), specs=tuple(specs), source_data=source_data,
+                       quantized=quantized, calib=calib, held_out=held_out, x=x, names=output_names(model),
+                       want=want, float_want=float_want, quant=q.record, exact=q.exact,
+                       conversion=conversion.to_dict(), gates=gate_map.to_dict(), moe_skip=skip_record,
+                       exit_form=_exit_form(q.export_model, options))
+        export_model, lower = q.export_model, q.lower
+        del q, source, loaded, model, original, conversion, gate_map  # the exporter needs export_model alone
+        release_freed_heap()
+        proto = export_onnx(export_model, x.map(torch.from_numpy), [s.name for s in specs], options)
+        del export_model
+        release_freed_heap()
+        _keep(config, out, "export_onnx.onnx", proto)
+        proto = lower(proto)
+        _keep(config, out, "lowered.onnx", proto)
+    return proto, t
 
 
 def _skip_option(config: ExportConfig) -> Any:
@@ -353,9 +393,9 @@ def _exit_form(model, options) -> str | None:
     return None if form is None else str(form)
 
 
-def _keep(config: ExportConfig, out: Path, name: str, data: bytes) -> None:
+def _keep(config: ExportConfig, out: Path, name: str, proto: onnx.ModelProto) -> None:
     if not config.keep_intermediate:
-        return
+        return  # serialized only when kept: the bytes are one more copy of the weights
     steps = out.with_name(out.name + ".steps")
     steps.mkdir(parents=True, exist_ok=True)
-    (steps / name).write_bytes(data)
+    (steps / name).write_bytes(proto.SerializeToString())

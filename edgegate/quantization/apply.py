@@ -55,8 +55,10 @@ def kept_float(model: nn.Module, config: QuantConfig, gate_map: GateMap) -> dict
 
 def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: GateMap | None = None,
              example: Inputs | torch.Tensor | None = None) -> tuple[nn.Module, QuantModules]:
-    """A deep copy of ``model`` (eval mode) with each plain ``nn.Linear``/``nn.Conv2d`` replaced by its
-    brevitas layer, except the gate decision layers when the gate precision policy keeps them float.
+    """A copy of ``model`` (eval mode) with each plain ``nn.Linear``/``nn.Conv2d`` replaced by its
+    brevitas layer, except the gate decision layers when the gate precision policy keeps them float. The copy
+    shares ``model``'s parameters (each brevitas layer its float layer's weight; biases are its own, which bias
+    correction writes): deep-copy it before training it.
 
     With ``example`` inputs and the ``asymmetric`` form, the functional ops between the layers are quantized too
     (``edgegate.quantization.layout``: residual adds, concatenations, pooling, hardswish... where every
@@ -67,7 +69,9 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, gate_map: Gate
     """
     config = config or QuantConfig()
     gate_map = find_gates(model) if gate_map is None else gate_map
-    qmodel = copy.deepcopy(model).eval()
+    # The module tree copied, the parameters shared (the brevitas layers share the weights too, `quant_layer`):
+    # nothing here writes a float parameter in place, and a copy of the weights is the size of the model.
+    qmodel = copy.deepcopy(model, {id(p): p for p in model.parameters()}).eval()
     keep = kept_float(qmodel, config, gate_map)
     targets = {path: m for path, m in qmodel.named_modules() if is_quantizable(m) and path not in keep}
     for path, module in targets.items():

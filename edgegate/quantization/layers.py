@@ -114,9 +114,10 @@ def quant_layer(module: nn.Module, config: QuantConfig, act_bits: int = 8, outpu
             padding_mode=module.padding_mode, **kw)
     else:
         q = EmptySafeQuantLinear(module.in_features, module.out_features, **kw)
-    # load_state_dict is strict about brevitas' own buffers: copy the parameters instead.
+    # load_state_dict is strict about brevitas' own buffers: set the parameters instead. The weight shares the
+    # float layer's storage (calibration writes biases, never weights): a quantized model costs no second copy.
     with torch.no_grad():
-        q.weight.copy_(module.weight)
+        q.weight.set_(module.weight.detach())
         if has_bias:
             q.bias.copy_(module.bias)
     return q.to(device=module.weight.device, dtype=module.weight.dtype).train(module.training)

@@ -199,8 +199,10 @@ class CpuTarget(TargetBase):
                 return Artifact(target=self.name, files={MODEL_FILE: path.read_bytes()}, options=recorded)
             from edgegate.targets.cpu_latency import keep_fast_regions  # compile only: the runtime needs no onnx
 
-            model, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options, tmp)
-        data = model.SerializeToString()
+            tuned, recorded[_DECISIONS] = keep_fast_regions(model, _timing_inputs(model, options), options, tmp)
+        data = tuned.SerializeToString()
+        del tuned  # its bytes are what ships: the proto goes before ORT makes its own copy of the weights
+        release_freed_heap()
         _session(data, options, "the latency-tuned model")
         return Artifact(target=self.name, files={MODEL_FILE: data}, options=recorded)
 
