@@ -103,20 +103,23 @@ class _Timer:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
+    @staticmethod
+    def _round(sessions: dict[str, Any], feeds: list[dict[str, np.ndarray]]) -> float:
+        """Every session on every feed once, in turn; the wall time in ms."""
+        t0 = time.perf_counter()
+        for s in sessions.values():
+            for feed in feeds:
+                s.run(None, feed)
+        return (time.perf_counter() - t0) * 1e3
+
     def compare(self, sessions: dict[str, Any]) -> dict[int, dict[str, float]]:
         """{batch: {name: median ms}}: per repeat, each feed's least-disturbed call, averaged over the feeds
         of that batch size; the median over repeats."""
         out = {}
         for batch, feeds in self.feeds:
-            for s in sessions.values():
-                for feed in feeds:
-                    s.run(None, feed)
-            t0 = time.perf_counter()
-            for s in sessions.values():
-                for feed in feeds:
-                    s.run(None, feed)
-            per_call_ms = (time.perf_counter() - t0) * 1e3 / (len(sessions) * len(feeds))
-            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_call_ms * len(feeds), 1e-3))))
+            self._round(sessions, feeds)  # warm-up
+            per_session_ms = self._round(sessions, feeds) / len(sessions)  # one call of each feed
+            calls = max(1, min(MAX_CALLS, int(REPEAT_MS / max(per_session_ms, 1e-3))))
             medians: dict[str, list[float]] = {k: [] for k in sessions}
             for _ in range(REPEATS):
                 for k, s in sessions.items():
@@ -146,16 +149,10 @@ class _Timer:
                 so.enable_profiling = True
                 so.profile_file_prefix = str(Path(tmp) / k)
                 sessions[k] = self.ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
-            t0 = time.perf_counter()
-            for s in sessions.values():
-                for feed in feeds:
-                    s.run(None, feed)
-            per_round_ms = (time.perf_counter() - t0) * 1e3
+            per_round_ms = self._round(sessions, feeds)
             runs = max(PROFILE_RUNS[0], min(PROFILE_RUNS[1], int(PROFILE_MS / max(per_round_ms, 1e-3))))
             for _ in range(runs):
-                for s in sessions.values():
-                    for feed in feeds:
-                        s.run(None, feed)
+                self._round(sessions, feeds)
             out = {k: _per_call_ms(json.loads(Path(s.end_profiling()).read_text()), len(feeds))
                    for k, s in sessions.items()}
         return out
@@ -180,11 +177,13 @@ def _feeds(inputs: Mapping[str, np.ndarray], batches: list[int]) -> Feeds:
     as there are), one feed of the first rows (repeated when too few) at a larger batch."""
     out: Feeds = []
     for b in batches:
-        rows = min(ROWS_AT_BATCH_1, min(len(x) for x in inputs.values())) if b == 1 else 1
-        out.append((b, [{name: np.ascontiguousarray(x[i:i + 1]) for name, x in inputs.items()} for i in range(rows)]
-                    if b == 1 else [{name: np.ascontiguousarray(x[:b] if len(x) >= b else
-                                                               np.resize(x, (b, *x.shape[1:])))
-                                     for name, x in inputs.items()}]))
+        if b == 1:
+            rows = range(min(ROWS_AT_BATCH_1, min(len(x) for x in inputs.values())))
+            feeds = [{name: np.ascontiguousarray(x[i:i + 1]) for name, x in inputs.items()} for i in rows]
+        else:
+            feeds = [{name: np.ascontiguousarray(x[:b] if len(x) >= b else np.resize(x, (b, *x.shape[1:])))
+                      for name, x in inputs.items()}]
+        out.append((b, feeds))
     return out
 
 
