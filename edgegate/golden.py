@@ -3,17 +3,20 @@
 Stage: golden (after compile, before the bundle is written). Input: the bundle's ``model.onnx`` (or the
 target's own runner), the torch model the outputs must follow, the golden samples (every model input)
 and the output names. Output: ``golden_io.npz`` bytes (``input.<name>``, ``output.<name>``) that
-``edgegate bench`` checks on the device, and the record for the manifest (errors, tolerance).
+``edgegate bench`` checks on the device, and the record for the manifest (errors, tolerance). The golden
+samples themselves are chosen here too (``golden_inputs``), before the torch model is exported.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from edgegate.data import Inputs
+from edgegate.data import Inputs, TensorSpec, load_data
 from edgegate.errors import ExportError
+from edgegate.loading.inputs import model_inputs, value_range
 from edgegate.metrics import output_agreement
 
 EXACT_ATOL = 1e-4
@@ -60,6 +63,37 @@ def _top1_accepted(got: np.ndarray, want: np.ndarray, also: np.ndarray | None, t
     if also is not None:
         ok |= g == also.reshape(-1, also.shape[-1]).argmax(-1)
     return float(np.mean(ok))
+
+
+def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
+    """``n`` samples of every model input: the test split of the dataset the model names (single-input
+    models), else seeded random ones (integers in the input's recorded range)."""
+    specs = tuple(inputs) or model_inputs(spec)
+    dataset = (spec.get("meta") or {}).get("dataset")
+    if dataset and len(specs) == 1:
+        s = specs[0]
+        x = load_data(dataset, [s.name], {s.name: s.shape}).test_inputs()[:n]
+        return Inputs({s.name: np.ascontiguousarray(x.astype(s.dtype))})
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        shape = (n, *(1 if d is None else d for d in s.shape))
+        if np.dtype(s.dtype).kind in "iub":
+            low, high = value_range(spec, s.name)
+            out[s.name] = rng.integers(low, max(high, low + 1), size=shape).astype(s.dtype)
+        else:
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+    return Inputs(out)
+
+
+def golden_inputs(examples: Inputs | None, spec: dict, specs: Sequence[TensorSpec], data: Any, n: int) -> Inputs:
+    """Golden samples: the example inputs given from Python; the model's own dataset (test split); rows of
+    the --calib data (held-out first); else seeded random samples."""
+    if examples is not None:
+        return examples
+    if data is not None and not (spec.get("meta") or {}).get("dataset"):
+        return data.model_inputs([s.name for s in specs])[:n]
+    return sample_inputs(spec, n, inputs=specs)
 
 
 def whole_batches(x: Inputs, batch: int | None) -> Inputs:

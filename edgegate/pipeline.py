@@ -39,9 +39,17 @@ from edgegate.convert import class_path, convert, converters, verify
 from edgegate.data import Inputs, TensorSpec, load_data, row_counts, split_data
 from edgegate.errors import DataError, EdgegateError, ExportError
 from edgegate.gates import find_gates
-from edgegate.golden import EXACT_ATOL, MIN_TOP1_AGREEMENT, check_golden, run_golden, torch_outputs
+from edgegate.golden import (
+    EXACT_ATOL,
+    MIN_TOP1_AGREEMENT,
+    check_golden,
+    golden_inputs,
+    run_golden,
+    sample_inputs,
+    torch_outputs,
+)
 from edgegate.heap import release_freed_heap
-from edgegate.loading.inputs import model_inputs, parse_input, value_range
+from edgegate.loading.inputs import parse_input
 from edgegate.loading.source import describe, open_source
 from edgegate.nn.routed_experts import MoEForm
 from edgegate.quantization.config import DEFAULT_FIDELITY_TARGET
@@ -98,27 +106,6 @@ class StepTimer:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
-
-
-def sample_inputs(spec: dict, n: int, seed: int = 0, inputs: Sequence[TensorSpec] = ()) -> Inputs:
-    """``n`` samples of every model input: the test split of the dataset the model names (single-input
-    models), else seeded random ones (integers in the input's recorded range)."""
-    specs = tuple(inputs) or model_inputs(spec)
-    dataset = (spec.get("meta") or {}).get("dataset")
-    if dataset and len(specs) == 1:
-        s = specs[0]
-        x = load_data(dataset, [s.name], {s.name: s.shape}).test_inputs()[:n]
-        return Inputs({s.name: np.ascontiguousarray(x.astype(s.dtype))})
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        shape = (n, *(1 if d is None else d for d in s.shape))
-        if np.dtype(s.dtype).kind in "iub":
-            low, high = value_range(spec, s.name)
-            out[s.name] = rng.integers(low, max(high, low + 1), size=shape).astype(s.dtype)
-        else:
-            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
-    return Inputs(out)
 
 
 def versions() -> dict[str, str]:
@@ -284,7 +271,7 @@ def _torch_steps(model_path: Any, out: Path, config: ExportConfig, target: Any, 
         raise ExportError("--holdout sets aside rows of the calibration data: it needs --quant int8|ternary and "
                           "--calib FILE.npz")
     with timer.step("convert"):  # the golden samples go through the model first; the conversion is checked on data
-        x = _golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
+        x = golden_inputs(source.examples, loaded.spec, specs, held_out or calib, GOLDEN_SAMPLES)
         _check_fits(model, x, specs)
         conversion = _verify(original, conversion, calib, x)
     skip_record = None
@@ -373,16 +360,6 @@ def _load_calibration(source: str, specs: Sequence[TensorSpec], holdout: float |
     if data.is_builtin:
         data = dataclasses.replace(data, inputs={s.name: data.inputs[s.name].astype(s.dtype) for s in specs})
     return split_data(data, holdout)
-
-
-def _golden_inputs(examples: Inputs | None, spec: dict, specs: Sequence[TensorSpec], data: Any, n: int) -> Inputs:
-    """Golden samples: the example inputs given from Python; the model's own dataset (test split); rows of
-    the --calib data (held-out first); else seeded random samples."""
-    if examples is not None:
-        return examples
-    if data is not None and not (spec.get("meta") or {}).get("dataset"):
-        return data.model_inputs([s.name for s in specs])[:n]
-    return sample_inputs(spec, n, inputs=specs)
 
 
 def _exit_form(model, options) -> str | None:
